@@ -1,0 +1,1 @@
+"""The sdim-tf pipeline: ingest -> train -> calibrate -> evaluate -> explain -> export."""

@@ -1,0 +1,32 @@
+"""sdim-tf: Supervised Deep InfoMax in TensorFlow/Keras, and a pipeline to a SavedModel."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sdim-tf",
+    version="0.1.0",
+    description="Supervised Deep InfoMax: a generative classifier that rejects illegal inputs.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sdim_tf", "sdim_tf.*", "pipeline", "pipeline.*"]),
+    # Ranges shown to work together on this project's machines (TF 2.21 + Keras 3 + tfp 0.25).
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.12",
+        "tf-keras>=2.21,<2.22",  # tensorflow-probability imports it
+        "tensorflow-probability>=0.25,<0.26",
+        "tensorflow-datasets>=4.9",
+        "importlib_resources",  # tfds imports it without declaring it on Python 3.11
+        "tf-keras-vis>=0.8.7",
+        "absl-py>=2.0",
+        "matplotlib>=3.7",
+        "tensorboard>=2.20",  # TF 2.21 no longer installs it; Keras' TensorBoard callback needs it
+        "tensorflow-serving-api>=2.21,<2.22",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6", "Pillow"],
+        "attacks": ["adversarial-robustness-toolbox>=1.18"],
+    },
+)

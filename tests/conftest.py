@@ -1,0 +1,32 @@
+"""Shared fixtures: the real datasets of ../shared and one tiny trained model per session."""
+
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def real_data_dir() -> pathlib.Path:
+    """The folder of real MNIST/Fashion-MNIST IDX files; tests that need it fail without it."""
+    folder = pathlib.Path(os.environ.get("SDIM_DATA_DIR", _DEFAULT_DATA))
+    if not (folder / "fashion_mnist").is_dir():
+        pytest.fail(f"real datasets not found at {folder}: set SDIM_DATA_DIR")
+    return folder.resolve()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+    return real_data_dir()
+
+
+@pytest.fixture(scope="session")
+def fashion_ingest(tmp_path_factory, data_dir):
+    """Real Fashion-MNIST ingested once per session: (stage folder, metadata)."""
+    from pipeline.stages import ingest
+
+    out = tmp_path_factory.mktemp("ingest") / "fashion_mnist"
+    return out, ingest.ingest("fashion_mnist", out, data_dir=str(data_dir))

@@ -1,0 +1,75 @@
+"""Test accuracy and seconds per epoch of one model on the real data (a measurement, not a test).
+
+python -m bench.train_curve --critic=concat --epochs=10   (SDIM_DATA_DIR must hold the IDX data)
+Writes bench/results/train_curve_<model>_<critic>.json after every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+import keras
+from absl import app, flags
+
+import sdim_tf
+from pipeline.stages import ingest
+from sdim_tf import data
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name.")
+flags.DEFINE_enum("model", "sdim", ["sdim", "discriminative"], "Model.")
+flags.DEFINE_string("critic", "concat", "SDIM critic.")
+flags.DEFINE_integer("epochs", 10, "Epochs.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_string("mixed_precision", None, "Keras dtype policy, e.g. mixed_bfloat16.")
+
+
+def main(argv):
+    del argv
+    keras.utils.set_random_seed(FLAGS.seed)
+    if FLAGS.mixed_precision:
+        keras.mixed_precision.set_global_policy(FLAGS.mixed_precision)
+    folder = pathlib.Path(tempfile.mkdtemp()) / FLAGS.dataset
+    meta = ingest.ingest(FLAGS.dataset, folder)
+    shape, spec = meta["image_shape"], data.get_spec(FLAGS.dataset)
+    train = data.make_dataset(ingest.shard_files(folder, "train"), shape, FLAGS.batch_size,
+                              training=True, augmentation=spec.augmentation, seed=FLAGS.seed)
+    test = data.make_dataset(ingest.shard_files(folder, "test"), shape, 500, training=False)
+    input_shape = (data.IMAGE_SIZE, data.IMAGE_SIZE, shape[-1])
+    if FLAGS.model == "sdim":
+        model = sdim_tf.SDIM(meta["num_classes"], input_shape, critic=FLAGS.critic)
+    else:
+        model = sdim_tf.DiscriminativeClassifier(meta["num_classes"], input_shape)
+    model.compile()
+    name = f"train_curve_{FLAGS.model}_{FLAGS.critic if FLAGS.model == 'sdim' else 'none'}"
+    if FLAGS.mixed_precision:
+        name += f"_{FLAGS.mixed_precision}"
+    out = pathlib.Path("bench/results") / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"command": " ".join(sys.argv), "machine": {"cpus": os.cpu_count(),
+              "processor": platform.processor(), "platform": platform.platform()},
+              "versions": {"tensorflow": __import__("tensorflow").__version__,
+                           "keras": keras.__version__},
+              "parameters": model.trainable_parameter_count(), "epochs": []}
+    for epoch in range(1, FLAGS.epochs + 1):
+        start = time.time()
+        history = model.fit(train, epochs=1, verbose=2)
+        seconds = time.time() - start
+        test_metrics = model.evaluate(test, verbose=0, return_dict=True)
+        record["epochs"].append({"epoch": epoch, "seconds": round(seconds, 1),
+                                 "train": {k: float(v[-1]) for k, v in history.history.items()},
+                                 "test_accuracy": float(test_metrics["accuracy"])})
+        out.write_text(json.dumps(record, indent=2))
+        print(f"epoch {epoch}: test accuracy {test_metrics['accuracy']:.4f}, {seconds:.0f} s",
+              flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,118 @@
+"""ResNet 8n+2 for 32x32 inputs: (local feature map, global d-vector).
+
+Follows the authors' choices, which give the paper's parameter counts: 3x3 convolutions
+without bias, BasicBlocks with batch norm and ReLU, zero-padding ("option A") shortcuts, and
+a head of global average pooling -> Dense(256) -> batch norm -> ReLU -> Dense(rep_dim).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+from keras import layers, ops
+
+# PyTorch's BatchNorm2d defaults (momentum 0.1, eps 1e-5), as in the authors' code.
+_BN = dict(momentum=0.9, epsilon=1e-5)
+
+
+def _conv3x3(filters: int, strides: int = 1, name: str | None = None) -> layers.Conv2D:
+    return layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
+                         kernel_initializer="he_normal", name=name)
+
+
+@keras.saving.register_keras_serializable(package="sdim_tf")
+class BasicBlock(layers.Layer):
+    """conv-bn-relu-conv-bn + shortcut, relu. Downsampling shortcut: stride 2 + zero channels."""
+
+    def __init__(self, filters: int, strides: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.strides = filters, strides
+        self.conv1 = _conv3x3(filters, strides, name="conv1")
+        self.bn1 = layers.BatchNormalization(name="bn1", **_BN)
+        self.conv2 = _conv3x3(filters, name="conv2")
+        self.bn2 = layers.BatchNormalization(name="bn2", **_BN)
+
+    def build(self, input_shape):
+        self.conv1.build(input_shape)
+        shape = self.conv1.compute_output_shape(input_shape)
+        self.bn1.build(shape)
+        self.conv2.build(shape)
+        self.bn2.build(shape)
+        self.in_channels = input_shape[-1]
+
+    def call(self, x, training=None):
+        out = ops.relu(self.bn1(self.conv1(x), training=training))
+        out = self.bn2(self.conv2(out), training=training)
+        shortcut = x
+        if self.strides > 1:
+            shortcut = shortcut[:, ::self.strides, ::self.strides, :]
+        extra = self.filters - self.in_channels
+        if extra:
+            shortcut = ops.pad(shortcut, [[0, 0], [0, 0], [0, 0], [extra // 2, extra - extra // 2]])
+        return ops.relu(out + shortcut)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "strides": self.strides}
+
+
+@keras.saving.register_keras_serializable(package="sdim_tf")
+class ResNetEncoder(layers.Layer):
+    """ResNet with 8n+2 layers; `call(x)` returns (local feature map, global representation z).
+
+    Stages 1-4 work at 32, 16, 8 and 4 pixels with 1+2n, 2n, 2n, 2n conv layers (paper,
+    section 5). `local_stage` (1-4) picks the map handed to the MI critic: 4 (4x4, the paper's
+    appendix B.2) or 2 (16x16, the authors' code).
+    """
+
+    def __init__(self, n: int = 1, rep_dim: int = 64,
+                 filters: Sequence[int] = (32, 64, 128, 256), local_stage: int = 4,
+                 head_units: int = 256, **kwargs):
+        super().__init__(**kwargs)
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if len(filters) != 4:
+            raise ValueError(f"filters must name 4 stages, got {tuple(filters)}")
+        if local_stage not in (1, 2, 3, 4):
+            raise ValueError(f"local_stage must be 1, 2, 3 or 4, got {local_stage}")
+        self.n, self.rep_dim, self.filters = n, rep_dim, tuple(int(f) for f in filters)
+        self.local_stage, self.head_units = local_stage, head_units
+        self.stem = _conv3x3(self.filters[0], name="stem_conv")
+        self.stem_bn = layers.BatchNormalization(name="stem_bn", **_BN)
+        self.stages = [
+            [BasicBlock(f, strides=2 if (s > 0 and b == 0) else 1,
+                        name=f"stage{s + 1}_block{b + 1}") for b in range(n)]
+            for s, f in enumerate(self.filters)]
+        self.pool = layers.GlobalAveragePooling2D(name="pool")
+        self.fc = layers.Dense(head_units, name="fc")
+        self.fc_bn = layers.BatchNormalization(name="fc_bn", **_BN)
+        self.out = layers.Dense(rep_dim, name="representation")
+
+    def build(self, input_shape):
+        self.stem.build(input_shape)
+        shape = self.stem.compute_output_shape(input_shape)
+        self.stem_bn.build(shape)
+        for stage in self.stages:
+            for block in stage:
+                block.build(shape)
+                shape = (*shape[:1], *[None if d is None else -(-d // block.strides)
+                                       for d in shape[1:3]], block.filters)
+        self.fc.build((None, self.filters[-1]))
+        self.fc_bn.build((None, self.head_units))
+        self.out.build((None, self.head_units))
+
+    def call(self, x, training=None):
+        h = ops.relu(self.stem_bn(self.stem(x), training=training))
+        local = None
+        for s, stage in enumerate(self.stages, start=1):
+            for block in stage:
+                h = block(h, training=training)
+            if s == self.local_stage:
+                local = h
+        g = ops.relu(self.fc_bn(self.fc(self.pool(h)), training=training))
+        return local, self.out(g)
+
+    def get_config(self):
+        return {**super().get_config(), "n": self.n, "rep_dim": self.rep_dim,
+                "filters": list(self.filters), "local_stage": self.local_stage,
+                "head_units": self.head_units}

@@ -1,0 +1,105 @@
+"""SDIM and the discriminative baseline: parameter counts, gradients, saving, fitting."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import sdim_tf
+from sdim_tf import data
+
+
+def _resnet10_trunk(channels=1, filters=(32, 64, 128, 256)):
+    """Trainable parameters of the ResNet10 trunk + 256-unit head, counted by hand."""
+    count = 9 * channels * filters[0] + 2 * filters[0]  # stem conv + BN
+    previous = filters[0]
+    for f in filters:  # one BasicBlock per stage: two 3x3 convs + two BNs
+        count += 9 * previous * f + 9 * f * f + 4 * f
+        previous = f
+    return count + (filters[-1] * 256 + 256) + 2 * 256  # Dense(256) + BN
+
+
+def test_parameter_counts_match_the_paper():
+    disc = sdim_tf.DiscriminativeClassifier(10, (32, 32, 1))
+    assert disc.trainable_parameter_count() == 1_250_794 == _resnet10_trunk() + 256 * 10 + 10
+    dot = sdim_tf.SDIM(10, (32, 32, 1), critic="dot").trainable_parameter_count()
+    assert abs(dot - 1_465_120) / 1_465_120 < 0.01
+    concat = sdim_tf.SDIM(10, (32, 32, 1), critic="concat").trainable_parameter_count()
+    critic = (256 + 64) * 256 + 256 + 256 * 256 + 256 + 256 + 1
+    assert concat == _resnet10_trunk() + 256 * 64 + 64 + 10 * 128 + critic  # 1,414,177
+
+
+def test_encoder_shapes_and_local_stage():
+    x = tf.zeros((2, 32, 32, 3))
+    for stage, size, channels in ((4, 4, 256), (2, 16, 64), (1, 32, 32)):
+        encoder = sdim_tf.ResNetEncoder(n=3, rep_dim=7, local_stage=stage)
+        local, z = encoder(x)
+        assert local.shape == (2, size, size, channels) and z.shape == (2, 7)
+    encoder = sdim_tf.ResNetEncoder(n=3)
+    encoder.build((None, 32, 32, 1))
+    conv_layers = [w for w in encoder.weights if "kernel" in w.path and len(w.shape) == 4]
+    assert len(conv_layers) == 8 * 3 + 1  # 8n+1 conv layers, + the last dense = 8n+2
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown critic 'mlp'"):
+        sdim_tf.SDIM(10, critic="mlp")
+    with pytest.raises(ValueError, match="local_stage must be"):
+        sdim_tf.ResNetEncoder(local_stage=5)
+
+
+@pytest.mark.parametrize("critic", ["concat", "dot"])
+def test_gradients_reach_every_trainable_variable(critic):
+    model = sdim_tf.SDIM(4, (32, 32, 1), critic=critic, rep_dim=8)
+    x = tf.random.stateless_uniform((6, 32, 32, 1), [1, 2])
+    y = tf.constant([0, 1, 2, 3, 0, 1])
+    with tf.GradientTape() as tape:
+        terms, logits = model._loss_terms(x, y, training=True)
+    grads = tape.gradient(terms["loss"], model.trainable_variables)
+    assert logits.shape == (6, 4)
+    for var, grad in zip(model.trainable_variables, grads, strict=True):
+        assert grad is not None, var.path
+        assert float(tf.reduce_max(tf.abs(grad))) > 0, var.path
+
+
+def test_loss_terms_combine_with_weights():
+    model = sdim_tf.SDIM(3, (32, 32, 1), rep_dim=8, alpha=0.5, beta=2.0, gamma=0.25)
+    x = tf.random.stateless_uniform((4, 32, 32, 1), [3, 4])
+    terms, ll = model._loss_terms(x, tf.constant([0, 1, 2, 0]), training=False)
+    expected = 0.5 * terms["mi_loss"] + 2.0 * terms["nll_loss"] + 0.25 * terms["lm_loss"]
+    np.testing.assert_allclose(terms["loss"], expected, rtol=1e-6)
+    np.testing.assert_allclose(terms["nll_loss"],
+                               sdim_tf.losses.nll_loss(ll / 8, [0, 1, 2, 0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (sdim_tf.SDIM, {"critic": "dot", "margin": 5.0}),
+    (sdim_tf.SDIM, {"critic": "concat", "log_scale_floor": -3.9}),
+    (sdim_tf.DiscriminativeClassifier, {}),
+])
+def test_keras_round_trip(tmp_path, cls, kwargs):
+    import keras
+
+    model = cls(10, (32, 32, 1), **kwargs)
+    model.compile()
+    x = np.random.default_rng(0).random((8, 32, 32, 1), np.float32)
+    model.fit(x, np.arange(8) % 10, batch_size=8, epochs=1, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded) is cls and loaded.get_config() == model.get_config()
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("critic", ["concat", "dot"])
+def test_sdim_fits_real_fashion_mnist(data_dir, critic):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    images, labels = data.load_split("fashion_mnist", "train", data_dir=str(data_dir))
+    x = data.preprocess(images[:256]).numpy()
+    y = labels[:256]
+    model = sdim_tf.SDIM(10, (32, 32, 1), critic=critic)
+    model.compile()
+    model.fit(x, y, batch_size=64, epochs=25, verbose=0)
+    predicted = np.argmax(model.predict(x, batch_size=256, verbose=0), axis=1)
+    assert (predicted == y).mean() >= 0.95

@@ -59,3 +59,62 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+
+
+MANIFEST = "manifest.json"
+
+
+def config_hash(fields: dict) -> str:
+    """A stable hash of the config fields a stage depends on."""
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def package_versions() -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("tensorflow", "keras", "tensorflow-probability", "tensorflow-datasets",
+                 "numpy", "sdim-tf"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def input_hashes(stage_dirs: dict[str, pathlib.Path]) -> dict[str, str]:
+    """Upstream stages' manifests, hashed: a rerun upstream invalidates this stage."""
+    hashes = {}
+    for name, folder in stage_dirs.items():
+        manifest = pathlib.Path(folder) / MANIFEST
+        hashes[name] = sha256_file(manifest) if manifest.exists() else "missing"
+    return hashes
+
+
+def manifest_matches(stage_dir: str | os.PathLike, digest: str, inputs: dict) -> bool:
+    """True when the stage's manifest records this config and these inputs, outputs intact."""
+    path = pathlib.Path(stage_dir) / MANIFEST
+    if not path.exists():
+        return False
+    try:
+        manifest = read_json(path)
+    except (OSError, ValueError):
+        return False
+    outputs_exist = all((pathlib.Path(stage_dir) / f).exists()
+                        for f in manifest.get("outputs", []))
+    return (manifest.get("config_hash") == digest and manifest.get("inputs") == inputs
+            and outputs_exist)
+
+
+def write_manifest(stage_dir: str | os.PathLike, *, stage: str, digest: str, config: dict,
+                   inputs: dict, outputs: list[str], started: float, finished: float) -> None:
+    import datetime
+
+    def iso(t):
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
+
+    write_json(pathlib.Path(stage_dir) / MANIFEST, {
+        "stage": stage, "config_hash": digest, "config": config, "inputs": inputs,
+        "outputs": outputs, "started": iso(started), "finished": iso(finished),
+        "seconds": round(finished - started, 2), "versions": package_versions()})

@@ -105,3 +105,10 @@ def ingest(dataset: str, output_dir: str | os.PathLike,
         }
         artifacts.write_json(tmp / METADATA, metadata)
     return metadata
+
+
+def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
+    """Pipeline entry: ingest `config.dataset` into `stage_dir`."""
+    del upstream
+    metadata = ingest(config.dataset, stage_dir, config.data_dir)
+    return [METADATA, *(f for split in metadata["splits"].values() for f in split["files"])]

@@ -1,0 +1,161 @@
+"""`python -m pipeline.run --dataset=fashion_mnist`: every stage in order, skipping unchanged ones.
+
+Each stage writes `<run_dir>/<stage>/` with a manifest (config hash, input hashes, outputs,
+times, versions); a stage whose manifest matches is skipped, `--force` reruns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+
+from absl import app, flags, logging
+
+from pipeline import artifacts
+from pipeline.config import DISTRIBUTE, MODELS, ConfigError, PipelineConfig
+from pipeline.stages import ingest, train
+from sdim_tf import data, mutual_info
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    fields: tuple[str, ...]  # the config fields whose change reruns the stage
+    needs: tuple[str, ...]  # upstream stages whose outputs it reads
+    run: Callable[[PipelineConfig, pathlib.Path, dict], list[str]]
+    default: bool = True  # part of a run without --stages
+
+
+STAGES = (
+    Stage("ingest", ("dataset", "data_dir"), (), ingest.run),
+    Stage("train", train.FIELDS, ("ingest",), train.run),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+USER_ERRORS = (ConfigError, data.DataError, train.TrainingError)
+
+
+def _check_writable(run_dir: pathlib.Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--run_dir {run_dir} is not writable ({e.strerror or e})") from None
+
+
+def _write_run_readme(run_dir: pathlib.Path, config: PipelineConfig) -> None:
+    default = PipelineConfig()
+    flags_used = " ".join(
+        f"--{f.name}={','.join(v) if isinstance(v, tuple) else v}"
+        for f in dataclasses.fields(config)
+        if (v := getattr(config, f.name)) != getattr(default, f.name)
+        and f.name not in ("n", "run_dir", "force"))
+    lines = [f"# Run: {config.dataset} ({config.model})", "",
+             f"Command: `python -m pipeline.run {flags_used} --run_dir={run_dir}`", "",
+             "| stage | finished | outputs |", "|---|---|---|"]
+    for stage in STAGES:
+        manifest = run_dir / stage.name / artifacts.MANIFEST
+        if not manifest.exists():
+            continue
+        m = artifacts.read_json(manifest)
+        links = ", ".join(f"[{o}]({stage.name}/{o})" for o in m["outputs"][:8])
+        lines.append(f"| [{stage.name}]({stage.name}/) | {m['finished']} | {links} |")
+    artifacts.write_text(run_dir / "README.md", "\n".join(lines) + "\n")
+
+
+def run(config: PipelineConfig) -> pathlib.Path:
+    """Runs the selected stages of `config`; returns the run directory."""
+    config = config.resolve(STAGE_NAMES)
+    run_dir = pathlib.Path(config.run_dir)
+    _check_writable(run_dir)
+    selected = [s for s in STAGES
+                if (s.name in config.stages if config.stages else s.default)]
+    for stage in selected:
+        stage_dir = run_dir / stage.name
+        upstream = {name: run_dir / name for name in stage.needs}
+        for name, folder in upstream.items():
+            if not (folder / artifacts.MANIFEST).exists():
+                raise ConfigError(f"stage {stage.name} needs the outputs of {name} in {folder}; "
+                                  f"run it first (--stages={name},{stage.name})")
+        digest = artifacts.config_hash({"stage": stage.name, **config.fields(stage.fields)})
+        inputs = artifacts.input_hashes(upstream)
+        if not config.force and artifacts.manifest_matches(stage_dir, digest, inputs):
+            logging.info("%s: unchanged since its last run, skipped (--force reruns it)",
+                         stage.name)
+            continue
+        logging.info("%s: running", stage.name)
+        (stage_dir / artifacts.MANIFEST).unlink(missing_ok=True)
+        started = time.time()
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        outputs = stage.run(config, stage_dir, upstream)
+        artifacts.write_manifest(stage_dir, stage=stage.name, digest=digest,
+                                 config=config.fields(stage.fields), inputs=inputs,
+                                 outputs=outputs, started=started, finished=time.time())
+        logging.info("%s: done in %.1f s", stage.name, time.time() - started)
+    _write_run_readme(run_dir, config)
+    return run_dir
+
+
+_D = PipelineConfig()
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", _D.dataset, f"Dataset: {', '.join(data.DATASETS)}.")
+flags.DEFINE_string("data_dir", None, "Folder holding <dataset>/train-images-idx3-ubyte.gz etc. "
+                    "(or <dataset>/train/<class>/ images); default: $SDIM_DATA_DIR, then tfds.")
+flags.DEFINE_string("run_dir", None, "Where stages write; default runs/<dataset>-<model>.")
+flags.DEFINE_enum("model", _D.model, MODELS, "SDIM or its discriminative counterpart.")
+flags.DEFINE_enum("critic", _D.critic, list(mutual_info.CRITICS),
+                  "Local-MI critic: concat (the paper's, 4x4 map) or dot (the authors' code's, "
+                  "16x16 map).")
+flags.DEFINE_enum("mi_bound", _D.mi_bound, list(mutual_info.BOUNDS), "MI lower bound.")
+flags.DEFINE_integer("n", None, "ResNet depth 8n+2; default per dataset (1, or 3 for "
+                     "CIFAR10/SVHN).")
+flags.DEFINE_integer("rep_dim", _D.rep_dim, "Representation size d.")
+flags.DEFINE_float("alpha", _D.alpha, "Weight of the MI loss.")
+flags.DEFINE_float("beta", _D.beta, "Weight of the NLL loss.")
+flags.DEFINE_float("gamma", _D.gamma, "Weight of the likelihood-margin loss.")
+flags.DEFINE_float("margin", _D.margin, "Margin K per dimension of the likelihood-margin loss.")
+flags.DEFINE_float("log_scale_floor", None, "Floor on the class log-scales (off by default).")
+flags.DEFINE_integer("epochs", _D.epochs, "Training epochs (paper: 500; 50 reach its accuracy).")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
+flags.DEFINE_integer("seed", _D.seed, "Random seed (weights, shuffling, augmentation).")
+flags.DEFINE_list("stages", None, "Stages to run (default: all of "
+                  f"{','.join(s.name for s in STAGES if s.default)}).")
+flags.DEFINE_integer("train_limit", None, "Train on the first N training examples (smoke runs).")
+flags.DEFINE_enum("distribute", _D.distribute, DISTRIBUTE,
+                  "auto: MirroredStrategy on >1 GPU, MultiWorkerMirroredStrategy when TF_CONFIG "
+                  "names several workers, else the default strategy.")
+flags.DEFINE_bool("mixed_precision", False, "Compute in bfloat16 (losses stay float32).")
+flags.DEFINE_bool("deterministic", False, "Deterministic TF ops (slower).")
+flags.DEFINE_string("export_dir", _D.export_dir, "Where the export stage writes SavedModels.")
+flags.DEFINE_bool("force", False, "Rerun stages even when unchanged.")
+
+
+def config_from_flags() -> PipelineConfig:
+    names = {f.name for f in dataclasses.fields(PipelineConfig)}
+    values = {name: FLAGS[name].value for name in names}
+    if values["stages"] is not None:
+        values["stages"] = tuple(values["stages"])
+    return PipelineConfig(**values)
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    try:
+        run_dir = run(config_from_flags())
+    except USER_ERRORS as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: rerun the same command to resume")
+    logging.info("run finished: %s", run_dir / "README.md")
+
+
+if __name__ == "__main__":
+    app.run(main)

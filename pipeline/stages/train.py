@@ -1,0 +1,257 @@
+"""Train: TFRecords -> SDIM (or the discriminative baseline) under a tf.distribute strategy.
+
+Keeps two checkpoints, as the paper evaluates the one with the minimum training loss:
+`checkpoints/best.keras` (later stages use it) and `checkpoints/last.keras` (with optimizer
+state, for resuming). A killed run resumes from the last completed epoch when rerun.
+One custom loop over `model.train_step` serves every strategy (Keras 3 `fit` under
+MultiWorkerMirroredStrategy has an open bug, keras-team/keras#20585).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import pathlib
+import shutil
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+import sdim_tf
+from pipeline import artifacts
+from pipeline.config import PipelineConfig
+from pipeline.stages import ingest
+from sdim_tf import data
+
+FIELDS = ("model", "critic", "mi_bound", "n", "rep_dim", "alpha", "beta", "gamma", "margin",
+          "log_scale_floor", "epochs", "batch_size", "learning_rate", "seed", "train_limit",
+          "mixed_precision", "deterministic")
+BEST, LAST, STATE, HISTORY = "checkpoints/best.keras", "checkpoints/last.keras", "state.json", \
+    "history.csv"
+OUTPUTS = [BEST, LAST, HISTORY, STATE]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, corrupt checkpoint); the message says why."""
+
+
+def make_strategy(kind: str) -> tf.distribute.Strategy:
+    """`auto`: Mirrored on >1 GPU, MultiWorkerMirrored when TF_CONFIG names >1 worker."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if kind == "auto":
+        cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+        workers = sum(len(v) for k, v in cluster.items() if k in ("chief", "worker"))
+        if workers > 1:
+            kind = "multi_worker"
+        elif len(gpus) > 1:
+            kind = "mirrored"
+        else:
+            return tf.distribute.get_strategy()
+    if kind == "one_device":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def build_model(config: PipelineConfig, num_classes: int, channels: int) -> keras.Model:
+    """The model a config asks for, compiled with Adam(learning_rate) and XLA off."""
+    input_shape = (data.IMAGE_SIZE, data.IMAGE_SIZE, channels)
+    if config.model == "sdim":
+        model = sdim_tf.SDIM(
+            num_classes, input_shape, n=config.n, rep_dim=config.rep_dim,
+            critic=config.critic, alpha=config.alpha, beta=config.beta, gamma=config.gamma,
+            margin=config.margin, mi_bound=config.mi_bound,
+            log_scale_floor=config.log_scale_floor)
+    else:
+        model = sdim_tf.DiscriminativeClassifier(num_classes, input_shape, n=config.n)
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    return model
+
+
+def make_train_step(model: keras.Model, strategy: tf.distribute.Strategy):
+    """A tf.function running `model.train_step` on each replica's share of a global batch."""
+
+    @tf.function
+    def step(iterator):
+        strategy.run(model.train_step, args=(next(iterator),))
+        # Read in cross-replica context: the metric variables sum over replicas there.
+        return {m.name: m.result() for m in model.metrics}
+
+    return step
+
+
+def run_epoch(step, model, strategy, dataset, steps: int, progress: bool = True) -> dict:
+    """`steps` global batches through `step` (from make_train_step); the epoch's metrics."""
+    for metric in model.metrics:
+        metric.reset_state()
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    bar = keras.utils.Progbar(steps, verbose=1 if progress else 0,
+                              stateful_metrics=[m.name for m in model.metrics])
+    logs = {}
+    for i in range(steps):
+        logs = step(iterator)
+        bar.update(i + 1, [(k, float(v)) for k, v in logs.items()])
+    return {k: float(v) for k, v in logs.items()}
+
+
+def test_accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
+    @tf.function
+    def predict(images):
+        return tf.argmax(model(images, training=False), axis=1)
+
+    correct = total = 0
+    for images, labels in dataset:
+        correct += int(tf.reduce_sum(tf.cast(predict(images) == labels, tf.int32)))
+        total += int(labels.shape[0])
+    return correct / max(total, 1)
+
+
+def _save_atomic(model: keras.Model, path: pathlib.Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path: str | os.PathLike) -> keras.Model:
+    """Loads a checkpoint; a corrupt or missing one is a TrainingError naming the file."""
+    try:
+        return keras.models.load_model(path)
+    except Exception as e:  # Keras raises many types for a damaged archive
+        raise TrainingError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); delete it or "
+                            f"rerun with --force") from None
+
+
+def _write_history(path: pathlib.Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    artifacts.write_text(path, out.getvalue())
+
+
+def _resume_state(stage_dir: pathlib.Path, resume_hash: str, force: bool) -> dict | None:
+    state_path = stage_dir / STATE
+    if force or not state_path.exists():
+        return None
+    try:
+        state = artifacts.read_json(state_path)
+    except ValueError:
+        raise TrainingError(f"{state_path} is corrupt; rerun with --force") from None
+    if state.get("resume_hash") != resume_hash:
+        logging.info("train: configuration changed, starting afresh")
+        return None
+    return state
+
+
+def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
+    """Trains to `config.epochs`, resuming from `stage_dir` when a compatible run stopped."""
+    ingest_dir = upstream["ingest"]
+    meta = artifacts.read_json(ingest_dir / ingest.METADATA)
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    strategy = make_strategy(config.distribute)
+    chief = is_chief(strategy)
+    resume_hash = artifacts.config_hash(
+        {k: v for k, v in config.fields(FIELDS).items() if k != "epochs"} | {
+            "ingest": artifacts.input_hashes({"ingest": ingest_dir})})
+    state = _resume_state(stage_dir, resume_hash, config.force)
+    if state is not None and state["epoch"] > config.epochs:
+        logging.info("train: %d epochs done, %d asked: starting afresh", state["epoch"],
+                     config.epochs)
+        state = None
+    if state is None and chief:
+        for name in ("checkpoints", "logs"):
+            shutil.rmtree(stage_dir / name, ignore_errors=True)
+        for name in (STATE, HISTORY):
+            (stage_dir / name).unlink(missing_ok=True)
+    (stage_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    with strategy.scope():
+        if state is not None:
+            model = load_model(stage_dir / LAST)
+            logging.info("train: resuming after epoch %d of %d", state["epoch"], config.epochs)
+        else:
+            model = build_model(config, meta["num_classes"], meta["image_shape"][-1])
+            state = {"resume_hash": resume_hash, "epoch": 0, "best_loss": None,
+                     "best_epoch": None, "history": []}
+    logging.info("train: %s, %d trainable parameters, strategy %s with %d replica(s)",
+                 type(model).__name__, model.trainable_parameter_count(),
+                 type(strategy).__name__, strategy.num_replicas_in_sync)
+
+    num_train = meta["splits"]["train"]["num_examples"]
+    if config.train_limit:
+        num_train = min(num_train, config.train_limit)
+    steps = num_train // config.batch_size
+    shape = meta["image_shape"]
+    test_ds = data.make_dataset(ingest.shard_files(ingest_dir, "test"), shape, 500,
+                                training=False)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    step = make_train_step(model, strategy)
+    writer = tf.summary.create_file_writer(str(stage_dir / "logs" / "train")) if chief else None
+
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        start = time.time()
+        train_ds = data.make_dataset(
+            ingest.shard_files(ingest_dir, "train"), shape, config.batch_size, training=True,
+            augmentation=meta["augmentation"], seed=config.seed * 100_003 + epoch,
+            limit=config.train_limit).with_options(options)
+        logging.info("train: epoch %d/%d", epoch, config.epochs)
+        logs = run_epoch(step, model, strategy, train_ds, steps)
+        if not all(math.isfinite(v) for v in logs.values()):
+            raise TrainingError(
+                f"training diverged in epoch {epoch} (loss {logs.get('loss')}); the last good "
+                f"checkpoint (epoch {state['epoch']}) is kept in {stage_dir / LAST}")
+        row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()},
+               "test_accuracy": round(test_accuracy(model, test_ds), 6),
+               "seconds": round(time.time() - start, 2)}
+        logging.info("train: epoch %d: %s", epoch, row)
+        if not chief:
+            continue
+        _save_atomic(model, stage_dir / LAST)
+        if state["best_loss"] is None or logs["loss"] < state["best_loss"]:
+            shutil.copyfile(stage_dir / LAST, stage_dir / "checkpoints" / ".best.tmp")
+            os.replace(stage_dir / "checkpoints" / ".best.tmp", stage_dir / BEST)
+            state["best_loss"], state["best_epoch"] = logs["loss"], epoch
+        with writer.as_default(step=epoch):
+            for k, v in row.items():
+                if k != "epoch":
+                    tf.summary.scalar(k, v)
+        writer.flush()
+        state["history"] = [r for r in state["history"] if r["epoch"] < epoch] + [row]
+        state["epoch"] = epoch
+        _write_history(stage_dir / HISTORY, state["history"])
+        artifacts.write_json(stage_dir / STATE, state)  # last: marks the epoch complete
+    return OUTPUTS
+
+
+def history(stage_dir: str | os.PathLike) -> list[dict]:
+    """The per-epoch rows of history.csv as dicts of floats."""
+    with open(pathlib.Path(stage_dir) / HISTORY, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def best_model(stage_dir: str | os.PathLike) -> keras.Model:
+    """The checkpoint with the minimum training loss (what the paper evaluates)."""
+    return load_model(pathlib.Path(stage_dir) / BEST)
+

@@ -39,6 +39,13 @@ class _Classifier(keras.Model):
             optimizer = keras.optimizers.Adam(1e-3)
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
 
+    def compile_from_config(self, config):
+        """Restores the optimizer (and its state, loaded next) of a saved model."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(optimizer=config.get("optimizer"),
+                     jit_compile=config.get("jit_compile", False))
+        self.optimizer.build(self.trainable_variables)
+
     def _report(self, terms, labels, logits):
         for name, value in terms.items():
             self.trackers[name].update_state(value)

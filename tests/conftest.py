@@ -30,3 +30,18 @@ def fashion_ingest(tmp_path_factory, data_dir):
 
     out = tmp_path_factory.mktemp("ingest") / "fashion_mnist"
     return out, ingest.ingest("fashion_mnist", out, data_dir=str(data_dir))
+
+
+TINY = dict(dataset="fashion_mnist", epochs=2, train_limit=1024, batch_size=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_dir):
+    """One tiny pipeline run shared by the tests (2 epochs on 1024 real images)."""
+    from pipeline import run
+    from pipeline.config import PipelineConfig
+
+    base = tmp_path_factory.mktemp("tiny_run")
+    config = PipelineConfig(**TINY, data_dir=str(data_dir), run_dir=str(base / "run"),
+                            export_dir=str(base / "saved_models"))
+    return config, run.run(config)

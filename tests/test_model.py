@@ -87,6 +87,9 @@ def test_keras_round_trip(tmp_path, cls, kwargs):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert type(loaded) is cls and loaded.get_config() == model.get_config()
+    assert int(loaded.optimizer.iterations) == 1  # optimizer state travels too
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 

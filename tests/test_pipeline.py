@@ -1,0 +1,175 @@
+"""The runner and the train stage: outputs, manifests, skipping, resume, bad input."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import artifacts, run
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.stages import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cli(args, cwd, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_run_writes_every_output(tiny_run):
+    config, run_dir = tiny_run
+    for stage in ("ingest", "train"):
+        manifest = artifacts.read_json(run_dir / stage / artifacts.MANIFEST)
+        assert manifest["stage"] == stage and manifest["versions"]["tensorflow"].startswith("2.")
+        for output in manifest["outputs"]:
+            assert (run_dir / stage / output).exists(), output
+    assert set(artifacts.read_json(run_dir / "train" / artifacts.MANIFEST)["inputs"]) == {
+        "ingest"}
+    rows = train.history(run_dir / "train")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert set(rows[0]) >= {"loss", "mi_loss", "nll_loss", "lm_loss", "accuracy",
+                            "test_accuracy", "seconds"}
+    row = rows[-1]
+    np.testing.assert_allclose(row["loss"], row["mi_loss"] + row["nll_loss"] + row["lm_loss"],
+                               rtol=1e-4)
+    readme = (run_dir / "README.md").read_text()
+    assert "[train](train/)" in readme and "checkpoints/best.keras" in readme
+    assert any((run_dir / "train" / "logs" / "train").iterdir())  # TensorBoard events
+
+
+def test_best_checkpoint_gives_the_logged_test_accuracy(tiny_run, data_dir):
+    from sdim_tf import data
+
+    _, run_dir = tiny_run
+    model = train.best_model(run_dir / "train")
+    images, labels = data.load_split("fashion_mnist", "test", data_dir=str(data_dir))
+    logits = model.predict(data.preprocess(images[:2000]), batch_size=500, verbose=0)
+    assert logits.shape == (2000, 10)
+    accuracy = (np.argmax(logits, 1) == labels[:2000]).mean()
+    rows = train.history(run_dir / "train")
+    best = min(rows, key=lambda r: r["loss"])  # the paper keeps the minimum training loss
+    logged = best["test_accuracy"]
+    assert abs(accuracy - logged) < 0.03  # 2000 of the 10000 test images
+    assert accuracy > 0.2  # 16 steps on 1024 images: twice chance (0.1)
+
+
+def test_unchanged_stage_is_skipped_and_changed_flag_reruns(tiny_run):
+    config, run_dir = tiny_run
+    before = {s: artifacts.read_json(run_dir / s / artifacts.MANIFEST)["finished"]
+              for s in ("ingest", "train")}
+    run.run(config)
+    after = {s: artifacts.read_json(run_dir / s / artifacts.MANIFEST)["finished"]
+             for s in ("ingest", "train")}
+    assert after == before
+    import dataclasses
+
+    other = dataclasses.replace(config, run_dir=str(run_dir.parent / "other"))
+    import shutil
+
+    shutil.copytree(run_dir, other.run_dir)
+    changed = dataclasses.replace(other, margin=5.0, epochs=1, stages=("ingest", "train"))
+    run.run(changed)
+    manifests = {s: artifacts.read_json(pathlib.Path(other.run_dir) / s / artifacts.MANIFEST)
+                 for s in ("ingest", "train")}
+    assert manifests["ingest"]["finished"] == before["ingest"]
+    assert manifests["train"]["finished"] != before["train"]
+    assert manifests["train"]["config"]["margin"] == 5.0
+
+
+def test_nan_guard_keeps_the_last_good_checkpoint(tiny_run, monkeypatch):
+    import dataclasses
+    import shutil
+
+    config, run_dir = tiny_run
+    copy = run_dir.parent / "nan"
+    shutil.copytree(run_dir, copy)
+    good = (copy / "train" / train.LAST).read_bytes()
+    monkeypatch.setattr(train, "run_epoch", lambda *a, **k: {"loss": float("nan")})
+    with pytest.raises(train.TrainingError, match=r"diverged in epoch 3 .*epoch 2"):
+        run.run(dataclasses.replace(config, run_dir=str(copy), epochs=3))
+    assert (copy / "train" / train.LAST).read_bytes() == good
+    assert artifacts.read_json(copy / "train" / train.STATE)["epoch"] == 2
+    assert not (copy / "train" / artifacts.MANIFEST).exists()
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="--dataset: unknown dataset 'imagenet'"):
+        PipelineConfig(dataset="imagenet").resolve()
+    with pytest.raises(ConfigError, match=r"--train_limit=64 is smaller than one batch"):
+        PipelineConfig(train_limit=64).resolve()
+    with pytest.raises(ConfigError, match=r"--stages: unknown \['deploy'\]"):
+        PipelineConfig(stages=("deploy",)).resolve(run.STAGE_NAMES)
+    with pytest.raises(ConfigError, match="--batch_size must be >= 2"):
+        PipelineConfig(batch_size=1).resolve()
+    assert PipelineConfig(dataset="cifar10").resolve().n == 3
+    assert PipelineConfig(model="discriminative").resolve().run_dir.endswith(
+        "fashion_mnist-discriminative")
+
+
+def _assert_one_line_error(result, *words):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-2000:]
+    for word in words:
+        assert word in last, last
+
+
+def test_cli_user_errors_are_one_line(tmp_path, tiny_run):
+    _, run_dir = tiny_run
+    _assert_one_line_error(_cli(["--dataset=imagenet"], tmp_path), "unknown dataset")
+    _assert_one_line_error(_cli(["--train_limit=10"], tmp_path), "--train_limit")
+    (tmp_path / "file").write_text("")
+    _assert_one_line_error(_cli([f"--run_dir={tmp_path / 'file' / 'run'}"], tmp_path),
+                           "not writable")
+    _assert_one_line_error(_cli(["--stages=train", f"--run_dir={tmp_path / 'r'}"], tmp_path),
+                           "needs the outputs of ingest")
+    # A corrupt checkpoint: the resume path names it.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    (broken / "train" / train.LAST).write_bytes(b"garbage")
+    result = _cli([f"--run_dir={broken}", "--epochs=3", "--train_limit=1024",
+                   f"--data_dir={os.environ.get('SDIM_DATA_DIR', '')}"], tmp_path)
+    _assert_one_line_error(result, "last.keras cannot be loaded")
+
+
+def test_killed_training_resumes(tmp_path, tiny_run):
+    import shutil
+
+    _, run_dir = tiny_run
+    work = tmp_path / "run"
+    work.mkdir()
+    shutil.copytree(run_dir / "ingest", work / "ingest")  # reuse the ingested data
+    args = [f"--run_dir={work}", "--stages=ingest,train", "--epochs=3", "--train_limit=256",
+            "--batch_size=64"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = work / "train" / train.STATE
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and artifacts.read_json(state)["epoch"] >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = artifacts.read_json(state)["epoch"]
+    assert 1 <= done < 3
+    assert not (work / "train" / artifacts.MANIFEST).exists()
+    result = _cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming after epoch {done} of 3" in result.stderr
+    assert [r["epoch"] for r in train.history(work / "train")] == [1, 2, 3]
+    final = keras.models.load_model(work / "train" / train.LAST)
+    assert int(final.optimizer.iterations) == 3 * (256 // 64)  # no step lost or repeated

@@ -24,6 +24,7 @@ setup(
         "tensorboard>=2.20",  # TF 2.21 no longer installs it; Keras' TensorBoard callback needs it
         "tensorflow-serving-api>=2.21,<2.22",
         "numpy",
+        "scipy",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "Pillow"],

@@ -54,6 +54,10 @@ class PipelineConfig:
     distribute: str = "auto"
     mixed_precision: bool = False
     deterministic: bool = False
+    # Calibration (paper: 1st and 2nd percentiles on the training set). validation_split > 0
+    # holds out the last N training images: never trained on, used for the thresholds.
+    percentiles: tuple[float, ...] = (1, 2)
+    validation_split: int = 0
     export_dir: str = "saved_models"
     force: bool = False
 
@@ -70,6 +74,7 @@ class PipelineConfig:
             c.run_dir = os.path.join("runs", f"{c.dataset}-{c.model}")
         if c.stages is not None:
             c.stages = tuple(c.stages)
+        c.percentiles = tuple(float(p) if float(p) != int(p) else int(p) for p in c.percentiles)
         checks = [
             (c.model in MODELS, f"--model must be one of {', '.join(MODELS)}, got {c.model!r}"),
             (c.critic in mutual_info.CRITICS,
@@ -88,6 +93,10 @@ class PipelineConfig:
             (c.train_limit is None or c.train_limit >= c.batch_size,
              f"--train_limit={c.train_limit} is smaller than one batch "
              f"(--batch_size={c.batch_size})"),
+            (c.validation_split >= 0, f"--validation_split must be >= 0, got "
+             f"{c.validation_split}"),
+            (all(0 <= p < 100 for p in c.percentiles) and len(c.percentiles) > 0,
+             f"--percentiles must lie in [0, 100), got {list(c.percentiles)}"),
             (c.stages is None or not set(c.stages) - set(known_stages),
              f"--stages: unknown {sorted(set(c.stages or ()) - set(known_stages))}; "
              f"known: {', '.join(known_stages)}"),
@@ -96,6 +105,20 @@ class PipelineConfig:
             if not ok:
                 raise ConfigError(message)
         return c
+
+    def train_examples(self, num_train: int) -> tuple[int, int]:
+        """(skip, limit) of the training examples the model trains on."""
+        available = num_train - self.validation_split
+        if available < self.batch_size:
+            raise ConfigError(f"--validation_split={self.validation_split} leaves {available} "
+                              f"training images, less than one batch")
+        return 0, min(available, self.train_limit or available)
+
+    def calibration_examples(self, num_train: int) -> tuple[int, int]:
+        """(skip, limit): the held-out validation images, else the trained ones."""
+        if self.validation_split:
+            return num_train - self.validation_split, self.validation_split
+        return self.train_examples(num_train)
 
     def fields(self, names: tuple[str, ...]) -> dict:
         """The values of `names`, for a stage's config hash."""

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 from pipeline import artifacts
 from pipeline.config import DISTRIBUTE, MODELS, ConfigError, PipelineConfig
-from pipeline.stages import ingest, train
+from pipeline.stages import calibrate, evaluate, ingest, train
 from sdim_tf import data, mutual_info
 
 
@@ -33,6 +33,8 @@ class Stage:
 STAGES = (
     Stage("ingest", ("dataset", "data_dir"), (), ingest.run),
     Stage("train", train.FIELDS, ("ingest",), train.run),
+    Stage("calibrate", calibrate.FIELDS, ("ingest", "train"), calibrate.run),
+    Stage("evaluate", evaluate.FIELDS, ("ingest", "train", "calibrate"), evaluate.run),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 USER_ERRORS = (ConfigError, data.DataError, train.TrainingError)
@@ -132,6 +134,11 @@ flags.DEFINE_enum("distribute", _D.distribute, DISTRIBUTE,
                   "names several workers, else the default strategy.")
 flags.DEFINE_bool("mixed_precision", False, "Compute in bfloat16 (losses stay float32).")
 flags.DEFINE_bool("deterministic", False, "Deterministic TF ops (slower).")
+flags.DEFINE_list("percentiles", [str(p) for p in _D.percentiles],
+                  "Threshold percentiles of the training log-likelihoods (paper: 1,2).")
+flags.DEFINE_integer("validation_split", _D.validation_split,
+                     "Hold out the last N training images for calibration (0: calibrate on "
+                     "the training images, as the paper).")
 flags.DEFINE_string("export_dir", _D.export_dir, "Where the export stage writes SavedModels.")
 flags.DEFINE_bool("force", False, "Rerun stages even when unchanged.")
 
@@ -141,6 +148,10 @@ def config_from_flags() -> PipelineConfig:
     values = {name: FLAGS[name].value for name in names}
     if values["stages"] is not None:
         values["stages"] = tuple(values["stages"])
+    try:
+        values["percentiles"] = tuple(float(p) for p in values["percentiles"])
+    except ValueError:
+        raise ConfigError(f"--percentiles must be numbers, got {values['percentiles']}") from None
     return PipelineConfig(**values)
 
 

@@ -215,11 +215,12 @@ def image_folder_classes(root: str | os.PathLike) -> list[str]:
 
 # -------------------------------------------------------------------------------- tfds
 
-def _load_tfds(spec: DatasetSpec, split: str):
+def _load_tfds(spec: DatasetSpec, split: str, allow_download: bool = True):
     import tensorflow_datasets as tfds  # heavy; only this source needs it
 
     last_error = None
-    for download in (False, True):  # a prepared dataset never touches the network
+    # A prepared dataset never touches the network.
+    for download in (False, True) if allow_download else (False,):
         try:
             ds = tfds.load(spec.tfds_name, split=split, as_supervised=True,
                            download=download)
@@ -249,8 +250,12 @@ class Split:
     class_names: Optional[list[str]] = None
 
 
-def load_split_with_source(name: str, split: str, data_dir: Optional[str] = None) -> Split:
-    """Like `load_split`, also saying where the data came from (for ingest metadata)."""
+def load_split_with_source(name: str, split: str, data_dir: Optional[str] = None,
+                           allow_download: bool = True) -> Split:
+    """Like `load_split`, also saying where the data came from (for ingest metadata).
+
+    `allow_download=False` never lets tfds reach the network (optional data, e.g. OOD sets).
+    """
     spec = get_spec(name)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
@@ -286,19 +291,19 @@ def load_split_with_source(name: str, split: str, data_dir: Optional[str] = None
     if spec.tfds_name is None:
         raise DataError(f"dataset {name!r} is read from a folder: pass --data_dir or set "
                         f"{DATA_DIR_ENV} to a folder holding train/<class>/ and test/<class>/")
-    images, labels = _load_tfds(spec, split)
+    images, labels = _load_tfds(spec, split, allow_download)
     return Split(images, labels, f"tfds:{spec.tfds_name}", [])
 
 
-def load_split(name: str, split: str, data_dir: Optional[str] = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def load_split(name: str, split: str, data_dir: Optional[str] = None,
+               allow_download: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Returns `(images uint8 [N,H,W,C], labels int64 [N])` of a dataset split.
 
     Sources, in order: `data_dir`, the SDIM_DATA_DIR environment variable (each a folder
     holding `<name>/train-images-idx3-ubyte.gz` etc.), then tfds (prepared data first, a
     download only when missing). An explicit `data_dir` that lacks the data is an error.
     """
-    loaded = load_split_with_source(name, split, data_dir)
+    loaded = load_split_with_source(name, split, data_dir, allow_download)
     return loaded.images, loaded.labels
 
 
@@ -366,19 +371,22 @@ def parse_examples(serialized: tf.Tensor, shape: Sequence[int]) -> tuple[tf.Tens
 
 def make_dataset(files: Sequence[str], shape: Sequence[int], batch_size: int, *,
                  training: bool, augmentation: str = "none", seed: int = 0,
-                 limit: Optional[int] = None, image_size: int = IMAGE_SIZE,
+                 limit: Optional[int] = None, skip: int = 0, image_size: int = IMAGE_SIZE,
                  drop_remainder: Optional[bool] = None, repeat: bool = False
                  ) -> tf.data.Dataset:
     """TFRecords -> batches of (float32 images [B,32,32,C] in [0,1], int64 labels [B]).
 
-    Training: shuffled with `seed` (a new order each epoch), augmented per batch with a
-    stateless seed drawn from (seed, batch index), incomplete last batch dropped.
+    `skip` then `limit` select examples in file order. Training: shuffled with `seed` (a new
+    order each epoch), augmented per batch with a stateless seed drawn from (seed, batch
+    index), incomplete last batch dropped.
     `repeat=True` gives an endless stream whose batch index (and so augmentation) keeps
     counting across epochs.
     """
     if not files:
         raise DataError("no TFRecord files given to make_dataset")
     ds = tf.data.TFRecordDataset(list(files), num_parallel_reads=1)
+    if skip:
+        ds = ds.skip(skip)
     if limit is not None:
         ds = ds.take(limit)
     # Parse in chunks (fast, vectorised), then cache the small uint8 arrays.

@@ -26,7 +26,7 @@ def _cli(args, cwd, timeout=600):
 
 def test_tiny_run_writes_every_output(tiny_run):
     config, run_dir = tiny_run
-    for stage in ("ingest", "train"):
+    for stage in run.STAGE_NAMES:
         manifest = artifacts.read_json(run_dir / stage / artifacts.MANIFEST)
         assert manifest["stage"] == stage and manifest["versions"]["tensorflow"].startswith("2.")
         for output in manifest["outputs"]:
@@ -41,7 +41,9 @@ def test_tiny_run_writes_every_output(tiny_run):
     np.testing.assert_allclose(row["loss"], row["mi_loss"] + row["nll_loss"] + row["lm_loss"],
                                rtol=1e-4)
     readme = (run_dir / "README.md").read_text()
-    assert "[train](train/)" in readme and "checkpoints/best.keras" in readme
+    assert "checkpoints/best.keras" in readme
+    for stage in run.STAGE_NAMES:
+        assert f"[{stage}]({stage}/)" in readme
     assert any((run_dir / "train" / "logs" / "train").iterdir())  # TensorBoard events
 
 
@@ -173,3 +175,37 @@ def test_killed_training_resumes(tmp_path, tiny_run):
     assert [r["epoch"] for r in train.history(work / "train")] == [1, 2, 3]
     final = keras.models.load_model(work / "train" / train.LAST)
     assert int(final.optimizer.iterations) == 3 * (256 // 64)  # no step lost or repeated
+
+
+def test_calibrate_and_evaluate_outputs(tiny_run):
+    from pipeline import inference
+    from pipeline.stages import calibrate, evaluate
+    from sdim_tf import rejection
+
+    config, run_dir = tiny_run
+    saved = artifacts.read_json(run_dir / "calibrate" / calibrate.THRESHOLDS)
+    assert saved["source"] == "train" and saved["examples"]["num_samples"] == 1024
+    # Independent recomputation from the model's log-likelihoods on the same images.
+    model = inference.best_model(run_dir)
+    ll, labels = inference.split_log_likelihoods(model, run_dir / "ingest", "train", 0, 1024)
+    for p in ("1", "2"):
+        for c in range(10):
+            scores = np.sort(ll[(labels == c) & (ll.argmax(1) == c), c])
+            expected = scores[int(np.floor(int(p) / 100 * len(scores)))] if len(scores) else None
+            got = saved["percentiles"][p]["thresholds"][c]
+            assert (got is None and expected is None) or abs(got - expected) < 1e-3 * abs(
+                expected)
+    report = artifacts.read_json(run_dir / "evaluate" / evaluate.REPORT_JSON)
+    assert set(report["ood"]) == {"mnist", "uniform_noise", "gaussian_noise", "constant"}
+    test_ll, test_labels = inference.split_log_likelihoods(model, run_dir / "ingest", "test")
+    assert report["accuracy"] == pytest.approx((test_ll.argmax(1) == test_labels).mean())
+    thresholds = rejection.from_json(saved["percentiles"])[1]["thresholds"]
+    _, rejected = rejection.decide(test_ll, thresholds)
+    assert report["selective"]["1"]["reject_rate"] == pytest.approx(rejected.numpy().mean())
+    md = (run_dir / "evaluate" / evaluate.REPORT_MD).read_text()
+    for table in ("Table 1", "Table 2", "Table 3", "What this means"):
+        assert table in md
+    for figure in report["figures"]:
+        import matplotlib.image
+
+        assert matplotlib.image.imread(run_dir / "evaluate" / figure).shape[0] > 100

@@ -30,7 +30,7 @@ from sdim_tf import data
 
 FIELDS = ("model", "critic", "mi_bound", "n", "rep_dim", "alpha", "beta", "gamma", "margin",
           "log_scale_floor", "epochs", "batch_size", "learning_rate", "seed", "train_limit",
-          "mixed_precision", "deterministic")
+          "mixed_precision", "deterministic", "validation_split")
 BEST, LAST, STATE, HISTORY = "checkpoints/best.keras", "checkpoints/last.keras", "state.json", \
     "history.csv"
 OUTPUTS = [BEST, LAST, HISTORY, STATE]
@@ -198,9 +198,7 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
                  type(model).__name__, model.trainable_parameter_count(),
                  type(strategy).__name__, strategy.num_replicas_in_sync)
 
-    num_train = meta["splits"]["train"]["num_examples"]
-    if config.train_limit:
-        num_train = min(num_train, config.train_limit)
+    _, num_train = config.train_examples(meta["splits"]["train"]["num_examples"])
     steps = num_train // config.batch_size
     shape = meta["image_shape"]
     test_ds = data.make_dataset(ingest.shard_files(ingest_dir, "test"), shape, 500,
@@ -215,7 +213,7 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
         train_ds = data.make_dataset(
             ingest.shard_files(ingest_dir, "train"), shape, config.batch_size, training=True,
             augmentation=meta["augmentation"], seed=config.seed * 100_003 + epoch,
-            limit=config.train_limit).with_options(options)
+            limit=num_train).with_options(options)
         logging.info("train: epoch %d/%d", epoch, config.epochs)
         logs = run_epoch(step, model, strategy, train_ds, steps)
         if not all(math.isfinite(v) for v in logs.values()):

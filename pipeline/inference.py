@@ -1,0 +1,49 @@
+"""What calibrate, evaluate and export share: the trained model and its log-likelihoods."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import artifacts
+from pipeline.stages import ingest, train
+from sdim_tf import data
+
+
+def metadata(run_dir: pathlib.Path) -> dict:
+    return artifacts.read_json(pathlib.Path(run_dir) / "ingest" / ingest.METADATA)
+
+
+def log_likelihoods(model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(summed log p(x|c) [N, C] float64, labels [N]) over a dataset of (images, labels)."""
+
+    @tf.function
+    def forward(images):
+        return model(images, training=False)
+
+    outputs, labels = [], []
+    for images, batch_labels in dataset:
+        outputs.append(forward(images).numpy())
+        labels.append(batch_labels.numpy())
+    return np.concatenate(outputs).astype(np.float64), np.concatenate(labels)
+
+
+def split_log_likelihoods(model, ingest_dir: pathlib.Path, split: str, skip: int = 0,
+                          limit: int | None = None, batch_size: int = 500):
+    meta = artifacts.read_json(ingest_dir / ingest.METADATA)
+    ds = data.make_dataset(ingest.shard_files(ingest_dir, split), meta["image_shape"],
+                           batch_size, training=False, skip=skip, limit=limit)
+    return log_likelihoods(model, ds)
+
+
+def array_log_likelihoods(model, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """log-likelihoods of uint8 source images (preprocessed) or float images in [0, 1]."""
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(
+        lambda x: (data.preprocess(x), tf.zeros(tf.shape(x)[:1], tf.int64)))
+    return log_likelihoods(model, ds)[0]
+
+
+def best_model(run_dir: pathlib.Path):
+    return train.best_model(pathlib.Path(run_dir) / "train")

@@ -1,0 +1,192 @@
+"""Evaluate: clean accuracy, selective classification and OOD detection -> report.json/.md.
+
+Beside the paper's metrics (Tables 1-3) it reports what a deployment lives with: the share
+of OOD inputs the decision rule rejects, and threshold-free separation (AUROC, AUPR, FPR at
+95% TPR).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+from absl import logging
+
+from pipeline import artifacts, inference
+from pipeline.stages import calibrate
+from sdim_tf import data, metrics, plots
+
+FIELDS = ("percentiles", "seed")
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+OOD_PAIRS = {"fashion_mnist": ["mnist"], "mnist": ["fashion_mnist"], "cifar10": ["svhn_cropped"]}
+SYNTHETIC = ("uniform_noise", "gaussian_noise", "constant")
+SYNTHETIC_SIZE = 1000
+
+# The paper's numbers (Tables 1-3), for the report.
+PAPER = {
+    "accuracy": {"mnist": (99.55, 99.42), "fashion_mnist": (94.58, 94.25),
+                 "cifar10": (92.53, 92.35), "svhn_cropped": (95.74, 95.96)},
+    # acc. left and reject rate at the 1st, then the 2nd percentile
+    "selective": {"mnist": (99.95, 3.02, 99.97, 4.00),
+                  "fashion_mnist": (96.45, 4.63, 96.94, 6.60),
+                  "cifar10": (96.18, 8.90, 96.60, 10.86),
+                  "svhn_cropped": (97.43, 3.99, 98.00, 6.36)},
+    "ood": {("fashion_mnist", "mnist"): (99.36, 99.64),
+            ("cifar10", "svhn_cropped"): (94.24, 95.81)},
+}
+
+
+def synthetic_images(kind: str, shape: tuple[int, int, int], n: int, seed: int) -> np.ndarray:
+    """float32 [n, 32, 32, C] in [0, 1]: illegal inputs no training image resembles."""
+    rng = np.random.default_rng(seed)
+    size = (n, data.IMAGE_SIZE, data.IMAGE_SIZE, shape[-1])
+    if kind == "uniform_noise":
+        return rng.random(size, np.float32)
+    if kind == "gaussian_noise":
+        return np.clip(rng.normal(0.5, 0.25, size), 0, 1).astype(np.float32)
+    if kind == "constant":
+        return np.broadcast_to(np.linspace(0, 1, n, dtype=np.float32)[:, None, None, None],
+                               size).copy()
+    raise ValueError(f"unknown synthetic set {kind!r}")
+
+
+def _ood_sets(config, meta) -> dict:
+    sets, missing = {}, {}
+    for name in OOD_PAIRS.get(config.dataset, []):
+        try:
+            images, _ = data.load_split(name, "test", config.data_dir, allow_download=False)
+        except data.DataError as e:
+            missing[name] = str(e)
+            continue
+        if images.shape[-1] != meta["image_shape"][-1]:
+            missing[name] = f"{images.shape[-1]} channels, the model takes " \
+                            f"{meta['image_shape'][-1]}"
+            continue
+        sets[name] = images
+    for kind in SYNTHETIC:
+        sets[kind] = synthetic_images(kind, meta["image_shape"], SYNTHETIC_SIZE, config.seed)
+    return sets, missing
+
+
+def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
+    run_dir = stage_dir.parent
+    meta = inference.metadata(run_dir)
+    model = inference.best_model(run_dir)
+    calibration = calibrate.load(run_dir)
+    test_ll, test_labels = inference.split_log_likelihoods(model, upstream["ingest"], "test")
+    sdim = config.model == "sdim"
+    kinds = metrics.SDIM_SCORES if sdim else metrics.DISCRIMINATIVE_SCORES
+    report = {"dataset": config.dataset, "model": config.model,
+              "num_test": int(len(test_labels)),
+              "accuracy": float((test_ll.argmax(1) == test_labels).mean()),
+              "selective": {str(p): metrics.selective(test_ll, test_labels, v["thresholds"])
+                            for p, v in calibration.items()},
+              "ood": {}}
+    sets, missing = _ood_sets(config, meta)
+    report["ood_unavailable"] = missing
+    figures = []
+    for name, images in sets.items():
+        ood_ll = inference.array_log_likelihoods(model, images)
+        report["ood"][name] = {
+            "num": int(len(ood_ll)),
+            "classwise_detection_rate": {
+                str(p): metrics.classwise_detection_rate(ood_ll, v["thresholds"])
+                for p, v in calibration.items()},
+            "decision_rejection_rate": {
+                str(p): metrics.decision_rejection_rate(ood_ll, v["thresholds"])
+                for p, v in calibration.items()},
+            "separation": metrics.separation(test_ll, ood_ll, kinds)}
+        if name in OOD_PAIRS.get(config.dataset, []) or name == "uniform_noise":
+            figure = f"histograms_{name}.png"
+            first = next(iter(calibration.values()))["thresholds"]
+            plots.class_histograms(test_ll, test_labels, ood_ll, first, meta["class_names"],
+                                   stage_dir / figure, ood_name=name)
+            figures.append(figure)
+        logging.info("evaluate: %s: decision-rule rejection %s", name,
+                     report["ood"][name]["decision_rejection_rate"])
+    report["figures"] = figures
+    report["discriminative_accuracy"] = _sibling_accuracy(run_dir, config) if sdim else None
+    artifacts.write_json(stage_dir / REPORT_JSON, report)
+    artifacts.write_text(stage_dir / REPORT_MD, markdown(report))
+    return [REPORT_JSON, REPORT_MD, *figures]
+
+
+def _sibling_accuracy(run_dir: pathlib.Path, config) -> float | None:
+    """Test accuracy of the discriminative run of the same dataset, when one was evaluated."""
+    other = run_dir.parent / f"{config.dataset}-discriminative" / "evaluate" / REPORT_JSON
+    return artifacts.read_json(other)["accuracy"] if other.exists() else None
+
+
+def _pct(x) -> str:
+    return "—" if x is None or x != x else f"{100 * x:.2f}%"
+
+
+def _ordinal(p: str) -> str:
+    if not p.isdigit():
+        return p
+    suffix = "th" if 10 <= int(p) % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(
+        int(p) % 10, "th")
+    return p + suffix
+
+
+def _paper_pct(values, index) -> str:
+    return f"{values[index]:.2f}%" if values else "—"
+
+
+def markdown(report: dict) -> str:
+    ds, model = report["dataset"], report["model"]
+    paper_acc = PAPER["accuracy"].get(ds)
+    lines = [f"# Evaluation: {ds} ({model})", "",
+             f"{report['num_test']} test images. Thresholds: per class, percentiles of "
+             "log p(x|c) over correctly classified calibration images (paper section 5).", "",
+             "## Table 1: clean test accuracy", "",
+             "| model | ours | paper |", "|---|---|---|",
+             f"| {model} | {_pct(report['accuracy'])} | "
+             f"{_paper_pct(paper_acc, 0 if model == 'sdim' else 1)} |"]
+    if report.get("discriminative_accuracy") is not None:
+        lines.append(f"| discriminative | {_pct(report['discriminative_accuracy'])} | "
+                     f"{_paper_pct(paper_acc, 1)} |")
+    lines += ["", "## Table 2: decision with rejection on the test set", "",
+              "| percentile | acc. left | reject rate | paper acc. left | paper reject rate |",
+              "|---|---|---|---|---|"]
+    paper_sel = PAPER["selective"].get(ds)
+    for i, (p, v) in enumerate(report["selective"].items()):
+        paper = (f"{paper_sel[2 * i]:.2f}% | {paper_sel[2 * i + 1]:.2f}%"
+                 if paper_sel and i < 2 else "— | —")
+        lines.append(f"| {p} | {_pct(v['accuracy_left'])} | {_pct(v['reject_rate'])} | {paper} |")
+    lines += ["", "## Table 3: out-of-distribution inputs", "",
+              "Class-wise detection: the paper's metric (for each class c, the share of OOD "
+              "inputs with log p(x|c) below that class's threshold, averaged over classes). "
+              "Rule rejects: the share the deployed decision rule (equation 9) rejects. "
+              "AUROC and FPR at 95% TPR need no threshold (positives = test images).", ""]
+    percentiles = list(report["selective"])
+    header = "| OOD set | " + " | ".join(
+        f"class-wise det. p{p} | rule rejects p{p}" for p in percentiles)
+    kinds = list(next(iter(report["ood"].values()))["separation"])
+    header += " | " + " | ".join(f"AUROC {k} | FPR95 {k}" for k in kinds) + " | paper |"
+    lines += [header, "|" + "---|" * (1 + 2 * len(percentiles) + 2 * len(kinds) + 1)]
+    for name, v in report["ood"].items():
+        paper = PAPER["ood"].get((ds, name))
+        cells = [f"{_pct(v['classwise_detection_rate'][p])} | "
+                 f"{_pct(v['decision_rejection_rate'][p])}" for p in percentiles]
+        cells += [f"{v['separation'][k]['auroc']:.4f} | {_pct(v['separation'][k]['fpr_at_95_tpr'])}"
+                  for k in kinds]
+        paper_cell = " / ".join(f"{x:.2f}%" for x in paper) if paper else "—"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper_cell} |")
+    for name, why in report.get("ood_unavailable", {}).items():
+        lines.append(f"\n{name}: not evaluated ({why.splitlines()[0][:200]}).")
+    first = percentiles[0]
+    lines += ["", "## What this means", ""]
+    lines.append(
+        f"At the {_ordinal(first)}-percentile thresholds the model keeps "
+        f"{_pct(1 - report['selective'][first]['reject_rate'])} of the test images and is "
+        f"right on {_pct(report['selective'][first]['accuracy_left'])} of those.")
+    for name, v in report["ood"].items():
+        lines.append(
+            f"Of {v['num']} {name} inputs, the deployed rule refuses "
+            f"{_pct(v['decision_rejection_rate'][first])}; the paper's class-wise metric "
+            f"says {_pct(v['classwise_detection_rate'][first])} (it counts an input per "
+            "class, not by the one decision a user receives).")
+    if report.get("figures"):
+        lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,107 @@
+"""Selective-classification and out-of-distribution metrics (paper Tables 2 and 3, and more).
+
+Scores follow one convention: higher means more in-distribution. Positives of AUROC/AUPR-in
+are in-distribution samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import special
+
+from sdim_tf import rejection
+
+
+def selective(log_likelihoods, labels, thresholds) -> dict:
+    """Table 2: accuracy, accuracy on the kept samples and the reject rate."""
+    predicted, rejected = (t.numpy() for t in rejection.decide(log_likelihoods, thresholds))
+    correct = predicted == np.asarray(labels)
+    kept = ~rejected
+    return {"accuracy": float(correct.mean()),
+            "accuracy_left": float(correct[kept].mean()) if kept.any() else float("nan"),
+            "reject_rate": float(rejected.mean())}
+
+
+def classwise_detection_rate(ood_log_likelihoods, thresholds) -> float:
+    """Table 3: for each class c the share of OOD samples with log p(x|c) < delta_c, averaged."""
+    ll = np.asarray(ood_log_likelihoods, np.float64)
+    return float(np.mean([(ll[:, c] < t).mean() for c, t in enumerate(thresholds)]))
+
+
+def decision_rejection_rate(ood_log_likelihoods, thresholds) -> float:
+    """The share of OOD samples the deployed rule (equation 9) rejects."""
+    return float(rejection.decide(ood_log_likelihoods, thresholds)[1].numpy().mean())
+
+
+def auroc(in_scores, out_scores) -> float:
+    """P(score_in > score_out) + P(tie) / 2 (Mann-Whitney U with average ranks)."""
+    s_in, s_out = np.asarray(in_scores, np.float64), np.asarray(out_scores, np.float64)
+    ranks = _average_ranks(np.concatenate([s_in, s_out]))
+    n_in, n_out = len(s_in), len(s_out)
+    return float((ranks[:n_in].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    sorted_values = values[order]
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def average_precision(positive_scores, negative_scores) -> float:
+    """Area under precision-recall, sum over distinct thresholds of (R_k - R_k-1) * P_k."""
+    pos, neg = np.asarray(positive_scores, np.float64), np.asarray(negative_scores, np.float64)
+    scores = np.concatenate([pos, neg])
+    is_pos = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    order = np.argsort(-scores, kind="mergesort")
+    scores, is_pos = scores[order], is_pos[order]
+    last_of_tie = np.r_[scores[1:] != scores[:-1], True]
+    tp = np.cumsum(is_pos)[last_of_tie]
+    seen = (np.arange(1, len(scores) + 1))[last_of_tie]
+    precision, recall = tp / seen, tp / len(pos)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def fpr_at_tpr(in_scores, out_scores, tpr: float = 0.95) -> float:
+    """Share of OOD samples accepted at the threshold accepting `tpr` of the in-distribution.
+
+    The threshold is the largest t with mean(in_scores >= t) >= tpr.
+    """
+    s_in = np.sort(np.asarray(in_scores, np.float64))
+    t = s_in[int(np.floor((1 - tpr) * len(s_in) + 1e-9))]
+    return float((np.asarray(out_scores) >= t).mean())
+
+
+def ood_scores(logits, kind: str) -> np.ndarray:
+    """Per-sample scores (higher = in-distribution) from [N, C] log-likelihoods or logits."""
+    logits = np.asarray(logits, np.float64)
+    if kind in ("max_log_likelihood", "max_logit"):
+        return logits.max(axis=1)
+    if kind in ("logsumexp", "energy"):  # energy score = -E(x) = logsumexp of the logits
+        return special.logsumexp(logits, axis=1)
+    if kind == "max_softmax":
+        return special.softmax(logits, axis=1).max(axis=1)
+    raise ValueError(f"unknown score {kind!r}")
+
+
+SDIM_SCORES = ("max_log_likelihood", "logsumexp")
+DISCRIMINATIVE_SCORES = ("max_softmax", "max_logit", "energy")
+
+
+def separation(in_logits, out_logits, kinds) -> dict:
+    """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR for each score kind."""
+    result = {}
+    for kind in kinds:
+        s_in, s_out = ood_scores(in_logits, kind), ood_scores(out_logits, kind)
+        result[kind] = {"auroc": auroc(s_in, s_out),
+                        "aupr_in": average_precision(s_in, s_out),
+                        "aupr_out": average_precision(-s_out, -s_in),
+                        "fpr_at_95_tpr": fpr_at_tpr(s_in, s_out)}
+    return result

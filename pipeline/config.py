@@ -59,6 +59,7 @@ class PipelineConfig:
     percentiles: tuple[float, ...] = (1, 2)
     validation_split: int = 0
     export_dir: str = "saved_models"
+    export_percentile: float = 1  # whose thresholds the SavedModel applies
     force: bool = False
 
     def resolve(self, known_stages: tuple[str, ...] = ()) -> PipelineConfig:
@@ -97,6 +98,9 @@ class PipelineConfig:
              f"{c.validation_split}"),
             (all(0 <= p < 100 for p in c.percentiles) and len(c.percentiles) > 0,
              f"--percentiles must lie in [0, 100), got {list(c.percentiles)}"),
+            (c.export_percentile in c.percentiles,
+             f"--export_percentile={c.export_percentile} is not among --percentiles "
+             f"{list(c.percentiles)}"),
             (c.stages is None or not set(c.stages) - set(known_stages),
              f"--stages: unknown {sorted(set(c.stages or ()) - set(known_stages))}; "
              f"known: {', '.join(known_stages)}"),

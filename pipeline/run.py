@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 from pipeline import artifacts
 from pipeline.config import DISTRIBUTE, MODELS, ConfigError, PipelineConfig
-from pipeline.stages import calibrate, evaluate, ingest, train
+from pipeline.stages import calibrate, evaluate, export, ingest, train
 from sdim_tf import data, mutual_info
 
 
@@ -35,6 +35,7 @@ STAGES = (
     Stage("train", train.FIELDS, ("ingest",), train.run),
     Stage("calibrate", calibrate.FIELDS, ("ingest", "train"), calibrate.run),
     Stage("evaluate", evaluate.FIELDS, ("ingest", "train", "calibrate"), evaluate.run),
+    Stage("export", export.FIELDS, ("ingest", "train", "calibrate", "evaluate"), export.run),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 USER_ERRORS = (ConfigError, data.DataError, train.TrainingError)
@@ -140,6 +141,8 @@ flags.DEFINE_integer("validation_split", _D.validation_split,
                      "Hold out the last N training images for calibration (0: calibrate on "
                      "the training images, as the paper).")
 flags.DEFINE_string("export_dir", _D.export_dir, "Where the export stage writes SavedModels.")
+flags.DEFINE_float("export_percentile", _D.export_percentile,
+                   "The calibrated percentile whose thresholds the SavedModel applies.")
 flags.DEFINE_bool("force", False, "Rerun stages even when unchanged.")
 
 

@@ -1,0 +1,93 @@
+"""Export: model + thresholds -> SavedModel at <export_dir>/<model_name>/<version>/.
+
+The chosen percentile's thresholds become variables of the model; all calibrated thresholds
+and a model card travel in assets/, the model card and TF Serving warmup requests in
+assets.extra/.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from pipeline import artifacts, inference
+from pipeline.config import ConfigError
+from pipeline.stages import calibrate, evaluate, ingest, train
+from sdim_tf import data, serving
+
+FIELDS = ("export_dir", "export_percentile")
+EXPORT_JSON = "export.json"
+WARMUP_FILE = "tf_serving_warmup_requests"
+
+
+def warmup_records(model_name: str, images: np.ndarray) -> bytes:
+    """PredictionLog records (TFRecord framing) asking serving_default about `images`."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    folder = tempfile.mkdtemp()
+    path = pathlib.Path(folder) / "warmup"
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for batch in (images[:1], images):
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name,
+                                               signature_name="serving_default"))
+            request.inputs["images"].CopyFrom(tf.make_tensor_proto(batch, tf.float32))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+    content = path.read_bytes()
+    shutil.rmtree(folder)
+    return content
+
+
+def model_name(config) -> str:
+    return f"{config.model}_{config.dataset}"
+
+
+def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
+    run_dir = stage_dir.parent
+    meta = inference.metadata(run_dir)
+    saved = artifacts.read_json(upstream["calibrate"] / calibrate.THRESHOLDS)
+    key = str(config.export_percentile).removesuffix(".0")
+    if key not in saved["percentiles"]:
+        raise ConfigError(f"--export_percentile={config.export_percentile} was not calibrated; "
+                          f"calibrated: {', '.join(saved['percentiles'])} (see --percentiles)")
+    thresholds = next(v["thresholds"] for p, v in calibrate.load(run_dir).items()
+                      if str(p) == key)
+    module = serving.RejectingClassifier(inference.best_model(run_dir), thresholds,
+                                         meta["image_shape"][-1], meta["image_shape"][:2])
+    report = artifacts.read_json(upstream["evaluate"] / evaluate.REPORT_JSON)
+    name = model_name(config)
+    card = {
+        "model_name": name, "dataset": config.dataset, "class_names": meta["class_names"],
+        "input": {"serving_default": f"float32 [batch, {data.IMAGE_SIZE}, {data.IMAGE_SIZE}, "
+                                     f"{meta['image_shape'][-1]}] in [0, 1]",
+                  "classify_raw": f"uint8 [batch, {meta['image_shape'][0]}, "
+                                  f"{meta['image_shape'][1]}, {meta['image_shape'][-1]}]",
+                  "classify_encoded": "string [batch] of PNG/JPEG bytes"},
+        "rejection": {"score": "log-likelihood of the predicted class", "percentile": key,
+                      "thresholds": saved["percentiles"][key]["thresholds"]},
+        "training": artifacts.read_json(upstream["train"] / artifacts.MANIFEST)["config"],
+        "best_epoch": artifacts.read_json(upstream["train"] / train.STATE)["best_epoch"],
+        "metrics": {k: report[k] for k in ("accuracy", "selective", "ood")},
+        "versions": artifacts.package_versions(),
+    }
+    test = data.make_dataset(ingest.shard_files(upstream["ingest"], "test"),
+                             meta["image_shape"], 4, training=False, limit=4)
+    sample = next(iter(test))[0].numpy()  # real test images for the warmup requests
+    path = serving.export(
+        module, config.export_dir, name,
+        extra_assets={"thresholds.json": serving.json_bytes(saved),
+                      "model_card.json": serving.json_bytes(card)},
+        assets_extra={"model_card.json": serving.json_bytes(card),
+                      WARMUP_FILE: warmup_records(name, sample)})
+    logging.info("export: wrote %s", path)
+    artifacts.write_json(stage_dir / EXPORT_JSON, {"path": str(path.resolve()),
+                                                   "version": int(path.name),
+                                                   "model_name": name})
+    return [EXPORT_JSON]

@@ -1,0 +1,20 @@
+"""Subprocess helper: load a SavedModel with plain TensorFlow and answer every signature.
+
+    python tests/load_saved_model.py MODEL_DIR INPUTS.npz OUT.npz
+"""
+
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+model_dir, inputs_path, out_path = sys.argv[1:4]
+loaded = tf.saved_model.load(model_dir)
+inputs = np.load(inputs_path, allow_pickle=True)  # our own file: PNG bytes as objects
+results = {}
+for name in ("serving_default", "classify_raw", "classify_encoded"):
+    outputs = loaded.signatures[name](images=tf.constant(inputs[name]))
+    results.update({f"{name}/{k}": v.numpy() for k, v in outputs.items()})
+forbidden = [m for m in ("sdim_tf", "tensorflow_probability", "pipeline") if m in sys.modules]
+assert not forbidden, f"imported {forbidden}"
+np.savez(out_path, **results)

@@ -1,0 +1,156 @@
+"""The exported SavedModel: plain-TF loading, signatures, bad input, versions, warmup."""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline import artifacts, inference
+from pipeline.stages import calibrate, export
+from sdim_tf import data, serving
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, data_dir):
+    config, run_dir = tiny_run
+    info = artifacts.read_json(run_dir / "export" / export.EXPORT_JSON)
+    module = serving.RejectingClassifier(inference.best_model(run_dir),
+                                         calibrate.load(run_dir)[1]["thresholds"], 1, (28, 28))
+    fashion, _ = data.load_split("fashion_mnist", "test", str(data_dir))
+    digits, _ = data.load_split("mnist", "test", str(data_dir))
+    raw = np.concatenate([fashion[:48], digits[:16]])  # uint8 [64, 28, 28, 1]
+    return pathlib.Path(info["path"]), module, raw
+
+
+def _encode(raw):
+    return np.array([tf.io.encode_png(image).numpy() for image in raw], dtype=object)
+
+
+def test_plain_tensorflow_process_gives_the_in_memory_answers(exported, tmp_path):
+    path, module, raw = exported
+    inputs = {"serving_default": data.preprocess(raw).numpy(), "classify_raw": raw,
+              "classify_encoded": _encode(raw)}
+    np.savez(tmp_path / "in.npz", **inputs)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "load_saved_model.py"), str(path),
+         str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    for name in serving.SIGNATURES:
+        expected = getattr(module, name)(tf.constant(inputs[name]))
+        # float32 graph vs the same graph: log-likelihoods of several hundred agree to 1e-4.
+        np.testing.assert_allclose(got[f"{name}/log_likelihoods"],
+                                   expected["log_likelihoods"].numpy(), rtol=1e-4)
+        np.testing.assert_array_equal(got[f"{name}/class_ids"], expected["class_ids"].numpy())
+        np.testing.assert_array_equal(got[f"{name}/rejected"], expected["rejected"].numpy())
+    # The three ways in are one model: PNG and raw uint8 give the float signature's answer.
+    for name in ("classify_raw", "classify_encoded"):
+        np.testing.assert_allclose(got[f"{name}/log_likelihoods"],
+                                   got["serving_default/log_likelihoods"], rtol=1e-5)
+    out = {k.split("/")[1]: got[k] for k in got.files if k.startswith("serving_default/")}
+    np.testing.assert_array_equal(out["class_ids"], out["log_likelihoods"].argmax(1))
+    np.testing.assert_allclose(out["max_log_likelihood"], out["log_likelihoods"].max(1))
+    np.testing.assert_array_equal(out["score"], out["max_log_likelihood"])
+    thresholds = module.thresholds.numpy()
+    np.testing.assert_array_equal(out["threshold"], thresholds[out["class_ids"]])
+    np.testing.assert_array_equal(out["rejected"], out["score"] < out["threshold"])
+    np.testing.assert_allclose(out["probabilities"].sum(1), 1.0, rtol=1e-5)
+
+
+def test_saved_model_cli(exported, tmp_path):
+    path, _, raw = exported
+    cli = pathlib.Path(sys.executable).with_name("saved_model_cli")
+    shown = subprocess.run([str(cli), "show", "--dir", str(path), "--all"],
+                           capture_output=True, text=True, timeout=300, check=True).stdout
+    for name, dtype in (("serving_default", "DT_FLOAT"), ("classify_raw", "DT_UINT8"),
+                        ("classify_encoded", "DT_STRING")):
+        block = shown.split(f"signature_def['{name}']")[1].split("signature_def[")[0]
+        assert f"dtype: {dtype}" in block and "outputs['rejected']" in block
+        assert "shape: (-1, 10)" in block  # log_likelihoods and probabilities
+    np.save(tmp_path / "x.npy", data.preprocess(raw[:3]).numpy())
+    answered = subprocess.run(
+        [str(cli), "run", "--dir", str(path), "--tag_set", "serve", "--signature_def",
+         "serving_default", "--inputs", f"images={tmp_path / 'x.npy'}"],
+        capture_output=True, text=True, timeout=300)
+    assert answered.returncode == 0, answered.stderr[-2000:]
+    assert "rejected" in answered.stdout and "class_ids" in answered.stdout
+
+
+def test_warmup_requests_are_answered(exported):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path, _, _ = exported
+    loaded = tf.saved_model.load(str(path))
+    records = list(tf.data.TFRecordDataset(
+        str(path / "assets.extra" / export.WARMUP_FILE)).as_numpy_iterator())
+    assert len(records) == 2
+    for record in records:
+        log = prediction_log_pb2.PredictionLog.FromString(record)
+        request = log.predict_log.request
+        assert request.model_spec.signature_name == "serving_default"
+        images = tf.make_ndarray(request.inputs["images"])
+        outputs = loaded.signatures["serving_default"](images=tf.constant(images))
+        assert outputs["class_ids"].shape[0] == images.shape[0] > 0
+    card = json.loads((path / "assets.extra" / "model_card.json").read_text())
+    assert card["rejection"]["percentile"] == "1" and len(card["class_names"]) == 10
+    assert json.loads((path / "assets" / "thresholds.json").read_text())["percentiles"]["2"]
+
+
+@pytest.mark.parametrize("shape,signature,dtype", [
+    ((2, 28, 28, 1), "serving_default", tf.float32),
+    ((2, 32, 32, 3), "serving_default", tf.float32),
+    ((32, 32, 1), "serving_default", tf.float32),
+    ((2, 32, 32, 1), "classify_raw", tf.uint8),
+])
+def test_wrong_shapes_are_invalid_argument(exported, shape, signature, dtype):
+    _, module, _ = exported
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"{signature}: images must be"):
+        getattr(module, signature)(tf.zeros(shape, dtype))
+
+
+def test_illegal_pixels_are_rejected_rows(exported):
+    _, module, raw = exported
+    images = data.preprocess(raw[:6]).numpy()
+    clean = module.serving_default(tf.constant(images))
+    images[1, 3, 3, 0] = np.nan
+    images[2, 0, 0, 0] = np.inf
+    images[3, 5, 5, 0] = 1.5
+    images[4, 5, 5, 0] = -0.1
+    out = module.serving_default(tf.constant(images))
+    np.testing.assert_array_equal(out["rejected"].numpy()[1:5], True)
+    for row in (0, 5):  # the legal rows are answered as before
+        np.testing.assert_array_equal(out["log_likelihoods"][row], clean["log_likelihoods"][row])
+        assert out["rejected"][row] == clean["rejected"][row]
+
+
+def test_empty_batch_and_undecodable_bytes(exported):
+    _, module, _ = exported
+    out = module.serving_default(tf.zeros((0, 32, 32, 1)))
+    assert out["log_likelihoods"].shape == (0, 10) and out["rejected"].shape == (0,)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be PNG or JPEG"):
+        module.classify_encoded(tf.constant([b"not an image"]))
+
+
+def test_second_export_is_a_new_version(exported, tmp_path):
+    path, module, _ = exported
+
+    def digest(folder):
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    first = serving.export(module, tmp_path, "m")
+    before = digest(first)
+    second = serving.export(module, tmp_path, "m")
+    assert (first.name, second.name) == ("1", "2")
+    assert digest(first) == before
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]  # no temp left

@@ -67,6 +67,12 @@ class _Classifier(keras.Model):
         terms, logits = self._loss_terms(images, labels, training=False)
         return self._report(terms, labels, logits)
 
+    def get_config(self):
+        """The constructor arguments (self.config), so that .keras files round-trip."""
+        base = super().get_config()
+        return {**base, **{k: list(v) if isinstance(v, tuple) else v
+                           for k, v in self.config.items()}}
+
     def trainable_parameter_count(self) -> int:
         """Trainable parameters (batch-norm moving statistics left out, as in the paper)."""
         return int(sum(int(tf.size(v)) for v in self.trainable_weights))
@@ -138,11 +144,6 @@ class SDIM(_Classifier):
         total = c["alpha"] * mi + c["beta"] * nll + c["gamma"] * lm
         return {"loss": total, "mi_loss": mi, "nll_loss": nll, "lm_loss": lm}, ll
 
-    def get_config(self):
-        base = super().get_config()
-        return {**base, **{k: list(v) if isinstance(v, tuple) else v
-                           for k, v in self.config.items()}}
-
 
 @keras.saving.register_keras_serializable(package="sdim_tf")
 class DiscriminativeClassifier(_Classifier):
@@ -169,8 +170,3 @@ class DiscriminativeClassifier(_Classifier):
         loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             tf.cast(labels, tf.int32), logits))
         return {"loss": loss}, logits
-
-    def get_config(self):
-        base = super().get_config()
-        return {**base, **{k: list(v) if isinstance(v, tuple) else v
-                           for k, v in self.config.items()}}

@@ -18,7 +18,7 @@ THRESHOLDS = "thresholds.json"
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    meta = artifacts.read_json(upstream["ingest"] / "metadata.json")
+    meta = inference.metadata(stage_dir.parent)
     skip, limit = config.calibration_examples(meta["splits"]["train"]["num_examples"])
     model = inference.best_model(stage_dir.parent)
     ll, labels = inference.split_log_likelihoods(model, upstream["ingest"], "train", skip, limit)

@@ -18,7 +18,7 @@ from absl import logging
 from pipeline import artifacts, inference
 from pipeline.config import ConfigError
 from pipeline.stages import calibrate, evaluate, ingest, train
-from sdim_tf import data, serving
+from sdim_tf import data, rejection, serving
 
 FIELDS = ("export_dir", "export_percentile")
 EXPORT_JSON = "export.json"
@@ -57,8 +57,8 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     if key not in saved["percentiles"]:
         raise ConfigError(f"--export_percentile={config.export_percentile} was not calibrated; "
                           f"calibrated: {', '.join(saved['percentiles'])} (see --percentiles)")
-    thresholds = next(v["thresholds"] for p, v in calibrate.load(run_dir).items()
-                      if str(p) == key)
+    thresholds = rejection.from_json({key: saved["percentiles"][key]})
+    thresholds = next(iter(thresholds.values()))["thresholds"]
     module = serving.RejectingClassifier(inference.best_model(run_dir), thresholds,
                                          meta["image_shape"][-1], meta["image_shape"][:2])
     report = artifacts.read_json(upstream["evaluate"] / evaluate.REPORT_JSON)

@@ -27,7 +27,7 @@ setup(
         "scipy",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "Pillow"],
+        "test": ["pytest>=8", "ruff>=0.6", "Pillow", "adversarial-robustness-toolbox>=1.18"],
         "attacks": ["adversarial-robustness-toolbox>=1.18"],
     },
 )

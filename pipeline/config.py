@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from sdim_tf import data, mutual_info
+from sdim_tf import adversarial, data, mutual_info
 
 MODELS = ("sdim", "discriminative")
 DISTRIBUTE = ("auto", "one_device", "mirrored", "multi_worker")
@@ -20,6 +20,12 @@ PRESETS = {
     "svhn_cropped": {"n": 3},
     "image_folder": {"n": 1},
 }
+
+
+_ATTACK = adversarial.AttackSettings()
+ATTACK_COUNTS = ("attack_images", "attack_pgd_steps", "attack_deepfool_steps",
+                 "attack_boundary_steps", "attack_local_search_rounds", "attack_cw_images",
+                 "attack_cw_steps", "attack_cw_search_steps")
 
 
 class ConfigError(ValueError):
@@ -61,6 +67,20 @@ class PipelineConfig:
     export_dir: str = "saved_models"
     export_percentile: float = 1  # whose thresholds the SavedModel applies
     force: bool = False
+    # The opt-in attack stage (paper section 5.3); caps sized for a 2-core CPU.
+    attacks: tuple[str, ...] = adversarial.ATTACKS
+    attack_images: int = _ATTACK.images
+    attack_epsilons: tuple[float, ...] = _ATTACK.epsilons
+    attack_pgd_steps: int = _ATTACK.pgd_steps
+    attack_pgd_step_size: float = _ATTACK.pgd_step_size
+    attack_deepfool_steps: int = _ATTACK.deepfool_steps
+    attack_boundary_steps: int = _ATTACK.boundary_steps
+    attack_local_search_rounds: int = _ATTACK.local_search_rounds
+    attack_cw_images: int = _ATTACK.cw_images
+    attack_cw_confidences: tuple[float, ...] = _ATTACK.cw_confidences
+    attack_cw_steps: int = _ATTACK.cw_steps
+    attack_cw_search_steps: int = _ATTACK.cw_search_steps
+    attack_baseline: Optional[str] = None  # run_dir of a discriminative run, for the curves
 
     def resolve(self, known_stages: tuple[str, ...] = ()) -> PipelineConfig:
         """Returns a copy with presets and defaults filled in; raises ConfigError."""
@@ -75,6 +95,9 @@ class PipelineConfig:
             c.run_dir = os.path.join("runs", f"{c.dataset}-{c.model}")
         if c.stages is not None:
             c.stages = tuple(c.stages)
+        c.attacks = tuple(c.attacks)
+        c.attack_epsilons = tuple(float(e) for e in c.attack_epsilons)
+        c.attack_cw_confidences = tuple(float(k) for k in c.attack_cw_confidences)
         c.percentiles = tuple(float(p) if float(p) != int(p) else int(p) for p in c.percentiles)
         checks = [
             (c.model in MODELS, f"--model must be one of {', '.join(MODELS)}, got {c.model!r}"),
@@ -101,6 +124,18 @@ class PipelineConfig:
             (c.export_percentile in c.percentiles,
              f"--export_percentile={c.export_percentile} is not among --percentiles "
              f"{list(c.percentiles)}"),
+            (not set(c.attacks) - set(adversarial.ATTACKS),
+             f"--attacks: unknown {sorted(set(c.attacks) - set(adversarial.ATTACKS))}; "
+             f"known: {', '.join(adversarial.ATTACKS)}"),
+            (all(0 <= e <= 1 for e in c.attack_epsilons) and len(c.attack_epsilons) > 0,
+             f"--attack_epsilons must lie in [0, 1], got {list(c.attack_epsilons)}"),
+            (all(getattr(c, f) >= 1 for f in ATTACK_COUNTS),
+             "--" + " --".join(f"{f}={getattr(c, f)}" for f in ATTACK_COUNTS
+                               if getattr(c, f) < 1) + " must be >= 1"),
+            (c.attack_pgd_step_size > 0, f"--attack_pgd_step_size must be > 0, got "
+             f"{c.attack_pgd_step_size}"),
+            (all(k >= 0 for k in c.attack_cw_confidences),
+             f"--attack_cw_confidences must be >= 0, got {list(c.attack_cw_confidences)}"),
             (c.stages is None or not set(c.stages) - set(known_stages),
              f"--stages: unknown {sorted(set(c.stages or ()) - set(known_stages))}; "
              f"known: {', '.join(known_stages)}"),
@@ -123,6 +158,12 @@ class PipelineConfig:
         if self.validation_split:
             return num_train - self.validation_split, self.validation_split
         return self.train_examples(num_train)
+
+    def attack_settings(self) -> adversarial.AttackSettings:
+        return adversarial.AttackSettings(seed=self.seed, **{
+            f.name: getattr(self, "attack_" + f.name)
+            for f in dataclasses.fields(adversarial.AttackSettings)
+            if hasattr(self, "attack_" + f.name)})
 
     def fields(self, names: tuple[str, ...]) -> dict:
         """The values of `names`, for a stage's config hash."""

@@ -30,12 +30,24 @@ def log_likelihoods(model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.nda
     return np.concatenate(outputs).astype(np.float64), np.concatenate(labels)
 
 
+def split_dataset(ingest_dir: pathlib.Path, split: str, skip: int = 0,
+                  limit: int | None = None, batch_size: int = 500) -> tf.data.Dataset:
+    """Preprocessed (images, labels) batches of an ingested split, in file order."""
+    meta = artifacts.read_json(ingest_dir / ingest.METADATA)
+    return data.make_dataset(ingest.shard_files(ingest_dir, split), meta["image_shape"],
+                             batch_size, training=False, skip=skip, limit=limit)
+
+
+def split_arrays(ingest_dir: pathlib.Path, split: str, limit: int | None = None):
+    """(images float32 [N, 32, 32, C] in [0, 1], labels [N]) of the first `limit` examples."""
+    batches = list(split_dataset(ingest_dir, split, limit=limit).as_numpy_iterator())
+    return (np.concatenate([b[0] for b in batches]).astype(np.float32),
+            np.concatenate([b[1] for b in batches]))
+
+
 def split_log_likelihoods(model, ingest_dir: pathlib.Path, split: str, skip: int = 0,
                           limit: int | None = None, batch_size: int = 500):
-    meta = artifacts.read_json(ingest_dir / ingest.METADATA)
-    ds = data.make_dataset(ingest.shard_files(ingest_dir, split), meta["image_shape"],
-                           batch_size, training=False, skip=skip, limit=limit)
-    return log_likelihoods(model, ds)
+    return log_likelihoods(model, split_dataset(ingest_dir, split, skip, limit, batch_size))
 
 
 def array_log_likelihoods(model, images: np.ndarray, batch_size: int = 500) -> np.ndarray:

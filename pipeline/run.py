@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 from pipeline import artifacts
 from pipeline.config import DISTRIBUTE, MODELS, ConfigError, PipelineConfig
-from pipeline.stages import calibrate, evaluate, export, ingest, train
+from pipeline.stages import attack, calibrate, evaluate, export, ingest, train
 from sdim_tf import data, mutual_info
 
 
@@ -36,6 +36,7 @@ STAGES = (
     Stage("calibrate", calibrate.FIELDS, ("ingest", "train"), calibrate.run),
     Stage("evaluate", evaluate.FIELDS, ("ingest", "train", "calibrate"), evaluate.run),
     Stage("export", export.FIELDS, ("ingest", "train", "calibrate", "evaluate"), export.run),
+    Stage("attack", attack.FIELDS, ("ingest", "train", "calibrate"), attack.run, default=False),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 USER_ERRORS = (ConfigError, data.DataError, train.TrainingError)
@@ -53,8 +54,13 @@ def _check_writable(run_dir: pathlib.Path) -> None:
 
 def _write_run_readme(run_dir: pathlib.Path, config: PipelineConfig) -> None:
     default = PipelineConfig()
+    def text(v):
+        if isinstance(v, tuple):
+            return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+        return v
+
     flags_used = " ".join(
-        f"--{f.name}={','.join(v) if isinstance(v, tuple) else v}"
+        f"--{f.name}={text(v)}"
         for f in dataclasses.fields(config)
         if (v := getattr(config, f.name)) != getattr(default, f.name)
         and f.name not in ("n", "run_dir", "force"))
@@ -144,6 +150,33 @@ flags.DEFINE_string("export_dir", _D.export_dir, "Where the export stage writes 
 flags.DEFINE_float("export_percentile", _D.export_percentile,
                    "The calibrated percentile whose thresholds the SavedModel applies.")
 flags.DEFINE_bool("force", False, "Rerun stages even when unchanged.")
+flags.DEFINE_list("attacks", list(_D.attacks), "Attacks of the attack stage (opt-in: "
+                  "--stages=attack, after a run).")
+_ATTACK_FLAGS = {
+    "images": "Curves use the first N test images; untargeted attacks the first N correctly "
+              "classified ones (paper: 1000).",
+    "epsilons": "L-inf budgets of the FGSM and PGD curves (paper Figures 4 and 5: 0 to 0.5).",
+    "pgd_steps": "PGD iterations (cleverhans' default, as in the paper).",
+    "pgd_step_size": "PGD step, capped at each epsilon.",
+    "deepfool_steps": "DeepFool iterations.",
+    "boundary_steps": "Boundary attack iterations (ART's default 5000 takes hours per image "
+                      "on 2 cores).",
+    "local_search_rounds": "LocalSearch rounds (Narodytska & Kasiviswanathan: 150).",
+    "cw_images": "Targeted CW-L2 attacks the first N correctly classified images towards "
+                 "every other class.",
+    "cw_confidences": "CW-L2 confidences kappa on the summed log-likelihood scale (paper: "
+                      "0,500,1000).",
+    "cw_steps": "CW-L2 gradient steps per binary-search step.",
+    "cw_search_steps": "CW-L2 binary-search steps over its constant c.",
+}
+for _name, _help in _ATTACK_FLAGS.items():
+    _default = getattr(_D, "attack_" + _name)
+    _define = {tuple: flags.DEFINE_list, int: flags.DEFINE_integer,
+               float: flags.DEFINE_float}[type(_default)]
+    _define("attack_" + _name, [str(v) for v in _default] if isinstance(_default, tuple)
+            else _default, _help)
+flags.DEFINE_string("attack_baseline", None, "run_dir of a --model=discriminative run of the "
+                    "same dataset: its FGSM/PGD curves are drawn beside ours.")
 
 
 def config_from_flags() -> PipelineConfig:
@@ -151,10 +184,12 @@ def config_from_flags() -> PipelineConfig:
     values = {name: FLAGS[name].value for name in names}
     if values["stages"] is not None:
         values["stages"] = tuple(values["stages"])
-    try:
-        values["percentiles"] = tuple(float(p) for p in values["percentiles"])
-    except ValueError:
-        raise ConfigError(f"--percentiles must be numbers, got {values['percentiles']}") from None
+    values["attacks"] = tuple(values["attacks"])
+    for name in ("percentiles", "attack_epsilons", "attack_cw_confidences"):
+        try:
+            values[name] = tuple(float(p) for p in values[name])
+        except ValueError:
+            raise ConfigError(f"--{name} must be numbers, got {values[name]}") from None
     return PipelineConfig(**values)
 
 

@@ -42,3 +42,40 @@ def class_histograms(in_ll: np.ndarray, in_labels: np.ndarray, ood_ll: np.ndarra
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def accuracy_curves(epsilons: Sequence[float], curves: dict, path: str | os.PathLike) -> None:
+    """Paper Figures 4 and 5: accuracy against the L-inf budget, one panel per attack.
+
+    `curves` maps attack -> {model name: accuracies}."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), squeeze=False)
+    for ax, (attack, by_model) in zip(axes.flat, curves.items(), strict=True):
+        for name, accuracies in by_model.items():
+            ax.plot(epsilons, 100 * np.asarray(accuracies), marker="o", markersize=3, label=name)
+        ax.set_title(attack.upper() + r"-$L_\infty$", fontsize=10)
+        ax.set_xlabel("epsilon")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: str | os.PathLike,
+               columns: int = 5, title: str | None = None) -> None:
+    """Images in [0, 1] ([H, W, 1] or [H, W, 3]) with a caption under each."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions, strict=False):
+        image = np.clip(np.asarray(image, np.float32), 0, 1)
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(caption, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 from pipeline import artifacts
 from pipeline.config import DISTRIBUTE, MODELS, ConfigError, PipelineConfig
-from pipeline.stages import attack, calibrate, evaluate, export, ingest, train
+from pipeline.stages import attack, calibrate, evaluate, explain, export, ingest, train
 from sdim_tf import data, mutual_info
 
 
@@ -35,6 +35,7 @@ STAGES = (
     Stage("train", train.FIELDS, ("ingest",), train.run),
     Stage("calibrate", calibrate.FIELDS, ("ingest", "train"), calibrate.run),
     Stage("evaluate", evaluate.FIELDS, ("ingest", "train", "calibrate"), evaluate.run),
+    Stage("explain", explain.FIELDS, ("ingest", "train", "calibrate"), explain.run),
     Stage("export", export.FIELDS, ("ingest", "train", "calibrate", "evaluate"), export.run),
     Stage("attack", attack.FIELDS, ("ingest", "train", "calibrate"), attack.run, default=False),
 )
@@ -66,14 +67,16 @@ def _write_run_readme(run_dir: pathlib.Path, config: PipelineConfig) -> None:
         and f.name not in ("n", "run_dir", "force"))
     lines = [f"# Run: {config.dataset} ({config.model})", "",
              f"Command: `python -m pipeline.run {flags_used} --run_dir={run_dir}`", "",
-             "| stage | finished | outputs |", "|---|---|---|"]
+             "| stage | report | finished | outputs |", "|---|---|---|---|"]
     for stage in STAGES:
         manifest = run_dir / stage.name / artifacts.MANIFEST
         if not manifest.exists():
             continue
         m = artifacts.read_json(manifest)
         links = ", ".join(f"[{o}]({stage.name}/{o})" for o in m["outputs"][:8])
-        lines.append(f"| [{stage.name}]({stage.name}/) | {m['finished']} | {links} |")
+        reports = ", ".join(f"[{o}]({stage.name}/{o})" for o in m["outputs"] if o.endswith(".md"))
+        lines.append(f"| [{stage.name}]({stage.name}/) | {reports or '—'} | {m['finished']} | "
+                     f"{links} |")
     artifacts.write_text(run_dir / "README.md", "\n".join(lines) + "\n")
 
 

@@ -79,3 +79,75 @@ def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: str 
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def attribution_grid(images: np.ndarray, maps: dict, captions: Sequence[str],
+                     path: str | os.PathLike, title: str | None = None) -> None:
+    """One row per image: the image, then each method's map laid over it."""
+    rows, columns = len(images), 1 + len(maps)
+    fig, axes = plt.subplots(max(rows, 1), columns, figsize=(1.9 * columns, 2.0 * max(rows, 1)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r in range(rows):
+        gray = np.clip(np.asarray(images[r], np.float32), 0, 1).mean(-1)
+        axes[r, 0].imshow(gray, cmap="gray", vmin=0, vmax=1)
+        axes[r, 0].set_title(captions[r], fontsize=6)
+        for c, (method, values) in enumerate(maps.items(), start=1):
+            axes[r, c].imshow(gray, cmap="gray", vmin=0, vmax=1)
+            axes[r, c].imshow(values[r], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            if r == 0:
+                axes[r, c].set_title(method, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def representation_scatter(points: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                            path: str | os.PathLike, means: np.ndarray | None = None,
+                            ood: np.ndarray | None = None, ood_name: str = "OOD",
+                            axis_labels: Sequence[str] = ("PC 1", "PC 2")) -> None:
+    """2-D representations coloured by class, class means as stars, OOD points in black."""
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    cmap = plt.get_cmap("tab10")
+    for c, name in enumerate(class_names):
+        chosen = points[labels == c]
+        ax.scatter(chosen[:, 0], chosen[:, 1], s=4, alpha=0.5, color=cmap(c % 10), label=name)
+    if means is not None:
+        ax.scatter(means[:, 0], means[:, 1], s=160, marker="*", edgecolor="k",
+                   color=[cmap(c % 10) for c in range(len(means))], label="class means")
+    if ood is not None and len(ood):
+        ax.scatter(ood[:, 0], ood[:, 1], s=4, alpha=0.5, color="k", marker="x", label=ood_name)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.legend(fontsize=6, markerscale=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def training_curves(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """Loss terms (left) and train/test accuracy (right) per epoch, from history.csv rows."""
+    epochs = [r["epoch"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    for key in ("loss", "mi_loss", "nll_loss", "lm_loss"):
+        if rows and key in rows[0]:
+            left.plot(epochs, [r[key] for r in rows], marker="o", markersize=3, label=key)
+    left.set_xlabel("epoch")
+    left.set_title("training losses", fontsize=10)
+    left.legend(fontsize=8)
+    for key in ("accuracy", "test_accuracy"):
+        if rows and key in rows[0]:
+            right.plot(epochs, [100 * r[key] for r in rows], marker="o", markersize=3,
+                       label=key.replace("accuracy", "acc.").replace("_", " "))
+    right.set_xlabel("epoch")
+    right.set_ylabel("%")
+    right.set_title("accuracy", fontsize=10)
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -50,7 +50,8 @@ def synthetic_images(kind: str, shape: tuple[int, int, int], n: int, seed: int) 
     raise ValueError(f"unknown synthetic set {kind!r}")
 
 
-def _ood_sets(config, meta) -> dict:
+def ood_sets(config, meta) -> tuple[dict, dict]:
+    """The OOD sets the evaluation uses: ({name: images}, {unavailable name: why})."""
     sets, missing = {}, {}
     for name in OOD_PAIRS.get(config.dataset, []):
         try:
@@ -82,7 +83,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
               "selective": {str(p): metrics.selective(test_ll, test_labels, v["thresholds"])
                             for p, v in calibration.items()},
               "ood": {}}
-    sets, missing = _ood_sets(config, meta)
+    sets, missing = ood_sets(config, meta)
     report["ood_unavailable"] = missing
     figures = []
     for name, images in sets.items():

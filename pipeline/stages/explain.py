@@ -1,0 +1,115 @@
+"""Explain: why test and OOD images were accepted or rejected, and what the model learned.
+
+Saliency, SmoothGrad and GradCAM++ maps (tf-keras-vis) of the predicted class's
+log-likelihood for accepted test images, rejected test images and rejected OOD images; a
+PCA picture of the representations z with the class means and OOD points; training curves.
+Thresholds are those the export applies (--export_percentile).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+from absl import logging
+
+from pipeline import artifacts, inference
+from pipeline.stages import calibrate, evaluate, train
+from sdim_tf import data, explain, plots, rejection
+
+FIELDS = ("export_percentile", "seed")
+EXPLAIN_MD = "explain.md"
+CURVES_PNG, REPRESENTATIONS_PNG = "training_curves.png", "representations.png"
+GROUPS = {"accepted": "accepted test images", "rejected": "rejected test images",
+          "ood": "rejected OOD images"}
+PER_GROUP = 6
+TEST_IMAGES, OOD_IMAGES = 2000, 500
+
+
+def _caption(names, logits, threshold, label=None) -> str:
+    c = int(np.argmax(logits))
+    verdict = "accepted" if logits[c] >= threshold[c] else "rejected"
+    truth = "" if label is None else f" (true: {names[label]})"
+    return f"{names[c]}{truth}\nLL {logits[c]:.1f} / thr {threshold[c]:.1f}\n{verdict}"
+
+
+def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
+    run_dir = stage_dir.parent
+    meta = inference.metadata(run_dir)
+    names = meta["class_names"]
+    model = inference.best_model(run_dir)
+    thresholds = calibrate.load(run_dir)[config.export_percentile]["thresholds"]
+    images, labels = inference.split_arrays(upstream["ingest"], "test", limit=TEST_IMAGES)
+    logits = model.predict(images, batch_size=500, verbose=0).astype(np.float64)
+    rejected = rejection.decide(logits, thresholds)[1].numpy()
+
+    sets, _ = evaluate.ood_sets(config, meta)
+    paired = [n for n in evaluate.OOD_PAIRS.get(config.dataset, []) if n in sets]
+    ood_name = paired[0] if paired else "uniform_noise"
+    ood = sets[ood_name][:OOD_IMAGES]
+    ood = ood if ood.dtype == np.float32 else \
+        data.preprocess(ood).numpy().astype(np.float32)
+    ood_logits = model.predict(ood, batch_size=500, verbose=0).astype(np.float64)
+    ood_rejected = rejection.decide(ood_logits, thresholds)[1].numpy()
+
+    groups = {
+        "accepted": (images, logits, labels, np.flatnonzero(~rejected)[:PER_GROUP]),
+        "rejected": (images, logits, labels, np.flatnonzero(rejected)[:PER_GROUP]),
+        "ood": (ood, ood_logits, None, np.flatnonzero(ood_rejected)[:PER_GROUP]),
+    }
+    view = explain.functional_view(model)
+    block = explain.last_block_name(model)
+    outputs, sections = [], []
+    for group, (pool, pool_logits, pool_labels, chosen) in groups.items():
+        title = GROUPS[group] if group != "ood" else f"rejected {ood_name} images"
+        if len(chosen) == 0:
+            sections.append(f"## {title}\n\nNone among the images looked at.\n")
+            continue
+        predicted = pool_logits[chosen].argmax(1)
+        maps = {m: explain.attribution_maps(view, pool[chosen], predicted, m, block,
+                                            seed=config.seed) for m in explain.METHODS}
+        captions = [_caption(names, pool_logits[i], thresholds,
+                             None if pool_labels is None else int(pool_labels[i]))
+                    for i in chosen]
+        figure = f"maps_{group}.png"
+        plots.attribution_grid(pool[chosen], maps, captions, stage_dir / figure,
+                               title=f"{title}: maps of log p(x | predicted class)")
+        outputs.append(figure)
+        sections.append(f"## {title}\n\n![{group}]({figure})\n")
+        logging.info("explain: %s maps for %d images", title, len(chosen))
+
+    z = explain.representations(model, images)
+    ood_z = explain.representations(model, ood)
+    project, ratios = explain.pca(z)
+    means = None
+    if hasattr(model, "class_conditional"):
+        means = project(np.asarray(model.class_conditional.means))
+    plots.representation_scatter(
+        project(z), labels, names, stage_dir / REPRESENTATIONS_PNG, means=means,
+        ood=project(ood_z), ood_name=ood_name,
+        axis_labels=[f"PC {i + 1} ({100 * r:.1f}% of variance)" for i, r in enumerate(ratios)])
+    rows = train.history(upstream["train"])
+    plots.training_curves(rows, stage_dir / CURVES_PNG)
+    outputs += [REPRESENTATIONS_PNG, CURVES_PNG]
+
+    last = rows[-1] if rows else {}
+    text = [f"# Explanations: {config.dataset} ({config.model})", "",
+            f"Thresholds: percentile p={config.export_percentile:g} (what the export "
+            f"applies). Of the first {len(images)} test images the rule rejects "
+            f"{100 * rejected.mean():.1f}%; of {len(ood)} {ood_name} images "
+            f"{100 * ood_rejected.mean():.1f}%.", "",
+            "Each map shows which pixels move the predicted class's log-likelihood: Saliency "
+            "(|gradient|), SmoothGrad (gradients averaged over noisy copies) and GradCAM++ "
+            f"(on the last residual block, `{block}`), each scaled to [0, 1] per image.", "",
+            *sections,
+            "## Representations", "",
+            f"PCA of z for {len(images)} test images (the two axes explain "
+            f"{100 * ratios.sum():.1f}% of the variance), class means as stars, "
+            f"{len(ood)} {ood_name} images as black crosses.", "",
+            f"![representations]({REPRESENTATIONS_PNG})", "",
+            "## Training", "",
+            f"{len(rows)} epochs; last: " + ", ".join(
+                f"{k} {v:.4g}" for k, v in last.items() if k != "epoch"), "",
+            f"![training curves]({CURVES_PNG})", ""]
+    artifacts.write_text(stage_dir / EXPLAIN_MD, "\n".join(text))
+    return [EXPLAIN_MD, *outputs]

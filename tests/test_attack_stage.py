@@ -45,7 +45,7 @@ def test_attack_report_agrees_with_the_model(attacked):
     correct = np.flatnonzero(logits.argmax(1) == labels)[:4]
     thresholds = calibrate.load(run_dir)
     for name in ("deepfool", "boundary", "local_search", "cw_l2_k0", "cw_l2_k50"):
-        summary = artifacts.read_json(stage / attack.PARTS / f"{name}.json")
+        summary = artifacts.read_json(stage / attack.PARTS / f"{name}.json")["summary"]
         with np.load(stage / attack.PARTS / f"{name}.npz") as arrays:
             adv, success = arrays["adversarial"], arrays["success"]
             targets = arrays["targets"] if "targets" in arrays.files else None
@@ -87,6 +87,12 @@ def test_attack_stage_resumes_from_finished_attacks(attacked):
         k: v for k, v in kept.items() if k != "boundary.json"}
     again = artifacts.read_json(run_dir / "attack" / attack.REPORT_JSON)
     assert again["untargeted"]["deepfool"] == report["untargeted"]["deepfool"]
+    # a changed cap reruns only the attack it belongs to
+    run.run(dataclasses.replace(config, attack_boundary_steps=6))
+    changed = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.json")}
+    assert changed["boundary.json"] != after["boundary.json"]
+    assert {k: v for k, v in changed.items() if k != "boundary.json"} == {
+        k: v for k, v in after.items() if k != "boundary.json"}
 
 
 def test_attack_baseline_must_be_a_discriminative_run(attacked):

@@ -50,34 +50,41 @@ class _NoArrays(dict):
 
 
 class _Parts:
-    """Finished attacks of this configuration and model, saved as they finish."""
+    """Finished attacks, saved as they finish. One is reused while the model, the thresholds
+    and its own settings are unchanged, so a killed stage resumes and a changed flag reruns
+    only the attacks it affects."""
 
-    def __init__(self, folder: pathlib.Path, key: str):
-        self.folder = folder
-        if (folder / "key").exists() and (folder / "key").read_text() != key:
-            for f in folder.iterdir():
-                f.unlink()
+    def __init__(self, folder: pathlib.Path, model_key: dict):
+        self.folder, self.model_key = folder, model_key
         folder.mkdir(parents=True, exist_ok=True)
-        artifacts.write_text(folder / "key", key)
 
-    def get(self, name: str):
+    def _key(self, settings: dict) -> str:
+        return artifacts.config_hash({"model": self.model_key, **settings})
+
+    def get(self, name: str, settings: dict):
         path = self.folder / f"{name}.json"
         if not path.exists():
             return None
+        stored = artifacts.read_json(path)
+        if stored.get("key") != self._key(settings):
+            return None
         arrays = self.folder / f"{name}.npz"
         with np.load(arrays) if arrays.exists() else _NoArrays() as loaded:
-            return artifacts.read_json(path), {k: loaded[k] for k in loaded.files}
+            return stored["summary"], {k: loaded[k] for k in loaded.files}
 
-    def put(self, name: str, summary: dict, arrays: dict | None = None) -> None:
+    def put(self, name: str, settings: dict, summary: dict, arrays: dict | None = None):
         if arrays:
             tmp = self.folder / f".{name}.tmp.npz"
             np.savez_compressed(tmp, **arrays)
             tmp.replace(self.folder / f"{name}.npz")
-        artifacts.write_json(self.folder / f"{name}.json", summary)
+        artifacts.write_json(self.folder / f"{name}.json",
+                             {"key": self._key(settings), "settings": settings,
+                              "summary": summary})
+        return self.get(name, settings)
 
 
 def _baseline_model(config):
-    """The discriminative model of --attack_baseline, checked to fit this run."""
+    """(model, manifest hash) of --attack_baseline's discriminative run, checked to fit."""
     if not config.attack_baseline:
         return None
     folder = pathlib.Path(config.attack_baseline)
@@ -90,7 +97,7 @@ def _baseline_model(config):
     if trained.get("model") != "discriminative" or meta.get("dataset") != config.dataset:
         raise ConfigError(f"--attack_baseline={folder} holds a {trained.get('model')} model of "
                           f"{meta.get('dataset')}; expected discriminative on {config.dataset}")
-    return train.best_model(folder / "train")
+    return train.best_model(folder / "train"), artifacts.sha256_file(manifest)
 
 
 def _untargeted(name, classifier, images, labels, thresholds, settings):
@@ -126,8 +133,8 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     correct = adversarial.first_correct(clean, labels[:len(clean)], count)
     if len(correct) == 0:
         raise ConfigError("attack: the model classifies none of the test images correctly")
-    parts = _Parts(stage_dir / PARTS, artifacts.config_hash(
-        {**config.fields(FIELDS), **artifacts.input_hashes(upstream)}))
+    parts = _Parts(stage_dir / PARTS, artifacts.input_hashes(upstream))
+    common = {"images": settings.images, "seed": settings.seed}
     report = {"dataset": config.dataset, "model": config.model,
               "settings": dataclasses.asdict(settings), "curves": {}, "untargeted": {},
               "cw_l2": {}, "first_image": {"index": int(correct[0]),
@@ -138,31 +145,39 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
 
     curve_images, curve_labels = images[:settings.images], labels[:settings.images]
     for attack in [a for a in adversarial.CURVE_ATTACKS if a in config.attacks]:
-        done = parts.get(attack)
-        if done is None:
-            logging.info("attack: %s accuracy curve over %d images", attack, len(curve_images))
-            curve = {config.model: adversarial.accuracy_curve(
-                classifier, curve_images, curve_labels, attack, settings)}
-            if baseline is not None:
-                base = adversarial.art_classifier(baseline, len(names), images.shape[1:],
-                                                  settings.batch_size)
-                curve["discriminative"] = adversarial.accuracy_curve(
-                    base, curve_images, curve_labels, attack, settings)
-            parts.put(attack, curve)
-            done = (curve, {})
-        report["curves"][attack] = done[0]
-        logging.info("attack: %s accuracies %s", attack, done[0])
+        key = {**common, "epsilons": settings.epsilons}
+        if attack == "pgd":
+            key.update(pgd_steps=settings.pgd_steps, pgd_step_size=settings.pgd_step_size)
+        models = {config.model: (classifier, key)}
+        if baseline is not None:
+            models["discriminative"] = (
+                adversarial.art_classifier(baseline[0], len(names), images.shape[1:],
+                                           settings.batch_size), {**key, "baseline": baseline[1]})
+        report["curves"][attack] = {}
+        for name, (target, key) in models.items():
+            part = f"{attack}_{name}"
+            done = parts.get(part, key)
+            if done is None:
+                logging.info("attack: %s accuracy curve of %s over %d images", attack, name,
+                             len(curve_images))
+                done = parts.put(part, key, adversarial.accuracy_curve(
+                    target, curve_images, curve_labels, attack, settings))
+            report["curves"][attack][name] = done[0]
+        logging.info("attack: %s accuracies %s", attack, report["curves"][attack])
 
     attacked, attacked_labels = images[correct[:settings.images]], labels[correct[:settings.images]]
     for attack in [a for a in adversarial.UNTARGETED_ATTACKS if a in config.attacks]:
-        done = parts.get(attack)
+        key = {**common, "steps": {"deepfool": settings.deepfool_steps,
+                                   "boundary": settings.boundary_steps,
+                                   "local_search": settings.local_search_rounds}[attack]}
+        done = parts.get(attack, key)
         if done is None:
             logging.info("attack: %s on %d correctly classified images", attack, len(attacked))
             summary, result = _untargeted(attack, classifier, attacked, attacked_labels,
                                           thresholds, settings)
-            parts.put(attack, summary, {"adversarial": result.adversarial,
-                                        "logits": result.logits, "success": result.success})
-            done = parts.get(attack)
+            done = parts.put(attack, key, summary, {
+                "adversarial": result.adversarial, "logits": result.logits,
+                "success": result.success})
         summary, arrays = done
         report["untargeted"][attack] = summary
         shown = attack if arrays["success"][0] else f"{attack} (failed)"
@@ -177,16 +192,17 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         originals = np.repeat(images[chosen], classes - 1, axis=0)
         targets = np.concatenate([[t for t in range(classes) if t != y] for y in labels[chosen]])
         for kappa in settings.cw_confidences:
-            key = f"cw_l2_k{kappa:g}"
-            done = parts.get(key)
+            part = f"cw_l2_k{kappa:g}"
+            key = {"images": settings.cw_images, "seed": settings.seed, "kappa": kappa,
+                   "steps": settings.cw_steps, "search_steps": settings.cw_search_steps}
+            done = parts.get(part, key)
             if done is None:
                 logging.info("attack: CW-L2 kappa=%g, %d images x %d targets", kappa,
                              len(chosen), classes - 1)
                 result = adversarial.carlini_l2(classifier, originals, targets, kappa, settings)
-                parts.put(key, _summary(result, originals, thresholds),
-                          {"adversarial": result.adversarial, "logits": result.logits,
-                           "success": result.success, "targets": targets})
-                done = parts.get(key)
+                done = parts.put(part, key, _summary(result, originals, thresholds), {
+                    "adversarial": result.adversarial, "logits": result.logits,
+                    "success": result.success, "targets": targets})
             summary, arrays = done
             first = slice(0, classes - 1)  # the first image's attacks
             summary["first_image_target_logits"] = {
@@ -198,8 +214,8 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                          summary["success_rate"], summary["detection_rate"], summary["seconds"])
             ok = np.flatnonzero(arrays["success"][:classes - 1])
             if len(ok):
-                examples[key] = arrays["adversarial"][ok[:1]]
-                first_logits[key] = arrays["logits"][ok[0]].tolist()
+                examples[part] = arrays["adversarial"][ok[:1]]
+                first_logits[part] = arrays["logits"][ok[0]].tolist()
     report["first_image"]["logits"] = first_logits
 
     outputs = [REPORT_JSON, REPORT_MD]

@@ -1,0 +1,232 @@
+"""`python -m bench.run`: speed and memory of sdim-tf on this machine (a benchmark, not a test).
+
+Writes bench/results/<benchmark>.json (each with the machine, versions and command) and
+prints a table. SDIM_DATA_DIR must hold the IDX data (input pipeline, calibration, memory).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+from pipeline import artifacts, inference
+from pipeline.config import PipelineConfig
+from pipeline.stages import ingest, train
+from sdim_tf import data, rejection, serving
+
+BENCHMARKS = ("training", "input_pipeline", "serving", "calibration", "memory")
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("only", list(BENCHMARKS), f"Benchmarks to run: {', '.join(BENCHMARKS)}.")
+flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16"], "Training dtype policies.")
+flags.DEFINE_integer("steps", 20, "Timed training steps per configuration (after warm-up).")
+flags.DEFINE_integer("warmup", 5, "Untimed training steps (tracing, allocation).")
+flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+flags.DEFINE_integer("calibration_images", None, "Limit the calibration benchmark (default: "
+                     "all 60k training images).")
+flags.DEFINE_integer("serving_calls", 50, "Timed serving calls at batch 256 (x4 at batch 1).")
+flags.DEFINE_integer("memory_images", 8192, "Training images of the memory benchmark's run.")
+flags.DEFINE_string("out", str(RESULTS), "Where the JSON results go.")
+
+
+def machine() -> dict:
+    info = {"cores": os.cpu_count(), "platform": platform.platform(), "cpu": None, "flags": []}
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and info["cpu"] is None:
+            info["cpu"] = value.strip()
+        if key.strip() == "flags":
+            present = set(value.split())
+            info["flags"] = [f for f in CPU_FLAGS if f in present]
+            break
+    return info
+
+
+def _save(name: str, figures: dict) -> dict:
+    record = {"benchmark": name, "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+              "machine": machine(), "versions": artifacts.package_versions(),
+              "figures": figures}
+    artifacts.write_json(pathlib.Path(FLAGS.out) / f"{name}.json", record)
+    return record
+
+
+def _model(kind: str, critic: str = "concat"):
+    config = PipelineConfig(model=kind, critic=critic).resolve()
+    return train.build_model(config, num_classes=10, channels=1)
+
+
+def training_throughput() -> dict:
+    """Steady-state images/s of one training step (cached random batches: compute only)."""
+    rng = np.random.default_rng(0)
+    batch = FLAGS.batch_size
+    images = rng.random((4 * batch, 32, 32, 1), np.float32)
+    labels = rng.integers(0, 10, 4 * batch)
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch).cache().repeat()
+    strategy = tf.distribute.get_strategy()
+    rows = {}
+    for precision in FLAGS.precisions:
+        for kind, critic in (("discriminative", None), ("sdim", "concat"), ("sdim", "dot")):
+            keras.mixed_precision.set_global_policy(precision)
+            try:
+                model = _model(kind, critic or "concat")
+                step = train.make_train_step(model, strategy)
+                iterator = iter(dataset)
+                for _ in range(FLAGS.warmup):
+                    step(iterator)["loss"].numpy()
+                start = time.perf_counter()
+                for _ in range(FLAGS.steps):
+                    metrics = step(iterator)
+                metrics["loss"].numpy()
+                seconds = time.perf_counter() - start
+            finally:
+                keras.mixed_precision.set_global_policy("float32")
+            name = f"{kind}{'_' + critic if critic else ''}_{precision}"
+            rows[name] = {"images_per_second": round(FLAGS.steps * batch / seconds, 1),
+                          "step_ms": round(1000 * seconds / FLAGS.steps, 1)}
+            print(f"training {name}: {rows[name]}", flush=True)
+        disc = rows[f"discriminative_{precision}"]["step_ms"]
+        for critic in ("concat", "dot"):
+            rows[f"sdim_{critic}_{precision}"]["step_time_over_discriminative"] = round(
+                rows[f"sdim_{critic}_{precision}"]["step_ms"] / disc, 3)
+    return {"batch_size": batch, "steps": FLAGS.steps, "warmup": FLAGS.warmup, "rows": rows}
+
+
+def _ingested(tmp: pathlib.Path) -> pathlib.Path:
+    folder = tmp / "fashion_mnist"
+    if not (folder / ingest.METADATA).exists():
+        ingest.ingest("fashion_mnist", folder)
+    return folder
+
+
+def input_pipeline(tmp: pathlib.Path) -> dict:
+    """One training epoch of tf.data alone: TFRecords -> decode -> resize -> crop/flip."""
+    folder = _ingested(tmp)
+    meta = artifacts.read_json(folder / ingest.METADATA)
+    spec = data.get_spec("fashion_mnist")
+    dataset = data.make_dataset(ingest.shard_files(folder, "train"), meta["image_shape"],
+                                FLAGS.batch_size, training=True, augmentation=spec.augmentation,
+                                seed=0)
+    figures = {}
+    for epoch in (1, 2):
+        start, count = time.perf_counter(), 0
+        for images, _ in dataset:
+            count += int(images.shape[0])
+        seconds = time.perf_counter() - start
+        figures[f"epoch_{epoch}"] = {"seconds": round(seconds, 2), "images": count,
+                                     "images_per_second": round(count / seconds, 1)}
+    return figures
+
+
+def serving_speed(tmp: pathlib.Path) -> dict:
+    """The exported SavedModel through serving_default, loaded with tf.saved_model.load."""
+    model = _model("sdim")
+    module = serving.RejectingClassifier(model, np.zeros(10), 1, (28, 28))
+    path = serving.export(module, tmp / "saved_models", "bench")
+    loaded = tf.saved_model.load(str(path))
+    serve = loaded.signatures["serving_default"]
+    rng = np.random.default_rng(0)
+    big = tf.constant(rng.random((256, 32, 32, 1), np.float32))
+    one = tf.constant(rng.random((1, 32, 32, 1), np.float32))
+    for _ in range(3):
+        serve(big)
+        serve(one)
+    start = time.perf_counter()
+    for _ in range(FLAGS.serving_calls):
+        serve(big)
+    throughput = FLAGS.serving_calls * 256 / (time.perf_counter() - start)
+    latencies = []
+    for _ in range(4 * FLAGS.serving_calls):
+        start = time.perf_counter()
+        serve(one)
+        latencies.append(1000 * (time.perf_counter() - start))
+    return {"images_per_second_batch_256": round(throughput, 1),
+            "latency_ms_batch_1": {"p50": round(float(np.percentile(latencies, 50)), 3),
+                                   "p99": round(float(np.percentile(latencies, 99)), 3)},
+            "calls": FLAGS.serving_calls}
+
+
+def calibration_speed(tmp: pathlib.Path) -> dict:
+    """The calibrate stage's pass (log-likelihoods + thresholds) against a plain predict."""
+    folder = _ingested(tmp)
+    model = _model("sdim")
+    limit = FLAGS.calibration_images
+    # warm both paths (tracing) on one batch first
+    inference.split_log_likelihoods(model, folder, "train", limit=500)
+    plain_dataset = inference.split_dataset(folder, "train", limit=limit).map(lambda x, y: x)
+    model.predict(plain_dataset.take(1), verbose=0)
+    start = time.perf_counter()
+    ll, labels = inference.split_log_likelihoods(model, folder, "train", limit=limit)
+    rejection.calibrate(ll, labels, (1, 2))
+    calibration = time.perf_counter() - start
+    start = time.perf_counter()
+    model.predict(plain_dataset, verbose=0)
+    plain = time.perf_counter() - start
+    return {"images": int(len(labels)), "calibration_seconds": round(calibration, 2),
+            "plain_inference_seconds": round(plain, 2),
+            "calibration_over_inference": round(calibration / plain, 3)}
+
+
+def memory(tmp: pathlib.Path) -> dict:
+    """Peak resident memory of a real training run (ingest + train, one epoch)."""
+    run_dir = tmp / "memory_run"
+    command = [sys.executable, "-m", "pipeline.run", "--stages=ingest,train", "--epochs=1",
+               f"--train_limit={FLAGS.memory_images}", f"--run_dir={run_dir}"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True,
+                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB
+    return {"command": " ".join(command[1:]), "peak_rss_gib": round(peak_kib / 2**20, 3),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def main(argv):
+    del argv
+    unknown = set(FLAGS.only) - set(BENCHMARKS)
+    if unknown:
+        sys.exit(f"error: --only: unknown {sorted(unknown)}; known: {', '.join(BENCHMARKS)}")
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="sdim-bench-"))
+    runs = {"training": training_throughput, "input_pipeline": lambda: input_pipeline(tmp),
+            "serving": lambda: serving_speed(tmp), "calibration": lambda: calibration_speed(tmp),
+            "memory": lambda: memory(tmp)}
+    results = {}
+    for name in [b for b in BENCHMARKS if b in FLAGS.only]:
+        print(f"== {name}", flush=True)
+        results[name] = _save(name, runs[name]())["figures"]
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    lines = ["| benchmark | figure | value |", "|---|---|---|"]
+    for name, figures in results.items():
+        for key, value in _flatten(figures):
+            lines.append(f"| {name} | {key} | {value} |")
+    return "\n".join(lines)
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), obj
+
+
+if __name__ == "__main__":
+    app.run(main)

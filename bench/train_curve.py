@@ -17,8 +17,8 @@ import time
 import keras
 from absl import app, flags
 
-import sdim_tf
-from pipeline.stages import ingest
+from pipeline.config import PipelineConfig
+from pipeline.stages import ingest, train
 from sdim_tf import data
 
 FLAGS = flags.FLAGS
@@ -39,15 +39,13 @@ def main(argv):
     folder = pathlib.Path(tempfile.mkdtemp()) / FLAGS.dataset
     meta = ingest.ingest(FLAGS.dataset, folder)
     shape, spec = meta["image_shape"], data.get_spec(FLAGS.dataset)
-    train = data.make_dataset(ingest.shard_files(folder, "train"), shape, FLAGS.batch_size,
-                              training=True, augmentation=spec.augmentation, seed=FLAGS.seed)
+    train_ds = data.make_dataset(ingest.shard_files(folder, "train"), shape, FLAGS.batch_size,
+                                 training=True, augmentation=spec.augmentation,
+                                 seed=FLAGS.seed)
     test = data.make_dataset(ingest.shard_files(folder, "test"), shape, 500, training=False)
-    input_shape = (data.IMAGE_SIZE, data.IMAGE_SIZE, shape[-1])
-    if FLAGS.model == "sdim":
-        model = sdim_tf.SDIM(meta["num_classes"], input_shape, critic=FLAGS.critic)
-    else:
-        model = sdim_tf.DiscriminativeClassifier(meta["num_classes"], input_shape)
-    model.compile()
+    config = PipelineConfig(dataset=FLAGS.dataset, model=FLAGS.model, critic=FLAGS.critic,
+                            batch_size=FLAGS.batch_size, seed=FLAGS.seed).resolve()
+    model = train.build_model(config, meta["num_classes"], shape[-1])
     name = f"train_curve_{FLAGS.model}_{FLAGS.critic if FLAGS.model == 'sdim' else 'none'}"
     if FLAGS.mixed_precision:
         name += f"_{FLAGS.mixed_precision}"
@@ -60,7 +58,7 @@ def main(argv):
               "parameters": model.trainable_parameter_count(), "epochs": []}
     for epoch in range(1, FLAGS.epochs + 1):
         start = time.time()
-        history = model.fit(train, epochs=1, verbose=2)
+        history = model.fit(train_ds, epochs=1, verbose=2)
         seconds = time.time() - start
         test_metrics = model.evaluate(test, verbose=0, return_dict=True)
         record["epochs"].append({"epoch": epoch, "seconds": round(seconds, 1),

@@ -67,7 +67,7 @@ def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: str 
                columns: int = 5, title: str | None = None) -> None:
     """Images in [0, 1] ([H, W, 1] or [H, W, 3]) with a caption under each."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions, strict=False):

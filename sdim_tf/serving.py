@@ -87,9 +87,11 @@ class RejectingClassifier(tf.Module):
     def _classify_encoded(self, images):
         header = tf.strings.substr(images, 0, 3)
         known = (header == b"\x89PN") | (header == b"\xff\xd8\xff")
-        tf.debugging.assert_equal(
+        check = tf.debugging.assert_equal(
             tf.reduce_all(known), True,
             message="classify_encoded: every element must be PNG or JPEG bytes")
+        with tf.control_dependencies([check]):  # else DecodeImage may fail first
+            images = tf.identity(images)
 
         def decode(encoded):
             image = tf.io.decode_image(encoded, channels=self.channels, expand_animations=False)

@@ -126,11 +126,13 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     model = inference.best_model(run_dir)
     baseline = _baseline_model(config)
     count = max(settings.images, settings.cw_images)
-    images, labels = inference.split_arrays(upstream["ingest"], "test", limit=None)
+    # enough test images to find `count` correctly classified ones
+    images, labels = inference.split_arrays(upstream["ingest"], "test",
+                                            limit=max(count * 4, 1000))
     classifier = adversarial.art_classifier(model, len(names), images.shape[1:],
                                             settings.batch_size)
-    clean = classifier.predict(images[:max(count * 4, 1000)])
-    correct = adversarial.first_correct(clean, labels[:len(clean)], count)
+    clean = classifier.predict(images)
+    correct = adversarial.first_correct(clean, labels, count)
     if len(correct) == 0:
         raise ConfigError("attack: the model classifies none of the test images correctly")
     parts = _Parts(stage_dir / PARTS, artifacts.input_hashes(upstream))

@@ -1,11 +1,16 @@
-"""Post-hoc OOD scores of a trained SDIM run (a measurement for issue 12, not a test).
+"""Screening of rejection scores on a trained run (issue 12; docs/results.md).
 
-Compares the model's own score (the predicted class's log p(z|c)) with a class-conditional
-Gaussian score that shares one covariance across classes, fitted after training on the
-training representations z (LDA; Mahalanobis distance). Both use the paper's rule:
-per-class thresholds at a percentile of the correctly classified training scores.
+For each candidate score -- the model's own log p(x|c) (the paper's) or tied Gaussians
+(sdim_tf.density) on a set of encoder layers -- fitted on the trained images:
 
-python -m bench.posthoc_scores --run_dir=runs/fashion_mnist-sdim-e10
+1. Selection, on data held out from training only: the accuracy and reject rates on the
+   validation split (--validation_split of the run) and the AUROC against proxy outliers
+   made from validation images (flipped upside down, inverted, pixel-permuted,
+   tile-shuffled). No OOD test data takes part.
+2. The final measure, on the test sets: accuracy, reject rates, and the decision rule's
+   rejection and AUROC on the evaluate stage's OOD sets.
+
+python -m bench.posthoc_scores --run_dir=runs/fashion_mnist-sdim-v5k
 Writes bench/results/posthoc_scores_<run>.json.
 """
 
@@ -22,66 +27,103 @@ from absl import app, flags
 from pipeline import artifacts, inference
 from pipeline.config import PipelineConfig
 from pipeline.stages import evaluate
-from sdim_tf import data, metrics, rejection
+from sdim_tf import data, density, metrics, rejection
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run_dir", None, "A finished SDIM run (ingest and train stages).")
-flags.DEFINE_float("percentile", 1, "Threshold percentile of the training scores.")
+flags.DEFINE_string("run_dir", None, "A run with ingest and train done and a validation split.")
+flags.DEFINE_list("percentiles", ["1", "2", "3", "4"], "Threshold percentiles.")
+flags.DEFINE_integer("trained_validation", 0,
+                     "For a run without --validation_split only: its last N training images "
+                     "act as the validation set, although the model trained on them (the "
+                     "JSON says validation_held_out: false).")
+flags.DEFINE_integer("proxy_images", 2000, "Validation images per proxy-outlier set.")
 flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "results"),
                     "Where the JSON goes.")
 
+CANDIDATES = (("model",), ("z",), ("head",), ("stage4",), ("stage3",), ("stage4", "z"),
+              ("stage3", "stage4"), ("stage3", "stage4", "z"), ("stage3", "stage4", "head"),
+              ("stage2", "stage3", "stage4", "z"), density.LAYERS)
 
-def features(model, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(z [N, d], log p(z|c) [N, C], labels [N]) over (images, labels) batches."""
+
+def proxy_outliers(images: np.ndarray, seed: int = 0) -> dict:
+    """Outliers made from in-distribution images: what selection may look at."""
+    rng = np.random.default_rng(seed)
+    n, h, w, c = images.shape
+    permutation = rng.permutation(h * w)
+    tile = h // 4
+    grid = images.reshape(n, 4, tile, 4, tile, c).transpose(0, 1, 3, 2, 4, 5)
+    grid = grid.reshape(n, 16, tile, tile, c)[:, rng.permutation(16)]
+    shuffled = grid.reshape(n, 4, 4, tile, tile, c).transpose(0, 1, 3, 2, 4, 5)
+    return {"flipped": images[:, ::-1], "inverted": 1.0 - images,
+            "pixel_permuted": images.reshape(n, h * w, c)[:, permutation].reshape(images.shape),
+            "tile_shuffled": shuffled.reshape(images.shape)}
+
+
+def features(model, dataset) -> tuple[dict, np.ndarray]:
+    """({layer: [N, d], "model": log p(x|c) [N, C]}, labels) over (images, labels) batches."""
 
     @tf.function
     def forward(images):
-        _, z = model.encoder(images, training=False)
-        return z, model.class_conditional(z)
+        out = model.encoder.features(images, training=False)
+        out = {k: out[k] for k in density.LAYERS}
+        out["model"] = model.class_conditional(out["z"])
+        return out
 
-    zs, lls, labels = [], [], []
+    parts, labels = [], []
     for images, batch_labels in dataset:
-        z, ll = forward(images)
-        zs.append(z.numpy())
-        lls.append(ll.numpy())
+        parts.append({k: v.numpy().astype(np.float64) for k, v in forward(images).items()})
         labels.append(batch_labels.numpy())
-    return (np.concatenate(zs).astype(np.float64), np.concatenate(lls).astype(np.float64),
-            np.concatenate(labels))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, np.concatenate(labels)
 
 
-def shared_covariance_score(z_train, labels, num_classes):
-    """A function z -> [N, C] Gaussian log-densities (up to a constant) with class means and
-    one pooled covariance of the training z."""
-    means = np.stack([z_train[labels == c].mean(0) for c in range(num_classes)])
-    centred = z_train - means[labels]
-    covariance = centred.T @ centred / len(z_train)
-    precision = np.linalg.inv(covariance + 1e-6 * np.eye(len(covariance)))
+def layer_scores(fit: dict, labels: np.ndarray, num_classes: int):
+    """layer -> (features [N, d] -> standardised class scores [N, C]), as FeatureDensity."""
+    scorers = {}
+    for layer in density.LAYERS:
+        stats = density.TiedGaussianStats(num_classes, fit[layer].shape[1])
+        stats.update(fit[layer], labels)
+        means, factor = stats.fit()
 
-    def score(z):
-        d = z[:, None, :] - means[None]
-        return -0.5 * np.einsum("ncd,de,nce->nc", d, precision, d)
+        def score(x, means=means, factor=factor):
+            whitened = np.einsum("ncd,de->nce", x[:, None, :] - means[None], factor)
+            d = x.shape[1]
+            return (d - (whitened ** 2).sum(-1)) / np.sqrt(2.0 * d)
 
-    return score
+        scorers[layer] = score
+    return scorers
 
 
-def evaluate_score(scores: dict, labels: dict, percentile: float) -> dict:
-    """scores: split -> [N, C]; the prediction is the argmax, the score its value."""
+def measure(scores: dict, labels: dict, percentiles, proxies, oods) -> dict:
+    """scores: set -> [N, C]. Thresholds come from the validation set."""
     predicted = {k: v.argmax(1) for k, v in scores.items()}
     top = {k: v.max(1) for k, v in scores.items()}
-    train_correct = predicted["train"] == labels["train"]
-    thresholds = np.array([
-        rejection.percentile_value(top["train"][train_correct & (labels["train"] == c)],
-                                   percentile)
-        for c in range(scores["train"].shape[1])])
-    rejected = {k: top[k] < thresholds[predicted[k]] for k in scores}
-    correct = predicted["test"] == labels["test"]
-    result = {"accuracy": float(correct.mean()), "reject_rate": float(rejected["test"].mean()),
-              "accuracy_left": float(correct[~rejected["test"]].mean()), "ood": {}}
-    for name in scores:
-        if name not in ("train", "test"):
-            result["ood"][name] = {"rejected": float(rejected[name].mean()),
-                                   "auroc": metrics.auroc(top["test"], top[name])}
+    val_correct = predicted["val"] == labels["val"]
+    result = {"val_accuracy": float(val_correct.mean()),
+              "test_accuracy": float((predicted["test"] == labels["test"]).mean()),
+              "proxy_auroc": {k: metrics.auroc(top["val"], top[k]) for k in proxies},
+              "ood_auroc": {k: metrics.auroc(top["test"], top[k]) for k in oods},
+              "percentiles": {}}
+    result["proxy_auroc_mean"] = float(np.mean(list(result["proxy_auroc"].values())))
+    num_classes = scores["val"].shape[1]
+    for p in percentiles:
+        per_class = np.array([rejection.percentile_value(
+            top["val"][val_correct & (labels["val"] == c)], p) for c in range(num_classes)])
+        result["percentiles"][str(p)] = _rule(per_class, top, predicted, labels, proxies, oods)
+        # One threshold for every class, for comparison with the paper's per-class rule.
+        shared = np.full(num_classes, rejection.percentile_value(top["val"][val_correct], p))
+        result.setdefault("shared_threshold", {})[str(p)] = _rule(
+            shared, top, predicted, labels, proxies, oods)
     return result
+
+
+def _rule(thresholds, top, predicted, labels, proxies, oods) -> dict:
+    rejected = {k: top[k] < thresholds[predicted[k]] for k in top}
+    kept = ~rejected["test"]
+    return {"val_rejected": float(rejected["val"].mean()),
+            "proxy_rejected": {k: float(rejected[k].mean()) for k in proxies},
+            "test_rejected": float(rejected["test"].mean()),
+            "test_accuracy_kept": float((predicted["test"] == labels["test"])[kept].mean()),
+            "ood_rejected": {k: float(rejected[k].mean()) for k in oods}}
 
 
 def main(argv):
@@ -90,31 +132,68 @@ def main(argv):
         sys.exit("error: --run_dir is required")
     run_dir = pathlib.Path(FLAGS.run_dir)
     started = time.time()
-    model = inference.best_model(run_dir)
     meta = inference.metadata(run_dir)
-    feats = {split: features(model, inference.split_dataset(run_dir / "ingest", split))
-             for split in ("train", "test")}
-    sets, _ = evaluate.ood_sets(PipelineConfig(dataset=meta["dataset"]).resolve(), meta)
-    for name, images in sets.items():
+    trained = artifacts.read_json(run_dir / "train" / artifacts.MANIFEST)["config"]
+    config = PipelineConfig(**{k: v for k, v in trained.items()
+                               if k in ("dataset", "validation_split", "train_limit",
+                                        "batch_size")}).resolve()
+    num_train = meta["splits"]["train"]["num_examples"]
+    fit_range, val_range = config.train_examples(num_train), config.calibration_examples(num_train)
+    held_out = bool(config.validation_split)
+    if not held_out:
+        if not FLAGS.trained_validation:
+            sys.exit(f"error: {run_dir} was trained without --validation_split; selection "
+                     f"needs held-out images (or --trained_validation=N, see --help)")
+        n = FLAGS.trained_validation
+        fit_range, val_range = (0, num_train - n), (num_train - n, n)
+    ingest_dir = run_dir / "ingest"
+    model = inference.best_model(run_dir)
+    sets, labels = {}, {}
+    for name, (skip, limit) in (("fit", fit_range), ("val", val_range)):
+        sets[name], labels[name] = features(
+            model, inference.split_dataset(ingest_dir, "train", skip, limit))
+    sets["test"], labels["test"] = features(model, inference.split_dataset(ingest_dir, "test"))
+    val_images, _ = inference.split_arrays(ingest_dir, "train", limit=val_range[1],
+                                           skip=val_range[0])
+    proxies = proxy_outliers(val_images[:FLAGS.proxy_images], seed=config.seed)
+    oods, _ = evaluate.ood_sets(config, meta)
+    for name, images in {**proxies, **oods}.items():
         images = images if images.dtype == np.float32 else data.preprocess(images).numpy()
         dataset = tf.data.Dataset.from_tensor_slices(
-            (images, np.zeros(len(images), np.int64))).batch(500)
-        feats[name] = features(model, dataset)
-    labels = {k: v[2] for k, v in feats.items()}
-    lda = shared_covariance_score(feats["train"][0], labels["train"], meta["num_classes"])
-    record = {"run_dir": str(run_dir), "percentile": FLAGS.percentile,
+            (np.ascontiguousarray(images, np.float32), np.zeros(len(images), np.int64))
+        ).batch(500)
+        sets[name], labels[name] = features(model, dataset)
+    scorers = layer_scores(sets["fit"], labels["fit"], meta["num_classes"])
+    del sets["fit"]
+    percentiles = [float(p) if "." in p else int(p) for p in FLAGS.percentiles]
+    record = {"run_dir": str(run_dir), "trained": trained, "validation_held_out": held_out,
               "command": " ".join(["python -m bench.posthoc_scores", *sys.argv[1:]]),
-              "scores": {
-                  "max_log_likelihood": evaluate_score(
-                      {k: v[1] for k, v in feats.items()}, labels, FLAGS.percentile),
-                  "shared_covariance": evaluate_score(
-                      {k: lda(v[0]) for k, v in feats.items()}, labels, FLAGS.percentile)},
-              "seconds": round(time.time() - started, 1)}
+              "proxies": list(proxies), "ood": list(oods), "candidates": {}}
+    for candidate in CANDIDATES:
+        if candidate == ("model",):
+            scores = {k: v["model"] for k, v in sets.items()}
+        else:
+            scores = {k: sum(scorers[layer](v[layer]) for layer in candidate)
+                      for k, v in sets.items()}
+        record["candidates"]["+".join(candidate)] = measure(
+            scores, labels, percentiles, list(proxies), list(oods))
+    record["seconds"] = round(time.time() - started, 1)
     artifacts.write_json(pathlib.Path(FLAGS.out) / f"posthoc_scores_{run_dir.name}.json",
                          record)
-    for name, result in record["scores"].items():
-        print(name, result)
+    print(f"{'score':38s} val acc  proxy AUROC  val rej p1/p3  | test acc  rej p1/p3  "
+          + "  ".join(f"{k} rej p1/p3, AUROC" for k in oods))
+    for name, r in record["candidates"].items():
+        at = {p: r["percentiles"].get(p, {}) for p in ("1", "3")}
 
+        def pair(key, sub=None, at=at):
+            values = [v.get(key, {}) if sub else v.get(key) for v in at.values()]
+            values = [v.get(sub) if sub else v for v in values]
+            return "/".join("-" if v is None else f"{100 * v:.2f}" for v in values)
+
+        print(f"{name:38s} {100 * r['val_accuracy']:6.2f}  {r['proxy_auroc_mean']:.4f}  "
+              f"{pair('val_rejected')}  | {100 * r['test_accuracy']:6.2f}  "
+              f"{pair('test_rejected')}  " + "  ".join(
+                  f"{pair('ood_rejected', k)}, {r['ood_auroc'][k]:.4f}" for k in oods))
 
 if __name__ == "__main__":
     app.run(main)

@@ -6,10 +6,14 @@ import dataclasses
 import os
 from typing import Optional
 
-from sdim_tf import adversarial, data, mutual_info
+from sdim_tf import adversarial, data, density, mutual_info
 
 MODELS = ("sdim", "discriminative")
 DISTRIBUTE = ("auto", "one_device", "mirrored", "multi_worker")
+# model: the classifier's own output (log p(x|c) for SDIM, the paper's score; logits for the
+# discriminative model). feature_density: tied Gaussians fitted after training on encoder
+# layers (sdim_tf.density), the default after the issue-12 experiments (docs/results.md).
+SCORES = ("model", "feature_density")
 
 # The paper's settings per dataset (section 5, appendix B.2): ResNet10 on MNIST and
 # Fashion-MNIST, ResNet26 on CIFAR10/SVHN.
@@ -62,8 +66,10 @@ class PipelineConfig:
     deterministic: bool = False
     # Calibration (paper: 1st and 2nd percentiles on the training set). validation_split > 0
     # holds out the last N training images: never trained on, used for the thresholds.
-    percentiles: tuple[float, ...] = (1, 2)
+    percentiles: tuple[float, ...] = (1, 2, 3)
     validation_split: int = 0
+    score: str = "feature_density"
+    density_layers: tuple[str, ...] = density.DEFAULT_LAYERS
     export_dir: str = "saved_models"
     export_percentile: float = 1  # whose thresholds the SavedModel applies
     force: bool = False
@@ -96,6 +102,7 @@ class PipelineConfig:
         if c.stages is not None:
             c.stages = tuple(c.stages)
         c.attacks = tuple(c.attacks)
+        c.density_layers = tuple(c.density_layers)
         c.attack_epsilons = tuple(float(e) for e in c.attack_epsilons)
         c.attack_cw_confidences = tuple(float(k) for k in c.attack_cw_confidences)
         c.percentiles = tuple(float(p) if float(p) != int(p) else int(p) for p in c.percentiles)
@@ -105,6 +112,10 @@ class PipelineConfig:
              f"--critic must be one of {', '.join(mutual_info.CRITICS)}, got {c.critic!r}"),
             (c.mi_bound in mutual_info.BOUNDS,
              f"--mi_bound must be one of {', '.join(mutual_info.BOUNDS)}, got {c.mi_bound!r}"),
+            (c.score in SCORES, f"--score must be one of {', '.join(SCORES)}, got {c.score!r}"),
+            (len(c.density_layers) > 0 and not set(c.density_layers) - set(density.LAYERS),
+             f"--density_layers must be a non-empty subset of {', '.join(density.LAYERS)}, "
+             f"got {list(c.density_layers)}"),
             (c.distribute in DISTRIBUTE,
              f"--distribute must be one of {', '.join(DISTRIBUTE)}, got {c.distribute!r}"),
             (c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}"),

@@ -38,9 +38,10 @@ def split_dataset(ingest_dir: pathlib.Path, split: str, skip: int = 0,
                              batch_size, training=False, skip=skip, limit=limit)
 
 
-def split_arrays(ingest_dir: pathlib.Path, split: str, limit: int | None = None):
-    """(images float32 [N, 32, 32, C] in [0, 1], labels [N]) of the first `limit` examples."""
-    batches = list(split_dataset(ingest_dir, split, limit=limit).as_numpy_iterator())
+def split_arrays(ingest_dir: pathlib.Path, split: str, limit: int | None = None,
+                 skip: int = 0):
+    """(images float32 [N, 32, 32, C] in [0, 1], labels [N]): `limit` examples after `skip`."""
+    batches = list(split_dataset(ingest_dir, split, skip, limit).as_numpy_iterator())
     return (np.concatenate([b[0] for b in batches]).astype(np.float32),
             np.concatenate([b[1] for b in batches]))
 
@@ -58,4 +59,22 @@ def array_log_likelihoods(model, images: np.ndarray, batch_size: int = 500) -> n
 
 
 def best_model(run_dir: pathlib.Path):
+    """The trained classifier (the checkpoint of least training loss)."""
     return train.best_model(pathlib.Path(run_dir) / "train")
+
+
+def scoring_model(run_dir: pathlib.Path):
+    """What the run deploys: images -> [N, C] class scores whose argmax is the prediction
+    and whose maximum meets the calibrated thresholds. The trained classifier itself, or
+    with --score=feature_density its fitted `density.FeatureDensity`."""
+    from sdim_tf import density
+
+    calibrate_dir = pathlib.Path(run_dir) / "calibrate"
+    saved = artifacts.read_json(calibrate_dir / "thresholds.json")
+    model = best_model(run_dir)
+    if saved.get("score") != "feature_density":
+        return model
+    scorer = density.FeatureDensity(model, len(saved["class_names"]), saved["density_layers"])
+    with np.load(calibrate_dir / "density.npz") as parameters:
+        scorer.load_parameters(dict(parameters))
+    return scorer

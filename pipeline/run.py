@@ -16,9 +16,9 @@ from collections.abc import Callable
 from absl import app, flags, logging
 
 from pipeline import artifacts
-from pipeline.config import DISTRIBUTE, MODELS, ConfigError, PipelineConfig
+from pipeline.config import DISTRIBUTE, MODELS, SCORES, ConfigError, PipelineConfig
 from pipeline.stages import attack, calibrate, evaluate, explain, export, ingest, train
-from sdim_tf import data, mutual_info
+from sdim_tf import data, density, mutual_info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +149,12 @@ flags.DEFINE_list("percentiles", [str(p) for p in _D.percentiles],
 flags.DEFINE_integer("validation_split", _D.validation_split,
                      "Hold out the last N training images for calibration (0: calibrate on "
                      "the training images, as the paper).")
+flags.DEFINE_enum("score", _D.score, SCORES,
+                  "Rejection score: the model's own output (SDIM: log p(x|c), the paper's) "
+                  "or feature_density (tied Gaussians on encoder layers, fitted after "
+                  "training; see docs/results.md).")
+flags.DEFINE_list("density_layers", list(_D.density_layers),
+                  f"Encoder layers of --score=feature_density, among {', '.join(density.LAYERS)}.")
 flags.DEFINE_string("export_dir", _D.export_dir, "Where the export stage writes SavedModels.")
 flags.DEFINE_float("export_percentile", _D.export_percentile,
                    "The calibrated percentile whose thresholds the SavedModel applies.")
@@ -188,6 +194,7 @@ def config_from_flags() -> PipelineConfig:
     if values["stages"] is not None:
         values["stages"] = tuple(values["stages"])
     values["attacks"] = tuple(values["attacks"])
+    values["density_layers"] = tuple(values["density_layers"])
     for name in ("percentiles", "attack_epsilons", "attack_cw_confidences"):
         try:
             values[name] = tuple(float(p) for p in values[name])

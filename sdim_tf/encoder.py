@@ -102,15 +102,22 @@ class ResNetEncoder(layers.Layer):
         self.out.build((None, self.head_units))
 
     def call(self, x, training=None):
+        features = self.features(x, training=training)
+        return features[f"local{self.local_stage}"], features["z"]
+
+    def features(self, x, training=None) -> dict:
+        """Every intermediate output by name: `local1`-`local4` (the stage maps), `stage1`-
+        `stage4` (their global average pools), `head` (the ReLU'd 256-d layer) and `z`."""
         h = ops.relu(self.stem_bn(self.stem(x), training=training))
-        local = None
+        features = {}
         for s, stage in enumerate(self.stages, start=1):
             for block in stage:
                 h = block(h, training=training)
-            if s == self.local_stage:
-                local = h
-        g = ops.relu(self.fc_bn(self.fc(self.pool(h)), training=training))
-        return local, self.out(g)
+            features[f"local{s}"] = h
+            features[f"stage{s}"] = self.pool(h)
+        features["head"] = ops.relu(self.fc_bn(self.fc(features["stage4"]), training=training))
+        features["z"] = self.out(features["head"])
+        return features
 
     def get_config(self):
         return {**super().get_config(), "n": self.n, "rep_dim": self.rep_dim,

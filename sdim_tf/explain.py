@@ -16,24 +16,33 @@ METHODS = ("saliency", "smoothgrad", "gradcam++")
 
 
 def functional_view(model) -> keras.Model:
-    """images -> logits (for SDIM the summed log p(x|c)) as a functional model on `model`'s
-    own layers; its last residual block is named by `last_block_name`."""
-    enc = model.encoder
-    inputs = keras.Input(tuple(model.config["input_shape"]), name="images")
+    """images -> logits (for SDIM the summed log p(x|c); for a `density.FeatureDensity` its
+    class scores) as a functional Keras model on `model`'s own layers; its last residual
+    block is named by `last_block_name`."""
+    base = getattr(model, "classifier", model)
+    enc = base.encoder
+    inputs = keras.Input(tuple(base.config["input_shape"]), name="images")
     h = layers.Activation("relu", name="stem_relu")(enc.stem_bn(enc.stem(inputs)))
-    for stage in enc.stages:
+    features = {}
+    for s, stage in enumerate(enc.stages, start=1):
         for block in stage:
             h = block(h)
-    g = layers.Activation("relu", name="fc_relu")(enc.fc_bn(enc.fc(enc.pool(h))))
-    outputs = enc.out(g)
-    if hasattr(model, "class_conditional"):
-        outputs = model.class_conditional(outputs)
+        features[f"stage{s}"] = enc.pool(h)
+    features["head"] = layers.Activation("relu", name="fc_relu")(
+        enc.fc_bn(enc.fc(features["stage4"])))
+    features["z"] = enc.out(features["head"])
+    if hasattr(model, "density_scores"):
+        outputs = model.density_scores({k: features[k] for k in model.layer_names})
+    elif hasattr(model, "class_conditional"):
+        outputs = model.class_conditional(features["z"])
+    else:
+        outputs = features["z"]
     return keras.Model(inputs, outputs, name=f"{model.name}_view")
 
 
 def last_block_name(model) -> str:
     """The 4x4 feature map GradCAM++ weighs (the last residual block)."""
-    return model.encoder.stages[-1][-1].name
+    return getattr(model, "classifier", model).encoder.stages[-1][-1].name
 
 
 def attribution_maps(view: keras.Model, images: np.ndarray, classes: np.ndarray,
@@ -76,7 +85,8 @@ def attribution_maps(view: keras.Model, images: np.ndarray, classes: np.ndarray,
 
 def representations(model, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """The encoder's global representations z, [N, d]."""
-    encode = tf.function(lambda x: model.encoder(x, training=False)[1])
+    encoder = getattr(model, "classifier", model).encoder
+    encode = tf.function(lambda x: encoder(x, training=False)[1])
     return np.concatenate([encode(images[i:i + batch_size]).numpy()
                            for i in range(0, len(images), batch_size)])
 

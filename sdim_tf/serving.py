@@ -64,15 +64,20 @@ class RejectingClassifier(tf.Module):
         valid = tf.reduce_all(tf.math.is_finite(images) & (images >= 0.0) & (images <= 1.0),
                               axis=[1, 2, 3])
         clean = tf.where(valid[:, None, None, None], images, tf.zeros_like(images))
-        ll = tf.cast(self.model(clean, training=False), tf.float32)
-        ll = tf.where(valid[:, None], ll, tf.fill(tf.shape(ll), -np.inf))
-        class_ids = tf.argmax(ll, axis=1)
-        max_ll = tf.reduce_max(ll, axis=1)
+        if hasattr(self.model, "scores_and_logits"):  # a density.FeatureDensity
+            scores, ll = self.model.scores_and_logits(clean)
+        else:
+            scores = ll = self.model(clean, training=False)
+        invalid = tf.fill(tf.shape(ll), -np.inf)
+        scores = tf.where(valid[:, None], tf.cast(scores, tf.float32), invalid)
+        ll = tf.where(valid[:, None], tf.cast(ll, tf.float32), invalid)
+        class_ids = tf.argmax(scores, axis=1)
+        score = tf.reduce_max(scores, axis=1)
         threshold = tf.gather(self.thresholds, class_ids)
-        score = max_ll
         probabilities = tf.where(valid[:, None], tf.nn.softmax(ll), tf.zeros_like(ll))
-        return {"log_likelihoods": ll, "class_ids": class_ids, "max_log_likelihood": max_ll,
-                "score": score, "threshold": threshold,
+        return {"class_scores": scores, "log_likelihoods": ll, "class_ids": class_ids,
+                "max_log_likelihood": tf.reduce_max(ll, axis=1), "score": score,
+                "threshold": threshold,
                 "rejected": tf.logical_not(score >= threshold) | tf.logical_not(valid),
                 "probabilities": probabilities}
 

@@ -36,7 +36,7 @@ def test_attack_report_agrees_with_the_model(attacked):
         assert (stage / output).exists()
     report = artifacts.read_json(stage / attack.REPORT_JSON)
     assert report["settings"]["images"] == 4 and report["settings"]["cw_confidences"] == [0, 50]
-    model = inference.best_model(run_dir)
+    model = inference.scoring_model(run_dir)  # what is deployed and attacked
     images, labels = inference.split_arrays(run_dir / "ingest", "test", limit=200)
     logits = model.predict(images, verbose=0)
     # the epsilon = 0 point of each curve is the clean accuracy of the first 4 test images

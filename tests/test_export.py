@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def exported(tiny_run, data_dir):
     config, run_dir = tiny_run
     info = artifacts.read_json(run_dir / "export" / export.EXPORT_JSON)
-    module = serving.RejectingClassifier(inference.best_model(run_dir),
+    module = serving.RejectingClassifier(inference.scoring_model(run_dir),
                                          calibrate.load(run_dir)[1]["thresholds"], 1, (28, 28))
     fashion, _ = data.load_split("fashion_mnist", "test", str(data_dir))
     digits, _ = data.load_split("mnist", "test", str(data_dir))
@@ -58,13 +58,30 @@ def test_plain_tensorflow_process_gives_the_in_memory_answers(exported, tmp_path
         np.testing.assert_allclose(got[f"{name}/log_likelihoods"],
                                    got["serving_default/log_likelihoods"], rtol=1e-5)
     out = {k.split("/")[1]: got[k] for k in got.files if k.startswith("serving_default/")}
-    np.testing.assert_array_equal(out["class_ids"], out["log_likelihoods"].argmax(1))
+    np.testing.assert_array_equal(out["class_ids"], out["class_scores"].argmax(1))
+    np.testing.assert_allclose(out["score"], out["class_scores"].max(1))
     np.testing.assert_allclose(out["max_log_likelihood"], out["log_likelihoods"].max(1))
-    np.testing.assert_array_equal(out["score"], out["max_log_likelihood"])
     thresholds = module.thresholds.numpy()
     np.testing.assert_array_equal(out["threshold"], thresholds[out["class_ids"]])
     np.testing.assert_array_equal(out["rejected"], out["score"] < out["threshold"])
     np.testing.assert_allclose(out["probabilities"].sum(1), 1.0, rtol=1e-5)
+
+
+def test_deployed_scores_are_the_calibrated_scorers(exported, tiny_run):
+    """class_scores are the fitted density's, log_likelihoods the SDIM head's, and the
+    thresholds the calibrated ones (on this run's default --score=feature_density)."""
+    _, module, raw = exported
+    _, run_dir = tiny_run
+    images = data.preprocess(raw).numpy()
+    out = module.serving_default(tf.constant(images))
+    scores = inference.scoring_model(run_dir).predict(images, verbose=0)
+    log_likelihoods = inference.best_model(run_dir).predict(images, verbose=0)
+    np.testing.assert_allclose(out["class_scores"].numpy(), scores, rtol=1e-4,
+                               atol=1e-4 * np.abs(scores).max())
+    np.testing.assert_allclose(out["log_likelihoods"].numpy(), log_likelihoods, rtol=1e-4)
+    thresholds = calibrate.load(run_dir)[1]["thresholds"]
+    np.testing.assert_array_equal(out["rejected"].numpy(),
+                                  scores.max(1) < thresholds[scores.argmax(1)])
 
 
 def test_saved_model_cli(exported, tmp_path):

@@ -189,8 +189,25 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
     config, run_dir = tiny_run
     saved = artifacts.read_json(run_dir / "calibrate" / calibrate.THRESHOLDS)
     assert saved["source"] == "train" and saved["examples"]["num_samples"] == 1024
-    # Independent recomputation from the model's log-likelihoods on the same images.
-    model = inference.best_model(run_dir)
+    assert saved["score"] == "feature_density"  # the default
+    # The fitted densities are numpy's class means and pooled covariance of the features
+    # of the 1024 trained images (no augmentation).
+    images, train_labels = inference.split_arrays(run_dir / "ingest", "train", limit=1024)
+    features = inference.best_model(run_dir).encoder.features(images, training=False)
+    parameters = np.load(run_dir / "calibrate" / calibrate.DENSITY)
+    for layer in saved["density_layers"]:
+        x = features[layer].numpy().astype(np.float64)
+        means = np.stack([x[train_labels == c].mean(0) for c in range(10)])
+        np.testing.assert_allclose(parameters[f"{layer}/means"], means, rtol=1e-3,
+                                   atol=1e-4 * np.abs(means).max())
+        covariance = np.cov((x - means[train_labels]).T, bias=True)
+        factor = parameters[f"{layer}/precision_factor"].astype(np.float64)
+        inverse = np.linalg.inv(factor)
+        recovered = inverse.T @ inverse  # (L L^T)^-1 = covariance + ridge
+        np.testing.assert_allclose(recovered, covariance, rtol=1e-2,
+                                   atol=1e-3 * np.abs(covariance).max())
+    # Independent recomputation from the deployed scores on the same images.
+    model = inference.scoring_model(run_dir)
     ll, labels = inference.split_log_likelihoods(model, run_dir / "ingest", "train", 0, 1024)
     for p in ("1", "2"):
         for c in range(10):

@@ -123,7 +123,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     meta = inference.metadata(run_dir)
     names = meta["class_names"]
     thresholds = {p: v["thresholds"] for p, v in calibrate.load(run_dir).items()}
-    model = inference.best_model(run_dir)
+    model = inference.scoring_model(run_dir)
     baseline = _baseline_model(config)
     count = max(settings.images, settings.cw_images)
     # enough test images to find `count` correctly classified ones

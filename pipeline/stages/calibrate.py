@@ -1,26 +1,38 @@
-"""Calibrate: per-class thresholds from the training (or held-out validation) set.
+"""Calibrate: the rejection score and its per-class thresholds.
 
-For each class c and percentile p, the p-th percentile of log p(x|y=c) over the correctly
-classified samples of class c, without augmentation (paper section 5) -> thresholds.json.
+With --score=feature_density the tied Gaussians of `sdim_tf.density` are first fitted on the
+trained images (no augmentation) -> density.npz. Then, for each class c and percentile p,
+the p-th percentile of the score of class c over the correctly classified calibration
+samples of class c (paper section 5): the held-out validation images when
+--validation_split > 0, else the trained ones -> thresholds.json.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 
+import keras
+import numpy as np
 from absl import logging
 
 from pipeline import artifacts, inference
 from sdim_tf import rejection
 
-FIELDS = ("percentiles", "validation_split", "train_limit")
-THRESHOLDS = "thresholds.json"
+FIELDS = ("percentiles", "validation_split", "train_limit", "score", "density_layers")
+THRESHOLDS, DENSITY = "thresholds.json", "density.npz"
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     meta = inference.metadata(stage_dir.parent)
-    skip, limit = config.calibration_examples(meta["splits"]["train"]["num_examples"])
+    num_train = meta["splits"]["train"]["num_examples"]
     model = inference.best_model(stage_dir.parent)
+    outputs = [THRESHOLDS]
+    if config.score == "feature_density":
+        model = fit_density(model, config, upstream["ingest"], num_train, meta["num_classes"],
+                            stage_dir / DENSITY)
+        outputs.append(DENSITY)
+    skip, limit = config.calibration_examples(num_train)
     ll, labels = inference.split_log_likelihoods(model, upstream["ingest"], "train", skip, limit)
     calibration = rejection.calibrate(ll, labels, config.percentiles)
     accuracy = float((ll.argmax(1) == labels).mean())
@@ -32,13 +44,35 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         logging.info("calibrate: %s percentile thresholds %s", p,
                      [round(float(t), 1) for t in v["thresholds"]])
     artifacts.write_json(stage_dir / THRESHOLDS, {
-        "score": "log_likelihood",
+        "score": config.score,
+        "density_layers": list(config.density_layers)
+        if config.score == "feature_density" else None,
         "source": "validation" if config.validation_split else "train",
         "examples": {"skip": skip, "limit": limit, "num_samples": int(len(labels))},
         "accuracy": accuracy,
+        "rejected": {str(p): float(rejection.decide(ll, v["thresholds"])[1].numpy().mean())
+                     for p, v in calibration.items()},
         "class_names": meta["class_names"],
         "percentiles": rejection.to_json(calibration)})
-    return [THRESHOLDS]
+    return outputs
+
+
+def fit_density(model, config, ingest_dir: pathlib.Path, num_train: int, num_classes: int,
+                path: pathlib.Path):
+    """Fits --density_layers on the trained images; saves the parameters to `path`."""
+    from sdim_tf import density
+
+    skip, limit = config.train_examples(num_train)
+    scorer = density.FeatureDensity(model, num_classes, config.density_layers)
+    logging.info("calibrate: fitting tied Gaussians on %s over %d training images",
+                 ", ".join(config.density_layers), limit)
+    bar = keras.utils.Progbar(limit, unit_name="image")
+    scorer.fit_features(inference.split_dataset(ingest_dir, "train", skip, limit),
+                        progress=bar.update)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **scorer.parameters())
+    os.replace(tmp, path)
+    return scorer
 
 
 def load(run_dir: pathlib.Path) -> dict:

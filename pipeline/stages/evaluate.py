@@ -72,7 +72,7 @@ def ood_sets(config, meta) -> tuple[dict, dict]:
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     run_dir = stage_dir.parent
     meta = inference.metadata(run_dir)
-    model = inference.best_model(run_dir)
+    model = inference.scoring_model(run_dir)
     calibration = calibrate.load(run_dir)
     test_ll, test_labels = inference.split_log_likelihoods(model, upstream["ingest"], "test")
     sdim = config.model == "sdim"

@@ -30,14 +30,14 @@ def _caption(names, logits, threshold, label=None) -> str:
     c = int(np.argmax(logits))
     verdict = "accepted" if logits[c] >= threshold[c] else "rejected"
     truth = "" if label is None else f" (true: {names[label]})"
-    return f"{names[c]}{truth}\nLL {logits[c]:.1f} / thr {threshold[c]:.1f}\n{verdict}"
+    return f"{names[c]}{truth}\nscore {logits[c]:.1f} / thr {threshold[c]:.1f}\n{verdict}"
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     run_dir = stage_dir.parent
     meta = inference.metadata(run_dir)
     names = meta["class_names"]
-    model = inference.best_model(run_dir)
+    model = inference.scoring_model(run_dir)
     thresholds = calibrate.load(run_dir)[config.export_percentile]["thresholds"]
     images, labels = inference.split_arrays(upstream["ingest"], "test", limit=TEST_IMAGES)
     logits = model.predict(images, batch_size=500, verbose=0).astype(np.float64)
@@ -73,7 +73,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                     for i in chosen]
         figure = f"maps_{group}.png"
         plots.attribution_grid(pool[chosen], maps, captions, stage_dir / figure,
-                               title=f"{title}: maps of log p(x | predicted class)")
+                               title=f"{title}: maps of the predicted class's score")
         outputs.append(figure)
         sections.append(f"## {title}\n\n![{group}]({figure})\n")
         logging.info("explain: %s maps for %d images", title, len(chosen))
@@ -82,7 +82,9 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     ood_z = explain.representations(model, ood)
     project, ratios = explain.pca(z)
     means = None
-    if hasattr(model, "class_conditional"):
+    if "z" in getattr(model, "layer_names", ()):  # the fitted means of the density
+        means = project(model.density_scores.means["z"].numpy())
+    elif hasattr(model, "class_conditional"):
         means = project(np.asarray(model.class_conditional.means))
     plots.representation_scatter(
         project(z), labels, names, stage_dir / REPRESENTATIONS_PNG, means=means,

@@ -45,6 +45,14 @@ def warmup_records(model_name: str, images: np.ndarray) -> bytes:
     return content
 
 
+SCORE_TEXT = {
+    "model": lambda saved: "the predicted class's output of the model (SDIM: log p(x|c))",
+    "feature_density": lambda saved: (
+        "the predicted class's summed standardised tied-Gaussian score on the encoder layers "
+        f"{', '.join(saved['density_layers'])} (sdim_tf.density; output class_scores)"),
+}
+
+
 def model_name(config) -> str:
     return f"{config.model}_{config.dataset}"
 
@@ -59,7 +67,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                           f"calibrated: {', '.join(saved['percentiles'])} (see --percentiles)")
     thresholds = rejection.from_json({key: saved["percentiles"][key]})
     thresholds = next(iter(thresholds.values()))["thresholds"]
-    module = serving.RejectingClassifier(inference.best_model(run_dir), thresholds,
+    module = serving.RejectingClassifier(inference.scoring_model(run_dir), thresholds,
                                          meta["image_shape"][-1], meta["image_shape"][:2])
     report = artifacts.read_json(upstream["evaluate"] / evaluate.REPORT_JSON)
     name = model_name(config)
@@ -70,7 +78,8 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                   "classify_raw": f"uint8 [batch, {meta['image_shape'][0]}, "
                                   f"{meta['image_shape'][1]}, {meta['image_shape'][-1]}]",
                   "classify_encoded": "string [batch] of PNG/JPEG bytes"},
-        "rejection": {"score": "log-likelihood of the predicted class", "percentile": key,
+        "rejection": {"score": SCORE_TEXT.get(saved.get("score"), SCORE_TEXT["model"])(saved),
+                      "percentile": key,
                       "thresholds": saved["percentiles"][key]["thresholds"]},
         "training": artifacts.read_json(upstream["train"] / artifacts.MANIFEST)["config"],
         "best_epoch": artifacts.read_json(upstream["train"] / train.STATE)["best_epoch"],

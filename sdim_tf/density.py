@@ -1,0 +1,162 @@
+"""Post-hoc class-conditional densities on the trained encoder's features.
+
+The rejection score of the paper is the predicted class's log p(z|c) under the learned
+diagonal Gaussians. `FeatureDensity` instead fits, after training and on the training set,
+one Gaussian per class with a covariance shared by the classes (LDA; Lee et al. 2018's
+Mahalanobis score) on each of several layers of the encoder, and sums the layers' scores,
+each standardised by its chi-square mean and spread. Its output has the paper's shape,
+per-class scores [N, C], so that calibration, the decision rule and serving are unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+LAYERS = ("stage1", "stage2", "stage3", "stage4", "head", "z")
+DEFAULT_LAYERS = ("stage3", "stage4", "z")
+
+
+class TiedGaussianStats:
+    """Streaming sums for the class means and the pooled (shared) covariance of one layer."""
+
+    def __init__(self, num_classes: int, dim: int):
+        self.counts = np.zeros(num_classes)
+        self.sums = np.zeros((num_classes, dim))
+        self.outer = np.zeros((dim, dim))
+
+    def update(self, features: np.ndarray, labels: np.ndarray) -> None:
+        x = np.asarray(features, np.float64)
+        self.counts += np.bincount(labels, minlength=len(self.counts))
+        np.add.at(self.sums, labels, x)
+        self.outer += x.T @ x
+
+    def fit(self, ridge: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+        """(means [C, d], precision Cholesky factor L [d, d]: precision = L L^T).
+
+        The covariance gets `ridge` x its mean variance on the diagonal: pooled ReLU features
+        can have channels that never fire, whose variance is 0.
+        """
+        if (self.counts == 0).any():
+            missing = np.flatnonzero(self.counts == 0).tolist()
+            raise ValueError(f"no training sample of class(es) {missing}: cannot fit their mean")
+        means = self.sums / self.counts[:, None]
+        n = self.counts.sum()
+        covariance = (self.outer - (means * self.counts[:, None]).T @ means) / n
+        dim = len(covariance)
+        covariance += ridge * max(np.trace(covariance) / dim, 1e-12) * np.eye(dim)
+        precision = np.linalg.inv(covariance)
+        precision = (precision + precision.T) / 2
+        return means, np.linalg.cholesky(precision)
+
+
+class TiedGaussianScores(keras.layers.Layer):
+    """{layer name: features [N, d_l]} -> [N, C] summed standardised class scores.
+
+    For layer l of dimension d_l and squared Mahalanobis distance m_l(x, c) to class c's
+    mean, the score is sum_l (d_l - m_l) / sqrt(2 d_l): each term has mean 0 and standard
+    deviation 1 over training samples of their own class when the fit is Gaussian.
+    """
+
+    def __init__(self, num_classes: int, dims: dict, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.num_classes, self.dims = num_classes, dict(dims)
+        self.means, self.precision_factors = {}, {}
+        for name, dim in self.dims.items():
+            self.means[name] = self.add_weight(
+                name=f"{name}_means", shape=(num_classes, dim), trainable=False,
+                initializer="zeros")
+            self.precision_factors[name] = self.add_weight(
+                name=f"{name}_precision_factor", shape=(dim, dim), trainable=False,
+                initializer="identity")
+        self.built = True
+
+    def call(self, features):
+        total = 0.0
+        for name, dim in self.dims.items():
+            x = tf.cast(features[name], tf.float32)
+            diff = x[:, None, :] - tf.convert_to_tensor(self.means[name])[None]  # [N, C, d]
+            # Whitening the differences (not the features) keeps float32 accurate.
+            whitened = tf.einsum("ncd,de->nce", diff, self.precision_factors[name])
+            distances = tf.reduce_sum(tf.square(whitened), axis=-1)
+            total += (float(dim) - distances) / np.sqrt(2.0 * dim)
+        return total
+
+
+class FeatureDensity(keras.Model):
+    """images -> [N, C] class scores of tied Gaussians fitted on a trained `classifier`'s
+    `layers` (see TiedGaussianScores). The predicted class is the argmax, the rejection
+    score its value: the paper's decision rule applies unchanged."""
+
+    def __init__(self, classifier, num_classes: int,
+                 layers: Sequence[str] = DEFAULT_LAYERS, **kwargs):
+        super().__init__(**kwargs)
+        unknown = sorted(set(layers) - set(LAYERS))
+        if unknown or not layers:
+            raise ValueError(f"layers must be a non-empty subset of {', '.join(LAYERS)}; "
+                             f"got {list(layers)}")
+        self.classifier = classifier
+        self.num_classes = num_classes
+        self.layer_names = tuple(layers)
+        dims = _feature_dims(classifier)
+        self.density_scores = TiedGaussianScores(
+            num_classes, {name: dims[name] for name in self.layer_names}, name="density_scores")
+        self.built = True
+
+    def call(self, images, training=None):
+        return self.density_scores(self.classifier.encoder.features(images, training=False))
+
+    def scores_and_logits(self, images):
+        """(class scores [N, C], the classifier's own logits [N, C]) from one encoder pass;
+        for SDIM the logits are log p(x|c)."""
+        features = self.classifier.encoder.features(images, training=False)
+        z = features["z"]
+        logits = self.classifier.class_conditional(z) if hasattr(
+            self.classifier, "class_conditional") else tf.cast(z, tf.float32)
+        return self.density_scores(features), logits
+
+    def fit_features(self, batches: Iterable, ridge: float = 1e-6, progress=None) -> int:
+        """Fits every layer from (images, labels) batches (no augmentation); returns N."""
+        stats = {name: TiedGaussianStats(self.num_classes, dim)
+                 for name, dim in self.density_scores.dims.items()}
+        encode = tf.function(lambda x: {name: self.classifier.encoder.features(
+            x, training=False)[name] for name in self.layer_names})
+        n = 0
+        for images, labels in batches:
+            labels = np.asarray(labels, np.int64)
+            if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
+                                 f"{labels.min()}..{labels.max()}")
+            for name, value in encode(images).items():
+                stats[name].update(value.numpy(), labels)
+            n += len(labels)
+            if progress is not None:
+                progress(n)
+        for name, stat in stats.items():
+            means, factor = stat.fit(ridge)
+            self.density_scores.means[name].assign(means.astype(np.float32))
+            self.density_scores.precision_factors[name].assign(factor.astype(np.float32))
+        return n
+
+    def parameters(self) -> dict:
+        """{"<layer>/means": [C, d], "<layer>/precision_factor": [d, d]} as numpy arrays."""
+        scores = self.density_scores
+        return {**{f"{k}/means": v.numpy() for k, v in scores.means.items()},
+                **{f"{k}/precision_factor": v.numpy()
+                   for k, v in scores.precision_factors.items()}}
+
+    def load_parameters(self, parameters: dict) -> None:
+        for name in self.layer_names:
+            self.density_scores.means[name].assign(parameters[f"{name}/means"])
+            self.density_scores.precision_factors[name].assign(
+                parameters[f"{name}/precision_factor"])
+
+
+def _feature_dims(classifier) -> dict:
+    encoder = classifier.encoder
+    dims = {f"stage{s}": f for s, f in enumerate(encoder.filters, start=1)}
+    return {**dims, "head": encoder.head_units, "z": encoder.rep_dim}

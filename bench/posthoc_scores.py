@@ -36,6 +36,8 @@ flags.DEFINE_integer("trained_validation", 0,
                      "For a run without --validation_split only: its last N training images "
                      "act as the validation set, although the model trained on them (the "
                      "JSON says validation_held_out: false).")
+flags.DEFINE_float("reject_budget", 0.04, "As pipeline.run's: the deployed percentile is "
+                   "the largest rejecting at most this share of the validation images.")
 flags.DEFINE_integer("proxy_images", 2000, "Validation images per proxy-outlier set.")
 flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "results"),
                     "Where the JSON goes.")
@@ -113,6 +115,11 @@ def measure(scores: dict, labels: dict, percentiles, proxies, oods) -> dict:
         shared = np.full(num_classes, rejection.percentile_value(top["val"][val_correct], p))
         result.setdefault("shared_threshold", {})[str(p)] = _rule(
             shared, top, predicted, labels, proxies, oods)
+    # What the pipeline deploys: the largest percentile within --reject_budget on validation.
+    budget = rejection.budget_percentile(scores["val"], labels["val"], FLAGS.reject_budget)
+    thresholds = rejection.calibrate(scores["val"], labels["val"], (budget,))[budget]
+    result["budget"] = {"reject_budget": FLAGS.reject_budget, "percentile": budget,
+                        **_rule(thresholds["thresholds"], top, predicted, labels, proxies, oods)}
     return result
 
 

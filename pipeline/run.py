@@ -146,9 +146,10 @@ flags.DEFINE_bool("mixed_precision", False, "Compute in bfloat16 (losses stay fl
 flags.DEFINE_bool("deterministic", False, "Deterministic TF ops (slower).")
 flags.DEFINE_list("percentiles", [str(p) for p in _D.percentiles],
                   "Threshold percentiles of the training log-likelihoods (paper: 1,2).")
-flags.DEFINE_integer("validation_split", _D.validation_split,
-                     "Hold out the last N training images for calibration (0: calibrate on "
-                     "the training images, as the paper).")
+flags.DEFINE_integer("validation_split", None,
+                     "Hold out the last N training images for calibration; default per "
+                     "dataset (5000; 0 for image_folder). 0: calibrate on the training "
+                     "images, as the paper.")
 flags.DEFINE_enum("score", _D.score, SCORES,
                   "Rejection score: the model's own output (SDIM: log p(x|c), the paper's) "
                   "or feature_density (tied Gaussians on encoder layers, fitted after "
@@ -157,7 +158,11 @@ flags.DEFINE_list("density_layers", list(_D.density_layers),
                   f"Encoder layers of --score=feature_density, among {', '.join(density.LAYERS)}.")
 flags.DEFINE_string("export_dir", _D.export_dir, "Where the export stage writes SavedModels.")
 flags.DEFINE_float("export_percentile", _D.export_percentile,
-                   "The calibrated percentile whose thresholds the SavedModel applies.")
+                   "The calibrated percentile whose thresholds the SavedModel applies when "
+                   "--reject_budget=0.")
+flags.DEFINE_float("reject_budget", _D.reject_budget,
+                   "Deploy the largest percentile that rejects at most this share of the "
+                   "calibration images (0: use --export_percentile).")
 flags.DEFINE_bool("force", False, "Rerun stages even when unchanged.")
 flags.DEFINE_list("attacks", list(_D.attacks), "Attacks of the attack stage (opt-in: "
                   "--stages=attack, after a run).")

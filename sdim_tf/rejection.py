@@ -44,6 +44,28 @@ def calibrate(log_likelihoods: np.ndarray, labels: np.ndarray,
     return result
 
 
+def budget_percentile(log_likelihoods: np.ndarray, labels: np.ndarray, budget: float,
+                      step: float = 0.05, limit: float = 50.0) -> float:
+    """The largest percentile (a multiple of `step` below `limit`) whose per-class thresholds
+    reject at most `budget` (a fraction) of these samples, correct or not.
+
+    The rejected share only grows with the percentile, so the first one over budget ends the
+    search; 0 when even the 0th percentile rejects more (its misclassified samples).
+    """
+    if not 0 < budget < 1:
+        raise ValueError(f"budget must be a fraction in (0, 1), got {budget}")
+    ll = np.asarray(log_likelihoods, np.float64)
+    predicted, top = ll.argmax(1), ll.max(1)
+    best = 0.0
+    for p in np.arange(0.0, limit, step):
+        p = round(float(p), 4)
+        thresholds = calibrate(ll, labels, (p,))[p]["thresholds"]
+        if not (top < thresholds[predicted]).mean() <= budget:
+            break
+        best = p
+    return best
+
+
 def decide(log_likelihoods, thresholds) -> tuple[tf.Tensor, tf.Tensor]:
     """Equation 9: (predicted class int64 [N], rejected bool [N]).
 

@@ -23,7 +23,7 @@ def exported(tiny_run, data_dir):
     config, run_dir = tiny_run
     info = artifacts.read_json(run_dir / "export" / export.EXPORT_JSON)
     module = serving.RejectingClassifier(inference.scoring_model(run_dir),
-                                         calibrate.load(run_dir)[1]["thresholds"], 1, (28, 28))
+                                         calibrate.deployed(run_dir)[1], 1, (28, 28))
     fashion, _ = data.load_split("fashion_mnist", "test", str(data_dir))
     digits, _ = data.load_split("mnist", "test", str(data_dir))
     raw = np.concatenate([fashion[:48], digits[:16]])  # uint8 [64, 28, 28, 1]
@@ -79,7 +79,7 @@ def test_deployed_scores_are_the_calibrated_scorers(exported, tiny_run):
     np.testing.assert_allclose(out["class_scores"].numpy(), scores, rtol=1e-4,
                                atol=1e-4 * np.abs(scores).max())
     np.testing.assert_allclose(out["log_likelihoods"].numpy(), log_likelihoods, rtol=1e-4)
-    thresholds = calibrate.load(run_dir)[1]["thresholds"]
+    thresholds = calibrate.deployed(run_dir)[1]
     np.testing.assert_array_equal(out["rejected"].numpy(),
                                   scores.max(1) < thresholds[scores.argmax(1)])
 
@@ -119,8 +119,15 @@ def test_warmup_requests_are_answered(exported):
         outputs = loaded.signatures["serving_default"](images=tf.constant(images))
         assert outputs["class_ids"].shape[0] == images.shape[0] > 0
     card = json.loads((path / "assets.extra" / "model_card.json").read_text())
-    assert card["rejection"]["percentile"] == "1" and len(card["class_names"]) == 10
-    assert json.loads((path / "assets" / "thresholds.json").read_text())["percentiles"]["2"]
+    saved = json.loads((path / "assets" / "thresholds.json").read_text())
+    deployed = saved["deployed"]["percentile"]
+    assert card["rejection"]["percentile"] == deployed and len(card["class_names"]) == 10
+    assert card["rejection"]["thresholds"] == saved["percentiles"][deployed]["thresholds"]
+    # The SavedModel applies exactly those thresholds.
+    thresholds = np.array([np.inf if t is None else t for t in card["rejection"]["thresholds"]])
+    np.testing.assert_allclose(outputs["threshold"].numpy(),
+                               thresholds[outputs["class_ids"].numpy()], rtol=1e-6)
+    assert saved["percentiles"]["2"]
 
 
 @pytest.mark.parametrize("shape,signature,dtype", [

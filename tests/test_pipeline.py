@@ -115,6 +115,14 @@ def test_config_errors():
         PipelineConfig(stages=("deploy",)).resolve(run.STAGE_NAMES)
     with pytest.raises(ConfigError, match="--batch_size must be >= 2"):
         PipelineConfig(batch_size=1).resolve()
+    with pytest.raises(ConfigError, match="--score must be one of model, feature_density"):
+        PipelineConfig(score="energy").resolve()
+    with pytest.raises(ConfigError, match=r"--density_layers must be a non-empty subset"):
+        PipelineConfig(density_layers=("stage5",)).resolve()
+    with pytest.raises(ConfigError, match=r"--reject_budget must lie in \[0, 1\)"):
+        PipelineConfig(reject_budget=4.0).resolve()
+    with pytest.raises(ConfigError, match="--export_percentile=5 is not among"):
+        PipelineConfig(reject_budget=0, export_percentile=5).resolve()
     assert PipelineConfig(dataset="cifar10").resolve().n == 3
     assert PipelineConfig(model="discriminative").resolve().run_dir.endswith(
         "fashion_mnist-discriminative")
@@ -188,7 +196,10 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
 
     config, run_dir = tiny_run
     saved = artifacts.read_json(run_dir / "calibrate" / calibrate.THRESHOLDS)
-    assert saved["source"] == "train" and saved["examples"]["num_samples"] == 1024
+    # The preset holds out the last 5000 training images for calibration.
+    assert config.validation_split == 5000
+    assert saved["source"] == "validation" and saved["examples"] == {
+        "skip": 55000, "limit": 5000, "num_samples": 5000}
     assert saved["score"] == "feature_density"  # the default
     # The fitted densities are numpy's class means and pooled covariance of the features
     # of the 1024 trained images (no augmentation).
@@ -208,7 +219,14 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
                                    atol=1e-3 * np.abs(covariance).max())
     # Independent recomputation from the deployed scores on the same images.
     model = inference.scoring_model(run_dir)
-    ll, labels = inference.split_log_likelihoods(model, run_dir / "ingest", "train", 0, 1024)
+    ll, labels = inference.split_log_likelihoods(model, run_dir / "ingest", "train", 55000,
+                                                 5000)
+    # The deployed percentile is the last 0.05 step that keeps within --reject_budget.
+    deployed = float(saved["deployed"]["percentile"])
+    for p, within in ((deployed, True), (deployed + 0.05, False)):
+        thresholds = rejection.calibrate(ll, labels, (p,))[p]["thresholds"]
+        rate = (ll.max(1) < thresholds[ll.argmax(1)]).mean()
+        assert (rate <= config.reject_budget) == within, (p, rate)
     for p in ("1", "2"):
         for c in range(10):
             scores = np.sort(ll[(labels == c) & (ll.argmax(1) == c), c])

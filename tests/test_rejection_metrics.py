@@ -35,6 +35,33 @@ def test_calibrate_uses_correct_samples_of_each_class():
     np.testing.assert_array_equal(back[1]["thresholds"], result[1]["thresholds"])
 
 
+def test_budget_percentile_against_brute_force():
+    rng = np.random.default_rng(3)
+    ll = rng.normal(size=(400, 3)) * 5
+    labels = rng.integers(0, 3, 400)
+    predicted, top = ll.argmax(1), ll.max(1)
+
+    def reject_rate(p):  # thresholds by hand: value at index floor(p/100 n) of sorted scores
+        thresholds = []
+        for c in range(3):
+            scores = np.sort(top[(labels == c) & (predicted == c)])
+            thresholds.append(scores[min(int(np.floor(p / 100 * len(scores))), len(scores) - 1)])
+        return (top < np.array(thresholds)[predicted]).mean()
+
+    grid = [round(0.05 * i, 4) for i in range(1000)]
+    for budget in (0.05, 0.1, 0.3):
+        expected = 0.0
+        for p in grid:
+            if reject_rate(p) > budget:
+                break
+            expected = p
+        got = rejection.budget_percentile(ll, labels, budget)
+        assert got == pytest.approx(expected)
+        assert reject_rate(got) <= budget < reject_rate(got + 0.05)
+    with pytest.raises(ValueError, match="budget"):
+        rejection.budget_percentile(ll, labels, 1.5)
+
+
 def test_decide_equation_9():
     ll = np.array([[-1.0, -5.0], [-5.0, -3.0], [-2.5, -9.0], [np.nan, np.nan], [-4, -3.5]])
     predicted, rejected = rejection.decide(ll, [-2.0, math.inf])

@@ -19,7 +19,8 @@ from absl import logging
 from pipeline import artifacts, inference
 from sdim_tf import rejection
 
-FIELDS = ("percentiles", "validation_split", "train_limit", "score", "density_layers")
+FIELDS = ("percentiles", "validation_split", "train_limit", "score", "density_layers",
+          "reject_budget", "export_percentile")
 THRESHOLDS, DENSITY = "thresholds.json", "density.npz"
 
 
@@ -34,7 +35,19 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         outputs.append(DENSITY)
     skip, limit = config.calibration_examples(num_train)
     ll, labels = inference.split_log_likelihoods(model, upstream["ingest"], "train", skip, limit)
-    calibration = rejection.calibrate(ll, labels, config.percentiles)
+    percentiles = list(config.percentiles)
+    if config.reject_budget:
+        deployed = rejection.budget_percentile(ll, labels, config.reject_budget)
+        deployed = int(deployed) if float(deployed).is_integer() else deployed
+        rule = (f"the largest percentile rejecting at most {100 * config.reject_budget:g}% of "
+                f"the calibration images")
+        if not config.validation_split:
+            logging.warning("calibrate: --reject_budget on the trained images underestimates "
+                            "the reject rate of new images; use --validation_split")
+        percentiles.append(deployed)
+    else:
+        deployed, rule = config.export_percentile, "--export_percentile"
+    calibration = rejection.calibrate(ll, labels, sorted(set(percentiles)))
     accuracy = float((ll.argmax(1) == labels).mean())
     for p, v in calibration.items():
         empty = [meta["class_names"][c] for c, n in enumerate(v["counts"]) if n == 0]
@@ -53,7 +66,9 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         "rejected": {str(p): float(rejection.decide(ll, v["thresholds"])[1].numpy().mean())
                      for p, v in calibration.items()},
         "class_names": meta["class_names"],
+        "deployed": {"percentile": _key(deployed), "rule": rule},
         "percentiles": rejection.to_json(calibration)})
+    logging.info("calibrate: deploying the %s percentile (%s)", _key(deployed), rule)
     return outputs
 
 
@@ -73,6 +88,18 @@ def fit_density(model, config, ingest_dir: pathlib.Path, num_train: int, num_cla
     np.savez(tmp, **scorer.parameters())
     os.replace(tmp, path)
     return scorer
+
+
+def _key(p: float) -> str:
+    return str(p).removesuffix(".0")
+
+
+def deployed(run_dir: pathlib.Path) -> tuple[float, np.ndarray]:
+    """(percentile, thresholds [C]) that the run deploys."""
+    saved = artifacts.read_json(pathlib.Path(run_dir) / "calibrate" / THRESHOLDS)
+    key = saved["deployed"]["percentile"]
+    (percentile, value), = rejection.from_json({key: saved["percentiles"][key]}).items()
+    return percentile, value["thresholds"]
 
 
 def load(run_dir: pathlib.Path) -> dict:

@@ -77,7 +77,9 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     test_ll, test_labels = inference.split_log_likelihoods(model, upstream["ingest"], "test")
     sdim = config.model == "sdim"
     kinds = metrics.SDIM_SCORES if sdim else metrics.DISCRIMINATIVE_SCORES
+    saved = artifacts.read_json(upstream["calibrate"] / calibrate.THRESHOLDS)
     report = {"dataset": config.dataset, "model": config.model,
+              "score": saved["score"], "deployed_percentile": saved["deployed"]["percentile"],
               "num_test": int(len(test_labels)),
               "accuracy": float((test_ll.argmax(1) == test_labels).mean()),
               "selective": {str(p): metrics.selective(test_ll, test_labels, v["thresholds"])
@@ -118,6 +120,12 @@ def _sibling_accuracy(run_dir: pathlib.Path, config) -> float | None:
     return artifacts.read_json(other)["accuracy"] if other.exists() else None
 
 
+SCORES = {"model": "the model's own log p(x|c) of the predicted class (the paper's).",
+          "feature_density": "tied Gaussians on encoder layers fitted after training "
+                             "(sdim_tf.density), the predicted class's summed standardised "
+                             "score. Columns named after log-likelihoods hold this score."}
+
+
 def _pct(x) -> str:
     return "—" if x is None or x != x else f"{100 * x:.2f}%"
 
@@ -138,8 +146,10 @@ def markdown(report: dict) -> str:
     ds, model = report["dataset"], report["model"]
     paper_acc = PAPER["accuracy"].get(ds)
     lines = [f"# Evaluation: {ds} ({model})", "",
-             f"{report['num_test']} test images. Thresholds: per class, percentiles of "
-             "log p(x|c) over correctly classified calibration images (paper section 5).", "",
+             f"{report['num_test']} test images. Score: {SCORES.get(report.get('score'), '')}"
+             " Thresholds: per class, percentiles of the score over correctly classified "
+             "calibration images (paper section 5); the SavedModel applies the "
+             f"{_ordinal(str(report.get('deployed_percentile')))} percentile.", "",
              "## Table 1: clean test accuracy", "",
              "| model | ours | paper |", "|---|---|---|",
              f"| {model} | {_pct(report['accuracy'])} | "
@@ -176,7 +186,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper_cell} |")
     for name, why in report.get("ood_unavailable", {}).items():
         lines.append(f"\n{name}: not evaluated ({why.splitlines()[0][:200]}).")
-    first = percentiles[0]
+    first = report.get("deployed_percentile") or percentiles[0]
     lines += ["", "## What this means", ""]
     lines.append(
         f"At the {_ordinal(first)}-percentile thresholds the model keeps "

@@ -3,7 +3,7 @@
 Saliency, SmoothGrad and GradCAM++ maps (tf-keras-vis) of the predicted class's
 log-likelihood for accepted test images, rejected test images and rejected OOD images; a
 PCA picture of the representations z with the class means and OOD points; training curves.
-Thresholds are those the export applies (--export_percentile).
+Thresholds are those the export applies (calibrate's deployed percentile).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pipeline import artifacts, inference
 from pipeline.stages import calibrate, evaluate, train
 from sdim_tf import data, explain, plots, rejection
 
-FIELDS = ("export_percentile", "seed")
+FIELDS = ("seed",)
 EXPLAIN_MD = "explain.md"
 CURVES_PNG, REPRESENTATIONS_PNG = "training_curves.png", "representations.png"
 GROUPS = {"accepted": "accepted test images", "rejected": "rejected test images",
@@ -38,7 +38,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     meta = inference.metadata(run_dir)
     names = meta["class_names"]
     model = inference.scoring_model(run_dir)
-    thresholds = calibrate.load(run_dir)[config.export_percentile]["thresholds"]
+    percentile, thresholds = calibrate.deployed(run_dir)
     images, labels = inference.split_arrays(upstream["ingest"], "test", limit=TEST_IMAGES)
     logits = model.predict(images, batch_size=500, verbose=0).astype(np.float64)
     rejected = rejection.decide(logits, thresholds)[1].numpy()
@@ -96,7 +96,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
 
     last = rows[-1] if rows else {}
     text = [f"# Explanations: {config.dataset} ({config.model})", "",
-            f"Thresholds: percentile p={config.export_percentile:g} (what the export "
+            f"Thresholds: percentile p={percentile:g} (what the export "
             f"applies). Of the first {len(images)} test images the rule rejects "
             f"{100 * rejected.mean():.1f}%; of {len(ood)} {ood_name} images "
             f"{100 * ood_rejected.mean():.1f}%.", "",

@@ -16,11 +16,10 @@ import tensorflow as tf
 from absl import logging
 
 from pipeline import artifacts, inference
-from pipeline.config import ConfigError
 from pipeline.stages import calibrate, evaluate, ingest, train
-from sdim_tf import data, rejection, serving
+from sdim_tf import data, serving
 
-FIELDS = ("export_dir", "export_percentile")
+FIELDS = ("export_dir",)  # the deployed percentile is calibrate's choice
 EXPORT_JSON = "export.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
 
@@ -61,12 +60,8 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     run_dir = stage_dir.parent
     meta = inference.metadata(run_dir)
     saved = artifacts.read_json(upstream["calibrate"] / calibrate.THRESHOLDS)
-    key = str(config.export_percentile).removesuffix(".0")
-    if key not in saved["percentiles"]:
-        raise ConfigError(f"--export_percentile={config.export_percentile} was not calibrated; "
-                          f"calibrated: {', '.join(saved['percentiles'])} (see --percentiles)")
-    thresholds = rejection.from_json({key: saved["percentiles"][key]})
-    thresholds = next(iter(thresholds.values()))["thresholds"]
+    _, thresholds = calibrate.deployed(run_dir)
+    key = saved["deployed"]["percentile"]
     module = serving.RejectingClassifier(inference.scoring_model(run_dir), thresholds,
                                          meta["image_shape"][-1], meta["image_shape"][:2])
     report = artifacts.read_json(upstream["evaluate"] / evaluate.REPORT_JSON)
@@ -79,7 +74,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                                   f"{meta['image_shape'][1]}, {meta['image_shape'][-1]}]",
                   "classify_encoded": "string [batch] of PNG/JPEG bytes"},
         "rejection": {"score": SCORE_TEXT.get(saved.get("score"), SCORE_TEXT["model"])(saved),
-                      "percentile": key,
+                      "percentile": key, "percentile_rule": saved["deployed"]["rule"],
                       "thresholds": saved["percentiles"][key]["thresholds"]},
         "training": artifacts.read_json(upstream["train"] / artifacts.MANIFEST)["config"],
         "best_epoch": artifacts.read_json(upstream["train"] / train.STATE)["best_epoch"],

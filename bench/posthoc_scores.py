@@ -116,10 +116,13 @@ def measure(scores: dict, labels: dict, percentiles, proxies, oods) -> dict:
         result.setdefault("shared_threshold", {})[str(p)] = _rule(
             shared, top, predicted, labels, proxies, oods)
     # What the pipeline deploys: the largest percentile within --reject_budget on validation.
-    budget = rejection.budget_percentile(scores["val"], labels["val"], FLAGS.reject_budget)
-    thresholds = rejection.calibrate(scores["val"], labels["val"], (budget,))[budget]
-    result["budget"] = {"reject_budget": FLAGS.reject_budget, "percentile": budget,
-                        **_rule(thresholds["thresholds"], top, predicted, labels, proxies, oods)}
+    for key, shared in (("budget", False), ("budget_shared_threshold", True)):
+        budget = rejection.budget_percentile(scores["val"], labels["val"], FLAGS.reject_budget,
+                                             shared=shared)
+        thresholds = rejection.calibrate(scores["val"], labels["val"], (budget,), shared)
+        result[key] = {"reject_budget": FLAGS.reject_budget, "percentile": budget,
+                       **_rule(thresholds[budget]["thresholds"], top, predicted, labels,
+                               proxies, oods)}
     return result
 
 

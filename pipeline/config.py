@@ -14,6 +14,10 @@ DISTRIBUTE = ("auto", "one_device", "mirrored", "multi_worker")
 # discriminative model). feature_density: tied Gaussians fitted after training on encoder
 # layers (sdim_tf.density), the default after the issue-12 experiments (docs/results.md).
 SCORES = ("model", "feature_density")
+# per_class: the paper's percentile per class; shared: one percentile over all classes, the
+# default for feature_density (it rejects more proxy outliers at the same validation reject
+# rate, docs/results.md).
+THRESHOLD_RULES = ("per_class", "shared")
 
 # The paper's settings per dataset (section 5, appendix B.2): ResNet10 on MNIST and
 # Fashion-MNIST, ResNet26 on CIFAR10/SVHN.
@@ -73,6 +77,7 @@ class PipelineConfig:
     validation_split: Optional[int] = None
     score: str = "feature_density"
     density_layers: tuple[str, ...] = density.DEFAULT_LAYERS
+    threshold_rule: Optional[str] = None  # shared for feature_density, else per_class
     export_dir: str = "saved_models"
     export_percentile: float = 1  # whose thresholds the SavedModel applies, without a budget
     # > 0: the SavedModel applies the largest percentile that rejects at most this share of
@@ -111,6 +116,8 @@ class PipelineConfig:
             c.stages = tuple(c.stages)
         c.attacks = tuple(c.attacks)
         c.density_layers = tuple(c.density_layers)
+        if c.threshold_rule is None:
+            c.threshold_rule = "shared" if c.score == "feature_density" else "per_class"
         c.attack_epsilons = tuple(float(e) for e in c.attack_epsilons)
         c.attack_cw_confidences = tuple(float(k) for k in c.attack_cw_confidences)
         c.percentiles = tuple(float(p) if float(p) != int(p) else int(p) for p in c.percentiles)
@@ -121,6 +128,8 @@ class PipelineConfig:
             (c.mi_bound in mutual_info.BOUNDS,
              f"--mi_bound must be one of {', '.join(mutual_info.BOUNDS)}, got {c.mi_bound!r}"),
             (c.score in SCORES, f"--score must be one of {', '.join(SCORES)}, got {c.score!r}"),
+            (c.threshold_rule in THRESHOLD_RULES, f"--threshold_rule must be one of "
+             f"{', '.join(THRESHOLD_RULES)}, got {c.threshold_rule!r}"),
             (len(c.density_layers) > 0 and not set(c.density_layers) - set(density.LAYERS),
              f"--density_layers must be a non-empty subset of {', '.join(density.LAYERS)}, "
              f"got {list(c.density_layers)}"),

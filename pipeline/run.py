@@ -16,7 +16,7 @@ from collections.abc import Callable
 from absl import app, flags, logging
 
 from pipeline import artifacts
-from pipeline.config import DISTRIBUTE, MODELS, SCORES, ConfigError, PipelineConfig
+from pipeline.config import DISTRIBUTE, MODELS, SCORES, THRESHOLD_RULES, ConfigError, PipelineConfig
 from pipeline.stages import attack, calibrate, evaluate, explain, export, ingest, train
 from sdim_tf import data, density, mutual_info
 
@@ -154,6 +154,9 @@ flags.DEFINE_enum("score", _D.score, SCORES,
                   "Rejection score: the model's own output (SDIM: log p(x|c), the paper's) "
                   "or feature_density (tied Gaussians on encoder layers, fitted after "
                   "training; see docs/results.md).")
+flags.DEFINE_enum("threshold_rule", None, THRESHOLD_RULES,
+                  "Thresholds per class (the paper's) or one shared by all classes; default "
+                  "shared for --score=feature_density, else per_class.")
 flags.DEFINE_list("density_layers", list(_D.density_layers),
                   f"Encoder layers of --score=feature_density, among {', '.join(density.LAYERS)}.")
 flags.DEFINE_string("export_dir", _D.export_dir, "Where the export stage writes SavedModels.")

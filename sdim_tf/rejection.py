@@ -20,10 +20,12 @@ def percentile_value(scores: np.ndarray, p: float) -> float:
 
 
 def calibrate(log_likelihoods: np.ndarray, labels: np.ndarray,
-              percentiles: Sequence[float] = (1, 2)) -> dict:
+              percentiles: Sequence[float] = (1, 2), shared: bool = False) -> dict:
     """Thresholds per percentile and class: {p: {"thresholds": [C], "counts": [C]}}.
 
     A class with no correctly classified sample gets +inf: every prediction of it is rejected.
+    `shared`: every class gets the percentile of all correctly classified samples' scores
+    (one threshold; better than per class for scores standardised across classes).
     """
     ll = np.asarray(log_likelihoods, np.float64)
     labels = np.asarray(labels)
@@ -40,14 +42,19 @@ def calibrate(log_likelihoods: np.ndarray, labels: np.ndarray,
             scores = ll[(labels == c) & (predicted == c), c]
             counts.append(int(len(scores)))
             thresholds.append(percentile_value(scores, p) if len(scores) else math.inf)
+        if shared:
+            correct = ll[np.arange(len(ll)), labels][predicted == labels] \
+                if len(ll) else np.zeros(0)
+            value = percentile_value(correct, p) if len(correct) else math.inf
+            thresholds = [value] * ll.shape[1]
         result[p] = {"thresholds": np.asarray(thresholds), "counts": counts}
     return result
 
 
 def budget_percentile(log_likelihoods: np.ndarray, labels: np.ndarray, budget: float,
-                      step: float = 0.05, limit: float = 50.0) -> float:
-    """The largest percentile (a multiple of `step` below `limit`) whose per-class thresholds
-    reject at most `budget` (a fraction) of these samples, correct or not.
+                      step: float = 0.05, limit: float = 50.0, shared: bool = False) -> float:
+    """The largest percentile (a multiple of `step` below `limit`) whose thresholds (see
+    `calibrate`) reject at most `budget` (a fraction) of these samples, correct or not.
 
     The rejected share only grows with the percentile, so the first one over budget ends the
     search; 0 when even the 0th percentile rejects more (its misclassified samples).
@@ -59,7 +66,7 @@ def budget_percentile(log_likelihoods: np.ndarray, labels: np.ndarray, budget: f
     best = 0.0
     for p in np.arange(0.0, limit, step):
         p = round(float(p), 4)
-        thresholds = calibrate(ll, labels, (p,))[p]["thresholds"]
+        thresholds = calibrate(ll, labels, (p,), shared)[p]["thresholds"]
         if not (top < thresholds[predicted]).mean() <= budget:
             break
         best = p

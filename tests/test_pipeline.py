@@ -119,6 +119,9 @@ def test_config_errors():
         PipelineConfig(score="energy").resolve()
     with pytest.raises(ConfigError, match=r"--density_layers must be a non-empty subset"):
         PipelineConfig(density_layers=("stage5",)).resolve()
+    with pytest.raises(ConfigError, match="--threshold_rule must be one of per_class, shared"):
+        PipelineConfig(threshold_rule="global").resolve()
+    assert PipelineConfig(score="model").resolve().threshold_rule == "per_class"
     with pytest.raises(ConfigError, match=r"--reject_budget must lie in \[0, 1\)"):
         PipelineConfig(reject_budget=4.0).resolve()
     with pytest.raises(ConfigError, match="--export_percentile=5 is not among"):
@@ -222,18 +225,20 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
     ll, labels = inference.split_log_likelihoods(model, run_dir / "ingest", "train", 55000,
                                                  5000)
     # The deployed percentile is the last 0.05 step that keeps within --reject_budget.
+    # The default rule for feature_density: one threshold, over every correct sample.
+    assert saved["threshold_rule"] == config.threshold_rule == "shared"
+    correct = ll.argmax(1) == labels
     deployed = float(saved["deployed"]["percentile"])
     for p, within in ((deployed, True), (deployed + 0.05, False)):
-        thresholds = rejection.calibrate(ll, labels, (p,))[p]["thresholds"]
-        rate = (ll.max(1) < thresholds[ll.argmax(1)]).mean()
+        ordered = np.sort(ll.max(1)[correct])
+        threshold = ordered[int(np.floor(p / 100 * len(ordered)))]
+        rate = (ll.max(1) < threshold).mean()
         assert (rate <= config.reject_budget) == within, (p, rate)
     for p in ("1", "2"):
-        for c in range(10):
-            scores = np.sort(ll[(labels == c) & (ll.argmax(1) == c), c])
-            expected = scores[int(np.floor(int(p) / 100 * len(scores)))] if len(scores) else None
-            got = saved["percentiles"][p]["thresholds"][c]
-            assert (got is None and expected is None) or abs(got - expected) < 1e-3 * abs(
-                expected)
+        ordered = np.sort(ll.max(1)[correct])
+        expected = ordered[int(np.floor(int(p) / 100 * len(ordered)))]
+        np.testing.assert_allclose(saved["percentiles"][p]["thresholds"], [expected] * 10,
+                                   rtol=1e-3)
     report = artifacts.read_json(run_dir / "evaluate" / evaluate.REPORT_JSON)
     assert set(report["ood"]) == {"mnist", "uniform_noise", "gaussian_noise", "constant"}
     test_ll, test_labels = inference.split_log_likelihoods(model, run_dir / "ingest", "test")

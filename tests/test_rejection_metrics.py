@@ -62,6 +62,19 @@ def test_budget_percentile_against_brute_force():
         rejection.budget_percentile(ll, labels, 1.5)
 
 
+def test_shared_thresholds_and_their_budget():
+    ll = np.array([[5.0, 0.0], [3.0, 0.0], [0.0, 4.0], [0.0, 1.0], [2.0, 0.0], [0.0, 9.0]])
+    labels = np.array([0, 0, 1, 1, 1, 1])  # sample 4 is misclassified (predicts 0)
+    # correct top scores: 5, 3, 4, 1, 9 -> sorted 1, 3, 4, 5, 9
+    result = rejection.calibrate(ll, labels, (0, 20, 40), shared=True)
+    np.testing.assert_array_equal(result[0]["thresholds"], [1.0, 1.0])
+    np.testing.assert_array_equal(result[20]["thresholds"], [3.0, 3.0])  # index floor(1.0)
+    np.testing.assert_array_equal(result[40]["thresholds"], [4.0, 4.0])  # index 2
+    # Rejected at p=20: scores below 3 -> 1 and the misclassified 2 -> 2 of 6.
+    assert rejection.budget_percentile(ll, labels, 2 / 6, shared=True) == pytest.approx(39.95)
+    assert rejection.budget_percentile(ll, labels, 1.5 / 6, shared=True) == pytest.approx(19.95)
+
+
 def test_decide_equation_9():
     ll = np.array([[-1.0, -5.0], [-5.0, -3.0], [-2.5, -9.0], [np.nan, np.nan], [-4, -3.5]])
     predicted, rejected = rejection.decide(ll, [-2.0, math.inf])

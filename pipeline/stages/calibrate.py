@@ -20,7 +20,7 @@ from pipeline import artifacts, inference
 from sdim_tf import rejection
 
 FIELDS = ("percentiles", "validation_split", "train_limit", "score", "density_layers",
-          "reject_budget", "export_percentile")
+          "reject_budget", "export_percentile", "threshold_rule")
 THRESHOLDS, DENSITY = "thresholds.json", "density.npz"
 
 
@@ -36,8 +36,9 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     skip, limit = config.calibration_examples(num_train)
     ll, labels = inference.split_log_likelihoods(model, upstream["ingest"], "train", skip, limit)
     percentiles = list(config.percentiles)
+    shared = config.threshold_rule == "shared"
     if config.reject_budget:
-        deployed = rejection.budget_percentile(ll, labels, config.reject_budget)
+        deployed = rejection.budget_percentile(ll, labels, config.reject_budget, shared=shared)
         deployed = int(deployed) if float(deployed).is_integer() else deployed
         rule = (f"the largest percentile rejecting at most {100 * config.reject_budget:g}% of "
                 f"the calibration images")
@@ -47,7 +48,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         percentiles.append(deployed)
     else:
         deployed, rule = config.export_percentile, "--export_percentile"
-    calibration = rejection.calibrate(ll, labels, sorted(set(percentiles)))
+    calibration = rejection.calibrate(ll, labels, sorted(set(percentiles)), shared)
     accuracy = float((ll.argmax(1) == labels).mean())
     for p, v in calibration.items():
         empty = [meta["class_names"][c] for c, n in enumerate(v["counts"]) if n == 0]
@@ -60,6 +61,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         "score": config.score,
         "density_layers": list(config.density_layers)
         if config.score == "feature_density" else None,
+        "threshold_rule": config.threshold_rule,
         "source": "validation" if config.validation_split else "train",
         "examples": {"skip": skip, "limit": limit, "num_samples": int(len(labels))},
         "accuracy": accuracy,

@@ -198,6 +198,7 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
     from sdim_tf import rejection
 
     config, run_dir = tiny_run
+    config = config.resolve()  # the presets the run applied
     saved = artifacts.read_json(run_dir / "calibrate" / calibrate.THRESHOLDS)
     # The preset holds out the last 5000 training images for calibration.
     assert config.validation_split == 5000

@@ -67,14 +67,15 @@ def scoring_model(run_dir: pathlib.Path):
     """What the run deploys: images -> [N, C] class scores whose argmax is the prediction
     and whose maximum meets the calibrated thresholds. The trained classifier itself, or
     with --score=feature_density its fitted `density.FeatureDensity`."""
+    from pipeline.stages import calibrate  # calibrate imports this module
     from sdim_tf import density
 
     calibrate_dir = pathlib.Path(run_dir) / "calibrate"
-    saved = artifacts.read_json(calibrate_dir / "thresholds.json")
+    saved = artifacts.read_json(calibrate_dir / calibrate.THRESHOLDS)
     model = best_model(run_dir)
     if saved.get("score") != "feature_density":
         return model
     scorer = density.FeatureDensity(model, len(saved["class_names"]), saved["density_layers"])
-    with np.load(calibrate_dir / "density.npz") as parameters:
+    with np.load(calibrate_dir / calibrate.DENSITY) as parameters:
         scorer.load_parameters(dict(parameters))
     return scorer

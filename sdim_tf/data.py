@@ -263,7 +263,8 @@ def load_split_with_source(name: str, split: str, data_dir: Optional[str] = None
     if data_dir is not None:
         candidates.append((pathlib.Path(data_dir), True))
     if os.environ.get(DATA_DIR_ENV):
-        candidates.append((pathlib.Path(os.environ[DATA_DIR_ENV]), False))
+        # Absolute, so the recorded source names the folder whatever the reader's cwd.
+        candidates.append((pathlib.Path(os.environ[DATA_DIR_ENV]).resolve(), False))
     for folder, explicit in candidates:
         if explicit and not folder.is_dir():
             raise DataError(f"--data_dir {folder}: no such folder")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
+import tensorflow as tf
 from keras import layers, ops
 
 # PyTorch's BatchNorm2d defaults (momentum 0.1, eps 1e-5), as in the authors' code.
@@ -107,7 +108,21 @@ class ResNetEncoder(layers.Layer):
 
     def features(self, x, training=None) -> dict:
         """Every intermediate output by name: `local1`-`local4` (the stage maps), `stage1`-
-        `stage4` (their global average pools), `head` (the ReLU'd 256-d layer) and `z`."""
+        `stage4` (their global average pools), `head` (the ReLU'd 256-d layer) and `z`.
+
+        An empty batch gets correctly shaped empty outputs without running the network on
+        it: oneDNN's strided convolution returns a wrong shape for one on AVX-512 CPUs.
+        """
+        if training or isinstance(x, keras.KerasTensor):
+            return self._features(x, training)
+        x = tf.convert_to_tensor(x)
+        n = tf.shape(x)[0]
+        one = tf.tensor_scatter_nd_update(tf.shape(x), [[0]], [1])
+        x = tf.ensure_shape(
+            tf.cond(n > 0, lambda: x, lambda: tf.zeros(one, x.dtype)), [None, *x.shape[1:]])
+        return {k: v[:n] for k, v in self._features(x, training).items()}
+
+    def _features(self, x, training) -> dict:
         h = ops.relu(self.stem_bn(self.stem(x), training=training))
         features = {}
         for s, stage in enumerate(self.stages, start=1):

@@ -8,6 +8,10 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+# The README passes a path relative to the repository; the CLI tests start processes in
+# other folders, which inherit this environment.
+if os.environ.get("SDIM_DATA_DIR"):
+    os.environ["SDIM_DATA_DIR"] = str(pathlib.Path(os.environ["SDIM_DATA_DIR"]).resolve())
 
 
 def real_data_dir() -> pathlib.Path:

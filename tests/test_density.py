@@ -99,3 +99,23 @@ def test_scores_match_numpy_and_have_chi_square_mean(cls, kwargs):
     fresh = density.FeatureDensity(model, 3, layers)
     fresh.load_parameters(scorer.parameters())
     np.testing.assert_array_equal(fresh.predict(queries, verbose=0), got)
+
+
+def test_empty_batch_scores_without_running_the_network():
+    """Every library scoring path answers an empty batch with [0, C] (eager and graph)."""
+    import tensorflow as tf
+
+    model = sdim_tf.SDIM(3, (32, 32, 1), rep_dim=8)
+    scorer = density.FeatureDensity(model, 3, ("stage2", "head"))
+    empty, one = tf.zeros((0, 32, 32, 1)), tf.zeros((1, 32, 32, 1))
+    discriminative = sdim_tf.DiscriminativeClassifier(3)
+    paths = {"SDIM": lambda x: model(x, training=False),
+             "discriminative": lambda x: discriminative(x, training=False),
+             "FeatureDensity": lambda x: scorer(x),
+             "scores_and_logits": lambda x: scorer.scores_and_logits(x)[0]}
+    for name, path in paths.items():
+        for fn in (path, tf.function(path)):
+            assert fn(empty).shape == (0, 3), name
+            assert fn(one).shape == (1, 3), name
+    features = tf.function(lambda x: model.encoder.features(x, training=False))(empty)
+    assert features["local2"].shape == (0, 16, 16, 64) and features["head"].shape == (0, 256)

@@ -5,13 +5,12 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 
-from pipeline import artifacts, run
+from pipeline import artifacts, faults, run
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.stages import train
 
@@ -140,7 +139,7 @@ def _assert_one_line_error(result, *words):
         assert word in last, last
 
 
-def test_cli_user_errors_are_one_line(tmp_path, tiny_run):
+def test_cli_user_errors_are_one_line(tmp_path, tiny_run, data_dir):
     _, run_dir = tiny_run
     _assert_one_line_error(_cli(["--dataset=imagenet"], tmp_path), "unknown dataset")
     _assert_one_line_error(_cli(["--train_limit=10"], tmp_path), "--train_limit")
@@ -156,7 +155,7 @@ def test_cli_user_errors_are_one_line(tmp_path, tiny_run):
     shutil.copytree(run_dir, broken)
     (broken / "train" / train.LAST).write_bytes(b"garbage")
     result = _cli([f"--run_dir={broken}", "--epochs=3", "--train_limit=1024",
-                   f"--data_dir={os.environ.get('SDIM_DATA_DIR', '')}"], tmp_path)
+                   f"--data_dir={data_dir}"], tmp_path)
     _assert_one_line_error(result, "last.keras cannot be loaded")
 
 
@@ -169,20 +168,15 @@ def test_killed_training_resumes(tmp_path, tiny_run):
     shutil.copytree(run_dir / "ingest", work / "ingest")  # reuse the ingested data
     args = [f"--run_dir={work}", "--stages=ingest,train", "--epochs=3", "--train_limit=256",
             "--batch_size=64"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Killed right after epoch 1's state is written: the same point on any machine.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2",
+               **{faults.ENV: "train.epoch_done:1"})
+    killed = subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=tmp_path,
+                            env=env, capture_output=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     state = work / "train" / train.STATE
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and artifacts.read_json(state)["epoch"] >= 1:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "training ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     done = artifacts.read_json(state)["epoch"]
-    assert 1 <= done < 3
+    assert done == 1
     assert not (work / "train" / artifacts.MANIFEST).exists()
     result = _cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

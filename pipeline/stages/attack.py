@@ -172,6 +172,8 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         key = {**common, "steps": {"deepfool": settings.deepfool_steps,
                                    "boundary": settings.boundary_steps,
                                    "local_search": settings.local_search_rounds}[attack]}
+        if attack == "deepfool":
+            key["overshoot"] = settings.deepfool_overshoot
         done = parts.get(attack, key)
         if done is None:
             logging.info("attack: %s on %d correctly classified images", attack, len(attacked))

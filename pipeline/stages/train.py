@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 import sdim_tf
-from pipeline import artifacts
+from pipeline import artifacts, faults
 from pipeline.config import PipelineConfig
 from pipeline.stages import ingest
 from sdim_tf import data
@@ -240,6 +240,7 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
         state["epoch"] = epoch
         _write_history(stage_dir / HISTORY, state["history"])
         artifacts.write_json(stage_dir / STATE, state)  # last: marks the epoch complete
+        faults.point("train.epoch_done")
     return OUTPUTS
 
 

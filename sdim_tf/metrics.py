@@ -105,3 +105,40 @@ def separation(in_logits, out_logits, kinds) -> dict:
                         "aupr_out": average_precision(-s_out, -s_in),
                         "fpr_at_95_tpr": fpr_at_tpr(s_in, s_out)}
     return result
+
+
+def silent_error(predicted, labels, rejected) -> float:
+    """The share of ALL samples that are accepted and wrong: the errors nobody is warned of.
+
+    A share of all samples (not of the accepted ones), so rejecting more never raises it.
+    """
+    predicted, labels = np.asarray(predicted).reshape(-1), np.asarray(labels).reshape(-1)
+    rejected = np.asarray(rejected, bool).reshape(-1)
+    if not len(predicted) == len(labels) == len(rejected) or not len(labels):
+        raise ValueError(f"need equally many predictions, labels and rejection flags (> 0), got "
+                         f"{len(predicted)}, {len(labels)}, {len(rejected)}")
+    return float(np.mean(~rejected & (predicted != labels)))
+
+
+def risk_coverage(scores, correct) -> dict:
+    """The risk-coverage curve of selective classification and its area (AURC).
+
+    Samples are accepted by descending score (higher = more confident). The curve is evaluated
+    only where a threshold can fall, i.e. at the last index k of each group of equal scores:
+    coverage k / N and risk = errors among the k best / k. `aurc` is
+    sum_i (coverage_i - coverage_{i-1}) * risk_i with coverage_0 = 0; without ties that is the
+    usual mean over k = 1..N of risk@k.
+    """
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    correct = np.asarray(correct, bool).reshape(-1)
+    if len(scores) != len(correct) or not len(scores):
+        raise ValueError(f"need equally many scores and correctness flags (> 0), got "
+                         f"{len(scores)} and {len(correct)}")
+    order = np.argsort(-scores, kind="mergesort")
+    ordered = scores[order]
+    last_of_tie = np.r_[ordered[1:] != ordered[:-1], True]
+    errors = np.cumsum(~correct[order])[last_of_tie]
+    accepted = np.arange(1, len(scores) + 1)[last_of_tie]
+    coverage, risk = accepted / len(scores), errors / accepted
+    return {"coverage": coverage, "risk": risk,
+            "aurc": float(np.sum(np.diff(np.r_[0.0, coverage]) * risk))}

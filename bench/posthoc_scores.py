@@ -24,10 +24,10 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from pipeline import artifacts, inference
+from pipeline import artifacts
 from pipeline.config import PipelineConfig
-from pipeline.stages import evaluate
-from sdim_tf import data, density, metrics, rejection
+from pipeline.run_dir import Run
+from sdim_tf import data, density, metrics, outliers, rejection
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "A run with ingest and train done and a validation split.")
@@ -45,20 +45,6 @@ flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "result
 CANDIDATES = (("model",), ("z",), ("head",), ("stage4",), ("stage3",), ("stage4", "z"),
               ("stage3", "stage4"), ("stage3", "stage4", "z"), ("stage3", "stage4", "head"),
               ("stage2", "stage3", "stage4", "z"), density.LAYERS)
-
-
-def proxy_outliers(images: np.ndarray, seed: int = 0) -> dict:
-    """Outliers made from in-distribution images: what selection may look at."""
-    rng = np.random.default_rng(seed)
-    n, h, w, c = images.shape
-    permutation = rng.permutation(h * w)
-    tile = h // 4
-    grid = images.reshape(n, 4, tile, 4, tile, c).transpose(0, 1, 3, 2, 4, 5)
-    grid = grid.reshape(n, 16, tile, tile, c)[:, rng.permutation(16)]
-    shuffled = grid.reshape(n, 4, 4, tile, tile, c).transpose(0, 1, 3, 2, 4, 5)
-    return {"flipped": images[:, ::-1], "inverted": 1.0 - images,
-            "pixel_permuted": images.reshape(n, h * w, c)[:, permutation].reshape(images.shape),
-            "tile_shuffled": shuffled.reshape(images.shape)}
 
 
 def features(model, dataset) -> tuple[dict, np.ndarray]:
@@ -79,7 +65,8 @@ def features(model, dataset) -> tuple[dict, np.ndarray]:
 
 
 def layer_scores(fit: dict, labels: np.ndarray, num_classes: int):
-    """layer -> (features [N, d] -> standardised class scores [N, C]), as FeatureDensity."""
+    """layer -> (features [N, d] -> standardised class scores [N, C]), FeatureDensity's
+    formula (sdim_tf.density) in float64."""
     scorers = {}
     for layer in density.LAYERS:
         stats = density.TiedGaussianStats(num_classes, fit[layer].shape[1])
@@ -87,9 +74,8 @@ def layer_scores(fit: dict, labels: np.ndarray, num_classes: int):
         means, factor = stats.fit()
 
         def score(x, means=means, factor=factor):
-            whitened = np.einsum("ncd,de->nce", x[:, None, :] - means[None], factor)
-            d = x.shape[1]
-            return (d - (whitened ** 2).sum(-1)) / np.sqrt(2.0 * d)
+            return density.standardized_scores(tf.constant(x, tf.float64), means,
+                                               factor).numpy()
 
         scorers[layer] = score
     return scorers
@@ -140,14 +126,14 @@ def main(argv):
     del argv
     if not FLAGS.run_dir:
         sys.exit("error: --run_dir is required")
-    run_dir = pathlib.Path(FLAGS.run_dir)
+    run = Run(FLAGS.run_dir)
+    run_dir = run.root
     started = time.time()
-    meta = inference.metadata(run_dir)
-    trained = artifacts.read_json(run_dir / "train" / artifacts.MANIFEST)["config"]
+    trained = run.model.manifest()["config"]
     config = PipelineConfig(**{k: v for k, v in trained.items()
                                if k in ("dataset", "validation_split", "train_limit",
                                         "batch_size")}).resolve()
-    num_train = meta["splits"]["train"]["num_examples"]
+    num_train = run.examples.num_examples("train")
     fit_range, val_range = config.train_examples(num_train), config.calibration_examples(num_train)
     held_out = bool(config.validation_split)
     if not held_out:
@@ -156,24 +142,17 @@ def main(argv):
                      f"needs held-out images (or --trained_validation=N, see --help)")
         n = FLAGS.trained_validation
         fit_range, val_range = (0, num_train - n), (num_train - n, n)
-    ingest_dir = run_dir / "ingest"
-    model = inference.best_model(run_dir)
+    model = run.model.best()
     sets, labels = {}, {}
     for name, (skip, limit) in (("fit", fit_range), ("val", val_range)):
-        sets[name], labels[name] = features(
-            model, inference.split_dataset(ingest_dir, "train", skip, limit))
-    sets["test"], labels["test"] = features(model, inference.split_dataset(ingest_dir, "test"))
-    val_images, _ = inference.split_arrays(ingest_dir, "train", limit=val_range[1],
-                                           skip=val_range[0])
-    proxies = proxy_outliers(val_images[:FLAGS.proxy_images], seed=config.seed)
-    oods, _ = evaluate.ood_sets(config, meta)
+        sets[name], labels[name] = features(model, run.examples.dataset("train", skip, limit))
+    sets["test"], labels["test"] = features(model, run.examples.dataset("test"))
+    val_images, _ = run.examples.arrays("train", limit=val_range[1], skip=val_range[0])
+    proxies = outliers.proxy_outliers(val_images[:FLAGS.proxy_images], seed=config.seed)
+    oods, _ = outliers.ood_sets(config.dataset, run.examples.image_shape, seed=config.seed)
     for name, images in {**proxies, **oods}.items():
-        images = images if images.dtype == np.float32 else data.preprocess(images).numpy()
-        dataset = tf.data.Dataset.from_tensor_slices(
-            (np.ascontiguousarray(images, np.float32), np.zeros(len(images), np.int64))
-        ).batch(500)
-        sets[name], labels[name] = features(model, dataset)
-    scorers = layer_scores(sets["fit"], labels["fit"], meta["num_classes"])
+        sets[name], labels[name] = features(model, data.image_batches(images))
+    scorers = layer_scores(sets["fit"], labels["fit"], run.examples.num_classes)
     del sets["fit"]
     percentiles = [float(p) if "." in p else int(p) for p in FLAGS.percentiles]
     record = {"run_dir": str(run_dir), "trained": trained, "validation_held_out": held_out,

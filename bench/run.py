@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
@@ -20,14 +19,15 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from pipeline import artifacts, inference
+from bench.machine import machine
+from pipeline import artifacts
 from pipeline.config import PipelineConfig
+from pipeline.run_dir import Examples
 from pipeline.stages import ingest, train
-from sdim_tf import data, rejection, serving
+from sdim_tf import rejection, serving
 
 BENCHMARKS = ("training", "input_pipeline", "serving", "calibration", "memory")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", list(BENCHMARKS), f"Benchmarks to run: {', '.join(BENCHMARKS)}.")
@@ -40,23 +40,6 @@ flags.DEFINE_integer("calibration_images", None, "Limit the calibration benchmar
 flags.DEFINE_integer("serving_calls", 50, "Timed serving calls at batch 256 (x4 at batch 1).")
 flags.DEFINE_integer("memory_images", 8192, "Training images of the memory benchmark's run.")
 flags.DEFINE_string("out", str(RESULTS), "Where the JSON results go.")
-
-
-def machine() -> dict:
-    info = {"cores": os.cpu_count(), "platform": platform.platform(), "cpu": None, "flags": []}
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and info["cpu"] is None:
-            info["cpu"] = value.strip()
-        if key.strip() == "flags":
-            present = set(value.split())
-            info["flags"] = [f for f in CPU_FLAGS if f in present]
-            break
-    return info
 
 
 def _save(name: str, figures: dict) -> dict:
@@ -108,21 +91,16 @@ def training_throughput() -> dict:
     return {"batch_size": batch, "steps": FLAGS.steps, "warmup": FLAGS.warmup, "rows": rows}
 
 
-def _ingested(tmp: pathlib.Path) -> pathlib.Path:
-    folder = tmp / "fashion_mnist"
-    if not (folder / ingest.METADATA).exists():
-        ingest.ingest("fashion_mnist", folder)
-    return folder
+def _ingested(tmp: pathlib.Path) -> Examples:
+    examples = Examples(tmp / "fashion_mnist")
+    if not (examples.folder / Examples.METADATA).exists():
+        ingest.ingest("fashion_mnist", examples.folder)
+    return examples
 
 
 def input_pipeline(tmp: pathlib.Path) -> dict:
     """One training epoch of tf.data alone: TFRecords -> decode -> resize -> crop/flip."""
-    folder = _ingested(tmp)
-    meta = artifacts.read_json(folder / ingest.METADATA)
-    spec = data.get_spec("fashion_mnist")
-    dataset = data.make_dataset(ingest.shard_files(folder, "train"), meta["image_shape"],
-                                FLAGS.batch_size, training=True, augmentation=spec.augmentation,
-                                seed=0)
+    dataset = _ingested(tmp).dataset("train", batch_size=FLAGS.batch_size, training=True)
     figures = {}
     for epoch in (1, 2):
         start, count = time.perf_counter(), 0
@@ -164,15 +142,15 @@ def serving_speed(tmp: pathlib.Path) -> dict:
 
 def calibration_speed(tmp: pathlib.Path) -> dict:
     """The calibrate stage's pass (log-likelihoods + thresholds) against a plain predict."""
-    folder = _ingested(tmp)
+    examples = _ingested(tmp)
     model = _model("sdim")
     limit = FLAGS.calibration_images
     # warm both paths (tracing) on one batch first
-    inference.split_log_likelihoods(model, folder, "train", limit=500)
-    plain_dataset = inference.split_dataset(folder, "train", limit=limit).map(lambda x, y: x)
+    rejection.class_scores(model, examples.dataset("train", limit=500))
+    plain_dataset = examples.dataset("train", limit=limit).map(lambda x, y: x)
     model.predict(plain_dataset.take(1), verbose=0)
     start = time.perf_counter()
-    ll, labels = inference.split_log_likelihoods(model, folder, "train", limit=limit)
+    ll, labels = rejection.class_scores(model, examples.dataset("train", limit=limit))
     rejection.calibrate(ll, labels, (1, 2))
     calibration = time.perf_counter() - start
     start = time.perf_counter()

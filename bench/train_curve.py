@@ -18,8 +18,8 @@ import keras
 from absl import app, flags
 
 from pipeline.config import PipelineConfig
+from pipeline.run_dir import Examples
 from pipeline.stages import ingest, train
-from sdim_tf import data
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name.")
@@ -36,16 +36,14 @@ def main(argv):
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.mixed_precision:
         keras.mixed_precision.set_global_policy(FLAGS.mixed_precision)
-    folder = pathlib.Path(tempfile.mkdtemp()) / FLAGS.dataset
-    meta = ingest.ingest(FLAGS.dataset, folder)
-    shape, spec = meta["image_shape"], data.get_spec(FLAGS.dataset)
-    train_ds = data.make_dataset(ingest.shard_files(folder, "train"), shape, FLAGS.batch_size,
-                                 training=True, augmentation=spec.augmentation,
-                                 seed=FLAGS.seed)
-    test = data.make_dataset(ingest.shard_files(folder, "test"), shape, 500, training=False)
+    examples = Examples(pathlib.Path(tempfile.mkdtemp()) / FLAGS.dataset)
+    ingest.ingest(FLAGS.dataset, examples.folder)
+    train_ds = examples.dataset("train", batch_size=FLAGS.batch_size, training=True,
+                                seed=FLAGS.seed)
+    test = examples.dataset("test")
     config = PipelineConfig(dataset=FLAGS.dataset, model=FLAGS.model, critic=FLAGS.critic,
                             batch_size=FLAGS.batch_size, seed=FLAGS.seed).resolve()
-    model = train.build_model(config, meta["num_classes"], shape[-1])
+    model = train.build_model(config, examples.num_classes, examples.image_shape[-1])
     name = f"train_curve_{FLAGS.model}_{FLAGS.critic if FLAGS.model == 'sdim' else 'none'}"
     if FLAGS.mixed_precision:
         name += f"_{FLAGS.mixed_precision}"

@@ -108,13 +108,15 @@ def manifest_matches(stage_dir: str | os.PathLike, digest: str, inputs: dict) ->
 
 
 def write_manifest(stage_dir: str | os.PathLike, *, stage: str, digest: str, config: dict,
-                   inputs: dict, outputs: list[str], started: float, finished: float) -> None:
+                   inputs: dict, outputs: list[str], started: float, finished: float,
+                   schema_version: int) -> None:
     import datetime
 
     def iso(t):
         return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
 
     write_json(pathlib.Path(stage_dir) / MANIFEST, {
-        "stage": stage, "config_hash": digest, "config": config, "inputs": inputs,
+        "stage": stage, "schema_version": schema_version, "config_hash": digest,
+        "config": config, "inputs": inputs,
         "outputs": outputs, "started": iso(started), "finished": iso(finished),
         "seconds": round(finished - started, 2), "versions": package_versions()})

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from sdim_tf import adversarial, data, density, mutual_info
+from sdim_tf import adversarial, data, density, mutual_info, rejection
 
 MODELS = ("sdim", "discriminative")
 DISTRIBUTE = ("auto", "one_device", "mirrored", "multi_worker")
@@ -120,7 +120,7 @@ class PipelineConfig:
             c.threshold_rule = "shared" if c.score == "feature_density" else "per_class"
         c.attack_epsilons = tuple(float(e) for e in c.attack_epsilons)
         c.attack_cw_confidences = tuple(float(k) for k in c.attack_cw_confidences)
-        c.percentiles = tuple(float(p) if float(p) != int(p) else int(p) for p in c.percentiles)
+        c.percentiles = tuple(rejection.percentile_key(p) for p in c.percentiles)
         checks = [
             (c.model in MODELS, f"--model must be one of {', '.join(MODELS)}, got {c.model!r}"),
             (c.critic in mutual_info.CRITICS,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from absl import app, flags, logging
 
 from pipeline import artifacts
+from pipeline import run_dir as run_dirs
 from pipeline.config import DISTRIBUTE, MODELS, SCORES, THRESHOLD_RULES, ConfigError, PipelineConfig
 from pipeline.stages import attack, calibrate, evaluate, explain, export, ingest, train
 from sdim_tf import data, density, mutual_info
@@ -26,6 +27,7 @@ class Stage:
     name: str
     fields: tuple[str, ...]  # the config fields whose change reruns the stage
     needs: tuple[str, ...]  # upstream stages whose outputs it reads
+    # (config, its own folder, {upstream stage: typed view, pipeline.run_dir}) -> outputs
     run: Callable[[PipelineConfig, pathlib.Path, dict], list[str]]
     default: bool = True  # part of a run without --stages
 
@@ -40,7 +42,7 @@ STAGES = (
     Stage("attack", attack.FIELDS, ("ingest", "train", "calibrate"), attack.run, default=False),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
-USER_ERRORS = (ConfigError, data.DataError, train.TrainingError)
+USER_ERRORS = (ConfigError, data.DataError, train.TrainingError, run_dirs.ArtifactError)
 
 
 def _check_writable(run_dir: pathlib.Path) -> None:
@@ -87,15 +89,17 @@ def run(config: PipelineConfig) -> pathlib.Path:
     _check_writable(run_dir)
     selected = [s for s in STAGES
                 if (s.name in config.stages if config.stages else s.default)]
+    store = run_dirs.Run(run_dir)
     for stage in selected:
         stage_dir = run_dir / stage.name
-        upstream = {name: run_dir / name for name in stage.needs}
-        for name, folder in upstream.items():
-            if not (folder / artifacts.MANIFEST).exists():
-                raise ConfigError(f"stage {stage.name} needs the outputs of {name} in {folder}; "
-                                  f"run it first (--stages={name},{stage.name})")
+        upstream = {name: store.artifact(name) for name in stage.needs}
+        for name, view in upstream.items():
+            if not view.exists():
+                raise ConfigError(f"stage {stage.name} needs the outputs of {name} in "
+                                  f"{view.folder}; run it first (--stages={name},{stage.name})")
+            view.check_schema()
         digest = artifacts.config_hash({"stage": stage.name, **config.fields(stage.fields)})
-        inputs = artifacts.input_hashes(upstream)
+        inputs = artifacts.input_hashes({name: view.folder for name, view in upstream.items()})
         if not config.force and artifacts.manifest_matches(stage_dir, digest, inputs):
             logging.info("%s: unchanged since its last run, skipped (--force reruns it)",
                          stage.name)
@@ -107,7 +111,8 @@ def run(config: PipelineConfig) -> pathlib.Path:
         outputs = stage.run(config, stage_dir, upstream)
         artifacts.write_manifest(stage_dir, stage=stage.name, digest=digest,
                                  config=config.fields(stage.fields), inputs=inputs,
-                                 outputs=outputs, started=started, finished=time.time())
+                                 outputs=outputs, started=started, finished=time.time(),
+                                 schema_version=run_dirs.SCHEMA_VERSION)
         logging.info("%s: done in %.1f s", stage.name, time.time() - started)
     _write_run_readme(run_dir, config)
     return run_dir

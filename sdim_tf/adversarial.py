@@ -162,7 +162,7 @@ def detection_rates(logits: np.ndarray, success: np.ndarray,
         if not success.any():
             rates[p] = None
             continue
-        rejected = rejection.decide(np.asarray(logits)[success], t)[1].numpy()
+        rejected = rejection.decide(np.asarray(logits)[success], t).rejected.numpy()
         rates[p] = float(rejected.mean())
     return rates
 

@@ -321,6 +321,12 @@ def preprocess(images: tf.Tensor, image_size: int = IMAGE_SIZE) -> tf.Tensor:
     return images
 
 
+def image_batches(images: np.ndarray, batch_size: int = 500) -> tf.data.Dataset:
+    """(preprocessed images, dummy labels) batches of uint8 source or float [0, 1] images."""
+    return tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(
+        lambda x: (preprocess(x), tf.zeros(tf.shape(x)[:1], tf.int64)))
+
+
 def augment(images: tf.Tensor, kind: str, seed: tf.Tensor) -> tf.Tensor:
     """Batched pad-4 random crop (+ horizontal flip) with a stateless seed [2]."""
     if kind not in AUGMENTATIONS:

@@ -77,14 +77,22 @@ class TiedGaussianScores(keras.layers.Layer):
 
     def call(self, features):
         total = 0.0
-        for name, dim in self.dims.items():
-            x = tf.cast(features[name], tf.float32)
-            diff = x[:, None, :] - tf.convert_to_tensor(self.means[name])[None]  # [N, C, d]
-            # Whitening the differences (not the features) keeps float32 accurate.
-            whitened = tf.einsum("ncd,de->nce", diff, self.precision_factors[name])
-            distances = tf.reduce_sum(tf.square(whitened), axis=-1)
-            total += (float(dim) - distances) / np.sqrt(2.0 * dim)
+        for name in self.dims:
+            total += standardized_scores(tf.cast(features[name], tf.float32),
+                                         tf.convert_to_tensor(self.means[name]),
+                                         self.precision_factors[name])
         return total
+
+
+def standardized_scores(features, means, precision_factor) -> tf.Tensor:
+    """[N, d] features -> [N, C]: (d - squared Mahalanobis distance to each class mean) /
+    sqrt(2d), in the dtype of the inputs (float64 where a caller needs it)."""
+    dim = features.shape[-1]
+    diff = features[:, None, :] - means[None]  # [N, C, d]
+    # Whitening the differences (not the features) keeps float32 accurate.
+    whitened = tf.einsum("ncd,de->nce", diff, precision_factor)
+    distances = tf.reduce_sum(tf.square(whitened), axis=-1)
+    return (float(dim) - distances) / np.sqrt(2.0 * dim)
 
 
 class FeatureDensity(keras.Model):
@@ -114,10 +122,7 @@ class FeatureDensity(keras.Model):
         """(class scores [N, C], the classifier's own logits [N, C]) from one encoder pass;
         for SDIM the logits are log p(x|c)."""
         features = self.classifier.encoder.features(images, training=False)
-        z = features["z"]
-        logits = self.classifier.class_conditional(z) if hasattr(
-            self.classifier, "class_conditional") else tf.cast(z, tf.float32)
-        return self.density_scores(features), logits
+        return self.density_scores(features), self.classifier.logits_from_features(features)
 
     def fit_features(self, batches: Iterable, ridge: float = 1e-6, progress=None) -> int:
         """Fits every layer from (images, labels) batches (no augmentation); returns N."""

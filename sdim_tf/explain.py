@@ -33,10 +33,8 @@ def functional_view(model) -> keras.Model:
     features["z"] = enc.out(features["head"])
     if hasattr(model, "density_scores"):
         outputs = model.density_scores({k: features[k] for k in model.layer_names})
-    elif hasattr(model, "class_conditional"):
-        outputs = model.class_conditional(features["z"])
     else:
-        outputs = features["z"]
+        outputs = base.logits_from_features(features)
     return keras.Model(inputs, outputs, name=f"{model.name}_view")
 
 

@@ -14,7 +14,8 @@ from sdim_tf import rejection
 
 def selective(log_likelihoods, labels, thresholds) -> dict:
     """Table 2: accuracy, accuracy on the kept samples and the reject rate."""
-    predicted, rejected = (t.numpy() for t in rejection.decide(log_likelihoods, thresholds))
+    decision = rejection.decide(log_likelihoods, thresholds)
+    predicted, rejected = decision.class_ids.numpy(), decision.rejected.numpy()
     correct = predicted == np.asarray(labels)
     kept = ~rejected
     return {"accuracy": float(correct.mean()),
@@ -30,7 +31,7 @@ def classwise_detection_rate(ood_log_likelihoods, thresholds) -> float:
 
 def decision_rejection_rate(ood_log_likelihoods, thresholds) -> float:
     """The share of OOD samples the deployed rule (equation 9) rejects."""
-    return float(rejection.decide(ood_log_likelihoods, thresholds)[1].numpy().mean())
+    return float(rejection.decide(ood_log_likelihoods, thresholds).rejected.numpy().mean())
 
 
 def auroc(in_scores, out_scores) -> float:

@@ -73,6 +73,11 @@ class _Classifier(keras.Model):
         return {**base, **{k: list(v) if isinstance(v, tuple) else v
                            for k, v in self.config.items()}}
 
+    def scores_and_logits(self, images):
+        """(class scores, logits) [N, C]: a classifier scores with its own logits."""
+        logits = self(images, training=False)
+        return logits, logits
+
     def trainable_parameter_count(self) -> int:
         """Trainable parameters (batch-norm moving statistics left out, as in the paper)."""
         return int(sum(int(tf.size(v)) for v in self.trainable_weights))
@@ -123,7 +128,11 @@ class SDIM(_Classifier):
 
     def call(self, images, training=None):
         _, z = self.encoder(images, training=training)
-        return self.class_conditional(z)
+        return self.logits_from_features({"z": z})
+
+    def logits_from_features(self, features: dict):
+        """The head: encoder features (`ResNetEncoder.features`) -> summed log p(z|c)."""
+        return self.class_conditional(features["z"])
 
     def log_likelihoods(self, images, training=None):
         """The summed log p(x|c) = log p(z|c) for every class, [N, C] (an alias of call)."""
@@ -163,7 +172,11 @@ class DiscriminativeClassifier(_Classifier):
         self.built = True
 
     def call(self, images, training=None):
-        return tf.cast(self.encoder(images, training=training)[1], tf.float32)
+        return self.logits_from_features({"z": self.encoder(images, training=training)[1]})
+
+    def logits_from_features(self, features: dict):
+        """The head: encoder features -> logits (z is the C-way last layer), float32."""
+        return keras.ops.cast(features["z"], "float32")
 
     def _loss_terms(self, images, labels, training):
         logits = self(images, training=training)

@@ -8,46 +8,70 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 
+def percentile_key(p: float) -> int | float:
+    """A percentile as the number its JSON key and flags use: 1.0 -> 1, 3.55 -> 3.55."""
+    p = float(p)
+    return int(p) if p.is_integer() else p
+
+
 def percentile_value(scores: np.ndarray, p: float) -> float:
     """The authors' rule: the value at index floor(p/100 * n) of the n sorted scores."""
-    ordered = np.sort(np.asarray(scores, np.float64))
+    return _at_percentile(np.sort(np.asarray(scores, np.float64)), p)
+
+
+def _at_percentile(ordered: np.ndarray, p: float) -> float:
     return float(ordered[min(int(math.floor(p / 100.0 * len(ordered))), len(ordered) - 1)])
+
+
+def _sorted_correct(ll: np.ndarray, labels: np.ndarray, shared: bool) -> list[np.ndarray]:
+    """Per class (or, `shared`, once for all classes) the sorted scores of the correctly
+    classified samples of that class under their own class."""
+    predicted = ll.argmax(axis=1)
+    if shared:
+        correct = ll[np.arange(len(ll)), labels][predicted == labels] if len(ll) \
+            else np.zeros(0)
+        return [np.sort(correct)]
+    return [np.sort(ll[(labels == c) & (predicted == c), c]) for c in range(ll.shape[1])]
+
+
+def _thresholds(ordered: list[np.ndarray], p: float, num_classes: int) -> np.ndarray:
+    values = [_at_percentile(o, p) if len(o) else math.inf for o in ordered]
+    return np.asarray(values * num_classes if len(ordered) == 1 < num_classes else values)
+
+
+def _check(log_likelihoods, labels) -> tuple[np.ndarray, np.ndarray]:
+    ll = np.asarray(log_likelihoods, np.float64)
+    labels = np.asarray(labels)
+    if ll.ndim != 2 or len(ll) != len(labels):
+        raise ValueError(f"log_likelihoods must be [N, C] with N = len(labels); got {ll.shape} "
+                         f"and {labels.shape}")
+    return ll, labels
 
 
 def calibrate(log_likelihoods: np.ndarray, labels: np.ndarray,
               percentiles: Sequence[float] = (1, 2), shared: bool = False) -> dict:
     """Thresholds per percentile and class: {p: {"thresholds": [C], "counts": [C]}}.
 
-    A class with no correctly classified sample gets +inf: every prediction of it is rejected.
-    `shared`: every class gets the percentile of all correctly classified samples' scores
-    (one threshold; better than per class for scores standardised across classes).
+    A class with no correctly classified sample gets +inf under the per-class rule: every
+    prediction of it is rejected. `shared`: every class gets the percentile of all correctly
+    classified samples' scores (one threshold; better than per class for scores
+    standardised across classes). `counts` are per class under both rules.
     """
-    ll = np.asarray(log_likelihoods, np.float64)
-    labels = np.asarray(labels)
-    if ll.ndim != 2 or len(ll) != len(labels):
-        raise ValueError(f"log_likelihoods must be [N, C] with N = len(labels); got {ll.shape} "
-                         f"and {labels.shape}")
-    predicted = ll.argmax(axis=1)
+    ll, labels = _check(log_likelihoods, labels)
+    per_class = _sorted_correct(ll, labels, shared=False)
+    ordered = _sorted_correct(ll, labels, shared=True) if shared else per_class
     result = {}
     for p in percentiles:
         if not 0 <= p < 100:
             raise ValueError(f"percentile must be in [0, 100), got {p}")
-        thresholds, counts = [], []
-        for c in range(ll.shape[1]):
-            scores = ll[(labels == c) & (predicted == c), c]
-            counts.append(int(len(scores)))
-            thresholds.append(percentile_value(scores, p) if len(scores) else math.inf)
-        if shared:
-            correct = ll[np.arange(len(ll)), labels][predicted == labels] \
-                if len(ll) else np.zeros(0)
-            value = percentile_value(correct, p) if len(correct) else math.inf
-            thresholds = [value] * ll.shape[1]
-        result[p] = {"thresholds": np.asarray(thresholds), "counts": counts}
+        result[p] = {"thresholds": _thresholds(ordered, p, ll.shape[1]),
+                     "counts": [int(len(o)) for o in per_class]}
     return result
 
 
@@ -61,29 +85,58 @@ def budget_percentile(log_likelihoods: np.ndarray, labels: np.ndarray, budget: f
     """
     if not 0 < budget < 1:
         raise ValueError(f"budget must be a fraction in (0, 1), got {budget}")
-    ll = np.asarray(log_likelihoods, np.float64)
+    ll, labels = _check(log_likelihoods, labels)
     predicted, top = ll.argmax(1), ll.max(1)
+    ordered = _sorted_correct(ll, labels, shared)  # sorted once for every step
     best = 0.0
     for p in np.arange(0.0, limit, step):
         p = round(float(p), 4)
-        thresholds = calibrate(ll, labels, (p,), shared)[p]["thresholds"]
+        thresholds = _thresholds(ordered, p, ll.shape[1])
         if not (top < thresholds[predicted]).mean() <= budget:
             break
         best = p
     return best
 
 
-def decide(log_likelihoods, thresholds) -> tuple[tf.Tensor, tf.Tensor]:
-    """Equation 9: (predicted class int64 [N], rejected bool [N]).
+class Decision(NamedTuple):
+    """Equation 9, per sample: the predicted class, its score and threshold, and whether the
+    answer is refused."""
 
-    Rejected when the largest log-likelihood is below its class's threshold (or not finite).
+    class_ids: tf.Tensor  # int64 [N]
+    score: tf.Tensor  # float32 [N]
+    threshold: tf.Tensor  # float32 [N]
+    rejected: tf.Tensor  # bool [N]
+
+
+def decide(scores, thresholds, valid=None) -> Decision:
+    """Equation 9: rejected = not (score >= threshold of the predicted class), or invalid.
+
+    `scores` [N, C] (the paper's log p(x|c), or any class scores); `valid` bool [N] marks
+    inputs that passed validation (None: all). NaN scores are rejected.
     """
-    ll = tf.convert_to_tensor(log_likelihoods, tf.float32)
+    scores = tf.convert_to_tensor(scores, tf.float32)
     thresholds = tf.convert_to_tensor(thresholds, tf.float32)
-    predicted = tf.argmax(ll, axis=1)
-    score = tf.reduce_max(ll, axis=1)
-    rejected = tf.logical_not(score >= tf.gather(thresholds, predicted))  # NaN -> rejected
-    return predicted, rejected
+    class_ids = tf.argmax(scores, axis=1)
+    score = tf.reduce_max(scores, axis=1)
+    threshold = tf.gather(thresholds, class_ids)
+    rejected = tf.logical_not(score >= threshold)
+    if valid is not None:
+        rejected = rejected | tf.logical_not(valid)
+    return Decision(class_ids, score, threshold, rejected)
+
+
+def class_scores(scorer, batches) -> tuple[np.ndarray, np.ndarray]:
+    """(scorer's [N, C] class scores as float64, labels [N]) over (images, labels) batches."""
+
+    @tf.function
+    def forward(images):
+        return scorer(images, training=False)
+
+    outputs, labels = [], []
+    for images, batch_labels in batches:
+        outputs.append(forward(images).numpy())
+        labels.append(np.asarray(batch_labels))
+    return np.concatenate(outputs).astype(np.float64), np.concatenate(labels)
 
 
 def to_json(calibration: dict) -> dict:
@@ -94,6 +147,6 @@ def to_json(calibration: dict) -> dict:
 
 
 def from_json(obj: dict) -> dict:
-    return {float(p) if "." in p else int(p): {
+    return {percentile_key(p): {
         "thresholds": np.asarray([math.inf if t is None else t for t in v["thresholds"]]),
         "counts": v["counts"]} for p, v in obj.items()}

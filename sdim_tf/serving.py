@@ -1,4 +1,7 @@
-"""The exported tf.Module: three signatures that classify and reject, with input validation.
+"""What a run deploys, as one object: a scoring model, its thresholds and the decision rule.
+
+`RejectingClassifier` is used in memory (evaluation, explanations, attacks) and exported as
+a SavedModel with three signatures that classify and reject, with input validation:
 
 `serving_default` takes float32 images [N, 32, 32, C] in [0, 1]; `classify_raw` takes uint8
 images at the dataset's source size and preprocesses them with `data.preprocess` (the
@@ -18,19 +21,25 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from sdim_tf import data
+from sdim_tf import data, rejection
 
 SIGNATURES = ("serving_default", "classify_raw", "classify_encoded")
 
 
 class RejectingClassifier(tf.Module):
-    """A trained model + per-class thresholds -> predictions with the rejection decision."""
+    """A scoring model + per-class thresholds -> predictions with the rejection decision.
+
+    `model` maps float32 images [N, 32, 32, C] to class scores [N, C] and has
+    `scores_and_logits` (a trained classifier, or its fitted `density.FeatureDensity`).
+    """
 
     def __init__(self, model, thresholds: Sequence[float], channels: int,
-                 source_size: Sequence[int], name: str = "rejecting_classifier"):
+                 source_size: Sequence[int], class_names: Sequence[str] | None = None,
+                 name: str = "rejecting_classifier"):
         super().__init__(name=name)
         self.model = model
         self.num_classes = len(thresholds)
+        self.class_names = list(class_names) if class_names is not None else None
         self.channels = int(channels)
         self.source_size = tuple(int(s) for s in source_size)
         # +inf (a class never correctly classified in calibration) stays +inf: always rejected.
@@ -64,22 +73,24 @@ class RejectingClassifier(tf.Module):
         valid = tf.reduce_all(tf.math.is_finite(images) & (images >= 0.0) & (images <= 1.0),
                               axis=[1, 2, 3])
         clean = tf.where(valid[:, None, None, None], images, tf.zeros_like(images))
-        if hasattr(self.model, "scores_and_logits"):  # a density.FeatureDensity
-            scores, ll = self.model.scores_and_logits(clean)
-        else:
-            scores = ll = self.model(clean, training=False)
+        scores, ll = self.model.scores_and_logits(clean)
         invalid = tf.fill(tf.shape(ll), -np.inf)
         scores = tf.where(valid[:, None], tf.cast(scores, tf.float32), invalid)
         ll = tf.where(valid[:, None], tf.cast(ll, tf.float32), invalid)
-        class_ids = tf.argmax(scores, axis=1)
-        score = tf.reduce_max(scores, axis=1)
-        threshold = tf.gather(self.thresholds, class_ids)
+        decision = rejection.decide(scores, self.thresholds, valid)
         probabilities = tf.where(valid[:, None], tf.nn.softmax(ll), tf.zeros_like(ll))
-        return {"class_scores": scores, "log_likelihoods": ll, "class_ids": class_ids,
-                "max_log_likelihood": tf.reduce_max(ll, axis=1), "score": score,
-                "threshold": threshold,
-                "rejected": tf.logical_not(score >= threshold) | tf.logical_not(valid),
-                "probabilities": probabilities}
+        return {"class_scores": scores, "log_likelihoods": ll,
+                "class_ids": decision.class_ids, "max_log_likelihood": tf.reduce_max(ll, axis=1),
+                "score": decision.score, "threshold": decision.threshold,
+                "rejected": decision.rejected, "probabilities": probabilities}
+
+    def class_scores(self, batches) -> tuple[np.ndarray, np.ndarray]:
+        """(class scores [N, C] float64, labels [N]) over (images, labels) batches."""
+        return rejection.class_scores(self.model, batches)
+
+    def decide(self, scores) -> rejection.Decision:
+        """The deployed rule on class scores from `class_scores`."""
+        return rejection.decide(scores, self.thresholds)
 
     def _serving_default(self, images):
         images = self._check_shape(images, data.IMAGE_SIZE, data.IMAGE_SIZE, "serving_default")

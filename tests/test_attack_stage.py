@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import artifacts, inference, run
+from pipeline import artifacts, run
 from pipeline.config import ConfigError
-from pipeline.stages import attack, calibrate
+from pipeline.run_dir import Run
+from pipeline.stages import attack
 
 SMALL = dict(attack_images=4, attack_epsilons=(0.0, 0.3), attack_pgd_steps=2,
              attack_deepfool_steps=5, attack_boundary_steps=5, attack_local_search_rounds=3,
@@ -36,14 +37,14 @@ def test_attack_report_agrees_with_the_model(attacked):
         assert (stage / output).exists()
     report = artifacts.read_json(stage / attack.REPORT_JSON)
     assert report["settings"]["images"] == 4 and report["settings"]["cw_confidences"] == [0, 50]
-    model = inference.scoring_model(run_dir)  # what is deployed and attacked
-    images, labels = inference.split_arrays(run_dir / "ingest", "test", limit=200)
+    model = Run(run_dir).scoring_model()  # what is deployed and attacked
+    images, labels = Run(run_dir).examples.arrays("test", limit=200)
     logits = model.predict(images, verbose=0)
     # the epsilon = 0 point of each curve is the clean accuracy of the first 4 test images
     for curve in report["curves"].values():
         assert curve["sdim"][0] == float((logits[:4].argmax(1) == labels[:4]).mean())
     correct = np.flatnonzero(logits.argmax(1) == labels)[:4]
-    thresholds = calibrate.load(run_dir)
+    thresholds = Run(run_dir).calibration.percentiles()
     for name in ("deepfool", "boundary", "local_search", "cw_l2_k0", "cw_l2_k50"):
         summary = artifacts.read_json(stage / attack.PARTS / f"{name}.json")["summary"]
         with np.load(stage / attack.PARTS / f"{name}.npz") as arrays:

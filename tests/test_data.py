@@ -229,10 +229,10 @@ def test_augment_is_a_pad4_crop_with_flip():
 
 
 def test_make_dataset_batches_and_shuffles(fashion_ingest):
-    from pipeline.stages import ingest
+    from pipeline.run_dir import Examples
 
     folder, meta = fashion_ingest
-    files = ingest.shard_files(folder, "test")
+    files = Examples(folder).shard_files("test")
     ds = data.make_dataset(files, meta["image_shape"], 1000, training=False)
     labels = np.concatenate([y.numpy() for _, y in ds])
     expected = data.load_split("fashion_mnist", "test")[1]

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 import sdim_tf
-from pipeline import artifacts, inference
+from pipeline import artifacts
+from pipeline.run_dir import Run
 from pipeline.stages import explain as explain_stage
 from sdim_tf import explain
 
@@ -48,8 +49,8 @@ def test_pca_matches_the_eigen_decomposition():
 
 def test_maps_have_the_input_shape_and_show_structure(tiny_run):
     _, run_dir = tiny_run
-    model = inference.best_model(run_dir)
-    images, _ = inference.split_arrays(run_dir / "ingest", "test", limit=4)
+    model = Run(run_dir).model.best()
+    images, _ = Run(run_dir).examples.arrays("test", limit=4)
     predicted = model.predict(images, verbose=0).argmax(1)
     view = explain.functional_view(model)
     for method in explain.METHODS:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import artifacts, inference
-from pipeline.stages import calibrate, export
+from pipeline import artifacts
+from pipeline.run_dir import Run
+from pipeline.stages import export
 from sdim_tf import data, serving
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,9 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def exported(tiny_run, data_dir):
     config, run_dir = tiny_run
-    info = artifacts.read_json(run_dir / "export" / export.EXPORT_JSON)
-    module = serving.RejectingClassifier(inference.scoring_model(run_dir),
-                                         calibrate.deployed(run_dir)[1], 1, (28, 28))
+    info = Run(run_dir).export.record()
+    module = Run(run_dir).deployable()  # what export wrote, built in memory
     fashion, _ = data.load_split("fashion_mnist", "test", str(data_dir))
     digits, _ = data.load_split("mnist", "test", str(data_dir))
     raw = np.concatenate([fashion[:48], digits[:16]])  # uint8 [64, 28, 28, 1]
@@ -74,12 +74,17 @@ def test_deployed_scores_are_the_calibrated_scorers(exported, tiny_run):
     _, run_dir = tiny_run
     images = data.preprocess(raw).numpy()
     out = module.serving_default(tf.constant(images))
-    scores = inference.scoring_model(run_dir).predict(images, verbose=0)
-    log_likelihoods = inference.best_model(run_dir).predict(images, verbose=0)
+    scores = Run(run_dir).scoring_model().predict(images, verbose=0)
+    log_likelihoods = Run(run_dir).model.best().predict(images, verbose=0)
     np.testing.assert_allclose(out["class_scores"].numpy(), scores, rtol=1e-4,
                                atol=1e-4 * np.abs(scores).max())
     np.testing.assert_allclose(out["log_likelihoods"].numpy(), log_likelihoods, rtol=1e-4)
-    thresholds = calibrate.deployed(run_dir)[1]
+    saved = artifacts.read_json(run_dir / "calibrate" / "thresholds.json")
+    key = saved["deployed"]["percentile"]
+    thresholds = np.array(saved["percentiles"][key]["thresholds"], np.float64)
+    np.testing.assert_array_equal(module.thresholds.numpy(), thresholds.astype(np.float32))
+    assert module.class_names == artifacts.read_json(
+        run_dir / "ingest" / "metadata.json")["class_names"]
     np.testing.assert_array_equal(out["rejected"].numpy(),
                                   scores.max(1) < thresholds[scores.argmax(1)])
 

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline import artifacts
+from pipeline.run_dir import Examples
 from pipeline.stages import ingest
 from sdim_tf import data
 
@@ -17,7 +18,7 @@ def test_real_fashion_mnist_counts_and_statistics(fashion_ingest):
     assert abs(train["pixel_mean"] - 0.286) < 0.001
     assert meta["image_shape"] == [28, 28, 1] and meta["num_classes"] == 10
     assert meta["class_names"][9] == "Ankle boot"
-    on_disk = artifacts.read_json(folder / ingest.METADATA)
+    on_disk = artifacts.read_json(folder / Examples.METADATA)
     assert on_disk["splits"]["test"]["class_counts"] == [1000] * 10
     for source in meta["sources"]:
         for f in source["files"]:
@@ -27,7 +28,7 @@ def test_real_fashion_mnist_counts_and_statistics(fashion_ingest):
 def test_records_hold_the_source_images(fashion_ingest, data_dir):
     folder, meta = fashion_ingest
     images, labels = data.load_split("fashion_mnist", "test", data_dir=str(data_dir))
-    records = tf.data.TFRecordDataset(ingest.shard_files(folder, "test")).batch(10000)
+    records = tf.data.TFRecordDataset(Examples(folder).shard_files("test")).batch(10000)
     got_images, got_labels = data.parse_examples(next(iter(records)), meta["image_shape"])
     np.testing.assert_array_equal(got_images.numpy(), images)
     np.testing.assert_array_equal(got_labels.numpy(), labels)
@@ -59,4 +60,4 @@ def test_failed_rerun_keeps_previous_output(tmp_path):
     data.save_idx(np.array([0, 1, 12], np.uint8), src / "t10k-labels-idx1-ubyte.gz")
     with pytest.raises(data.DataError, match=r"label 12 outside \[0, 10\)"):
         ingest.ingest("mnist", out, data_dir=str(tmp_path / "src"))
-    assert artifacts.read_json(out / ingest.METADATA) == first
+    assert artifacts.read_json(out / Examples.METADATA) == first

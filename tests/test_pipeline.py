@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import artifacts, faults, run
 from pipeline.config import ConfigError, PipelineConfig
+from pipeline.run_dir import Run, TrainedModel
 from pipeline.stages import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def test_tiny_run_writes_every_output(tiny_run):
             assert (run_dir / stage / output).exists(), output
     assert set(artifacts.read_json(run_dir / "train" / artifacts.MANIFEST)["inputs"]) == {
         "ingest"}
-    rows = train.history(run_dir / "train")
+    rows = Run(run_dir).model.history()
     assert [r["epoch"] for r in rows] == [1, 2]
     assert set(rows[0]) >= {"loss", "mi_loss", "nll_loss", "lm_loss", "accuracy",
                             "test_accuracy", "seconds"}
@@ -54,12 +55,12 @@ def test_best_checkpoint_gives_the_logged_test_accuracy(tiny_run, data_dir):
     from sdim_tf import data
 
     _, run_dir = tiny_run
-    model = train.best_model(run_dir / "train")
+    model = Run(run_dir).model.best()
     images, labels = data.load_split("fashion_mnist", "test", data_dir=str(data_dir))
     logits = model.predict(data.preprocess(images[:2000]), batch_size=500, verbose=0)
     assert logits.shape == (2000, 10)
     accuracy = (np.argmax(logits, 1) == labels[:2000]).mean()
-    rows = train.history(run_dir / "train")
+    rows = Run(run_dir).model.history()
     best = min(rows, key=lambda r: r["loss"])  # the paper keeps the minimum training loss
     logged = best["test_accuracy"]
     assert abs(accuracy - logged) < 0.03  # 2000 of the 10000 test images
@@ -181,19 +182,19 @@ def test_killed_training_resumes(tmp_path, tiny_run):
     result = _cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming after epoch {done} of 3" in result.stderr
-    assert [r["epoch"] for r in train.history(work / "train")] == [1, 2, 3]
+    assert [r["epoch"] for r in TrainedModel(work / "train").history()] == [1, 2, 3]
     final = keras.models.load_model(work / "train" / train.LAST)
     assert int(final.optimizer.iterations) == 3 * (256 // 64)  # no step lost or repeated
 
 
 def test_calibrate_and_evaluate_outputs(tiny_run):
-    from pipeline import inference
-    from pipeline.stages import calibrate, evaluate
+    from pipeline.run_dir import Calibration, Evaluation
     from sdim_tf import rejection
 
     config, run_dir = tiny_run
     config = config.resolve()  # the presets the run applied
-    saved = artifacts.read_json(run_dir / "calibrate" / calibrate.THRESHOLDS)
+    run_view = Run(run_dir)
+    saved = artifacts.read_json(run_dir / "calibrate" / Calibration.THRESHOLDS)
     # The preset holds out the last 5000 training images for calibration.
     assert config.validation_split == 5000
     assert saved["source"] == "validation" and saved["examples"] == {
@@ -201,9 +202,9 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
     assert saved["score"] == "feature_density"  # the default
     # The fitted densities are numpy's class means and pooled covariance of the features
     # of the 1024 trained images (no augmentation).
-    images, train_labels = inference.split_arrays(run_dir / "ingest", "train", limit=1024)
-    features = inference.best_model(run_dir).encoder.features(images, training=False)
-    parameters = np.load(run_dir / "calibrate" / calibrate.DENSITY)
+    images, train_labels = run_view.examples.arrays("train", limit=1024)
+    features = run_view.model.best().encoder.features(images, training=False)
+    parameters = np.load(run_dir / "calibrate" / Calibration.DENSITY)
     for layer in saved["density_layers"]:
         x = features[layer].numpy().astype(np.float64)
         means = np.stack([x[train_labels == c].mean(0) for c in range(10)])
@@ -216,9 +217,8 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
         np.testing.assert_allclose(recovered, covariance, rtol=1e-2,
                                    atol=1e-3 * np.abs(covariance).max())
     # Independent recomputation from the deployed scores on the same images.
-    model = inference.scoring_model(run_dir)
-    ll, labels = inference.split_log_likelihoods(model, run_dir / "ingest", "train", 55000,
-                                                 5000)
+    model = run_view.scoring_model()
+    ll, labels = rejection.class_scores(model, run_view.examples.dataset("train", 55000, 5000))
     # The deployed percentile is the last 0.05 step that keeps within --reject_budget.
     # The default rule for feature_density: one threshold, over every correct sample.
     assert saved["threshold_rule"] == config.threshold_rule == "shared"
@@ -234,14 +234,14 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
         expected = ordered[int(np.floor(int(p) / 100 * len(ordered)))]
         np.testing.assert_allclose(saved["percentiles"][p]["thresholds"], [expected] * 10,
                                    rtol=1e-3)
-    report = artifacts.read_json(run_dir / "evaluate" / evaluate.REPORT_JSON)
+    report = artifacts.read_json(run_dir / "evaluate" / Evaluation.REPORT_JSON)
     assert set(report["ood"]) == {"mnist", "uniform_noise", "gaussian_noise", "constant"}
-    test_ll, test_labels = inference.split_log_likelihoods(model, run_dir / "ingest", "test")
+    test_ll, test_labels = rejection.class_scores(model, run_view.examples.dataset("test"))
     assert report["accuracy"] == pytest.approx((test_ll.argmax(1) == test_labels).mean())
     thresholds = rejection.from_json(saved["percentiles"])[1]["thresholds"]
-    _, rejected = rejection.decide(test_ll, thresholds)
-    assert report["selective"]["1"]["reject_rate"] == pytest.approx(rejected.numpy().mean())
-    md = (run_dir / "evaluate" / evaluate.REPORT_MD).read_text()
+    rejected = (test_ll.max(1) < thresholds[test_ll.argmax(1)]).mean()
+    assert report["selective"]["1"]["reject_rate"] == pytest.approx(rejected)
+    md = (run_dir / "evaluate" / Evaluation.REPORT_MD).read_text()
     for table in ("Table 1", "Table 2", "Table 3", "What this means"):
         assert table in md
     for figure in report["figures"]:

@@ -77,9 +77,21 @@ def test_shared_thresholds_and_their_budget():
 
 def test_decide_equation_9():
     ll = np.array([[-1.0, -5.0], [-5.0, -3.0], [-2.5, -9.0], [np.nan, np.nan], [-4, -3.5]])
-    predicted, rejected = rejection.decide(ll, [-2.0, math.inf])
-    np.testing.assert_array_equal(predicted.numpy()[:3], [0, 1, 0])
-    np.testing.assert_array_equal(rejected.numpy(), [False, True, True, True, True])
+    decision = rejection.decide(ll, [-2.0, math.inf])
+    np.testing.assert_array_equal(decision.class_ids.numpy()[:3], [0, 1, 0])
+    np.testing.assert_array_equal(decision.score.numpy()[[0, 1, 2, 4]], [-1, -3, -2.5, -3.5])
+    np.testing.assert_array_equal(decision.threshold.numpy()[:3], [-2.0, math.inf, -2.0])
+    np.testing.assert_array_equal(decision.rejected.numpy(), [False, True, True, True, True])
+    # invalid inputs are rejected whatever their score
+    valid = np.array([False, True, True, True, True])
+    np.testing.assert_array_equal(rejection.decide(ll, [-2.0, math.inf], valid).rejected,
+                                  [True, True, True, True, True])
+
+
+def test_percentile_key():
+    assert [rejection.percentile_key(p) for p in (1, 1.0, "2", 3.55, "3.6")] == [1, 1, 2, 3.55,
+                                                                                  3.6]
+    assert isinstance(rejection.percentile_key(2.0), int)
 
 
 def test_bad_calibration_input():

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import artifacts
-from pipeline.stages import export
+from pipeline.run_dir import Run
 from sdim_tf import data
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -67,7 +66,7 @@ def test_readme_has_an_example_per_signature():
                                         ("classify_encoded", tf.string)])
 def test_rest_examples_are_answered(tiny_run, data_dir, name, dtype):
     _, run_dir = tiny_run
-    path = artifacts.read_json(run_dir / "export" / export.EXPORT_JSON)["path"]
+    path = Run(run_dir).export.record()["path"]
     loaded = tf.saved_model.load(path)
     example = readme_examples()[name]
     assert example["signature_name"] == name

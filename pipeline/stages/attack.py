@@ -14,9 +14,9 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from pipeline import artifacts, inference
+from pipeline import artifacts
 from pipeline.config import ConfigError
-from pipeline.stages import calibrate, train
+from pipeline.run_dir import Run
 from sdim_tf import adversarial, plots
 
 FIELDS = ("attacks", "attack_images", "attack_epsilons", "attack_pgd_steps",
@@ -87,17 +87,17 @@ def _baseline_model(config):
     """(model, manifest hash) of --attack_baseline's discriminative run, checked to fit."""
     if not config.attack_baseline:
         return None
-    folder = pathlib.Path(config.attack_baseline)
-    manifest = folder / "train" / artifacts.MANIFEST
+    baseline = Run(config.attack_baseline)
+    manifest = baseline.model.folder / artifacts.MANIFEST
     if not manifest.exists():
-        raise ConfigError(f"--attack_baseline={folder}: no finished train stage in it "
+        raise ConfigError(f"--attack_baseline={baseline.root}: no finished train stage in it "
                           f"({manifest} missing)")
-    trained = artifacts.read_json(manifest)["config"]
-    meta = inference.metadata(folder)
-    if trained.get("model") != "discriminative" or meta.get("dataset") != config.dataset:
-        raise ConfigError(f"--attack_baseline={folder} holds a {trained.get('model')} model of "
-                          f"{meta.get('dataset')}; expected discriminative on {config.dataset}")
-    return train.best_model(folder / "train"), artifacts.sha256_file(manifest)
+    trained = baseline.model.manifest()["config"]
+    dataset = baseline.examples.metadata.get("dataset")
+    if trained.get("model") != "discriminative" or dataset != config.dataset:
+        raise ConfigError(f"--attack_baseline={baseline.root} holds a {trained.get('model')} "
+                          f"model of {dataset}; expected discriminative on {config.dataset}")
+    return baseline.model.best(), artifacts.sha256_file(manifest)
 
 
 def _untargeted(name, classifier, images, labels, thresholds, settings):
@@ -118,24 +118,22 @@ def _summary(result, images, thresholds) -> dict:
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    run_dir = stage_dir.parent
     settings = config.attack_settings()
-    meta = inference.metadata(run_dir)
-    names = meta["class_names"]
-    thresholds = {p: v["thresholds"] for p, v in calibrate.load(run_dir).items()}
-    model = inference.scoring_model(run_dir)
+    names = upstream["ingest"].class_names
+    thresholds = {p: v["thresholds"] for p, v in upstream["calibrate"].percentiles().items()}
+    model = Run(stage_dir.parent).deployable().model
     baseline = _baseline_model(config)
     count = max(settings.images, settings.cw_images)
     # enough test images to find `count` correctly classified ones
-    images, labels = inference.split_arrays(upstream["ingest"], "test",
-                                            limit=max(count * 4, 1000))
+    images, labels = upstream["ingest"].arrays("test", limit=max(count * 4, 1000))
     classifier = adversarial.art_classifier(model, len(names), images.shape[1:],
                                             settings.batch_size)
     clean = classifier.predict(images)
     correct = adversarial.first_correct(clean, labels, count)
     if len(correct) == 0:
         raise ConfigError("attack: the model classifies none of the test images correctly")
-    parts = _Parts(stage_dir / PARTS, artifacts.input_hashes(upstream))
+    parts = _Parts(stage_dir / PARTS, artifacts.input_hashes(
+        {name: view.folder for name, view in upstream.items()}))
     common = {"images": settings.images, "seed": settings.seed}
     report = {"dataset": config.dataset, "model": config.model,
               "settings": dataclasses.asdict(settings), "curves": {}, "untargeted": {},

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import pathlib
 
-import numpy as np
 from absl import logging
 
-from pipeline import artifacts, inference
-from pipeline.stages import calibrate
-from sdim_tf import data, metrics, plots
+from pipeline import artifacts
+from pipeline.run_dir import Evaluation, Run
+from sdim_tf import data, metrics, outliers, plots
 
 FIELDS = ("percentiles", "seed")
-REPORT_JSON, REPORT_MD = "report.json", "report.md"
-OOD_PAIRS = {"fashion_mnist": ["mnist"], "mnist": ["fashion_mnist"], "cifar10": ["svhn_cropped"]}
-SYNTHETIC = ("uniform_noise", "gaussian_noise", "constant")
-SYNTHETIC_SIZE = 1000
+REPORT_JSON, REPORT_MD = Evaluation.REPORT_JSON, Evaluation.REPORT_MD
 
 # The paper's numbers (Tables 1-3), for the report.
 PAPER = {
@@ -36,88 +32,56 @@ PAPER = {
 }
 
 
-def synthetic_images(kind: str, shape: tuple[int, int, int], n: int, seed: int) -> np.ndarray:
-    """float32 [n, 32, 32, C] in [0, 1]: illegal inputs no training image resembles."""
-    rng = np.random.default_rng(seed)
-    size = (n, data.IMAGE_SIZE, data.IMAGE_SIZE, shape[-1])
-    if kind == "uniform_noise":
-        return rng.random(size, np.float32)
-    if kind == "gaussian_noise":
-        return np.clip(rng.normal(0.5, 0.25, size), 0, 1).astype(np.float32)
-    if kind == "constant":
-        return np.broadcast_to(np.linspace(0, 1, n, dtype=np.float32)[:, None, None, None],
-                               size).copy()
-    raise ValueError(f"unknown synthetic set {kind!r}")
-
-
-def ood_sets(config, meta) -> tuple[dict, dict]:
-    """The OOD sets the evaluation uses: ({name: images}, {unavailable name: why})."""
-    sets, missing = {}, {}
-    for name in OOD_PAIRS.get(config.dataset, []):
-        try:
-            images, _ = data.load_split(name, "test", config.data_dir, allow_download=False)
-        except data.DataError as e:
-            missing[name] = str(e)
-            continue
-        if images.shape[-1] != meta["image_shape"][-1]:
-            missing[name] = f"{images.shape[-1]} channels, the model takes " \
-                            f"{meta['image_shape'][-1]}"
-            continue
-        sets[name] = images
-    for kind in SYNTHETIC:
-        sets[kind] = synthetic_images(kind, meta["image_shape"], SYNTHETIC_SIZE, config.seed)
-    return sets, missing
-
-
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    run_dir = stage_dir.parent
-    meta = inference.metadata(run_dir)
-    model = inference.scoring_model(run_dir)
-    calibration = calibrate.load(run_dir)
-    test_ll, test_labels = inference.split_log_likelihoods(model, upstream["ingest"], "test")
+    examples, calibration = upstream["ingest"], upstream["calibrate"]
+    deployable = Run(stage_dir.parent).deployable()
+    percentiles = calibration.percentiles()
+    test_ll, test_labels = deployable.class_scores(examples.dataset("test"))
     sdim = config.model == "sdim"
     kinds = metrics.SDIM_SCORES if sdim else metrics.DISCRIMINATIVE_SCORES
-    saved = artifacts.read_json(upstream["calibrate"] / calibrate.THRESHOLDS)
     report = {"dataset": config.dataset, "model": config.model,
-              "score": saved["score"], "deployed_percentile": saved["deployed"]["percentile"],
+              "score": calibration.score,
+              "deployed_percentile": calibration.saved["deployed"]["percentile"],
               "num_test": int(len(test_labels)),
               "accuracy": float((test_ll.argmax(1) == test_labels).mean()),
               "selective": {str(p): metrics.selective(test_ll, test_labels, v["thresholds"])
-                            for p, v in calibration.items()},
+                            for p, v in percentiles.items()},
               "ood": {}}
-    sets, missing = ood_sets(config, meta)
+    sets, missing = outliers.ood_sets(config.dataset, examples.image_shape, config.data_dir,
+                                      config.seed)
     report["ood_unavailable"] = missing
     figures = []
     for name, images in sets.items():
-        ood_ll = inference.array_log_likelihoods(model, images)
+        ood_ll, _ = deployable.class_scores(data.image_batches(images))
         report["ood"][name] = {
             "num": int(len(ood_ll)),
             "classwise_detection_rate": {
                 str(p): metrics.classwise_detection_rate(ood_ll, v["thresholds"])
-                for p, v in calibration.items()},
+                for p, v in percentiles.items()},
             "decision_rejection_rate": {
                 str(p): metrics.decision_rejection_rate(ood_ll, v["thresholds"])
-                for p, v in calibration.items()},
+                for p, v in percentiles.items()},
             "separation": metrics.separation(test_ll, ood_ll, kinds)}
-        if name in OOD_PAIRS.get(config.dataset, []) or name == "uniform_noise":
+        if name in outliers.OOD_PAIRS.get(config.dataset, []) or name == "uniform_noise":
             figure = f"histograms_{name}.png"
-            first = next(iter(calibration.values()))["thresholds"]
-            plots.class_histograms(test_ll, test_labels, ood_ll, first, meta["class_names"],
+            first = next(iter(percentiles.values()))["thresholds"]
+            plots.class_histograms(test_ll, test_labels, ood_ll, first, examples.class_names,
                                    stage_dir / figure, ood_name=name)
             figures.append(figure)
         logging.info("evaluate: %s: decision-rule rejection %s", name,
                      report["ood"][name]["decision_rejection_rate"])
     report["figures"] = figures
-    report["discriminative_accuracy"] = _sibling_accuracy(run_dir, config) if sdim else None
-    artifacts.write_json(stage_dir / REPORT_JSON, report)
+    report["discriminative_accuracy"] = _sibling_accuracy(stage_dir.parent, config) if sdim \
+        else None
+    Evaluation(stage_dir).write_report(report)
     artifacts.write_text(stage_dir / REPORT_MD, markdown(report))
     return [REPORT_JSON, REPORT_MD, *figures]
 
 
 def _sibling_accuracy(run_dir: pathlib.Path, config) -> float | None:
     """Test accuracy of the discriminative run of the same dataset, when one was evaluated."""
-    other = run_dir.parent / f"{config.dataset}-discriminative" / "evaluate" / REPORT_JSON
-    return artifacts.read_json(other)["accuracy"] if other.exists() else None
+    other = Run(run_dir.parent / f"{config.dataset}-discriminative").evaluation
+    return other.report()["accuracy"] if (other.folder / REPORT_JSON).exists() else None
 
 
 SCORES = {"model": "the model's own log p(x|c) of the predicted class (the paper's).",

@@ -13,9 +13,9 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from pipeline import artifacts, inference
-from pipeline.stages import calibrate, evaluate, train
-from sdim_tf import data, explain, plots, rejection
+from pipeline import artifacts
+from pipeline.run_dir import Run
+from sdim_tf import data, explain, outliers, plots
 
 FIELDS = ("seed",)
 EXPLAIN_MD = "explain.md"
@@ -34,23 +34,24 @@ def _caption(names, logits, threshold, label=None) -> str:
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    run_dir = stage_dir.parent
-    meta = inference.metadata(run_dir)
-    names = meta["class_names"]
-    model = inference.scoring_model(run_dir)
-    percentile, thresholds = calibrate.deployed(run_dir)
-    images, labels = inference.split_arrays(upstream["ingest"], "test", limit=TEST_IMAGES)
+    examples = upstream["ingest"]
+    names = examples.class_names
+    deployable = Run(stage_dir.parent).deployable()
+    model = deployable.model
+    percentile, thresholds = upstream["calibrate"].deployed()
+    images, labels = examples.arrays("test", limit=TEST_IMAGES)
     logits = model.predict(images, batch_size=500, verbose=0).astype(np.float64)
-    rejected = rejection.decide(logits, thresholds)[1].numpy()
+    rejected = deployable.decide(logits).rejected.numpy()
 
-    sets, _ = evaluate.ood_sets(config, meta)
-    paired = [n for n in evaluate.OOD_PAIRS.get(config.dataset, []) if n in sets]
+    sets, _ = outliers.ood_sets(config.dataset, examples.image_shape, config.data_dir,
+                                config.seed)
+    paired = [n for n in outliers.OOD_PAIRS.get(config.dataset, []) if n in sets]
     ood_name = paired[0] if paired else "uniform_noise"
     ood = sets[ood_name][:OOD_IMAGES]
     ood = ood if ood.dtype == np.float32 else \
         data.preprocess(ood).numpy().astype(np.float32)
     ood_logits = model.predict(ood, batch_size=500, verbose=0).astype(np.float64)
-    ood_rejected = rejection.decide(ood_logits, thresholds)[1].numpy()
+    ood_rejected = deployable.decide(ood_logits).rejected.numpy()
 
     groups = {
         "accepted": (images, logits, labels, np.flatnonzero(~rejected)[:PER_GROUP]),
@@ -90,7 +91,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         project(z), labels, names, stage_dir / REPRESENTATIONS_PNG, means=means,
         ood=project(ood_z), ood_name=ood_name,
         axis_labels=[f"PC {i + 1} ({100 * r:.1f}% of variance)" for i, r in enumerate(ratios)])
-    rows = train.history(upstream["train"])
+    rows = upstream["train"].history()
     plots.training_curves(rows, stage_dir / CURVES_PNG)
     outputs += [REPRESENTATIONS_PNG, CURVES_PNG]
 

@@ -15,12 +15,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pipeline import artifacts, inference
-from pipeline.stages import calibrate, evaluate, ingest, train
+from pipeline import artifacts
+from pipeline.run_dir import ExportRecord, Run
 from sdim_tf import data, serving
 
 FIELDS = ("export_dir",)  # the deployed percentile is calibrate's choice
-EXPORT_JSON = "export.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
 
 
@@ -57,41 +56,34 @@ def model_name(config) -> str:
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    run_dir = stage_dir.parent
-    meta = inference.metadata(run_dir)
-    saved = artifacts.read_json(upstream["calibrate"] / calibrate.THRESHOLDS)
-    _, thresholds = calibrate.deployed(run_dir)
+    examples, calibration = upstream["ingest"], upstream["calibrate"]
+    shape = examples.image_shape
+    saved = calibration.saved
     key = saved["deployed"]["percentile"]
-    module = serving.RejectingClassifier(inference.scoring_model(run_dir), thresholds,
-                                         meta["image_shape"][-1], meta["image_shape"][:2])
-    report = artifacts.read_json(upstream["evaluate"] / evaluate.REPORT_JSON)
+    module = Run(stage_dir.parent).deployable()
+    report = upstream["evaluate"].report()
     name = model_name(config)
     card = {
-        "model_name": name, "dataset": config.dataset, "class_names": meta["class_names"],
+        "model_name": name, "dataset": config.dataset, "class_names": examples.class_names,
         "input": {"serving_default": f"float32 [batch, {data.IMAGE_SIZE}, {data.IMAGE_SIZE}, "
-                                     f"{meta['image_shape'][-1]}] in [0, 1]",
-                  "classify_raw": f"uint8 [batch, {meta['image_shape'][0]}, "
-                                  f"{meta['image_shape'][1]}, {meta['image_shape'][-1]}]",
+                                     f"{shape[-1]}] in [0, 1]",
+                  "classify_raw": f"uint8 [batch, {shape[0]}, {shape[1]}, {shape[-1]}]",
                   "classify_encoded": "string [batch] of PNG/JPEG bytes"},
         "rejection": {"score": SCORE_TEXT.get(saved.get("score"), SCORE_TEXT["model"])(saved),
                       "percentile": key, "percentile_rule": saved["deployed"]["rule"],
                       "thresholds": saved["percentiles"][key]["thresholds"]},
-        "training": artifacts.read_json(upstream["train"] / artifacts.MANIFEST)["config"],
-        "best_epoch": artifacts.read_json(upstream["train"] / train.STATE)["best_epoch"],
+        "training": upstream["train"].manifest()["config"],
+        "best_epoch": upstream["train"].state()["best_epoch"],
         "metrics": {k: report[k] for k in ("accuracy", "selective", "ood")},
         "versions": artifacts.package_versions(),
     }
-    test = data.make_dataset(ingest.shard_files(upstream["ingest"], "test"),
-                             meta["image_shape"], 4, training=False, limit=4)
-    sample = next(iter(test))[0].numpy()  # real test images for the warmup requests
-    path = serving.export(
+    sample = next(iter(examples.dataset("test", limit=4, batch_size=4)))[0].numpy()
+    path = serving.export(  # real test images for the warmup requests
         module, config.export_dir, name,
         extra_assets={"thresholds.json": serving.json_bytes(saved),
                       "model_card.json": serving.json_bytes(card)},
         assets_extra={"model_card.json": serving.json_bytes(card),
                       WARMUP_FILE: warmup_records(name, sample)})
     logging.info("export: wrote %s", path)
-    artifacts.write_json(stage_dir / EXPORT_JSON, {"path": str(path.resolve()),
-                                                   "version": int(path.name),
-                                                   "model_name": name})
-    return [EXPORT_JSON]
+    ExportRecord(stage_dir).write_record(path, name)
+    return [ExportRecord.EXPORT_JSON]

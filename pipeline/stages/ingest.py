@@ -16,16 +16,10 @@ import tensorflow as tf
 from absl import logging
 
 from pipeline import artifacts
+from pipeline.run_dir import Examples
 from sdim_tf import data
 
-METADATA = "metadata.json"
 EXAMPLES_PER_SHARD = 20_000
-
-
-def shard_files(stage_dir: str | os.PathLike, split: str) -> list[str]:
-    """The TFRecord shards of `split` written by `ingest`, in order."""
-    meta = artifacts.read_json(pathlib.Path(stage_dir) / METADATA)
-    return [str(pathlib.Path(stage_dir) / f) for f in meta["splits"][split]["files"]]
 
 
 def _write_shards(folder: pathlib.Path, split: str, images: np.ndarray,
@@ -103,7 +97,7 @@ def ingest(dataset: str, output_dir: str | os.PathLike,
                        "channels": "int64"},
             "seconds": round(time.time() - start, 2),
         }
-        artifacts.write_json(tmp / METADATA, metadata)
+        Examples(output_dir).write_metadata(metadata, folder=tmp)
     return metadata
 
 
@@ -111,4 +105,5 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     """Pipeline entry: ingest `config.dataset` into `stage_dir`."""
     del upstream
     metadata = ingest(config.dataset, stage_dir, config.data_dir)
-    return [METADATA, *(f for split in metadata["splits"].values() for f in split["files"])]
+    shards = (f for split in metadata["splits"].values() for f in split["files"])
+    return [Examples.METADATA, *shards]

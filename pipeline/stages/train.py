@@ -25,15 +25,14 @@ from absl import logging
 import sdim_tf
 from pipeline import artifacts, faults
 from pipeline.config import PipelineConfig
-from pipeline.stages import ingest
+from pipeline.run_dir import ArtifactError, TrainedModel, load_checkpoint
 from sdim_tf import data
 
 FIELDS = ("model", "critic", "mi_bound", "n", "rep_dim", "alpha", "beta", "gamma", "margin",
           "log_scale_floor", "epochs", "batch_size", "learning_rate", "seed", "train_limit",
           "mixed_precision", "deterministic", "validation_split")
-BEST, LAST, STATE, HISTORY = "checkpoints/best.keras", "checkpoints/last.keras", "state.json", \
-    "history.csv"
-OUTPUTS = [BEST, LAST, HISTORY, STATE]
+BEST, LAST, STATE, HISTORY = (TrainedModel.BEST, TrainedModel.LAST, TrainedModel.STATE,
+                              TrainedModel.HISTORY)
 
 
 class TrainingError(RuntimeError):
@@ -127,16 +126,6 @@ def _save_atomic(model: keras.Model, path: pathlib.Path) -> None:
     os.replace(tmp, path)
 
 
-def load_model(path: str | os.PathLike) -> keras.Model:
-    """Loads a checkpoint; a corrupt or missing one is a TrainingError naming the file."""
-    try:
-        return keras.models.load_model(path)
-    except Exception as e:  # Keras raises many types for a damaged archive
-        raise TrainingError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); delete it or "
-                            f"rerun with --force") from None
-
-
 def _write_history(path: pathlib.Path, rows: list[dict]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     out = io.StringIO()
@@ -146,13 +135,13 @@ def _write_history(path: pathlib.Path, rows: list[dict]) -> None:
     artifacts.write_text(path, out.getvalue())
 
 
-def _resume_state(stage_dir: pathlib.Path, resume_hash: str, force: bool) -> dict | None:
-    state_path = stage_dir / STATE
+def _resume_state(trained: TrainedModel, resume_hash: str, force: bool) -> dict | None:
+    state_path = trained.folder / STATE
     if force or not state_path.exists():
         return None
     try:
-        state = artifacts.read_json(state_path)
-    except ValueError:
+        state = trained.state()
+    except ArtifactError:
         raise TrainingError(f"{state_path} is corrupt; rerun with --force") from None
     if state.get("resume_hash") != resume_hash:
         logging.info("train: configuration changed, starting afresh")
@@ -162,8 +151,8 @@ def _resume_state(stage_dir: pathlib.Path, resume_hash: str, force: bool) -> dic
 
 def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     """Trains to `config.epochs`, resuming from `stage_dir` when a compatible run stopped."""
-    ingest_dir = upstream["ingest"]
-    meta = artifacts.read_json(ingest_dir / ingest.METADATA)
+    examples = upstream["ingest"]
+    trained = TrainedModel(stage_dir)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -173,8 +162,8 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
     chief = is_chief(strategy)
     resume_hash = artifacts.config_hash(
         {k: v for k, v in config.fields(FIELDS).items() if k != "epochs"} | {
-            "ingest": artifacts.input_hashes({"ingest": ingest_dir})})
-    state = _resume_state(stage_dir, resume_hash, config.force)
+            "ingest": artifacts.input_hashes({"ingest": examples.folder})})
+    state = _resume_state(trained, resume_hash, config.force)
     if state is not None and state["epoch"] > config.epochs:
         logging.info("train: %d epochs done, %d asked: starting afresh", state["epoch"],
                      config.epochs)
@@ -188,21 +177,22 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
 
     with strategy.scope():
         if state is not None:
-            model = load_model(stage_dir / LAST)
+            try:
+                model = load_checkpoint(trained.last_path)
+            except ArtifactError as e:
+                raise TrainingError(str(e)) from None
             logging.info("train: resuming after epoch %d of %d", state["epoch"], config.epochs)
         else:
-            model = build_model(config, meta["num_classes"], meta["image_shape"][-1])
+            model = build_model(config, examples.num_classes, examples.image_shape[-1])
             state = {"resume_hash": resume_hash, "epoch": 0, "best_loss": None,
                      "best_epoch": None, "history": []}
     logging.info("train: %s, %d trainable parameters, strategy %s with %d replica(s)",
                  type(model).__name__, model.trainable_parameter_count(),
                  type(strategy).__name__, strategy.num_replicas_in_sync)
 
-    _, num_train = config.train_examples(meta["splits"]["train"]["num_examples"])
+    _, num_train = config.train_examples(examples.num_examples("train"))
     steps = num_train // config.batch_size
-    shape = meta["image_shape"]
-    test_ds = data.make_dataset(ingest.shard_files(ingest_dir, "test"), shape, 500,
-                                training=False)
+    test_ds = examples.dataset("test")
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     step = make_train_step(model, strategy)
@@ -210,10 +200,9 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
 
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         start = time.time()
-        train_ds = data.make_dataset(
-            ingest.shard_files(ingest_dir, "train"), shape, config.batch_size, training=True,
-            augmentation=meta["augmentation"], seed=config.seed * 100_003 + epoch,
-            limit=num_train).with_options(options)
+        train_ds = examples.dataset(
+            "train", limit=num_train, batch_size=config.batch_size, training=True,
+            seed=config.seed * 100_003 + epoch).with_options(options)
         logging.info("train: epoch %d/%d", epoch, config.epochs)
         logs = run_epoch(step, model, strategy, train_ds, steps)
         if not all(math.isfinite(v) for v in logs.values()):
@@ -239,18 +228,7 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
         state["history"] = [r for r in state["history"] if r["epoch"] < epoch] + [row]
         state["epoch"] = epoch
         _write_history(stage_dir / HISTORY, state["history"])
-        artifacts.write_json(stage_dir / STATE, state)  # last: marks the epoch complete
+        trained.write_state(state)  # last: marks the epoch complete
         faults.point("train.epoch_done")
-    return OUTPUTS
-
-
-def history(stage_dir: str | os.PathLike) -> list[dict]:
-    """The per-epoch rows of history.csv as dicts of floats."""
-    with open(pathlib.Path(stage_dir) / HISTORY, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def best_model(stage_dir: str | os.PathLike) -> keras.Model:
-    """The checkpoint with the minimum training loss (what the paper evaluates)."""
-    return load_model(pathlib.Path(stage_dir) / BEST)
+    return list(TrainedModel.OUTPUTS)
 

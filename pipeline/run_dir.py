@@ -1,0 +1,332 @@
+"""The run directory's contract: every stage's artifacts, where they live and how they load.
+
+TFX components never import each other; they exchange typed artifacts through a store that
+knows where each lives. Here that store is a run directory, and this module is its only
+map: a stage (and bench/) reaches upstream outputs through the typed views below, which own
+the file names, the loading, the schema version and the validation. Changing what a stage
+writes is an edit here and in that stage, nowhere else.
+
+    run = Run("runs/fashion_mnist-sdim")
+    run.examples.dataset("test")          # ingest
+    run.model.best()                      # train
+    run.calibration.deployed()            # calibrate
+    run.deployable()                      # what export serves: scorer + thresholds + rule
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import os
+import pathlib
+from collections.abc import Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import artifacts
+from sdim_tf import data, density, rejection, serving
+
+# Of the artifacts below, recorded in every stage's manifest; a reader refuses another one.
+SCHEMA_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, unreadable or invalid; the message names the file."""
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        obj = artifacts.read_json(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing; rerun the stage that writes it") from None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} cannot be read ({e}); rerun its stage with --force") \
+            from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    return obj
+
+
+_write_json = artifacts.write_json
+
+
+class Artifact:
+    """One stage's output folder."""
+
+    stage = ""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = pathlib.Path(folder)
+
+    def exists(self) -> bool:
+        return (self.folder / artifacts.MANIFEST).exists()
+
+    def manifest(self) -> dict:
+        return _read_json(self.folder / artifacts.MANIFEST)
+
+    def check_schema(self) -> None:
+        """Refuses outputs written under another schema (manifests before it count as 1)."""
+        version = self.manifest().get("schema_version", 1)
+        if version != SCHEMA_VERSION:
+            raise ArtifactError(f"{self.folder} was written with schema version {version}, "
+                                f"this code reads {SCHEMA_VERSION}; rerun {self.stage or 'it'} "
+                                "with --force")
+
+
+class Examples(Artifact):
+    """ingest: TFRecord shards per split + metadata.json (counts, shape, class names)."""
+
+    stage = "ingest"
+    METADATA = "metadata.json"
+
+    @functools.cached_property
+    def metadata(self) -> dict:
+        meta = _read_json(self.folder / self.METADATA)
+        missing = [k for k in ("num_classes", "class_names", "image_shape", "splits",
+                               "augmentation") if k not in meta]
+        if missing:
+            raise ArtifactError(f"{self.folder / self.METADATA} lacks {missing}")
+        return meta
+
+    def write_metadata(self, metadata: dict, folder: pathlib.Path | None = None) -> None:
+        """Into `folder` (ingest's temporary folder) or the artifact's own."""
+        _write_json((folder or self.folder) / self.METADATA, metadata)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.metadata["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metadata["class_names"])
+
+    @property
+    def image_shape(self) -> list[int]:
+        return list(self.metadata["image_shape"])
+
+    def num_examples(self, split: str) -> int:
+        return int(self.metadata["splits"][split]["num_examples"])
+
+    def shard_files(self, split: str) -> list[str]:
+        """The TFRecord shards of `split`, in order."""
+        files = [self.folder / f for f in self.metadata["splits"][split]["files"]]
+        absent = [str(f) for f in files if not f.exists()]
+        if absent:
+            raise ArtifactError(f"ingested shards missing: {absent}; rerun ingest with --force")
+        return [str(f) for f in files]
+
+    def dataset(self, split: str, skip: int = 0, limit: int | None = None,
+                batch_size: int = 500, training: bool = False, seed: int = 0
+                ) -> tf.data.Dataset:
+        """Preprocessed (images, labels) batches in file order (training: shuffled and
+        augmented as ingest recorded)."""
+        return data.make_dataset(self.shard_files(split), self.image_shape, batch_size,
+                                 training=training, seed=seed, skip=skip, limit=limit,
+                                 augmentation=self.metadata["augmentation"] if training
+                                 else "none")
+
+    def arrays(self, split: str, limit: int | None = None, skip: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(images float32 [N, 32, 32, C] in [0, 1], labels [N]): `limit` after `skip`."""
+        batches = list(self.dataset(split, skip, limit).as_numpy_iterator())
+        return (np.concatenate([b[0] for b in batches]).astype(np.float32),
+                np.concatenate([b[1] for b in batches]))
+
+
+class TrainedModel(Artifact):
+    """train: the best (least training loss) and last checkpoints, history, state."""
+
+    stage = "train"
+    BEST, LAST = "checkpoints/best.keras", "checkpoints/last.keras"
+    STATE, HISTORY, LOGS = "state.json", "history.csv", "logs"
+    OUTPUTS = (BEST, LAST, HISTORY, STATE)
+
+    @property
+    def best_path(self) -> pathlib.Path:
+        return self.folder / self.BEST
+
+    @property
+    def last_path(self) -> pathlib.Path:
+        return self.folder / self.LAST
+
+    def best(self) -> keras.Model:
+        """The checkpoint of least training loss (what the paper evaluates)."""
+        return load_checkpoint(self.best_path)
+
+    def state(self) -> dict:
+        return _read_json(self.folder / self.STATE)
+
+    def write_state(self, state: dict) -> None:
+        _write_json(self.folder / self.STATE, state)
+
+    def history(self) -> list[dict]:
+        """The per-epoch rows of history.csv as dicts of floats."""
+        path = self.folder / self.HISTORY
+        if not path.exists():
+            raise ArtifactError(f"{path} is missing; rerun train")
+        with open(path, newline="") as f:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def load_checkpoint(path: str | os.PathLike) -> keras.Model:
+    """Loads a .keras checkpoint (Keras safe mode: no code runs); a corrupt or missing one is
+    an ArtifactError naming the file."""
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except Exception as e:  # Keras raises many types for a damaged archive
+        raise ArtifactError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); delete it or "
+                            f"rerun with --force") from None
+
+
+class Calibration(Artifact):
+    """calibrate: the rejection score (density.npz for feature_density) and thresholds.json
+    (per percentile and class; the deployed percentile)."""
+
+    stage = "calibrate"
+    THRESHOLDS, DENSITY = "thresholds.json", "density.npz"
+    SCORES = ("model", "feature_density")
+
+    @functools.cached_property
+    def saved(self) -> dict:
+        """thresholds.json, validated."""
+        path = self.folder / self.THRESHOLDS
+        saved = _read_json(path)
+        try:
+            score, names = saved["score"], saved["class_names"]
+            percentiles = rejection.from_json(saved["percentiles"])
+            deployed = saved["deployed"]["percentile"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{path} is not a calibration ({type(e).__name__}: {e})") \
+                from None
+        problems = []
+        if score not in self.SCORES:
+            problems.append(f"unknown score {score!r}")
+        if score == "feature_density" and not saved.get("density_layers"):
+            problems.append("no density_layers")
+        if deployed not in saved["percentiles"]:
+            problems.append(f"deployed percentile {deployed} not calibrated")
+        for p, v in percentiles.items():
+            t = v["thresholds"]
+            if len(t) != len(names) or any(math.isnan(x) or x == -math.inf for x in t):
+                problems.append(f"percentile {p}: thresholds must be {len(names)} numbers "
+                                "or null")
+        if problems:
+            raise ArtifactError(f"{path}: {'; '.join(problems)}")
+        return saved
+
+    def write_thresholds(self, obj: dict) -> None:
+        _write_json(self.folder / self.THRESHOLDS, obj)
+
+    @property
+    def score(self) -> str:
+        return self.saved["score"]
+
+    def percentiles(self) -> dict:
+        """{percentile: {"thresholds": np.ndarray [C], "counts": [C]}}."""
+        return rejection.from_json(self.saved["percentiles"])
+
+    def deployed(self) -> tuple[float, np.ndarray]:
+        """(percentile, thresholds [C]) that the run deploys."""
+        key = self.saved["deployed"]["percentile"]
+        (percentile, value), = rejection.from_json({key: self.saved["percentiles"][key]}).items()
+        return percentile, value["thresholds"]
+
+    def density_parameters(self) -> dict:
+        """density.npz (no pickle), checked against the layers thresholds.json names."""
+        path = self.folder / self.DENSITY
+        try:
+            with np.load(path, allow_pickle=False) as loaded:
+                parameters = {k: loaded[k] for k in loaded.files}
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{path} cannot be read ({e}); rerun calibrate with --force") \
+                from None
+        num_classes = len(self.saved["class_names"])
+        for layer in self.saved["density_layers"]:
+            means = parameters.get(f"{layer}/means")
+            factor = parameters.get(f"{layer}/precision_factor")
+            if (means is None or factor is None or means.ndim != 2
+                    or means.shape[0] != num_classes
+                    or factor.shape != (means.shape[1], means.shape[1])
+                    or not (np.isfinite(means).all() and np.isfinite(factor).all())):
+                raise ArtifactError(f"{path}: layer {layer} lacks finite means [C, d] and a "
+                                    "precision factor [d, d]")
+        return parameters
+
+    def write_density(self, parameters: Mapping[str, np.ndarray]) -> None:
+        path = self.folder / self.DENSITY
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, **parameters)
+        os.replace(tmp, path)
+
+    def scoring_model(self, classifier: keras.Model) -> keras.Model:
+        """What the run deploys on top of `classifier`: images -> [N, C] class scores (the
+        classifier itself, or its fitted density.FeatureDensity)."""
+        if self.score != "feature_density":
+            return classifier
+        scorer = density.FeatureDensity(classifier, len(self.saved["class_names"]),
+                                        self.saved["density_layers"])
+        scorer.load_parameters(self.density_parameters())
+        return scorer
+
+
+class Evaluation(Artifact):
+    """evaluate: report.json (figures), report.md and histograms."""
+
+    stage = "evaluate"
+    REPORT_JSON, REPORT_MD = "report.json", "report.md"
+
+    def report(self) -> dict:
+        return _read_json(self.folder / self.REPORT_JSON)
+
+    def write_report(self, report: dict) -> None:
+        _write_json(self.folder / self.REPORT_JSON, report)
+
+
+class ExportRecord(Artifact):
+    """export: export.json, where the SavedModel went."""
+
+    stage = "export"
+    EXPORT_JSON = "export.json"
+
+    def record(self) -> dict:
+        return _read_json(self.folder / self.EXPORT_JSON)
+
+    def write_record(self, path: pathlib.Path, model_name: str) -> None:
+        _write_json(self.folder / self.EXPORT_JSON, {"path": str(path.resolve()),
+                                                     "version": int(path.name),
+                                                     "model_name": model_name})
+
+
+VIEWS = {view.stage: view for view in (Examples, TrainedModel, Calibration, Evaluation,
+                                        ExportRecord)}
+
+
+class Run:
+    """A typed view of a run directory."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = pathlib.Path(root)
+        self.examples = Examples(self.root / Examples.stage)
+        self.model = TrainedModel(self.root / TrainedModel.stage)
+        self.calibration = Calibration(self.root / Calibration.stage)
+        self.evaluation = Evaluation(self.root / Evaluation.stage)
+        self.export = ExportRecord(self.root / ExportRecord.stage)
+
+    def artifact(self, stage: str) -> Artifact:
+        """The typed view of `stage`'s outputs (a plain Artifact for stages nobody reads)."""
+        return VIEWS.get(stage, Artifact)(self.root / stage)
+
+    def scoring_model(self) -> keras.Model:
+        return self.calibration.scoring_model(self.model.best())
+
+    def deployable(self) -> serving.RejectingClassifier:
+        """What the run deploys, in one object: the scoring model, the deployed thresholds and
+        the decision rule, for the run's input size and classes."""
+        shape = self.examples.image_shape
+        return serving.RejectingClassifier(
+            self.scoring_model(), self.calibration.deployed()[1], shape[-1], shape[:2],
+            class_names=self.examples.class_names)

@@ -93,18 +93,35 @@ def input_hashes(stage_dirs: dict[str, pathlib.Path]) -> dict[str, str]:
 
 
 def manifest_matches(stage_dir: str | os.PathLike, digest: str, inputs: dict) -> bool:
-    """True when the stage's manifest records this config and these inputs, outputs intact."""
-    path = pathlib.Path(stage_dir) / MANIFEST
-    if not path.exists():
-        return False
+    """True when the stage's manifest records this config and these inputs, outputs intact
+    (see `changed_outputs`)."""
+    manifest = _manifest(stage_dir)
+    return (manifest is not None and manifest.get("config_hash") == digest
+            and manifest.get("inputs") == inputs and not changed_outputs(stage_dir))
+
+
+def _manifest(stage_dir) -> dict | None:
     try:
-        manifest = read_json(path)
+        return read_json(pathlib.Path(stage_dir) / MANIFEST)
     except (OSError, ValueError):
-        return False
-    outputs_exist = all((pathlib.Path(stage_dir) / f).exists()
-                        for f in manifest.get("outputs", []))
-    return (manifest.get("config_hash") == digest and manifest.get("inputs") == inputs
-            and outputs_exist)
+        return None
+
+
+def output_hashes(stage_dir: str | os.PathLike, outputs: list[str]) -> dict[str, str]:
+    return {name: sha256_file(pathlib.Path(stage_dir) / name) for name in outputs}
+
+
+def changed_outputs(stage_dir: str | os.PathLike) -> list[str]:
+    """The outputs the stage's manifest lists that are missing or differ from the sha256 it
+    recorded (a manifest without hashes, from an older version: missing ones only)."""
+    manifest = _manifest(stage_dir) or {}
+    recorded = manifest.get("output_hashes", {})
+    changed = []
+    for name in manifest.get("outputs", []):
+        path = pathlib.Path(stage_dir) / name
+        if not path.is_file() or (name in recorded and sha256_file(path) != recorded[name]):
+            changed.append(name)
+    return changed
 
 
 def write_manifest(stage_dir: str | os.PathLike, *, stage: str, digest: str, config: dict,
@@ -118,5 +135,6 @@ def write_manifest(stage_dir: str | os.PathLike, *, stage: str, digest: str, con
     write_json(pathlib.Path(stage_dir) / MANIFEST, {
         "stage": stage, "schema_version": schema_version, "config_hash": digest,
         "config": config, "inputs": inputs,
-        "outputs": outputs, "started": iso(started), "finished": iso(finished),
+        "outputs": outputs, "output_hashes": output_hashes(stage_dir, outputs),
+        "started": iso(started), "finished": iso(finished),
         "seconds": round(finished - started, 2), "versions": package_versions()})

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from sdim_tf import adversarial, data, density, mutual_info, rejection
+from sdim_tf import adversarial, conformal, data, density, mutual_info, rejection, serving
 
 MODELS = ("sdim", "discriminative")
 DISTRIBUTE = ("auto", "one_device", "mirrored", "multi_worker")
@@ -24,18 +24,22 @@ THRESHOLD_RULES = ("per_class", "shared")
 # validation_split: held-out images for the thresholds and the reject budget
 # (docs/results.md); 0 for image folders, whose size is unknown.
 PRESETS = {
-    "mnist": {"n": 1, "validation_split": 5000},
-    "fashion_mnist": {"n": 1, "validation_split": 5000},
-    "cifar10": {"n": 3, "validation_split": 5000},
-    "svhn_cropped": {"n": 3, "validation_split": 5000},
-    "image_folder": {"n": 1, "validation_split": 0},
+    "mnist": {"n": 1, "validation_split": 5000, "reject_budget": 0.04},
+    "fashion_mnist": {"n": 1, "validation_split": 5000, "reject_budget": 0.04},
+    "cifar10": {"n": 3, "validation_split": 5000, "reject_budget": 0.04},
+    "svhn_cropped": {"n": 3, "validation_split": 5000, "reject_budget": 0.04},
+    "image_folder": {"n": 1, "validation_split": 0, "reject_budget": 0},
 }
 
 
 _ATTACK = adversarial.AttackSettings()
+_LIMITS = serving.Limits()
 ATTACK_COUNTS = ("attack_images", "attack_pgd_steps", "attack_deepfool_steps",
                  "attack_boundary_steps", "attack_local_search_rounds", "attack_cw_images",
                  "attack_cw_steps", "attack_cw_search_steps")
+
+
+LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(serving.Limits))
 
 
 class ConfigError(ValueError):
@@ -79,11 +83,23 @@ class PipelineConfig:
     density_layers: tuple[str, ...] = density.DEFAULT_LAYERS
     threshold_rule: Optional[str] = None  # shared for feature_density, else per_class
     export_dir: str = "saved_models"
+    # What one request to the SavedModel may cost (sdim_tf.serving.Limits).
+    max_image_side: int = _LIMITS.max_image_side
+    max_image_bytes: int = _LIMITS.max_image_bytes
+    max_request_bytes: int = _LIMITS.max_request_bytes
+    max_batch: int = _LIMITS.max_batch
     export_percentile: float = 1  # whose thresholds the SavedModel applies, without a budget
     # > 0: the SavedModel applies the largest percentile that rejects at most this share of
     # the calibration images (0.04: the paper's Fashion-MNIST rate 4.63% with a margin for
     # the sampling error of 5000 validation images); 0: --export_percentile.
-    reject_budget: float = 0.04
+    # > 0 (needs --validation_split): deploy split-conformal thresholds that reject at most
+    # this share of images drawn like the held-out ones (0.04: the paper's Fashion-MNIST
+    # rate 4.63% with room to spare), with confidence reject_confidence (0: on average).
+    # 0: --export_percentile, no guarantee. Default from PRESETS.
+    reject_budget: Optional[float] = None
+    reject_confidence: float = 0.95
+    # The evaluate stage's shift suite (sdim_tf.shifts) runs on the first N test images.
+    shift_images: int = 2000
     force: bool = False
     # The opt-in attack stage (paper section 5.3); caps sized for a 2-core CPU.
     attacks: tuple[str, ...] = adversarial.ATTACKS
@@ -107,7 +123,7 @@ class PipelineConfig:
         except data.DataError as e:
             raise ConfigError(f"--dataset: {e}") from None
         c = dataclasses.replace(self)
-        for name in ("n", "validation_split"):
+        for name in ("n", "validation_split", "reject_budget"):
             if getattr(c, name) is None:
                 setattr(c, name, PRESETS[c.dataset][name])
         if c.run_dir is None:
@@ -151,6 +167,18 @@ class PipelineConfig:
              f"--percentiles must lie in [0, 100), got {list(c.percentiles)}"),
             (0 <= c.reject_budget < 1, f"--reject_budget must lie in [0, 1), got "
              f"{c.reject_budget}"),
+            (0 <= c.reject_confidence < 1, f"--reject_confidence must lie in [0, 1), got "
+             f"{c.reject_confidence}"),
+            (not c.reject_budget or c.validation_split > 0,
+             f"--reject_budget={c.reject_budget:g} promises its rate on held-out images: pass "
+             f"--validation_split=N (at least "
+             f"{conformal.minimum_samples(c.reject_budget, c.reject_confidence or None)} "
+             f"images) or --reject_budget=0 (--export_percentile, no guarantee)"
+             if 0 < c.reject_budget < 1 and 0 <= c.reject_confidence < 1 else ""),
+            (c.shift_images >= 0, f"--shift_images must be >= 0, got {c.shift_images}"),
+            (all(getattr(c, f) >= 1 for f in LIMIT_FIELDS),
+             "--" + " --".join(f"{f}={getattr(c, f)}" for f in LIMIT_FIELDS
+                               if getattr(c, f) < 1) + " must be >= 1"),
             (c.reject_budget > 0 or c.export_percentile in c.percentiles,
              f"--export_percentile={c.export_percentile} is not among --percentiles "
              f"{list(c.percentiles)}"),
@@ -188,6 +216,9 @@ class PipelineConfig:
         if self.validation_split:
             return num_train - self.validation_split, self.validation_split
         return self.train_examples(num_train)
+
+    def limits(self) -> serving.Limits:
+        return serving.Limits(**self.fields(LIMIT_FIELDS))
 
     def attack_settings(self) -> adversarial.AttackSettings:
         return adversarial.AttackSettings(seed=self.seed, **{

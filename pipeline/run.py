@@ -30,11 +30,14 @@ class Stage:
     # (config, its own folder, {upstream stage: typed view, pipeline.run_dir}) -> outputs
     run: Callable[[PipelineConfig, pathlib.Path, dict], list[str]]
     default: bool = True  # part of a run without --stages
+    # Rerun when an output changed since the stage wrote it; else (train: hours of work) a
+    # one-line error naming the file.
+    rerun_on_change: bool = True
 
 
 STAGES = (
     Stage("ingest", ("dataset", "data_dir"), (), ingest.run),
-    Stage("train", train.FIELDS, ("ingest",), train.run),
+    Stage("train", train.FIELDS, ("ingest",), train.run, rerun_on_change=False),
     Stage("calibrate", calibrate.FIELDS, ("ingest", "train"), calibrate.run),
     Stage("evaluate", evaluate.FIELDS, ("ingest", "train", "calibrate"), evaluate.run),
     Stage("explain", explain.FIELDS, ("ingest", "train", "calibrate"), explain.run),
@@ -98,12 +101,25 @@ def run(config: PipelineConfig) -> pathlib.Path:
                 raise ConfigError(f"stage {stage.name} needs the outputs of {name} in "
                                   f"{view.folder}; run it first (--stages={name},{stage.name})")
             view.check_schema()
+            changed = artifacts.changed_outputs(view.folder)
+            if changed:
+                raise run_dirs.ArtifactError(
+                    f"{view.folder / changed[0]} changed since {name} wrote it (sha256 differs "
+                    f"from its manifest); rerun {name} with --force --stages={name}")
         digest = artifacts.config_hash({"stage": stage.name, **config.fields(stage.fields)})
         inputs = artifacts.input_hashes({name: view.folder for name, view in upstream.items()})
+        changed = artifacts.changed_outputs(stage_dir)
+        if changed and not (config.force or stage.rerun_on_change):
+            raise run_dirs.ArtifactError(
+                f"{stage_dir / changed[0]} changed since {stage.name} wrote it (sha256 differs "
+                f"from its manifest); restore it or rerun with --force")
         if not config.force and artifacts.manifest_matches(stage_dir, digest, inputs):
             logging.info("%s: unchanged since its last run, skipped (--force reruns it)",
                          stage.name)
             continue
+        if changed:
+            logging.warning("%s: %s changed since it was written; rerunning the stage",
+                            stage.name, ", ".join(changed))
         logging.info("%s: running", stage.name)
         (stage_dir / artifacts.MANIFEST).unlink(missing_ok=True)
         started = time.time()
@@ -165,12 +181,25 @@ flags.DEFINE_enum("threshold_rule", None, THRESHOLD_RULES,
 flags.DEFINE_list("density_layers", list(_D.density_layers),
                   f"Encoder layers of --score=feature_density, among {', '.join(density.LAYERS)}.")
 flags.DEFINE_string("export_dir", _D.export_dir, "Where the export stage writes SavedModels.")
+flags.DEFINE_integer("max_image_side", _D.max_image_side, "Export: classify_encoded refuses "
+                     "(reason too_large) an image whose header declares a longer side.")
+flags.DEFINE_integer("max_image_bytes", _D.max_image_bytes, "Export: ... or more bytes.")
+flags.DEFINE_integer("max_request_bytes", _D.max_request_bytes, "Export: classify_encoded "
+                     "refuses a request of more bytes (InvalidArgument).")
+flags.DEFINE_integer("max_batch", _D.max_batch, "Export: every signature refuses a request of "
+                     "more images (InvalidArgument).")
 flags.DEFINE_float("export_percentile", _D.export_percentile,
                    "The calibrated percentile whose thresholds the SavedModel applies when "
                    "--reject_budget=0.")
-flags.DEFINE_float("reject_budget", _D.reject_budget,
-                   "Deploy the largest percentile that rejects at most this share of the "
-                   "calibration images (0: use --export_percentile).")
+flags.DEFINE_float("reject_budget", None,
+                   "Deploy thresholds that reject at most this share of new images drawn like "
+                   "the held-out ones (split conformal; needs --validation_split); default "
+                   "0.04, 0 for image_folder. 0: use --export_percentile, no guarantee.")
+flags.DEFINE_float("reject_confidence", _D.reject_confidence,
+                   "Confidence of the --reject_budget guarantee over the draw of the held-out "
+                   "images (0: on average only).")
+flags.DEFINE_integer("shift_images", _D.shift_images, "Test images of the evaluate stage's "
+                     "shift suite (11 corruptions x 5 severities; 0: none).")
 flags.DEFINE_bool("force", False, "Rerun stages even when unchanged.")
 flags.DEFINE_list("attacks", list(_D.attacks), "Attacks of the attack stage (opt-in: "
                   "--stages=attack, after a run).")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import math
 import os
 import pathlib
 from collections.abc import Mapping
@@ -168,7 +167,9 @@ class TrainedModel(Artifact):
         if not path.exists():
             raise ArtifactError(f"{path} is missing; rerun train")
         with open(path, newline="") as f:
-            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            # a column added after the first epochs (a resumed run) is empty before it
+            return [{k: float(v) for k, v in row.items() if v != ""}
+                    for row in csv.DictReader(f)]
 
 
 def load_checkpoint(path: str | os.PathLike) -> keras.Model:
@@ -197,9 +198,10 @@ class Calibration(Artifact):
         saved = _read_json(path)
         try:
             score, names = saved["score"], saved["class_names"]
-            percentiles = rejection.from_json(saved["percentiles"])
+            percentiles = {p: np.asarray(v["thresholds"], np.float64)
+                           for p, v in rejection.from_json(saved["percentiles"]).items()}
             deployed = saved["deployed"]["percentile"]
-        except (KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{path} is not a calibration ({type(e).__name__}: {e})") \
                 from None
         problems = []
@@ -209,9 +211,8 @@ class Calibration(Artifact):
             problems.append("no density_layers")
         if deployed not in saved["percentiles"]:
             problems.append(f"deployed percentile {deployed} not calibrated")
-        for p, v in percentiles.items():
-            t = v["thresholds"]
-            if len(t) != len(names) or any(math.isnan(x) or x == -math.inf for x in t):
+        for p, t in percentiles.items():
+            if t.shape != (len(names),) or np.isnan(t).any() or (t == -np.inf).any():
                 problems.append(f"percentile {p}: thresholds must be {len(names)} numbers "
                                 "or null")
         if problems:
@@ -323,10 +324,10 @@ class Run:
     def scoring_model(self) -> keras.Model:
         return self.calibration.scoring_model(self.model.best())
 
-    def deployable(self) -> serving.RejectingClassifier:
+    def deployable(self, limits: serving.Limits | None = None) -> serving.RejectingClassifier:
         """What the run deploys, in one object: the scoring model, the deployed thresholds and
         the decision rule, for the run's input size and classes."""
         shape = self.examples.image_shape
         return serving.RejectingClassifier(
             self.scoring_model(), self.calibration.deployed()[1], shape[-1], shape[:2],
-            class_names=self.examples.class_names)
+            class_names=self.examples.class_names, limits=limits)

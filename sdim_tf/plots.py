@@ -129,9 +129,13 @@ def representation_scatter(points: np.ndarray, labels: np.ndarray, class_names: 
 
 
 def training_curves(rows: Sequence[dict], path: str | os.PathLike) -> None:
-    """Loss terms (left) and train/test accuracy (right) per epoch, from history.csv rows."""
+    """Loss terms, train/test accuracy and, where history.csv has them, the per-epoch
+    rejection quality ("monitor/<score>/mean_outlier_rejected" and "..._auroc"), per epoch."""
     epochs = [r["epoch"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    watched = sorted({k.rsplit("/", 1)[0] for r in rows for k in r
+                      if k.startswith("monitor/") and k.endswith("/mean_outlier_auroc")})
+    fig, axes = plt.subplots(1, 3 if watched else 2, figsize=(13.5 if watched else 9.0, 3.4))
+    left, right = axes[0], axes[1]
     for key in ("loss", "mi_loss", "nll_loss", "lm_loss"):
         if rows and key in rows[0]:
             left.plot(epochs, [r[key] for r in rows], marker="o", markersize=3, label=key)
@@ -146,8 +150,35 @@ def training_curves(rows: Sequence[dict], path: str | os.PathLike) -> None:
     right.set_ylabel("%")
     right.set_title("accuracy", fontsize=10)
     right.legend(fontsize=8)
-    for ax in (left, right):
+    for prefix in watched:
+        score = prefix.removeprefix("monitor/")
+        for figure, style in (("mean_outlier_rejected", "-"), ("mean_outlier_auroc", "--")):
+            kept = [r for r in rows if f"{prefix}/{figure}" in r]
+            axes[2].plot([r["epoch"] for r in kept], [100 * r[f"{prefix}/{figure}"] for r in kept],
+                         style, marker="o", markersize=3,
+                         label=f"{score}: {figure.replace('mean_outlier_', 'outliers ')}")
+    if watched:
+        axes[2].set_xlabel("epoch")
+        axes[2].set_ylabel("%")
+        axes[2].set_title("rejection of held-out outliers (at the reject budget)", fontsize=10)
+        axes[2].legend(fontsize=7)
+    for ax in axes:
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def risk_coverage(curves: dict, path: str | os.PathLike) -> None:
+    """Risk (errors among the accepted) against coverage, one line per image set."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    for name, curve in curves.items():
+        ax.plot(100 * np.asarray(curve["coverage"]), 100 * np.asarray(curve["risk"]),
+                marker="o", markersize=3, label=name.replace("_", " "))
+    ax.set_xlabel("coverage (% accepted, best scores first)")
+    ax.set_ylabel("risk (% wrong among accepted)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

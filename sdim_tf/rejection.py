@@ -20,6 +20,13 @@ def percentile_key(p: float) -> int | float:
     return int(p) if p.is_integer() else p
 
 
+def _key(p: str) -> int | float | str:
+    try:
+        return percentile_key(p)
+    except ValueError:
+        return p
+
+
 def percentile_value(scores: np.ndarray, p: float) -> float:
     """The authors' rule: the value at index floor(p/100 * n) of the n sorted scores."""
     return _at_percentile(np.sort(np.asarray(scores, np.float64)), p)
@@ -103,19 +110,25 @@ class Decision(NamedTuple):
     answer is refused."""
 
     class_ids: tf.Tensor  # int64 [N]
-    score: tf.Tensor  # float32 [N]
-    threshold: tf.Tensor  # float32 [N]
+    score: tf.Tensor  # [N], the dtype of the scores
+    threshold: tf.Tensor  # [N]
     rejected: tf.Tensor  # bool [N]
 
 
 def decide(scores, thresholds, valid=None) -> Decision:
     """Equation 9: rejected = not (score >= threshold of the predicted class), or invalid.
 
-    `scores` [N, C] (the paper's log p(x|c), or any class scores); `valid` bool [N] marks
-    inputs that passed validation (None: all). NaN scores are rejected.
+    `scores` [N, C] (the paper's log p(x|c), or any class scores), compared at their own
+    precision (float64 scores against float64 thresholds, as `calibrate` chose them; float32
+    in serving); `valid` bool [N] marks inputs that passed validation (None: all). NaN scores
+    are rejected.
     """
-    scores = tf.convert_to_tensor(scores, tf.float32)
-    thresholds = tf.convert_to_tensor(thresholds, tf.float32)
+    scores = tf.convert_to_tensor(scores)
+    if scores.dtype not in (tf.float32, tf.float64):
+        scores = tf.cast(scores, tf.float32)
+    if not (tf.is_tensor(thresholds) or isinstance(thresholds, tf.Variable)):
+        thresholds = np.asarray(thresholds, np.float64)  # not through float32
+    thresholds = tf.cast(thresholds, scores.dtype)
     class_ids = tf.argmax(scores, axis=1)
     score = tf.reduce_max(scores, axis=1)
     threshold = tf.gather(thresholds, class_ids)
@@ -147,6 +160,7 @@ def to_json(calibration: dict) -> dict:
 
 
 def from_json(obj: dict) -> dict:
-    return {percentile_key(p): {
+    """Numeric keys become numbers (percentiles); others (e.g. "conformal") stay strings."""
+    return {_key(p): {
         "thresholds": np.asarray([math.inf if t is None else t for t in v["thresholds"]]),
         "counts": v["counts"]} for p, v in obj.items()}

@@ -11,6 +11,7 @@ Inf or pixels outside [0, 1] are answered as rejected; the rest of the batch is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -21,9 +22,32 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from sdim_tf import data, rejection
+from sdim_tf import data, encoded, rejection
 
 SIGNATURES = ("serving_default", "classify_raw", "classify_encoded")
+# Every answer's `reason`: empty when accepted, else why the row was refused.
+REASONS = {
+    "": "accepted",
+    "below_threshold": "a valid input whose score is below its class's threshold",
+    "non_finite": "a pixel is NaN or infinite (float signature)",
+    "out_of_range": "a pixel lies outside [0, 1] (float signature)",
+    "not_png_or_jpeg": "the bytes start with neither the PNG nor the JPEG signature (GIF, "
+                       "BMP, WebP, text, ...)",
+    "bad_header": "PNG/JPEG signature, but no image size in the header",
+    "too_large": "more bytes than max_image_bytes, or a side over max_image_side, as the "
+                 "header declares (refused before decoding)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may cost. Per image and per request, since per-image caps multiply
+    with the batch; a request over max_batch or max_request_bytes is refused whole."""
+
+    max_image_side: int = 4096  # pixels, either side, from the PNG/JPEG header
+    max_image_bytes: int = 4 << 20  # one encoded image
+    max_request_bytes: int = 64 << 20  # all encoded images of one request
+    max_batch: int = 1024  # images per request, every signature
 
 
 class RejectingClassifier(tf.Module):
@@ -35,9 +59,10 @@ class RejectingClassifier(tf.Module):
 
     def __init__(self, model, thresholds: Sequence[float], channels: int,
                  source_size: Sequence[int], class_names: Sequence[str] | None = None,
-                 name: str = "rejecting_classifier"):
+                 limits: Limits | None = None, name: str = "rejecting_classifier"):
         super().__init__(name=name)
         self.model = model
+        self.limits = limits or Limits()
         self.num_classes = len(thresholds)
         self.class_names = list(class_names) if class_names is not None else None
         self.channels = int(channels)
@@ -65,13 +90,23 @@ class RejectingClassifier(tf.Module):
             dims = tf.concat([shape, [0, 0, 0, 0]], 0)[1:4]
             dims_ok = tf.debugging.assert_equal(
                 dims, tf.constant([height, width, self.channels]), message=message)
-        with tf.control_dependencies([dims_ok]):
+        with tf.control_dependencies([dims_ok, self._check_batch(shape[0], signature)]):
             return tf.ensure_shape(tf.identity(images), [None, height, width, self.channels])
 
-    def _classify(self, images):
-        """float32 [N, 32, 32, C] -> the output dict (invalid rows rejected)."""
-        valid = tf.reduce_all(tf.math.is_finite(images) & (images >= 0.0) & (images <= 1.0),
-                              axis=[1, 2, 3])
+    def _check_batch(self, batch, signature):
+        return tf.debugging.assert_less_equal(
+            batch, self.limits.max_batch,
+            message=f"{signature}: at most max_batch={self.limits.max_batch} images per request")
+
+    def _classify(self, images, refused=None):
+        """float32 [N, 32, 32, C] -> the output dict. Invalid rows are rejected with their
+        reason: `refused` (string [N], "" for rows that passed) from the encoded path, then
+        the pixel checks."""
+        finite = tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3])
+        in_range = tf.reduce_all((images >= 0.0) & (images <= 1.0), axis=[1, 2, 3])
+        if refused is None:
+            refused = tf.fill(tf.shape(finite), "")
+        valid = finite & in_range & tf.equal(refused, "")
         clean = tf.where(valid[:, None, None, None], images, tf.zeros_like(images))
         scores, ll = self.model.scores_and_logits(clean)
         invalid = tf.fill(tf.shape(ll), -np.inf)
@@ -79,10 +114,15 @@ class RejectingClassifier(tf.Module):
         ll = tf.where(valid[:, None], tf.cast(ll, tf.float32), invalid)
         decision = rejection.decide(scores, self.thresholds, valid)
         probabilities = tf.where(valid[:, None], tf.nn.softmax(ll), tf.zeros_like(ll))
+        reason = tf.where(tf.not_equal(refused, ""), refused,
+                          tf.where(~finite, "non_finite",
+                                   tf.where(~in_range, "out_of_range",
+                                            tf.where(decision.rejected, "below_threshold", ""))))
         return {"class_scores": scores, "log_likelihoods": ll,
                 "class_ids": decision.class_ids, "max_log_likelihood": tf.reduce_max(ll, axis=1),
                 "score": decision.score, "threshold": decision.threshold,
-                "rejected": decision.rejected, "probabilities": probabilities}
+                "rejected": decision.rejected, "reason": reason,
+                "probabilities": probabilities}
 
     def class_scores(self, batches) -> tuple[np.ndarray, np.ndarray]:
         """(class scores [N, C] float64, labels [N]) over (images, labels) batches."""
@@ -101,22 +141,39 @@ class RejectingClassifier(tf.Module):
         return self._classify(data.preprocess(images))
 
     def _classify_encoded(self, images):
-        header = tf.strings.substr(images, 0, 3)
-        known = (header == b"\x89PN") | (header == b"\xff\xd8\xff")
-        check = tf.debugging.assert_equal(
-            tf.reduce_all(known), True,
-            message="classify_encoded: every element must be PNG or JPEG bytes")
-        with tf.control_dependencies([check]):  # else DecodeImage may fail first
+        limits = self.limits
+        request_ok = tf.debugging.assert_less_equal(
+            tf.reduce_sum(tf.cast(tf.strings.length(images), tf.int64)),
+            tf.constant(limits.max_request_bytes, tf.int64),
+            message=f"classify_encoded: at most max_request_bytes={limits.max_request_bytes} "
+                    "bytes per request")
+        with tf.control_dependencies([request_ok,
+                                      self._check_batch(tf.size(images), "classify_encoded")]):
             images = tf.identity(images)
+        blank = tf.zeros([data.IMAGE_SIZE, data.IMAGE_SIZE, self.channels])
 
-        def decode(encoded):
-            image = tf.io.decode_image(encoded, channels=self.channels, expand_animations=False)
+        def decode(image_bytes):
+            image = tf.io.decode_image(image_bytes, channels=self.channels,
+                                       expand_animations=False)
             image.set_shape([None, None, self.channels])
             return data.preprocess(image[None])[0]
 
-        decoded = tf.map_fn(decode, images, fn_output_signature=tf.TensorSpec(
-            [data.IMAGE_SIZE, data.IMAGE_SIZE, self.channels], tf.float32))
-        return self._classify(decoded)
+        def one(image_bytes):
+            """(float32 image, "" or the refusal reason); decodes only what passed."""
+            kind, height, width = encoded.inspect(image_bytes)
+            reason = tf.where(
+                tf.strings.length(image_bytes) > limits.max_image_bytes, "too_large",
+                tf.where(tf.equal(kind, encoded.UNKNOWN), "not_png_or_jpeg",
+                         tf.where((height <= 0) | (width <= 0), "bad_header",
+                                  tf.where(tf.maximum(height, width) > limits.max_image_side,
+                                           "too_large", ""))))
+            image = tf.cond(tf.equal(reason, ""), lambda: decode(image_bytes), lambda: blank)
+            return image, reason
+
+        decoded, refused = tf.map_fn(one, images, parallel_iterations=1, fn_output_signature=(
+            tf.TensorSpec([data.IMAGE_SIZE, data.IMAGE_SIZE, self.channels], tf.float32),
+            tf.TensorSpec([], tf.string)))
+        return self._classify(decoded, refused)
 
     def archive(self):
         """A keras.export.ExportArchive of the three signatures.

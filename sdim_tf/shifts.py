@@ -151,3 +151,58 @@ _FUNCTIONS = {"gaussian_noise": gaussian_noise, "shot_noise": shot_noise,
               "salt_and_pepper": salt_and_pepper, "gaussian_blur": gaussian_blur,
               "brightness": brightness, "contrast": contrast, "translate": translate,
               "rotate": rotate, "jpeg": jpeg, "pixelate": pixelate, "occlusion": occlusion}
+
+
+def measure(deployable, images: np.ndarray, labels: np.ndarray, seed: int = 0,
+            severities: tuple[int, ...] = SEVERITIES) -> dict:
+    """The deployed rule on clean and shifted `images` (float32 [N, H, W, C] in [0, 1]).
+
+    `deployable` has `class_scores(batches)` and `decide(scores)` (a
+    `serving.RejectingClassifier`). Per corruption and severity: accuracy, the rejected
+    share and the silent error (accepted and wrong, a share of all images); the
+    risk-coverage area of the deployed score (lower is better) on clean images and on all
+    corruptions at MIDDLE_SEVERITY pooled; `mean_silent_error_middle` averages the
+    corruptions at MIDDLE_SEVERITY.
+    """
+    from sdim_tf import data, metrics  # TensorFlow for the forward pass
+
+    labels = np.asarray(labels)
+
+    def rule(batch: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+        scores, _ = deployable.class_scores(data.image_batches(batch))
+        decision = deployable.decide(scores)
+        predicted, rejected = decision.class_ids.numpy(), decision.rejected.numpy()
+        return ({"accuracy": float((predicted == labels).mean()),
+                 "rejected": float(rejected.mean()),
+                 "silent_error": metrics.silent_error(predicted, labels, rejected)},
+                decision.score.numpy(), predicted == labels)
+
+    clean, score, correct = rule(images)
+    result = {"images": int(len(labels)), "seed": seed, "severities": list(severities),
+              "parameters": {k: list(v) for k, v in PARAMETERS.items()},
+              "clean": clean, "corruptions": {}}
+    pooled_scores, pooled_correct = [], []
+    for name in CORRUPTIONS:
+        result["corruptions"][name] = {}
+        for severity in severities:
+            figures, shifted_score, shifted_correct = rule(corrupt(images, name, severity, seed))
+            result["corruptions"][name][str(severity)] = figures
+            if severity == MIDDLE_SEVERITY:
+                pooled_scores.append(shifted_score)
+                pooled_correct.append(shifted_correct)
+    curves = {"clean": (score, correct)}
+    if pooled_scores:
+        curves["shifted_middle"] = (np.concatenate(pooled_scores),
+                                    np.concatenate(pooled_correct))
+    result["aurc"], result["risk_coverage"] = {}, {}
+    for key, (ranked, right) in curves.items():
+        curve = metrics.risk_coverage(ranked, right)
+        result["aurc"][key] = curve["aurc"]
+        grid = np.linspace(0.05, 1.0, 20)  # the curve at 20 coverages, for the report
+        at = np.searchsorted(curve["coverage"], grid - 1e-12)
+        result["risk_coverage"][key] = {"coverage": grid.round(2).tolist(),
+                                        "risk": curve["risk"][at].tolist()}
+    if pooled_scores:
+        result["mean_silent_error_middle"] = float(np.mean(
+            [v[str(MIDDLE_SEVERITY)]["silent_error"] for v in result["corruptions"].values()]))
+    return result

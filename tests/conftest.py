@@ -36,7 +36,8 @@ def fashion_ingest(tmp_path_factory, data_dir):
     return out, ingest.ingest("fashion_mnist", out, data_dir=str(data_dir))
 
 
-TINY = dict(dataset="fashion_mnist", epochs=2, train_limit=1024, batch_size=128)
+TINY = dict(dataset="fashion_mnist", epochs=2, train_limit=1024, batch_size=128,
+            shift_images=200)
 
 
 @pytest.fixture(scope="session")

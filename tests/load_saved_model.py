@@ -14,7 +14,9 @@ inputs = np.load(inputs_path, allow_pickle=True)  # our own file: PNG bytes as o
 results = {}
 for name in ("serving_default", "classify_raw", "classify_encoded"):
     outputs = loaded.signatures[name](images=tf.constant(inputs[name]))
-    results.update({f"{name}/{k}": v.numpy() for k, v in outputs.items()})
+    # strings (the reason) as fixed-width bytes: np.load refuses object arrays
+    results.update({f"{name}/{k}": v.numpy().astype(bytes) if v.dtype == tf.string
+                    else v.numpy() for k, v in outputs.items()})
 forbidden = [m for m in ("sdim_tf", "tensorflow_probability", "pipeline") if m in sys.modules]
 assert not forbidden, f"imported {forbidden}"
 np.savez(out_path, **results)

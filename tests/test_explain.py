@@ -75,8 +75,8 @@ def test_explain_stage_writes_its_pictures(tiny_run):
             width, height = image.size
         if png == explain_stage.REPRESENTATIONS_PNG:
             assert (width, height) == (576, 468)
-        elif png == explain_stage.CURVES_PNG:
-            assert (width, height) == (810, 306)
+        elif png == explain_stage.CURVES_PNG:  # three panels: the run watched rejection
+            assert (width, height) == (int(13.5 * 90), 306)
         else:  # one row per image, the image and three maps
             assert width == int(1.9 * 4 * 90) and height % int(2.0 * 90) == 0
     assert {"maps_accepted.png", "representations.png", "training_curves.png"} <= set(outputs)

@@ -157,6 +157,11 @@ def test_illegal_pixels_are_rejected_rows(exported):
     images[4, 5, 5, 0] = -0.1
     out = module.serving_default(tf.constant(images))
     np.testing.assert_array_equal(out["rejected"].numpy()[1:5], True)
+    assert out["reason"].numpy()[1:5].tolist() == [b"non_finite", b"non_finite",
+                                                  b"out_of_range", b"out_of_range"]
+    for row in (0, 5):  # a valid row's reason is the rule's
+        assert out["reason"].numpy()[row] == (b"below_threshold" if clean["rejected"][row]
+                                              else b"")
     for row in (0, 5):  # the legal rows are answered as before
         np.testing.assert_array_equal(out["log_likelihoods"][row], clean["log_likelihoods"][row])
         assert out["rejected"][row] == clean["rejected"][row]
@@ -183,10 +188,65 @@ def test_empty_batch_gets_empty_outputs_on_every_signature(exported):
                 assert value.dtype == full[key].dtype, (name, key)
 
 
-def test_undecodable_bytes_are_refused(exported):
-    _, module, _ = exported
-    with pytest.raises(tf.errors.InvalidArgumentError, match="must be PNG or JPEG"):
-        module.classify_encoded(tf.constant([b"not an image"]))
+def _png_header(width, height):
+    """A PNG signature and IHDR chunk declaring width x height grey pixels, no pixel data."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+
+
+def _pil_bytes(image, fmt, **kwargs):
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image[..., 0]).save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+def test_bad_elements_are_rejected_rows_and_the_rest_answered(exported):
+    """Defects visible before decoding reject their row (with its reason) instead of failing
+    the request; header bombs are refused before any decoding."""
+    _, module, raw = exported
+    png = _encode(raw[:2])
+    frames = [_pil_bytes(raw[0], "GIF"), _pil_bytes(raw[0], "BMP"), _pil_bytes(raw[0], "WEBP"),
+              _pil_bytes(raw[0], "GIF", save_all=True, append_images=[])]
+    batch = [b"not an image", png[0], *frames, png[1], _png_header(16000, 16000),
+             _png_header(5000, 10), b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0\x00\x10JFIF",
+             b"x" * (module.limits.max_image_bytes + 1)]
+    out = module.classify_encoded(tf.constant(batch))
+    assert out["reason"].numpy().tolist() == [
+        b"not_png_or_jpeg", out["reason"].numpy()[1], b"not_png_or_jpeg", b"not_png_or_jpeg",
+        b"not_png_or_jpeg", b"not_png_or_jpeg", out["reason"].numpy()[6], b"too_large",
+        b"too_large", b"bad_header", b"bad_header", b"too_large"]
+    alone = module.classify_encoded(tf.constant(png))
+    for row, own in ((1, 0), (6, 1)):
+        assert out["reason"].numpy()[row] in (b"", b"below_threshold")
+        for key in ("class_ids", "rejected", "reason"):
+            assert out[key].numpy()[row] == alone[key].numpy()[own], key
+        np.testing.assert_allclose(out["class_scores"].numpy()[row],
+                                   alone["class_scores"].numpy()[own], rtol=1e-5)
+    refused = np.ones(len(batch), bool)
+    refused[[1, 6]] = False
+    assert out["rejected"].numpy()[refused].all()
+    assert np.isneginf(out["score"].numpy()[refused]).all()
+    bombs = module.classify_encoded(tf.constant([_png_header(16000, 16000)] * 8))
+    assert bombs["reason"].numpy().tolist() == [b"too_large"] * 8
+
+
+def test_request_limits_are_invalid_argument(exported):
+    _, module, raw = exported
+    limits = module.limits
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_batch"):
+        module.serving_default(tf.zeros((limits.max_batch + 1, 32, 32, 1)))
+    big = b"x" * limits.max_image_bytes
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_request_bytes"):
+        module.classify_encoded(tf.constant(
+            [big] * (limits.max_request_bytes // limits.max_image_bytes + 1)))
 
 
 def test_second_export_is_a_new_version(exported, tmp_path):

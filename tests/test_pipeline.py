@@ -67,6 +67,27 @@ def test_best_checkpoint_gives_the_logged_test_accuracy(tiny_run, data_dir):
     assert accuracy > 0.2  # 16 steps on 1024 images: twice chance (0.1)
 
 
+def test_history_watches_rejection_on_held_out_images(tiny_run):
+    """Each epoch's row holds the rejection quality on the held-out images (the last 5000
+    training images): its accuracy is the last checkpoint's on the first 1000 of them."""
+    _, run_dir = tiny_run
+    view = Run(run_dir)
+    rows = view.model.history()
+    last = keras.models.load_model(view.model.last_path)
+    held_out, labels = view.examples.arrays("train", skip=55000, limit=1000)
+    accuracy = (last.predict(held_out, verbose=0).argmax(1) == labels).mean()
+    assert rows[-1]["monitor/model/accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    test, test_labels = view.examples.arrays("test")
+    full = (last.predict(test, verbose=0).argmax(1) == test_labels).mean()
+    assert rows[-1]["test_accuracy_full"] == pytest.approx(full, abs=1e-6)
+    assert "test_accuracy_full" not in rows[0]  # only after the last epoch
+    for row in rows:
+        for score in ("model", "density_head"):
+            assert 0 <= row[f"monitor/{score}/rejected"] <= 0.04  # the reject budget
+            assert 0 <= row[f"monitor/{score}/mean_outlier_auroc"] <= 1
+        assert row["monitor_seconds"] > 0 and row["test_seconds"] > 0
+
+
 def test_unchanged_stage_is_skipped_and_changed_flag_reruns(tiny_run):
     config, run_dir = tiny_run
     before = {s: artifacts.read_json(run_dir / s / artifacts.MANIFEST)["finished"]
@@ -88,6 +109,37 @@ def test_unchanged_stage_is_skipped_and_changed_flag_reruns(tiny_run):
     assert manifests["ingest"]["finished"] == before["ingest"]
     assert manifests["train"]["finished"] != before["train"]
     assert manifests["train"]["config"]["margin"] == 5.0
+
+
+def test_changed_outputs_are_rerun_or_named(tiny_run, tmp_path):
+    """Manifests record each output's sha256: an edited thresholds.json is recomputed, a
+    changed checkpoint or a truncated shard is a one-line error naming the file."""
+    import dataclasses
+    import shutil
+
+    from pipeline.run_dir import ArtifactError
+
+    config, run_dir = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = dataclasses.replace(config, run_dir=str(copy), stages=("calibrate",))
+    thresholds = copy / "calibrate" / "thresholds.json"
+    original = thresholds.read_text()
+    thresholds.write_text(original.replace('"threshold_rule"', '"edited": 1, "threshold_rule"'))
+    run.run(config)
+    assert thresholds.read_text() == original  # rerun, not trusted
+    best = copy / "train" / train.BEST
+    content = bytearray(best.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    best.write_bytes(bytes(content))
+    with pytest.raises(ArtifactError, match=r"best\.keras changed since train wrote it"):
+        run.run(config)  # calibrate reads the checkpoint: named, never used
+    with pytest.raises(ArtifactError, match=r"best\.keras changed since train wrote it"):
+        run.run(dataclasses.replace(config, stages=("train",)))  # not silently retrained
+    shard = sorted((copy / "ingest").glob("test-*.tfrecord"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match=shard.name):
+        run.run(dataclasses.replace(config, stages=("train",)))
 
 
 def test_nan_guard_keeps_the_last_good_checkpoint(tiny_run, monkeypatch):
@@ -126,6 +178,13 @@ def test_config_errors():
         PipelineConfig(reject_budget=4.0).resolve()
     with pytest.raises(ConfigError, match="--export_percentile=5 is not among"):
         PipelineConfig(reject_budget=0, export_percentile=5).resolve()
+    # the guarantee needs held-out images: said, with how many (1 - 0.96^74 >= 0.95)
+    with pytest.raises(ConfigError, match=r"--reject_budget=0.04 promises .* --validation_split"
+                       r"=N \(at least 74 images\)"):
+        PipelineConfig(validation_split=0).resolve()
+    assert PipelineConfig(dataset="image_folder").resolve().reject_budget == 0
+    with pytest.raises(ConfigError, match=r"--reject_confidence must lie in \[0, 1\)"):
+        PipelineConfig(reject_confidence=1.0).resolve()
     assert PipelineConfig(dataset="cifar10").resolve().n == 3
     assert PipelineConfig(model="discriminative").resolve().run_dir.endswith(
         "fashion_mnist-discriminative")
@@ -149,15 +208,17 @@ def test_cli_user_errors_are_one_line(tmp_path, tiny_run, data_dir):
                            "not writable")
     _assert_one_line_error(_cli(["--stages=train", f"--run_dir={tmp_path / 'r'}"], tmp_path),
                            "needs the outputs of ingest")
-    # A corrupt checkpoint: the resume path names it.
+    # A corrupt checkpoint: its manifest's sha256 names it; without a manifest (a killed
+    # run) the resume path does.
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(run_dir, broken)
     (broken / "train" / train.LAST).write_bytes(b"garbage")
-    result = _cli([f"--run_dir={broken}", "--epochs=3", "--train_limit=1024",
-                   f"--data_dir={data_dir}"], tmp_path)
-    _assert_one_line_error(result, "last.keras cannot be loaded")
+    args = [f"--run_dir={broken}", "--epochs=3", "--train_limit=1024", f"--data_dir={data_dir}"]
+    _assert_one_line_error(_cli(args, tmp_path), "last.keras changed since train wrote it")
+    (broken / "train" / artifacts.MANIFEST).unlink()
+    _assert_one_line_error(_cli(args, tmp_path), "last.keras cannot be loaded")
 
 
 def test_killed_training_resumes(tmp_path, tiny_run):
@@ -219,16 +280,23 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
     # Independent recomputation from the deployed scores on the same images.
     model = run_view.scoring_model()
     ll, labels = rejection.class_scores(model, run_view.examples.dataset("train", 55000, 5000))
-    # The deployed percentile is the last 0.05 step that keeps within --reject_budget.
-    # The default rule for feature_density: one threshold, over every correct sample.
+    # The deployed thresholds: split conformal on the top scores of all 5000 held-out images,
+    # the k-th smallest with k the largest such that P(Binomial(5000, 0.04) >= k) >= 0.95.
+    # The default rule for feature_density: one threshold for every class.
+    from scipy import stats
+
     assert saved["threshold_rule"] == config.threshold_rule == "shared"
+    assert saved["deployed"]["percentile"] == "conformal"
+    ks = np.arange(1, 5001)
+    k = ks[stats.binom.cdf(ks - 1, 5000, config.reject_budget) <= 0.05].max()
+    assert 150 < k < 200  # below the 200 of the plain 4% budget
+    ordered = np.sort(ll.max(1))
+    np.testing.assert_allclose(saved["percentiles"]["conformal"]["thresholds"],
+                               [ordered[k - 1]] * 10, rtol=1e-6)
+    assert saved["deployed"]["guarantee"].startswith(
+        "rejects at most 4% of images drawn like the 5000 calibration images, with 95% "
+        "confidence")
     correct = ll.argmax(1) == labels
-    deployed = float(saved["deployed"]["percentile"])
-    for p, within in ((deployed, True), (deployed + 0.05, False)):
-        ordered = np.sort(ll.max(1)[correct])
-        threshold = ordered[int(np.floor(p / 100 * len(ordered)))]
-        rate = (ll.max(1) < threshold).mean()
-        assert (rate <= config.reject_budget) == within, (p, rate)
     for p in ("1", "2"):
         ordered = np.sort(ll.max(1)[correct])
         expected = ordered[int(np.floor(int(p) / 100 * len(ordered)))]
@@ -241,8 +309,24 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
     thresholds = rejection.from_json(saved["percentiles"])[1]["thresholds"]
     rejected = (test_ll.max(1) < thresholds[test_ll.argmax(1)]).mean()
     assert report["selective"]["1"]["reject_rate"] == pytest.approx(rejected)
+    # The shift suite, one cell recomputed: the first 200 test images shifted right by 3
+    # pixels, the deployed rule on the scoring model's scores.
+    from sdim_tf import shifts
+
+    images, labels = run_view.examples.arrays("test", limit=200)
+    moved = np.zeros_like(images)
+    moved[:, :, 3:] = images[:, :, :-3]
+    scores = model.predict(moved, verbose=0).astype(np.float64)
+    deployed = np.array(saved["percentiles"]["conformal"]["thresholds"], np.float64)
+    rejected = scores.max(1) < deployed[scores.argmax(1)]
+    wrong = scores.argmax(1) != labels
+    cell = report["shifts"]["corruptions"]["translate"][str(shifts.PARAMETERS["translate"].index(3)
+                                                             + 1)]
+    assert cell["rejected"] == pytest.approx(rejected.mean(), abs=0.006)  # one image of 200
+    assert cell["silent_error"] == pytest.approx((wrong & ~rejected).mean(), abs=0.006)
+    assert report["shifts"]["images"] == 200 and "risk_coverage.png" in report["figures"]
     md = (run_dir / "evaluate" / Evaluation.REPORT_MD).read_text()
-    for table in ("Table 1", "Table 2", "Table 3", "What this means"):
+    for table in ("Table 1", "Table 2", "Table 3", "Shifted inputs", "What this means"):
         assert table in md
     for figure in report["figures"]:
         import matplotlib.image

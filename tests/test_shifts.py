@@ -315,3 +315,42 @@ def test_risk_coverage_groups_ties():
     swapped = metrics.risk_coverage([3, 2, 2, 1, 1, 1], [True, False, True, True, True, False])
     np.testing.assert_allclose(swapped["risk"], result["risk"])
     assert swapped["aurc"] == pytest.approx(5 / 18)
+
+
+class _BrightnessClassifier:
+    """Class 1 when the mean pixel exceeds 0.5, else class 0; the score is the distance
+    from 0.5, rejected below 0.08: a rule whose every figure is easy to count by hand."""
+
+    def class_scores(self, batches):
+        scores, labels = [], []
+        for images, batch_labels in batches:
+            m = np.asarray(images).mean(axis=(1, 2, 3)).astype(np.float64)
+            scores.append(np.stack([0.5 - m, m - 0.5], 1))
+            labels.append(np.asarray(batch_labels))
+        return np.concatenate(scores), np.concatenate(labels)
+
+    def decide(self, scores):
+        from sdim_tf import rejection
+
+        return rejection.decide(scores, [0.08, 0.08])
+
+
+def test_measure_counts_accuracy_rejection_and_silent_errors_by_hand():
+    # means 0.1, 0.45, 0.55, 0.9 with labels 0, 1, 1, 1:
+    # predicted 0, 0, 1, 1; scores 0.4, 0.05, 0.05, 0.4 -> rejected F, T, T, F
+    means = np.array([0.1, 0.45, 0.55, 0.9], np.float32)
+    images = np.broadcast_to(means[:, None, None, None], (4, 32, 32, 1)).copy()
+    labels = np.array([0, 1, 1, 1])
+    result = shifts.measure(_BrightnessClassifier(), images, labels, severities=(3,))
+    assert result["clean"] == {"accuracy": 0.75, "rejected": 0.5, "silent_error": 0.0}
+    # brightness +0.3 (severity 3): means 0.4, 0.75, 0.85, 1.0 -> predicted 0, 1, 1, 1,
+    # scores 0.1, 0.25, 0.35, 0.5: none rejected, all right
+    assert result["corruptions"]["brightness"]["3"] == {"accuracy": 1.0, "rejected": 0.0,
+                                                        "silent_error": 0.0}
+    # contrast leaves a flat image as it is
+    assert result["corruptions"]["contrast"]["3"] == result["clean"]
+    # clean: by score 0.4 (right), 0.4 (right), then 0.05 (wrong), 0.05 (right), tied pairs:
+    # risk 0 at coverage 1/2, 1/4 at 1 -> area 1/2 * 0 + 1/2 * 1/4
+    assert result["aurc"]["clean"] == pytest.approx(0.125)
+    silent = [v["3"]["silent_error"] for v in result["corruptions"].values()]
+    assert result["mean_silent_error_middle"] == pytest.approx(np.mean(silent))

@@ -1,10 +1,17 @@
-"""Calibrate: the rejection score and its per-class thresholds.
+"""Calibrate: the rejection score and its thresholds.
 
 With --score=feature_density the tied Gaussians of `sdim_tf.density` are first fitted on the
-trained images (no augmentation) -> density.npz. Then, for each class c and percentile p,
-the p-th percentile of the score of class c over the correctly classified calibration
-samples of class c (paper section 5): the held-out validation images when
---validation_split > 0, else the trained ones -> thresholds.json.
+trained images (no augmentation) -> density.npz. Then on the calibration images (the
+held-out validation images when --validation_split > 0, else the trained ones) ->
+thresholds.json:
+
+- for each percentile p of --percentiles, the p-th percentile of the score over the
+  correctly classified calibration images (per class, the paper's section 5, or shared);
+- with --reject_budget=alpha (needs held-out images), the deployed thresholds: split
+  conformal (`sdim_tf.conformal`) on the top scores of all held-out images, which rejects at
+  most alpha of new images drawn like them, with confidence --reject_confidence (0: on
+  average). One threshold for all classes, or per predicted class (Mondrian) under
+  --threshold_rule=per_class.
 """
 
 from __future__ import annotations
@@ -12,13 +19,16 @@ from __future__ import annotations
 import pathlib
 
 import keras
+import numpy as np
 from absl import logging
 
+from pipeline.config import ConfigError
 from pipeline.run_dir import Calibration
-from sdim_tf import density, rejection
+from sdim_tf import conformal, density, rejection
 
 FIELDS = ("percentiles", "validation_split", "train_limit", "score", "density_layers",
-          "reject_budget", "export_percentile", "threshold_rule")
+          "reject_budget", "reject_confidence", "export_percentile", "threshold_rule")
+GUARANTEED = "conformal"  # thresholds.json's key of the guaranteed thresholds
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
@@ -32,33 +42,20 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         outputs.append(Calibration.DENSITY)
     skip, limit = config.calibration_examples(num_train)
     ll, labels = rejection.class_scores(model, examples.dataset("train", skip, limit))
-    percentiles = list(config.percentiles)
     shared = config.threshold_rule == "shared"
-    if config.reject_budget:
-        deployed = rejection.percentile_key(
-            rejection.budget_percentile(ll, labels, config.reject_budget, shared=shared))
-        rule = (f"the largest percentile rejecting at most {100 * config.reject_budget:g}% of "
-                f"the calibration images")
-        if not config.validation_split:
-            logging.warning("calibrate: --reject_budget on the trained images underestimates "
-                            "the reject rate of new images; use --validation_split")
-        percentiles.append(deployed)
-    else:
-        deployed, rule = config.export_percentile, "--export_percentile"
-    calibration_by_p = rejection.calibrate(ll, labels, sorted(set(percentiles)), shared)
-    accuracy = float((ll.argmax(1) == labels).mean())
     names = examples.class_names
+    calibration_by_p = rejection.calibrate(ll, labels, sorted(set(config.percentiles)), shared)
+    deployed = {"percentile": str(rejection.percentile_key(config.export_percentile)),
+                "rule": "--export_percentile (no guarantee)"}
+    if config.reject_budget:
+        calibration_by_p[GUARANTEED], deployed = guaranteed(ll, config, names)
     for p, v in calibration_by_p.items():
         empty = [names[c] for c, n in enumerate(v["counts"]) if n == 0]
         if empty and not shared:
-            logging.warning("calibrate: no correctly classified sample of %s; every prediction "
-                            "of it will be rejected", empty)
-        elif empty:
-            logging.warning("calibrate: no correctly classified sample of %s; the shared "
-                            "threshold applies to it all the same", empty)
-        logging.info("calibrate: %s percentile thresholds %s", p,
-                     [round(float(t), 1) for t in v["thresholds"]])
-    key = str(rejection.percentile_key(deployed))
+            logging.warning("calibrate: no calibration sample for %s at %s; every prediction "
+                            "of it will be rejected", empty, p)
+        logging.info("calibrate: %s thresholds %s", p,
+                     [round(float(t), 2) for t in v["thresholds"]])
     calibration.write_thresholds({
         "score": config.score,
         "density_layers": list(config.density_layers)
@@ -66,14 +63,47 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         "threshold_rule": config.threshold_rule,
         "source": "validation" if config.validation_split else "train",
         "examples": {"skip": skip, "limit": limit, "num_samples": int(len(labels))},
-        "accuracy": accuracy,
+        "accuracy": float((ll.argmax(1) == labels).mean()),
         "rejected": {str(p): float(rejection.decide(ll, v["thresholds"]).rejected.numpy().mean())
                      for p, v in calibration_by_p.items()},
         "class_names": names,
-        "deployed": {"percentile": key, "rule": rule},
+        "deployed": deployed,
         "percentiles": rejection.to_json(calibration_by_p)})
-    logging.info("calibrate: deploying the %s percentile (%s)", key, rule)
+    logging.info("calibrate: deploying %s (%s)", deployed["percentile"],
+                 deployed.get("guarantee", deployed["rule"]))
     return outputs
+
+
+def guaranteed(ll: np.ndarray, config, names) -> tuple[dict, dict]:
+    """Split-conformal thresholds on the held-out top scores: ({"thresholds", "counts"},
+    the thresholds.json "deployed" entry with the promise in words)."""
+    alpha, confidence = config.reject_budget, config.reject_confidence or None
+    top, predicted = ll.max(1), ll.argmax(1)
+    needed = conformal.minimum_samples(alpha, confidence)
+    if config.threshold_rule == "shared":
+        if len(top) < needed:
+            raise ConfigError(f"--reject_budget={alpha:g} needs at least {needed} held-out "
+                              f"images for its guarantee; --validation_split={len(top)}")
+        groups = [top]
+    else:  # Mondrian: a guarantee per predicted class
+        groups = [top[predicted == c] for c in range(ll.shape[1])]
+        few = [f"{names[c]} ({len(g)})" for c, g in enumerate(groups) if len(g) < needed]
+        if few:
+            raise ConfigError(
+                f"--threshold_rule=per_class: too few held-out images predicted as {few} for "
+                f"a {100 * alpha:g}% guarantee (each class needs {needed}); use "
+                "--threshold_rule=shared or a larger --validation_split")
+    thresholds = [conformal.threshold(g, alpha, confidence) for g in groups]
+    if len(thresholds) == 1:
+        thresholds = thresholds * ll.shape[1]
+    counts = [int(len(g)) for g in groups] * (ll.shape[1] // len(groups))
+    promise = conformal.promise(alpha, confidence, len(top))
+    if config.threshold_rule == "per_class":
+        promise += "; for each predicted class"
+    return ({"thresholds": np.asarray(thresholds), "counts": counts},
+            {"percentile": GUARANTEED, "rule": "split conformal on the held-out images' top "
+             "scores (sdim_tf.conformal)", "guarantee": promise, "alpha": alpha,
+             "confidence": confidence, "n": int(len(top))})
 
 
 def fit_density(model, config, examples, num_train: int) -> density.FeatureDensity:
@@ -85,5 +115,3 @@ def fit_density(model, config, examples, num_train: int) -> density.FeatureDensi
     bar = keras.utils.Progbar(limit, unit_name="image")
     scorer.fit_features(examples.dataset("train", skip, limit), progress=bar.update)
     return scorer
-
-

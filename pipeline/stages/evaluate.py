@@ -13,10 +13,11 @@ from absl import logging
 
 from pipeline import artifacts
 from pipeline.run_dir import Evaluation, Run
-from sdim_tf import data, metrics, outliers, plots
+from sdim_tf import data, metrics, outliers, plots, shifts
 
-FIELDS = ("percentiles", "seed")
+FIELDS = ("percentiles", "seed", "shift_images")
 REPORT_JSON, REPORT_MD = Evaluation.REPORT_JSON, Evaluation.REPORT_MD
+RISK_COVERAGE_PNG = "risk_coverage.png"
 
 # The paper's numbers (Tables 1-3), for the report.
 PAPER = {
@@ -42,6 +43,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     report = {"dataset": config.dataset, "model": config.model,
               "score": calibration.score,
               "deployed_percentile": calibration.saved["deployed"]["percentile"],
+              "guarantee": calibration.saved["deployed"].get("guarantee"),
               "num_test": int(len(test_labels)),
               "accuracy": float((test_ll.argmax(1) == test_labels).mean()),
               "selective": {str(p): metrics.selective(test_ll, test_labels, v["thresholds"])
@@ -70,6 +72,13 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
             figures.append(figure)
         logging.info("evaluate: %s: decision-rule rejection %s", name,
                      report["ood"][name]["decision_rejection_rate"])
+    if config.shift_images:
+        images, labels = examples.arrays("test", limit=config.shift_images)
+        logging.info("evaluate: shift suite, %d corruptions x %d severities on %d test images",
+                     len(shifts.CORRUPTIONS), len(shifts.SEVERITIES), len(labels))
+        report["shifts"] = shifts.measure(deployable, images, labels, config.seed)
+        plots.risk_coverage(report["shifts"]["risk_coverage"], stage_dir / RISK_COVERAGE_PNG)
+        figures.append(RISK_COVERAGE_PNG)
     report["figures"] = figures
     report["discriminative_accuracy"] = _sibling_accuracy(stage_dir.parent, config) if sdim \
         else None
@@ -102,8 +111,41 @@ def _ordinal(p: str) -> str:
     return p + suffix
 
 
+def _thresholds_name(key: str) -> str:
+    return (f"the {_ordinal(key)}-percentile thresholds" if key.replace(".", "").isdigit()
+            else f"the {key} thresholds")
+
+
 def _paper_pct(values, index) -> str:
     return f"{values[index]:.2f}%" if values else "—"
+
+
+def _shift_lines(shifted: dict) -> list[str]:
+    severities = shifted["severities"]
+    clean = shifted["clean"]
+
+    def cell(v):
+        return f"{_pct(v['accuracy'])} / {_pct(v['rejected'])} / {_pct(v['silent_error'])}"
+
+    lines = ["", "## Shifted inputs: correct or rejected, never silently wrong", "",
+             f"The first {shifted['images']} test images under label-preserving corruptions "
+             "(`sdim_tf.shifts`, parameters in report.json) at severities "
+             f"{severities[0]}-{severities[-1]}, with the deployed rule. Each cell: accuracy / "
+             "rejected / silent error (accepted and wrong, a share of all images).", "",
+             "| corruption | " + " | ".join(f"severity {s}" for s in severities) + " |",
+             "|---|" + "---|" * len(severities),
+             "| none (clean) | " + " | ".join([cell(clean)] + [""] * (len(severities) - 1))
+             + " |"]
+    for name, by_severity in shifted["corruptions"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(by_severity[str(s)]) for s in severities)
+                     + " |")
+    aurc = shifted["aurc"]
+    lines += ["", f"Risk-coverage area (lower is better): clean {aurc['clean']:.4f}"
+              + (f", every corruption at severity {shifts.MIDDLE_SEVERITY} pooled "
+                 f"{aurc['shifted_middle']:.4f}; mean silent error at severity "
+                 f"{shifts.MIDDLE_SEVERITY}: {_pct(shifted['mean_silent_error_middle'])}."
+                 if "shifted_middle" in aurc else ".")]
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -112,8 +154,9 @@ def markdown(report: dict) -> str:
     lines = [f"# Evaluation: {ds} ({model})", "",
              f"{report['num_test']} test images. Score: {SCORES.get(report.get('score'), '')}"
              " Thresholds: per class, percentiles of the score over correctly classified "
-             "calibration images (paper section 5); the SavedModel applies the "
-             f"{_ordinal(str(report.get('deployed_percentile')))} percentile.", "",
+             "calibration images (paper section 5); the SavedModel applies "
+             f"{_thresholds_name(str(report.get('deployed_percentile')))}"
+             + (f": it {report['guarantee']}." if report.get("guarantee") else "."), "",
              "## Table 1: clean test accuracy", "",
              "| model | ours | paper |", "|---|---|---|",
              f"| {model} | {_pct(report['accuracy'])} | "
@@ -150,10 +193,12 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper_cell} |")
     for name, why in report.get("ood_unavailable", {}).items():
         lines.append(f"\n{name}: not evaluated ({why.splitlines()[0][:200]}).")
+    if report.get("shifts"):
+        lines += _shift_lines(report["shifts"])
     first = report.get("deployed_percentile") or percentiles[0]
     lines += ["", "## What this means", ""]
     lines.append(
-        f"At the {_ordinal(first)}-percentile thresholds the model keeps "
+        f"At {_thresholds_name(first)} the model keeps "
         f"{_pct(1 - report['selective'][first]['reject_rate'])} of the test images and is "
         f"right on {_pct(report['selective'][first]['accuracy_left'])} of those.")
     for name, v in report["ood"].items():

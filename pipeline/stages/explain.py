@@ -97,7 +97,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
 
     last = rows[-1] if rows else {}
     text = [f"# Explanations: {config.dataset} ({config.model})", "",
-            f"Thresholds: percentile p={percentile:g} (what the export "
+            f"Thresholds: {percentile} (what the export "
             f"applies). Of the first {len(images)} test images the rule rejects "
             f"{100 * rejected.mean():.1f}%; of {len(ood)} {ood_name} images "
             f"{100 * ood_rejected.mean():.1f}%.", "",

@@ -7,6 +7,7 @@ assets.extra/.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import shutil
 import tempfile
@@ -19,7 +20,8 @@ from pipeline import artifacts
 from pipeline.run_dir import ExportRecord, Run
 from sdim_tf import data, serving
 
-FIELDS = ("export_dir",)  # the deployed percentile is calibrate's choice
+# The deployed percentile is calibrate's choice.
+FIELDS = ("export_dir", "max_image_side", "max_image_bytes", "max_request_bytes", "max_batch")
 WARMUP_FILE = "tf_serving_warmup_requests"
 
 
@@ -60,7 +62,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     shape = examples.image_shape
     saved = calibration.saved
     key = saved["deployed"]["percentile"]
-    module = Run(stage_dir.parent).deployable()
+    module = Run(stage_dir.parent).deployable(config.limits())
     report = upstream["evaluate"].report()
     name = model_name(config)
     card = {
@@ -71,7 +73,10 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                   "classify_encoded": "string [batch] of PNG/JPEG bytes"},
         "rejection": {"score": SCORE_TEXT.get(saved.get("score"), SCORE_TEXT["model"])(saved),
                       "percentile": key, "percentile_rule": saved["deployed"]["rule"],
+                      "guarantee": saved["deployed"].get("guarantee"),
                       "thresholds": saved["percentiles"][key]["thresholds"]},
+        "limits": {**dataclasses.asdict(module.limits), "meaning": serving.Limits.__doc__},
+        "reasons": serving.REASONS,
         "training": upstream["train"].manifest()["config"],
         "best_epoch": upstream["train"].state()["best_epoch"],
         "metrics": {k: report[k] for k in ("accuracy", "selective", "ood")},

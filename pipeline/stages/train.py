@@ -26,13 +26,20 @@ import sdim_tf
 from pipeline import artifacts, faults
 from pipeline.config import PipelineConfig
 from pipeline.run_dir import ArtifactError, TrainedModel, load_checkpoint
-from sdim_tf import data
+from sdim_tf import data, monitoring, outliers
 
 FIELDS = ("model", "critic", "mi_bound", "n", "rep_dim", "alpha", "beta", "gamma", "margin",
           "log_scale_floor", "epochs", "batch_size", "learning_rate", "seed", "train_limit",
           "mixed_precision", "deterministic", "validation_split")
 BEST, LAST, STATE, HISTORY = (TrainedModel.BEST, TrainedModel.LAST, TrainedModel.STATE,
                               TrainedModel.HISTORY)
+
+
+# Per-epoch watching, within ~5% of an epoch (history.csv: test_seconds, monitor_seconds):
+# test accuracy on the first TEST_SUBSET test images (all of them after the last epoch), and
+# the deployed-style rejection quality (sdim_tf.monitoring) on held-out images.
+TEST_SUBSET = 2000
+MONITOR_FIT, MONITOR_HELD_OUT, MONITOR_OUTLIERS = 2000, 1000, 500
 
 
 class TrainingError(RuntimeError):
@@ -120,6 +127,34 @@ def test_accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
     return correct / max(total, 1)
 
 
+def _monitor_data(config: PipelineConfig, examples, num_train: int) -> dict | None:
+    """The fixed images `monitoring.rejection_quality` watches each epoch: a trained subset
+    for the fit, held-out images (None without --validation_split) and outliers built from
+    them."""
+    if not config.validation_split:
+        logging.info("train: no held-out images (--validation_split=0): rejection quality "
+                     "is not watched")
+        return None
+    fit = examples.arrays("train", limit=min(MONITOR_FIT, num_train))
+    held_out = examples.arrays("train", skip=examples.num_examples("train")
+                               - config.validation_split,
+                               limit=min(MONITOR_HELD_OUT, config.validation_split))
+    sources = held_out[0][:MONITOR_OUTLIERS], held_out[1][:MONITOR_OUTLIERS]
+    built = {**outliers.proxy_outliers(sources[0], config.seed),
+             **outliers.part_outliers(*sources, seed=config.seed)}
+    return {"fit": fit, "held_out": held_out, "outliers": built,
+            "budget": config.reject_budget or 0.04, "layers": (tuple(config.density_layers),)}
+
+
+def _watch(model: keras.Model, watched: dict | None) -> dict:
+    """history.csv columns of this epoch's rejection quality ("monitor/<score>/<figure>")."""
+    if watched is None:
+        return {}
+    quality = monitoring.rejection_quality(model, **watched)
+    return {f"monitor/{k}": round(v, 6) for k, v in monitoring.flat(quality).items()
+            if "/outlier_" not in k and k != "seconds"}
+
+
 def _save_atomic(model: keras.Model, path: pathlib.Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
     model.save(tmp)
@@ -192,7 +227,8 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
 
     _, num_train = config.train_examples(examples.num_examples("train"))
     steps = num_train // config.batch_size
-    test_ds = examples.dataset("test")
+    test_ds = examples.dataset("test", limit=TEST_SUBSET)
+    watched = _monitor_data(config, examples, num_train) if chief else None
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     step = make_train_step(model, strategy)
@@ -209,9 +245,16 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
             raise TrainingError(
                 f"training diverged in epoch {epoch} (loss {logs.get('loss')}); the last good "
                 f"checkpoint (epoch {state['epoch']}) is kept in {stage_dir / LAST}")
-        row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()},
-               "test_accuracy": round(test_accuracy(model, test_ds), 6),
-               "seconds": round(time.time() - start, 2)}
+        row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()}}
+        started = time.time()
+        row["test_accuracy"] = round(test_accuracy(model, test_ds), 6)
+        if epoch == config.epochs:
+            row["test_accuracy_full"] = round(test_accuracy(model, examples.dataset("test")), 6)
+        row["test_seconds"] = round(time.time() - started, 2)
+        started = time.time()
+        row.update(_watch(model, watched))
+        row["monitor_seconds"] = round(time.time() - started, 2)
+        row["seconds"] = round(time.time() - start, 2)
         logging.info("train: epoch %d: %s", epoch, row)
         if not chief:
             continue

@@ -1,0 +1,176 @@
+"""Rejection quality of a run's per-epoch checkpoints: does rejection decay with training?
+
+For each checkpoint, `sdim_tf.monitoring.rejection_quality` on held-out Fashion-MNIST (the
+last 5000 training images, never trained on) and outliers built from them, for the model's
+own log p(x|c) and tied Gaussians on three layer sets; selection may look at these. As the
+final measure only (never for selection): Fashion-MNIST test accuracy, and the share of
+MNIST test rejected at the held-out thresholds with its AUROC against Fashion-MNIST test.
+
+python -m bench.epoch_curves --checkpoints='/work/runs/fm-default/epochs/epoch_*.keras' \
+    --out=bench/results/epoch_curves_fm-default.json
+Writes the JSON after every checkpoint and keeps the finished ones of an earlier run with the
+same settings, so rerunning it adds only the new checkpoints.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+from bench.machine import machine
+from sdim_tf import data, density, monitoring, outliers
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoints", None, "Glob of the per-epoch .keras checkpoints "
+                    "(epoch_<k>.keras); measured in epoch order.")
+flags.DEFINE_string("out", "bench/results/epoch_curves.json", "Where the JSON goes.")
+flags.DEFINE_string("data_dir", os.environ.get("SDIM_DATA_DIR"),
+                    "Folder holding fashion_mnist/ and mnist/ IDX files.")
+flags.DEFINE_integer("trained_images", 55000, "The run trained on the first N training "
+                     "images; the rest are held out.")
+flags.DEFINE_integer("held_out_images", 5000, "The last N training images: held out.")
+flags.DEFINE_integer("fit_images", 5000, "Trained images the tied Gaussians are fitted on, "
+                     "evenly strided over the first --trained_images.")
+flags.DEFINE_integer("outlier_images", 1000, "First N held-out images each outlier set is "
+                     "built from (proxy and part outliers).")
+flags.DEFINE_float("reject_budget", 0.04, "Deployed percentile: the largest rejecting at "
+                   "most this share of the held-out images (shared threshold).")
+flags.DEFINE_integer("seed", 0, "Outlier seed.")
+flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
+flags.DEFINE_integer("limit_checkpoints", 0, "Measure only the first N checkpoints (0: all).")
+
+LAYER_SETS = (("head",), ("stage3", "stage4", "head"), density.LAYERS)
+
+
+def epoch_of(path: str) -> int:
+    match = re.search(r"epoch_(\d+)", pathlib.Path(path).name)
+    if not match:
+        raise ValueError(f"{path}: no epoch_<k> in its name")
+    return int(match.group(1))
+
+
+def images_of(name: str, split: str, index=None) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [N, 32, 32, C] in [0, 1] and labels, of the rows `index` (all if None)."""
+    images, labels = data.load_split(name, split, FLAGS.data_dir)
+    if index is not None:
+        images, labels = images[index], labels[index]
+    return data.preprocess(images).numpy(), np.asarray(labels, np.int64)
+
+
+def finite(value):
+    """JSON has no inf/NaN: they become null."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def summary(entry: dict) -> str:
+    """One line: per score, held-out rejection, mean outlier AUROC, MNIST rejection/AUROC."""
+
+    def number(value, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    parts = [f"epoch {entry['epoch']:3d} ({entry['seconds']:.0f} s)"]
+    for name, q in entry["quality"].items():
+        if not isinstance(q, dict):
+            continue
+        final = q["final_measure"]
+        parts.append(f"{name.removeprefix('density_')}: acc {number(q['accuracy'], 4)} "
+                     f"rej {number(q['rejected'], 3)} "
+                     f"out AUROC {number(q['mean_outlier_auroc'], 4)} "
+                     f"| test acc {number(final['accuracy'], 4)} "
+                     f"MNIST rej {number(final['outlier_rejected']['mnist'], 3)} "
+                     f"AUROC {number(final['outlier_auroc']['mnist'], 4)}")
+    return "; ".join(parts)
+
+
+def main(argv):
+    del argv
+    if not FLAGS.checkpoints:
+        sys.exit("error: --checkpoints is required")
+    paths = sorted(glob.glob(FLAGS.checkpoints), key=epoch_of)
+    if FLAGS.limit_checkpoints:
+        paths = paths[:FLAGS.limit_checkpoints]
+    if not paths:
+        sys.exit(f"error: no checkpoint matches {FLAGS.checkpoints}")
+    trained, held = FLAGS.trained_images, FLAGS.held_out_images
+    if not 0 < FLAGS.fit_images <= trained:
+        sys.exit(f"error: --fit_images must be in [1, {trained}], got {FLAGS.fit_images}")
+    if not 0 < FLAGS.outlier_images <= held:
+        sys.exit(f"error: --outlier_images must be in [1, {held}], got {FLAGS.outlier_images}")
+
+    fit_index = np.arange(FLAGS.fit_images) * (trained // FLAGS.fit_images)
+    fit = images_of("fashion_mnist", "train", fit_index)
+    held_out = images_of("fashion_mnist", "train", np.arange(trained, trained + held))
+    if len(held_out[1]) != held:
+        sys.exit(f"error: fewer than {trained + held} Fashion-MNIST training images")
+    sources = (held_out[0][:FLAGS.outlier_images], held_out[1][:FLAGS.outlier_images])
+    built = {**outliers.proxy_outliers(sources[0], FLAGS.seed),
+             **outliers.part_outliers(*sources, seed=FLAGS.seed)}
+    test = images_of("fashion_mnist", "test")
+    mnist = images_of("mnist", "test")[0]
+
+    settings = {"trained_images": trained, "held_out_images": held,
+                "fit_images": FLAGS.fit_images, "fit_stride": int(trained // FLAGS.fit_images),
+                "outlier_images": FLAGS.outlier_images, "outliers": list(built),
+                "seed": FLAGS.seed, "reject_budget": FLAGS.reject_budget,
+                "threshold_rule": "shared", "layer_sets": [list(s) for s in LAYER_SETS]}
+    out = pathlib.Path(FLAGS.out)
+    done = {}
+    if out.exists():
+        previous = json.loads(out.read_text())
+        if previous.get("settings") == settings:
+            done = {e["path"]: e for e in previous.get("checkpoints", [])}
+    record = {
+        "command": " ".join(["python -m bench.epoch_curves", *sys.argv[1:]]),
+        "machine": machine(),
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                     "numpy": np.__version__},
+        "settings": settings,
+        "final_measure": "Each score's `final_measure` (Fashion-MNIST test accuracy and "
+                         "rejection; MNIST test rejection at the held-out thresholds and AUROC "
+                         "Fashion-MNIST test vs MNIST test) is reported only, never used for "
+                         "selection. Everything else uses training/held-out images only.",
+        "checkpoints": []}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        stat = os.stat(path)
+        previous = done.get(path)
+        if previous and previous.get("bytes") == stat.st_size and previous.get(
+                "modified") == stat.st_mtime:
+            record["checkpoints"].append(previous)
+            print(f"{summary(previous)} (kept from {out})", flush=True)
+            continue
+        started = time.time()
+        model = keras.models.load_model(path, compile=False)
+        quality = monitoring.rejection_quality(
+            model, fit, held_out, built, FLAGS.reject_budget, LAYER_SETS, FLAGS.batch_size,
+            test=test, test_outliers={"mnist": mnist})
+        entry = {"epoch": epoch_of(path), "path": path, "bytes": stat.st_size,
+                 "modified": stat.st_mtime, "seconds": round(time.time() - started, 1),
+                 "quality": finite(quality)}
+        record["checkpoints"].append(entry)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        print(summary(entry), flush=True)
+        del model
+        keras.backend.clear_session()
+    out.write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,194 @@
+"""How well a trained model's rejection works, measured on held-out data only.
+
+Rejection decays with training (docs/results.md: 98.4% of MNIST rejected by a Fashion-MNIST
+model at 8 epochs, 82% at 50) while accuracy keeps rising, so it has to be watched like a
+loss. `rejection_quality` measures, for the model's own log p(x|c) and for tied Gaussians
+(`sdim_tf.density.FeatureDensity`) on sets of encoder layers, the deployed rule: one threshold
+shared by all classes at the largest percentile rejecting at most `budget` of the held-out
+images; then the share of each outlier set it rejects and the AUROC held-out vs outliers.
+The outliers must be built from training or held-out images (`sdim_tf.outliers`); test sets
+may only come in as the final measure (`test`, `test_outliers`), never for selection.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from sdim_tf import density, metrics, rejection
+
+MODEL_SCORE = "model"
+
+
+def score_name(layers: Sequence[str]) -> str:
+    """"density_<layer>_<layer>..." (layer names hold no "_"; "+" is no valid summary tag)."""
+    return "density_" + "_".join(layers)
+
+
+def rejection_quality(model, fit: tuple[np.ndarray, np.ndarray],
+                      held_out: tuple[np.ndarray, np.ndarray], outliers: Mapping[str, np.ndarray],
+                      budget: float = 0.04, layers: Sequence[Sequence[str]] = (("head",),),
+                      batch_size: int = 500, test: tuple[np.ndarray, np.ndarray] | None = None,
+                      test_outliers: Mapping[str, np.ndarray] | None = None) -> dict:
+    """Accuracy, deployed-rule rejection and outlier AUROC of every score, on held-out data.
+
+    Args:
+      model: a trained `SDIM` or `DiscriminativeClassifier`.
+      fit: (images, labels) the tied Gaussians are fitted on (trained images, no augmentation).
+      held_out: (images, labels) never trained on: accuracy, percentile and thresholds.
+      outliers: {name: images} built from training or held-out images.
+      budget: the deployed percentile is the largest rejecting at most this share of held_out.
+      layers: one FeatureDensity per layer set; the model's own output is always scored too.
+      batch_size: images per forward pass.
+      test, test_outliers: the final measure only (test images and labels, real OOD sets):
+        reported under "final_measure", kept out of every mean; never select on them.
+
+    Returns:
+      {"model": q, score_name(layers[0]): q, ..., "seconds": s} where q holds `accuracy`,
+      `percentile`, `threshold` (shared by all classes), `rejected` (held-out share),
+      `outlier_rejected` and `outlier_auroc` ({name: x}), `mean_outlier_rejected`,
+      `mean_outlier_auroc` and, with test data, `final_measure`. Images are float32
+      [N, H, W, C] in [0, 1].
+    """
+    started = time.perf_counter()
+    layer_sets = [tuple(s) for s in layers]
+    needed = [name for name in density.LAYERS if any(name in s for s in layer_sets)]
+    num_classes = int(model.config["num_classes"])
+    per_layer = _fit_layers(model, num_classes, needed, fit, batch_size) if needed else {}
+    forward = _forward(model, per_layer, tuple(held_out[0].shape[1:]))
+
+    image_sets = {"held_out": held_out[0], **{f"outlier/{k}": v for k, v in outliers.items()}}
+    if test is not None:
+        image_sets["test"] = test[0]
+    for name, images in (test_outliers or {}).items():
+        image_sets[f"test_outlier/{name}"] = images
+    # set name -> {"model" or layer: [N, C] float64}: one encoder pass per image set.
+    outputs = {name: _run(forward, images, batch_size) for name, images in image_sets.items()}
+
+    scores = {MODEL_SCORE: {k: v[MODEL_SCORE] for k, v in outputs.items()}}
+    for layer_set in layer_sets:
+        scores[score_name(layer_set)] = {k: sum(v[layer] for layer in layer_set)
+                                         for k, v in outputs.items()}
+    result = {}
+    for name, by_set in scores.items():
+        result[name] = _quality(by_set, held_out[1], list(outliers), budget,
+                                None if test is None else test[1], list(test_outliers or {}))
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def flat(quality: dict, prefix: str = "") -> dict[str, float]:
+    """{"model/accuracy": x, "density_head/outlier_auroc/flipped": y, ...}: the scalars of a
+    `rejection_quality` result under "/"-joined keys, for CSV rows and TensorBoard."""
+    rows = {}
+    for key, value in quality.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows.update(flat(value, f"{name}/"))
+        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+                value, bool):
+            rows[name] = float(value)
+    return rows
+
+
+def _fit_layers(model, num_classes: int, layers: Sequence[str], fit, batch_size: int) -> dict:
+    """{layer: TiedGaussianScores of that layer alone}, all fitted in one pass over `fit`.
+
+    A layer's Gaussians do not depend on the other layers of a set, and a set's score is the
+    sum of its layers' scores, so one fit per layer serves every set.
+    """
+    images, labels = fit
+    scorer = density.FeatureDensity(model, num_classes, layers)
+    scorer.fit_features((images[i:i + batch_size], labels[i:i + batch_size])
+                        for i in range(0, len(images), batch_size))
+    fitted = scorer.density_scores
+    per_layer = {}
+    for layer in layers:
+        single = density.TiedGaussianScores(num_classes, {layer: fitted.dims[layer]},
+                                            name=f"density_{layer}")
+        single.means[layer].assign(fitted.means[layer])
+        single.precision_factors[layer].assign(fitted.precision_factors[layer])
+        per_layer[layer] = single
+    return per_layer
+
+
+def _forward(model, per_layer: dict, image_shape: tuple):
+    """A tf.function: images -> {"model": the model's own output [N, C], layer: [N, C]}.
+
+    The model's output comes from the same encoder pass, through its own head.
+    """
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
+    def forward(images):
+        features = model.encoder.features(images, training=False)
+        out = {MODEL_SCORE: tf.cast(model.logits_from_features(features), tf.float32)}
+        for layer, scores in per_layer.items():
+            out[layer] = scores({layer: features[layer]})
+        return out
+
+    return forward
+
+
+def _run(forward, images: np.ndarray, batch_size: int) -> dict:
+    parts = [forward(tf.constant(images[i:i + batch_size], tf.float32))
+             for i in range(0, len(images), batch_size)]
+    if not parts:
+        parts = [forward(tf.zeros((0, *images.shape[1:]), tf.float32))]
+    return {k: np.concatenate([p[k].numpy() for p in parts]).astype(np.float64)
+            for k in parts[0]}
+
+
+def _quality(scores: dict, labels: np.ndarray, outliers: list, budget: float,
+             test_labels: np.ndarray | None, test_outliers: list) -> dict:
+    """The deployed shared-threshold rule on one score's [N, C] outputs of every image set."""
+    labels = np.asarray(labels).reshape(-1)
+    log_likelihoods = scores["held_out"]
+    percentile = rejection.budget_percentile(log_likelihoods, labels, budget, shared=True)
+    thresholds = rejection.calibrate(log_likelihoods, labels, (percentile,),
+                                     shared=True)[percentile]["thresholds"]
+    top = {k: v.max(axis=1) for k, v in scores.items()}
+    rejected = {k: _rejected(v, thresholds) for k, v in scores.items()}
+    result = {"accuracy": _accuracy(log_likelihoods, labels), "percentile": float(percentile),
+              "threshold": float(thresholds[0]),
+              "rejected": _share(rejected["held_out"]),
+              "outlier_rejected": {k: _share(rejected[f"outlier/{k}"]) for k in outliers},
+              "outlier_auroc": {k: metrics.auroc(top["held_out"], top[f"outlier/{k}"])
+                                for k in outliers}}
+    result["mean_outlier_auroc"] = _mean(result["outlier_auroc"].values())
+    result["mean_outlier_rejected"] = _mean(result["outlier_rejected"].values())
+    if test_labels is not None or test_outliers:
+        final = {}
+        if test_labels is not None:
+            final["accuracy"] = _accuracy(scores["test"], np.asarray(test_labels).reshape(-1))
+            final["rejected"] = _share(rejected["test"])
+        reference = "test" if test_labels is not None else "held_out"
+        final["outlier_rejected"] = {k: _share(rejected[f"test_outlier/{k}"])
+                                     for k in test_outliers}
+        final["outlier_auroc"] = {k: metrics.auroc(top[reference], top[f"test_outlier/{k}"])
+                                  for k in test_outliers}
+        result["final_measure"] = final
+    return result
+
+
+def _rejected(log_likelihoods: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """The deployed rule (equation 9, `rejection.decide`)."""
+    if not len(log_likelihoods):
+        return np.zeros(0, bool)
+    return rejection.decide(log_likelihoods, thresholds).rejected.numpy()
+
+
+def _accuracy(log_likelihoods: np.ndarray, labels: np.ndarray) -> float:
+    return float((log_likelihoods.argmax(axis=1) == labels).mean()) if len(labels) else math.nan
+
+
+def _share(flags: np.ndarray) -> float:
+    return float(flags.mean()) if len(flags) else math.nan
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else math.nan

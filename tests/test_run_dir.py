@@ -1,0 +1,96 @@
+"""The run directory's contract: damaged or unsafe artifacts are refused with the file named."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import artifacts
+from pipeline.run_dir import ArtifactError, Calibration, Examples, Run, load_checkpoint
+
+NAMES = ["a", "b", "c"]
+
+
+def _calibration(folder, **changes):
+    saved = {"score": "feature_density", "density_layers": ["z"], "class_names": NAMES,
+             "threshold_rule": "shared", "deployed": {"percentile": "3.5", "rule": "r"},
+             "percentiles": {"1": {"thresholds": [1.0, 2.0, None], "counts": [5, 5, 0]},
+                             "3.5": {"thresholds": [3.0, 3.0, 3.0], "counts": [5, 5, 0]}}}
+    saved.update(changes)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / Calibration.THRESHOLDS).write_text(json.dumps(saved))
+    return Calibration(folder)
+
+
+def test_a_valid_calibration_loads(tmp_path):
+    calibration = _calibration(tmp_path / "calibrate")
+    percentile, thresholds = calibration.deployed()
+    assert percentile == 3.5 and thresholds.tolist() == [3.0, 3.0, 3.0]
+    assert calibration.percentiles()[1]["thresholds"].tolist() == [1.0, 2.0, np.inf]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"score": "magic"}, "unknown score 'magic'"),
+    ({"deployed": {"percentile": "7", "rule": "r"}}, "deployed percentile 7 not calibrated"),
+    ({"percentiles": {"3.5": {"thresholds": [1.0, 2.0], "counts": [1, 1]}}},
+     "thresholds must be 3 numbers"),
+    ({"percentiles": {"3.5": {"thresholds": [1.0, "NaN", 2.0], "counts": [1, 1, 1]}}},
+     "thresholds must be 3 numbers"),
+    ({"density_layers": None}, "no density_layers"),
+    ({"percentiles": "none"}, "is not a calibration"),
+])
+def test_an_invalid_calibration_is_named(tmp_path, changes, message):
+    calibration = _calibration(tmp_path / "calibrate", **changes)
+    with pytest.raises(ArtifactError, match=message) as error:
+        calibration.deployed()
+    assert "thresholds.json" in str(error.value)
+
+
+def test_density_parameters_are_checked_and_read_without_pickle(tmp_path):
+    calibration = _calibration(tmp_path / "calibrate")
+    good = {"z/means": np.zeros((3, 4), np.float32),
+            "z/precision_factor": np.eye(4, dtype=np.float32)}
+    calibration.write_density(good)
+    assert set(calibration.density_parameters()) == set(good)
+    for bad in ({**good, "z/means": np.zeros((2, 4))},
+                {**good, "z/precision_factor": np.full((4, 4), np.nan)},
+                {"z/means": good["z/means"]}):
+        calibration.write_density(bad)
+        with pytest.raises(ArtifactError, match="density.npz: layer z"):
+            calibration.density_parameters()
+    np.savez(tmp_path / "calibrate" / "density.npz", **{
+        "z/means": np.array([{"a": 1}], dtype=object), "z/precision_factor": np.eye(4)})
+    with pytest.raises(ArtifactError, match="density.npz cannot be read"):
+        calibration.density_parameters()
+
+
+def test_a_checkpoint_carrying_code_is_refused(tmp_path):
+    """Keras safe mode: a Lambda layer's bytecode is never run on load."""
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    with pytest.raises(ArtifactError, match="lambda.keras cannot be loaded"):
+        load_checkpoint(path)
+
+
+def test_missing_and_corrupt_metadata_are_named(tmp_path):
+    with pytest.raises(ArtifactError, match="metadata.json is missing"):
+        Examples(tmp_path).num_classes  # noqa: B018 - reading it is the test
+    (tmp_path / Examples.METADATA).write_text("{not json")
+    with pytest.raises(ArtifactError, match="metadata.json cannot be read"):
+        Examples(tmp_path).num_classes  # noqa: B018 - reading it is the test
+    artifacts.write_json(tmp_path / Examples.METADATA, {"num_classes": 3})
+    with pytest.raises(ArtifactError, match="lacks"):
+        Examples(tmp_path).num_classes  # noqa: B018 - reading it is the test
+
+
+def test_schema_version_is_checked(tmp_path):
+    run = Run(tmp_path)
+    run.examples.folder.mkdir()
+    artifacts.write_json(run.examples.folder / artifacts.MANIFEST, {"schema_version": 99})
+    with pytest.raises(ArtifactError, match="schema version 99"):
+        run.examples.check_schema()
+    artifacts.write_json(run.examples.folder / artifacts.MANIFEST, {})  # older: version 1
+    run.examples.check_schema()

@@ -6,6 +6,8 @@ prints a table. SDIM_DATA_DIR must hold the IDX data (input pipeline, calibratio
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pathlib
 import resource
@@ -26,7 +28,7 @@ from pipeline.run_dir import Examples
 from pipeline.stages import ingest, train
 from sdim_tf import rejection, serving
 
-BENCHMARKS = ("training", "input_pipeline", "serving", "calibration", "memory")
+BENCHMARKS = ("training", "input_pipeline", "serving", "calibration", "memory", "reliability")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 FLAGS = flags.FLAGS
@@ -140,6 +142,19 @@ def serving_speed(tmp: pathlib.Path) -> dict:
             "calls": FLAGS.serving_calls}
 
 
+def reliability(tmp: pathlib.Path) -> dict:
+    """Requests that used to cost gigabytes (PNG headers declaring 16000 x 16000 pixels) and a
+    batch with one non-image, against a SavedModel in a TensorFlow-only process."""
+    module = serving.RejectingClassifier(_model("sdim"), np.zeros(10), 1, (28, 28))
+    path = serving.export(module, tmp / "saved_models", "reliability")
+    script = pathlib.Path(__file__).with_name("header_bombs.py")
+    result = subprocess.run([sys.executable, str(script), str(path)], check=True,
+                            capture_output=True, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    return {"limits": dataclasses.asdict(module.limits),
+            **json.loads(result.stdout.strip().splitlines()[-1])}
+
+
 def calibration_speed(tmp: pathlib.Path) -> dict:
     """The calibrate stage's pass (log-likelihoods + thresholds) against a plain predict."""
     examples = _ingested(tmp)
@@ -182,7 +197,7 @@ def main(argv):
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="sdim-bench-"))
     runs = {"training": training_throughput, "input_pipeline": lambda: input_pipeline(tmp),
             "serving": lambda: serving_speed(tmp), "calibration": lambda: calibration_speed(tmp),
-            "memory": lambda: memory(tmp)}
+            "memory": lambda: memory(tmp), "reliability": lambda: reliability(tmp)}
     results = {}
     for name in [b for b in BENCHMARKS if b in FLAGS.only]:
         print(f"== {name}", flush=True)

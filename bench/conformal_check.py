@@ -1,6 +1,6 @@
 """Does the deployed guarantee hold on real scores? (sdim_tf.conformal; a measurement, not a test)
 
-For one trained checkpoint: tied Gaussians on `head` fitted on trained images, the deployed
+For one trained checkpoint: tied Gaussians on the default layers fitted on trained images, the
 score of the held-out images (the last 5000 Fashion-MNIST training images) and of both test
 sets. Then
 1. the default rule (4% at 95% confidence, and on average) calibrated on the 5000 held-out
@@ -51,7 +51,7 @@ def main(argv):
         sys.exit("error: --checkpoint is required")
     model = keras.models.load_model(FLAGS.checkpoint)
     fit = _images("fashion_mnist", "train", slice(0, 55000, 55000 // FLAGS.fit_images))
-    scorer = density.FeatureDensity(model, 10, ("head",))
+    scorer = density.FeatureDensity(model, 10, density.DEFAULT_LAYERS)
     scorer.fit_features((data.preprocess(fit[0][i:i + 500]), fit[1][i:i + 500])
                         for i in range(0, len(fit[1]), 500))
     sets = {"held_out": _images("fashion_mnist", "train", slice(55000, 60000)),

@@ -31,7 +31,8 @@ def score_name(layers: Sequence[str]) -> str:
 
 def rejection_quality(model, fit: tuple[np.ndarray, np.ndarray],
                       held_out: tuple[np.ndarray, np.ndarray], outliers: Mapping[str, np.ndarray],
-                      budget: float = 0.04, layers: Sequence[Sequence[str]] = (("head",),),
+                      budget: float = 0.04,
+                      layers: Sequence[Sequence[str]] = (density.DEFAULT_LAYERS,),
                       batch_size: int = 500, test: tuple[np.ndarray, np.ndarray] | None = None,
                       test_outliers: Mapping[str, np.ndarray] | None = None) -> dict:
     """Accuracy, deployed-rule rejection and outlier AUROC of every score, on held-out data.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import sdim_tf
-from sdim_tf import monitoring
+from sdim_tf import density, monitoring
 from tests.references import numpy_scores as _numpy_scores
 
 CLASSES = 3
@@ -136,7 +136,7 @@ def test_final_measure_is_reported_apart():
     plain = monitoring.rejection_quality(model, fit, held_out, outliers, budget=0.3)
     quality = monitoring.rejection_quality(model, fit, held_out, outliers, budget=0.3,
                                            test=test, test_outliers=test_outliers)
-    for name in ("model", "density_head"):
+    for name in ("model", monitoring.score_name(density.DEFAULT_LAYERS)):
         kept = {k: v for k, v in quality[name].items() if k != "final_measure"}
         assert kept == plain[name]
     logits = model(test[0], training=False).numpy()

@@ -82,7 +82,7 @@ def test_history_watches_rejection_on_held_out_images(tiny_run):
     assert rows[-1]["test_accuracy_full"] == pytest.approx(full, abs=1e-6)
     assert "test_accuracy_full" not in rows[0]  # only after the last epoch
     for row in rows:
-        for score in ("model", "density_head"):
+        for score in ("model", "density_stage3_stage4_head"):
             assert 0 <= row[f"monitor/{score}/rejected"] <= 0.04  # the reject budget
             assert 0 <= row[f"monitor/{score}/mean_outlier_auroc"] <= 1
         assert row["monitor_seconds"] > 0 and row["test_seconds"] > 0

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 LAYERS = ("stage1", "stage2", "stage3", "stage4", "head", "z")
-# Selected on held-out images and outliers built from them over a 15-epoch run's checkpoints
+# Selected on held-out images and outliers built from them over checkpoints 1-25 of the default run
 # (docs/results.md, "Rejection while training"); "head" alone before.
 DEFAULT_LAYERS = ("stage3", "stage4", "head")
 

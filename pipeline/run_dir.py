@@ -49,9 +49,6 @@ def _read_json(path: pathlib.Path) -> dict:
     return obj
 
 
-_write_json = artifacts.write_json
-
-
 class Artifact:
     """One stage's output folder."""
 
@@ -92,7 +89,7 @@ class Examples(Artifact):
 
     def write_metadata(self, metadata: dict, folder: pathlib.Path | None = None) -> None:
         """Into `folder` (ingest's temporary folder) or the artifact's own."""
-        _write_json((folder or self.folder) / self.METADATA, metadata)
+        artifacts.write_json((folder or self.folder) / self.METADATA, metadata)
 
     @property
     def num_classes(self) -> int:
@@ -159,7 +156,7 @@ class TrainedModel(Artifact):
         return _read_json(self.folder / self.STATE)
 
     def write_state(self, state: dict) -> None:
-        _write_json(self.folder / self.STATE, state)
+        artifacts.write_json(self.folder / self.STATE, state)
 
     def history(self) -> list[dict]:
         """The per-epoch rows of history.csv as dicts of floats."""
@@ -220,7 +217,7 @@ class Calibration(Artifact):
         return saved
 
     def write_thresholds(self, obj: dict) -> None:
-        _write_json(self.folder / self.THRESHOLDS, obj)
+        artifacts.write_json(self.folder / self.THRESHOLDS, obj)
 
     @property
     def score(self) -> str:
@@ -284,7 +281,7 @@ class Evaluation(Artifact):
         return _read_json(self.folder / self.REPORT_JSON)
 
     def write_report(self, report: dict) -> None:
-        _write_json(self.folder / self.REPORT_JSON, report)
+        artifacts.write_json(self.folder / self.REPORT_JSON, report)
 
 
 class ExportRecord(Artifact):
@@ -297,7 +294,7 @@ class ExportRecord(Artifact):
         return _read_json(self.folder / self.EXPORT_JSON)
 
     def write_record(self, path: pathlib.Path, model_name: str) -> None:
-        _write_json(self.folder / self.EXPORT_JSON, {"path": str(path.resolve()),
+        artifacts.write_json(self.folder / self.EXPORT_JSON, {"path": str(path.resolve()),
                                                      "version": int(path.name),
                                                      "model_name": model_name})
 

@@ -27,7 +27,10 @@ setup(
         "scipy",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "Pillow", "adversarial-robustness-toolbox>=1.18"],
+        "test": ["pytest>=8", "ruff>=0.6", "Pillow", "adversarial-robustness-toolbox>=1.18",
+                 "hypothesis>=6.100"],  # bench/fuzz_signatures.py
         "attacks": ["adversarial-robustness-toolbox>=1.18"],
+        # CUDA and cuDNN wheels for TensorFlow on Linux GPUs (not tested here: no GPU).
+        "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     },
 )

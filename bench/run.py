@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from bench import concurrent_load
 from bench.machine import machine
 from pipeline import artifacts
 from pipeline.config import PipelineConfig
@@ -28,7 +29,8 @@ from pipeline.run_dir import Examples
 from pipeline.stages import ingest, train
 from sdim_tf import rejection, serving
 
-BENCHMARKS = ("training", "input_pipeline", "serving", "calibration", "memory", "reliability")
+BENCHMARKS = ("training", "input_pipeline", "serving", "calibration", "memory", "reliability",
+              "concurrency")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 FLAGS = flags.FLAGS
@@ -41,6 +43,11 @@ flags.DEFINE_integer("calibration_images", None, "Limit the calibration benchmar
                      "all 60k training images).")
 flags.DEFINE_integer("serving_calls", 50, "Timed serving calls at batch 256 (x4 at batch 1).")
 flags.DEFINE_integer("memory_images", 8192, "Training images of the memory benchmark's run.")
+flags.DEFINE_integer("fuzz_cases", 10000, "Generated requests of the reliability benchmark's "
+                     "signature fuzzing (bench/fuzz_signatures.py), split over the three "
+                     "signatures; 0: none.")
+flags.DEFINE_integer("concurrency_calls", 400, "Requests of the concurrency benchmark (each "
+                     "made alone, from 8 threads, and by each of 2 processes).")
 flags.DEFINE_string("out", str(RESULTS), "Where the JSON results go.")
 
 
@@ -144,15 +151,37 @@ def serving_speed(tmp: pathlib.Path) -> dict:
 
 def reliability(tmp: pathlib.Path) -> dict:
     """Requests that used to cost gigabytes (PNG headers declaring 16000 x 16000 pixels) and a
-    batch with one non-image, against a SavedModel in a TensorFlow-only process."""
-    module = serving.RejectingClassifier(_model("sdim"), np.zeros(10), 1, (28, 28))
-    path = serving.export(module, tmp / "saved_models", "reliability")
+    batch with one non-image, then --fuzz_cases generated requests (bench/fuzz_signatures.py),
+    against a SavedModel (an untrained SDIM, thresholds at the median score of real images)
+    in a TensorFlow-only process."""
+    from bench import fuzz_signatures  # hypothesis (the test extra): this benchmark only
+
+    raw = fuzz_signatures.real_images()
+    path, module = fuzz_signatures.export_untrained(tmp / "saved_models", raw)
     script = pathlib.Path(__file__).with_name("header_bombs.py")
     result = subprocess.run([sys.executable, str(script), str(path)], check=True,
                             capture_output=True, text=True,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    return {"limits": dataclasses.asdict(module.limits),
-            **json.loads(result.stdout.strip().splitlines()[-1])}
+    figures = {"limits": dataclasses.asdict(module.limits),
+               **json.loads(result.stdout.strip().splitlines()[-1])}
+    if FLAGS.fuzz_cases:
+        start = time.perf_counter()
+        worker = fuzz_signatures.run_worker(path, module, raw, FLAGS.fuzz_cases, 0, tmp / "fuzz")
+        # a crashed worker is a result too: its exit code (negative: the signal) and case
+        figures["fuzz"] = worker.figures or {"returncode": worker.returncode,
+                                             "last_case": worker.last_case,
+                                             "stderr": worker.stderr[-3000:]}
+        figures["fuzz"]["wall_seconds"] = round(time.perf_counter() - start, 1)
+    return figures
+
+
+def concurrency(tmp: pathlib.Path) -> dict:
+    """One SavedModel version under concurrent load: 8 threads of one process, then 2
+    TensorFlow-only processes, on a seeded mix of valid and invalid requests, every answer
+    checked against the same request's answer alone (bench/concurrent_load.py)."""
+    path = concurrent_load.export_untrained(tmp / "saved_models", "concurrency")
+    return concurrent_load.measure(path, FLAGS.concurrency_calls, seed=0, threads=8,
+                                   processes=2)
 
 
 def calibration_speed(tmp: pathlib.Path) -> dict:
@@ -197,7 +226,8 @@ def main(argv):
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="sdim-bench-"))
     runs = {"training": training_throughput, "input_pipeline": lambda: input_pipeline(tmp),
             "serving": lambda: serving_speed(tmp), "calibration": lambda: calibration_speed(tmp),
-            "memory": lambda: memory(tmp), "reliability": lambda: reliability(tmp)}
+            "memory": lambda: memory(tmp), "reliability": lambda: reliability(tmp),
+            "concurrency": lambda: concurrency(tmp)}
     results = {}
     for name in [b for b in BENCHMARKS if b in FLAGS.only]:
         print(f"== {name}", flush=True)

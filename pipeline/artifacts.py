@@ -1,4 +1,9 @@
-"""Run-directory helpers: atomic folder and file writes, hashes."""
+"""Run-directory helpers: atomic folder and file writes, hashes.
+
+Every write goes to a temporary name beside its target (`.<name>.tmp-<pid>...`), then one
+rename publishes it; a failed write removes its temporary, and one left by a killed process
+is removed by `remove_stale_temps` (the runner calls it) and never read.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,17 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
+
+from pipeline import faults
+
+BEFORE_RENAME = "artifacts.before_rename"  # the fault point of every publishing rename
+# `.<name>.tmp-<pid>...` and `.<name>.old-<pid>`: the temporaries of this module
+TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)(-.*|\..*)?$")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -29,9 +41,11 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[pathlib.Path]:
     """
     final = pathlib.Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-",
+                                        dir=final.parent))
     try:
         yield tmp
+        faults.point(BEFORE_RENAME, final.name)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
@@ -50,11 +64,57 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[pathlib.Path]:
+    """Yields a temporary path beside `path` (ending in `suffix`, for writers that want
+    one); renames it over `path` on success, removes it on failure (a full disk)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Renames the complete file `tmp` over `final` (atomic on one file system)."""
+    faults.point(BEFORE_RENAME, pathlib.Path(final).name)
+    os.replace(tmp, final)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[pathlib.Path]:
+    """Removes the temporaries under `folder` whose writer is dead (a killed run's); returns
+    them. Nothing reads them, but a checkpoint's or a dataset's can weigh megabytes."""
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            match = TEMP.match(name)
+            if match is None or _alive(int(match.group(2))):
+                continue
+            path = pathlib.Path(root) / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                dirs.remove(name)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -6,7 +6,16 @@ import dataclasses
 import os
 from typing import Optional
 
-from sdim_tf import adversarial, conformal, data, density, mutual_info, rejection, serving
+from sdim_tf import (
+    adversarial,
+    conformal,
+    data,
+    density,
+    mutual_info,
+    precision,
+    rejection,
+    serving,
+)
 
 MODELS = ("sdim", "discriminative")
 DISTRIBUTE = ("auto", "one_device", "mirrored", "multi_worker")
@@ -39,6 +48,7 @@ ATTACK_COUNTS = ("attack_images", "attack_pgd_steps", "attack_deepfool_steps",
                  "attack_cw_steps", "attack_cw_search_steps")
 
 
+LEGACY_PRECISION = {"float32": False, "bfloat16": True}
 LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(serving.Limits))
 
 
@@ -72,7 +82,10 @@ class PipelineConfig:
     stages: Optional[tuple[str, ...]] = None  # None: every default stage
     train_limit: Optional[int] = None
     distribute: str = "auto"
-    mixed_precision: bool = False
+    # auto: bfloat16 where the hardware computes it natively (sdim_tf.precision), else
+    # float32; the train stage records what it chose. Exports always compute in float32.
+    mixed_precision: str = "auto"
+    jit_compile: str = "auto"  # XLA: on with GPUs, off on CPUs (slower there)
     deterministic: bool = False
     # Calibration (paper: 1st and 2nd percentiles on the training set). validation_split > 0
     # holds out the last N training images: never trained on, used for the thresholds.
@@ -131,6 +144,8 @@ class PipelineConfig:
         if c.stages is not None:
             c.stages = tuple(c.stages)
         c.attacks = tuple(c.attacks)
+        if isinstance(c.mixed_precision, bool):  # the flag's meaning before "auto"
+            c.mixed_precision = "bfloat16" if c.mixed_precision else "float32"
         c.density_layers = tuple(c.density_layers)
         if c.threshold_rule is None:
             c.threshold_rule = "shared" if c.score == "feature_density" else "per_class"
@@ -149,6 +164,10 @@ class PipelineConfig:
             (len(c.density_layers) > 0 and not set(c.density_layers) - set(density.LAYERS),
              f"--density_layers must be a non-empty subset of {', '.join(density.LAYERS)}, "
              f"got {list(c.density_layers)}"),
+            (c.mixed_precision in precision.PRECISIONS, f"--mixed_precision must be one of "
+             f"{', '.join(precision.PRECISIONS)}, got {c.mixed_precision!r}"),
+            (c.jit_compile in precision.JIT_COMPILE, f"--jit_compile must be one of "
+             f"{', '.join(precision.JIT_COMPILE)}, got {c.jit_compile!r}"),
             (c.distribute in DISTRIBUTE,
              f"--distribute must be one of {', '.join(DISTRIBUTE)}, got {c.distribute!r}"),
             (c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}"),
@@ -227,5 +246,9 @@ class PipelineConfig:
             if hasattr(self, "attack_" + f.name)})
 
     def fields(self, names: tuple[str, ...]) -> dict:
-        """The values of `names`, for a stage's config hash."""
-        return {name: getattr(self, name) for name in names}
+        """The values of `names`, for a stage's config hash. An explicit precision hashes
+        as the boolean flag it replaced, so runs made before "auto" still resume."""
+        values = {name: getattr(self, name) for name in names}
+        if values.get("mixed_precision") in LEGACY_PRECISION:
+            values["mixed_precision"] = LEGACY_PRECISION[values["mixed_precision"]]
+        return values

@@ -1,6 +1,24 @@
 """Deterministic crashes for tests: SDIM_FAULT=<point>:<k> kills the process with SIGKILL
 the k-th time it reaches `faults.point(<point>)`, so a kill lands at a chosen place
-whatever the machine's speed."""
+whatever the machine's speed.
+
+The points (tests/test_faults.py kills a run at each kind and reruns it):
+
+- `train.step`: after each training step (k counts the steps of this process, across
+  epochs: with 4 steps per epoch, `train.step:6` lands in the middle of the second epoch).
+- `train.epoch_done`: after an epoch is committed (its state.json written, its checkpoints
+  in place).
+- `artifacts.before_rename`: every atomic write of `pipeline.artifacts` (JSON, text, the
+  train stage's checkpoints, density.npz, ingest's folder), after the temporary file or
+  folder is complete and before the rename that publishes it. `artifacts.before_rename/<name>`
+  counts the writes of one name only: `manifest.json`, `state.json`, `history.csv`,
+  `thresholds.json`, `density.npz`, `report.json`, `export.json`, `ingest` (ingest's folder);
+  a checkpoint is written as `last.keras.next` (and `best.keras.next`), committed by
+  state.json, then renamed to `last.keras` (`best.keras`).
+- `serving.before_rename`: in `sdim_tf.serving.export`, the SavedModel complete in its
+  temporary folder, before the rename that publishes the version (sdim_tf does not import
+  pipeline: `pipeline.run` sets `serving.before_rename` to this point).
+"""
 
 from __future__ import annotations
 
@@ -12,14 +30,15 @@ ENV = "SDIM_FAULT"
 _reached: collections.Counter = collections.Counter()
 
 
-def point(name: str) -> None:
-    """A place where a test may kill the process (no effect unless SDIM_FAULT names it)."""
+def point(name: str, detail: str | None = None) -> None:
+    """A place where a test may kill the process (no effect unless SDIM_FAULT names it):
+    SDIM_FAULT may name `name`, or `name/detail` to count only the visits with that detail."""
     spec = os.environ.get(ENV)
     if not spec:
         return
     target, _, k = spec.rpartition(":")
-    if target != name:
+    if target != name and (detail is None or target != f"{name}/{detail}"):
         return
-    _reached[name] += 1
-    if _reached[name] == int(k):
+    _reached[target] += 1
+    if _reached[target] == int(k):
         os.kill(os.getpid(), signal.SIGKILL)

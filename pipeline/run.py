@@ -6,20 +6,23 @@ times, versions); a stage whose manifest matches is skipped, `--force` reruns it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import pathlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import tensorflow as tf
 from absl import app, flags, logging
 
-from pipeline import artifacts
+from pipeline import artifacts, faults
 from pipeline import run_dir as run_dirs
 from pipeline.config import DISTRIBUTE, MODELS, SCORES, THRESHOLD_RULES, ConfigError, PipelineConfig
 from pipeline.stages import attack, calibrate, evaluate, explain, export, ingest, train
-from sdim_tf import data, density, mutual_info
+from sdim_tf import data, density, mutual_info, precision, serving
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +48,52 @@ STAGES = (
     Stage("attack", attack.FIELDS, ("ingest", "train", "calibrate"), attack.run, default=False),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
-USER_ERRORS = (ConfigError, data.DataError, train.TrainingError, run_dirs.ArtifactError)
+
+
+class StorageError(RuntimeError):
+    """A stage could not write its outputs: the disk is full or a file size limit was hit."""
+
+
+USER_ERRORS = (ConfigError, data.DataError, train.TrainingError, run_dirs.ArtifactError,
+               StorageError)
+# ENOSPC, EFBIG (a file size limit), EDQUOT. TensorFlow's C++ writers report them as an
+# OpError (ResourceExhausted, OutOfRange) whose message carries the C library's text.
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+# sdim_tf does not import pipeline: its SavedModel export reaches the fault point this way.
+serving.before_rename = lambda folder: faults.point("serving.before_rename")
+
+
+@contextlib.contextmanager
+def _storage_errors(writer: str) -> Iterator[None]:
+    """Turns a full disk or a file size limit met by `writer` into a StorageError."""
+    try:
+        yield
+    except Exception as e:
+        problem = _storage_problem(e)
+        if problem is None:
+            raise
+        # Every write goes through a temporary, so nothing is half-written: without its
+        # manifest the stage reruns; earlier checkpoints and SavedModel versions stay valid.
+        raise StorageError(f"{writer}: a write failed ({problem}): the disk is full or a file "
+                           "size limit was reached; nothing was half-written, free space and "
+                           "rerun the same command") from None
+
+
+def _storage_problem(error: BaseException | None) -> str | None:
+    """What ran out ("No space left on device: <file>"), when `error` or an exception it
+    came from is a full disk or a file size limit; else None."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _FULL:
+            return os.strerror(error.errno) + (f": {error.filename}" if error.filename else "")
+        if isinstance(error, tf.errors.OpError):
+            for code in _FULL:
+                text = os.strerror(code)
+                if text in error.message:  # "<file>; File too large [Op:SaveV2]"
+                    path = error.message.partition(f"; {text}")[0].rpartition("}} ")[2]
+                    return f"{text}: {path}" if path != error.message else text
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _check_writable(run_dir: pathlib.Path) -> None:
@@ -92,6 +140,8 @@ def run(config: PipelineConfig) -> pathlib.Path:
     _check_writable(run_dir)
     selected = [s for s in STAGES
                 if (s.name in config.stages if config.stages else s.default)]
+    for stale in artifacts.remove_stale_temps(run_dir):
+        logging.info("removed %s, left by a process that died while writing it", stale)
     store = run_dirs.Run(run_dir)
     for stage in selected:
         stage_dir = run_dir / stage.name
@@ -123,14 +173,16 @@ def run(config: PipelineConfig) -> pathlib.Path:
         logging.info("%s: running", stage.name)
         (stage_dir / artifacts.MANIFEST).unlink(missing_ok=True)
         started = time.time()
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        outputs = stage.run(config, stage_dir, upstream)
-        artifacts.write_manifest(stage_dir, stage=stage.name, digest=digest,
-                                 config=config.fields(stage.fields), inputs=inputs,
-                                 outputs=outputs, started=started, finished=time.time(),
-                                 schema_version=run_dirs.SCHEMA_VERSION)
+        with _storage_errors(f"stage {stage.name}"):
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            outputs = stage.run(config, stage_dir, upstream)
+            artifacts.write_manifest(stage_dir, stage=stage.name, digest=digest,
+                                     config=config.fields(stage.fields), inputs=inputs,
+                                     outputs=outputs, started=started, finished=time.time(),
+                                     schema_version=run_dirs.SCHEMA_VERSION)
         logging.info("%s: done in %.1f s", stage.name, time.time() - started)
-    _write_run_readme(run_dir, config)
+    with _storage_errors(f"{run_dir / 'README.md'}"):
+        _write_run_readme(run_dir, config)
     return run_dir
 
 
@@ -163,7 +215,12 @@ flags.DEFINE_integer("train_limit", None, "Train on the first N training example
 flags.DEFINE_enum("distribute", _D.distribute, DISTRIBUTE,
                   "auto: MirroredStrategy on >1 GPU, MultiWorkerMirroredStrategy when TF_CONFIG "
                   "names several workers, else the default strategy.")
-flags.DEFINE_bool("mixed_precision", False, "Compute in bfloat16 (losses stay float32).")
+flags.DEFINE_enum("mixed_precision", _D.mixed_precision, list(precision.PRECISIONS),
+                  "Training compute dtype: auto = bfloat16 where the hardware has it natively "
+                  "(CPU avx512_bf16/amx_bf16, GPU compute capability >= 8.0), else float32 "
+                  "(losses stay float32; exports always compute in float32).")
+flags.DEFINE_enum("jit_compile", _D.jit_compile, list(precision.JIT_COMPILE),
+                  "XLA for the training step: auto = on with GPUs, off on CPUs.")
 flags.DEFINE_bool("deterministic", False, "Deterministic TF ops (slower).")
 flags.DEFINE_list("percentiles", [str(p) for p in _D.percentiles],
                   "Threshold percentiles of the training log-likelihoods (paper: 1,2).")

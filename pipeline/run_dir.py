@@ -150,7 +150,7 @@ class TrainedModel(Artifact):
 
     def best(self) -> keras.Model:
         """The checkpoint of least training loss (what the paper evaluates)."""
-        return load_checkpoint(self.best_path)
+        return load_checkpoint(self.best_path, float32=True)
 
     def state(self) -> dict:
         return _read_json(self.folder / self.STATE)
@@ -169,15 +169,35 @@ class TrainedModel(Artifact):
                     for row in csv.DictReader(f)]
 
 
-def load_checkpoint(path: str | os.PathLike) -> keras.Model:
+def load_checkpoint(path: str | os.PathLike, float32: bool = False) -> keras.Model:
     """Loads a .keras checkpoint (Keras safe mode: no code runs); a corrupt or missing one is
-    an ArtifactError naming the file."""
+    an ArtifactError naming the file. `float32`: computing in float32 whatever the policy it
+    was trained under (`as_float32`)."""
     try:
-        return keras.models.load_model(path, safe_mode=True)
+        model = keras.models.load_model(path, safe_mode=True)
     except Exception as e:  # Keras raises many types for a damaged archive
         raise ArtifactError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}); delete it or "
                             f"rerun with --force") from None
+    return as_float32(model) if float32 else model
+
+
+def as_float32(model: keras.Model) -> keras.Model:
+    """`model` computing in float32. One trained under mixed_bfloat16 keeps that policy in its
+    layers' configs; it is rebuilt from its config under float32 and given its weights (kept
+    in float32 by the mixed policy), so that what is calibrated and exported never computes
+    in bf16, which is emulated and 7x slower on CPUs without AVX512-BF16."""
+    if all(layer.dtype_policy.name == "float32" for layer in model._flatten_layers()):
+        return model
+    config = {k: v for k, v in model.get_config().items() if k != "dtype"}
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        rebuilt = type(model).from_config(config)  # the models build in __init__
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 class Calibration(Artifact):
@@ -255,10 +275,8 @@ class Calibration(Artifact):
         return parameters
 
     def write_density(self, parameters: Mapping[str, np.ndarray]) -> None:
-        path = self.folder / self.DENSITY
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, **parameters)
-        os.replace(tmp, path)
+        with artifacts.atomic_file(self.folder / self.DENSITY, suffix=".npz") as tmp:
+            np.savez(tmp, **parameters)
 
     def scoring_model(self, classifier: keras.Model) -> keras.Model:
         """What the run deploys on top of `classifier`: images -> [N, C] class scores (the

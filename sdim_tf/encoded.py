@@ -17,6 +17,10 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 _SOF = [m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC)]
 # The frame header comes after the application segments (EXIF at most 64 KiB each).
 JPEG_SCAN_BYTES = 1 << 18
+# Segments read before the frame: real files carry a handful (APPn, DQT, DHT, DRI, COM).
+# Each one is a graph-loop step (~25 us); unbounded, a chain of 4-byte segments filling
+# JPEG_SCAN_BYTES cost 1.7 s of CPU per element (found by bench/fuzz_signatures.py).
+JPEG_MAX_SEGMENTS = 64
 
 
 def _bytes(encoded: tf.Tensor, length: int) -> tf.Tensor:
@@ -42,14 +46,14 @@ def _png_size(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 def _jpeg_size(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(height, width) from the first start-of-frame segment; 0 when none is found within
-    JPEG_SCAN_BYTES or a segment is malformed."""
+    JPEG_SCAN_BYTES and JPEG_MAX_SEGMENTS or a segment is malformed."""
     head = _bytes(encoded, JPEG_SCAN_BYTES)
     sof = tf.constant(_SOF, tf.int32)
 
-    def cond(i, height, width, done):
-        return tf.logical_not(done) & (i + 9 < JPEG_SCAN_BYTES)
+    def cond(i, height, width, done, segments):
+        return tf.logical_not(done) & (i + 9 < JPEG_SCAN_BYTES) & (segments < JPEG_MAX_SEGMENTS)
 
-    def body(i, height, width, done):
+    def body(i, height, width, done, segments):
         marker = head[i + 1]
         is_marker = head[i] == 0xFF
         is_frame = is_marker & tf.reduce_any(tf.equal(sof, marker))
@@ -58,10 +62,11 @@ def _jpeg_size(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         width = tf.where(is_frame, head[i + 7] * 256 + head[i + 8], width)
         # A frame, a non-marker byte or a zero-length segment ends the scan.
         done = is_frame | tf.logical_not(is_marker) | (length < 2)
-        return i + 2 + length, height, width, done
+        return i + 2 + length, height, width, done, segments + 1
 
-    _, height, width, _ = tf.while_loop(
-        cond, body, (tf.constant(2), tf.constant(0), tf.constant(0), tf.constant(False)))
+    _, height, width, _, _ = tf.while_loop(
+        cond, body, (tf.constant(2), tf.constant(0), tf.constant(0), tf.constant(False),
+                     tf.constant(0)))
     return height, width
 
 

@@ -105,6 +105,28 @@ def attribution_grid(images: np.ndarray, maps: dict, captions: Sequence[str],
     plt.close(fig)
 
 
+def contact_sheet(images: np.ndarray, maps: np.ndarray, captions: Sequence[str],
+                  path: str | os.PathLike, per_row: int = 4) -> None:
+    """Images with their maps laid over a copy beside them, `per_row` pairs per row, each
+    pair captioned."""
+    rows = max(1, -(-len(images) // per_row))
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(1.6 * 2 * per_row, 1.9 * rows),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (image, values, caption) in enumerate(zip(images, maps, captions, strict=True)):
+        gray = np.clip(np.asarray(image, np.float32), 0, 1).mean(-1)
+        left, right = axes[i // per_row, 2 * (i % per_row)], axes[i // per_row,
+                                                                   2 * (i % per_row) + 1]
+        left.imshow(gray, cmap="gray", vmin=0, vmax=1)
+        left.set_title(caption, fontsize=6, loc="left")
+        right.imshow(gray, cmap="gray", vmin=0, vmax=1)
+        right.imshow(values, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def representation_scatter(points: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                             path: str | os.PathLike, means: np.ndarray | None = None,
                             ood: np.ndarray | None = None, ood_name: str = "OOD",

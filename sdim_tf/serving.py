@@ -17,7 +17,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -25,6 +25,9 @@ import tensorflow as tf
 from sdim_tf import data, encoded, rejection
 
 SIGNATURES = ("serving_default", "classify_raw", "classify_encoded")
+# Not a classifier: the float images classify_encoded would classify, for tools that take
+# gradients of serving_default with respect to them (saliency maps of `pipeline.predict`).
+PREPROCESS_SIGNATURE = "preprocess_encoded"
 # Every answer's `reason`: empty when accepted, else why the row was refused.
 REASONS = {
     "": "accepted",
@@ -77,21 +80,41 @@ class RejectingClassifier(tf.Module):
         self.classify_raw = tf.function(self._classify_raw, input_signature=[
             tf.TensorSpec(None, tf.uint8, name="images")])
         self.classify_encoded = tf.function(self._classify_encoded, input_signature=[
-            tf.TensorSpec([None], tf.string, name="images")])
+            tf.TensorSpec(None, tf.string, name="images")])
+        self.preprocess_encoded = tf.function(self._preprocess_encoded, input_signature=[
+            tf.TensorSpec(None, tf.string, name="images")])
 
     def _check_shape(self, images, height, width, signature):
         """images with static shape [None, height, width, C], or InvalidArgument naming it."""
         expected = f"[batch, {height}, {width}, {self.channels}]"
         message = f"{signature}: images must be {expected} (batch, height, width, channels)"
-        rank_ok = tf.debugging.assert_equal(tf.rank(images), 4, message=message)
-        with tf.control_dependencies([rank_ok]):
-            shape = tf.shape(images)
-            # Padded so that the comparison is well formed whatever the rank was.
-            dims = tf.concat([shape, [0, 0, 0, 0]], 0)[1:4]
-            dims_ok = tf.debugging.assert_equal(
-                dims, tf.constant([height, width, self.channels]), message=message)
-        with tf.control_dependencies([dims_ok, self._check_batch(shape[0], signature)]):
-            return tf.ensure_shape(tf.identity(images), [None, height, width, self.channels])
+        shape = tf.shape(images)
+        # Padded so that the comparison is well formed whatever the rank was.
+        padded = tf.concat([shape, [0, 0, 0, 0]], 0)
+        shape_ok = tf.equal(tf.size(shape), 4) & tf.reduce_all(
+            tf.equal(padded[1:4], [height, width, self.channels]))
+        return self._gate(images, [None, height, width, self.channels],
+                          [(shape_ok, [message, "got", shape])], padded[0], signature)
+
+    def _gate(self, images, shape, checks, batch, signature):
+        """`images` reshaped to `shape` (None: any size) when every (condition, assert data)
+        of `checks` holds and `batch` is within max_batch; else an empty batch, and the
+        failed check's assert fails the call with its message.
+
+        Grappler drops the control edges that ordered such asserts before the ops using
+        `images`: a [7, 32, 32, 1, 1] request failed in EnsureShape, a scalar in a strided
+        slice, with messages naming nothing (found by bench/fuzz_signatures.py). Here no op
+        but the asserts can fail on a bad request, and a refused request computes nothing.
+        """
+        asserts = [tf.debugging.Assert(ok, data) for ok, data in checks]
+        asserts.append(self._check_batch(batch, signature))
+        ok = batch <= self.limits.max_batch
+        for condition, _ in checks:
+            ok &= condition
+        with tf.control_dependencies(asserts):
+            ok = tf.identity(ok)
+        return tf.cond(ok, lambda: tf.reshape(images, [-1 if d is None else d for d in shape]),
+                       lambda: tf.zeros([0 if d is None else d for d in shape], images.dtype))
 
     def _check_batch(self, batch, signature):
         return tf.debugging.assert_less_equal(
@@ -141,15 +164,30 @@ class RejectingClassifier(tf.Module):
         return self._classify(data.preprocess(images))
 
     def _classify_encoded(self, images):
+        return self._classify(*self._decode(images))
+
+    def _preprocess_encoded(self, images):
+        """{"images": float32 [N, 32, 32, C] as serving_default takes them (zeros for a
+        refused row), "reason": "" or why the row was refused}."""
+        decoded, refused = self._decode(images)
+        return {"images": decoded, "reason": refused}
+
+    def _decode(self, images):
+        """string [N] -> (float32 [N, 32, 32, C], refusal reason [N]); checks the request's
+        limits and each header, and decodes only the elements that passed."""
         limits = self.limits
-        request_ok = tf.debugging.assert_less_equal(
-            tf.reduce_sum(tf.cast(tf.strings.length(images), tf.int64)),
-            tf.constant(limits.max_request_bytes, tf.int64),
-            message=f"classify_encoded: at most max_request_bytes={limits.max_request_bytes} "
-                    "bytes per request")
-        with tf.control_dependencies([request_ok,
-                                      self._check_batch(tf.size(images), "classify_encoded")]):
-            images = tf.identity(images)
+        # Unknown rank in the signature: a loaded signature does not enforce a declared
+        # [None], and a string tensor of another rank failed deep in the graph ("The second
+        # input must be a scalar").
+        shape = tf.shape(images)
+        total = tf.reduce_sum(tf.cast(tf.strings.length(images), tf.int64))  # any rank
+        images = self._gate(images, [None], [
+            (tf.equal(tf.size(shape), 1),
+             ["classify_encoded: images must be [batch] (a vector of PNG/JPEG bytes)", "got",
+              shape]),
+            (total <= limits.max_request_bytes,
+             [f"classify_encoded: at most max_request_bytes={limits.max_request_bytes} bytes "
+              "per request", "got", total])], tf.size(images), "classify_encoded")
         blank = tf.zeros([data.IMAGE_SIZE, data.IMAGE_SIZE, self.channels])
 
         def decode(image_bytes):
@@ -173,7 +211,7 @@ class RejectingClassifier(tf.Module):
         decoded, refused = tf.map_fn(one, images, parallel_iterations=1, fn_output_signature=(
             tf.TensorSpec([data.IMAGE_SIZE, data.IMAGE_SIZE, self.channels], tf.float32),
             tf.TensorSpec([], tf.string)))
-        return self._classify(decoded, refused)
+        return decoded, refused
 
     def archive(self):
         """A keras.export.ExportArchive of the three signatures.
@@ -187,7 +225,7 @@ class RejectingClassifier(tf.Module):
         archive = keras.export.ExportArchive()
         archive.track(self.model)
         archive.track(self)  # the thresholds variable
-        for name in SIGNATURES:
+        for name in (*SIGNATURES, PREPROCESS_SIGNATURE):
             function = getattr(self, name)
             archive.add_endpoint(name, function.python_function, function.input_signature)
         return archive
@@ -197,6 +235,12 @@ def next_version(model_dir: pathlib.Path) -> int:
     versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] \
         if model_dir.exists() else []
     return max(versions, default=0) + 1
+
+
+# Called with the temporary folder once the SavedModel in it is complete, before the rename
+# that publishes the version; None does nothing. pipeline.run points it at the fault point
+# `serving.before_rename` (pipeline.faults) so that tests can kill an export there.
+before_rename: Callable[[pathlib.Path], None] | None = None
 
 
 def export(module: RejectingClassifier, export_dir: str | os.PathLike, model_name: str,
@@ -216,6 +260,8 @@ def export(module: RejectingClassifier, export_dir: str | os.PathLike, model_nam
             (tmp / folder).mkdir(exist_ok=True)
             for name, content in (files or {}).items():
                 (tmp / folder / name).write_bytes(content)
+        if before_rename is not None:
+            before_rename(tmp)
         while True:
             final = model_dir / str(next_version(model_dir))
             try:

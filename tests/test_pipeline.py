@@ -209,7 +209,7 @@ def test_cli_user_errors_are_one_line(tmp_path, tiny_run, data_dir):
     _assert_one_line_error(_cli(["--stages=train", f"--run_dir={tmp_path / 'r'}"], tmp_path),
                            "needs the outputs of ingest")
     # A corrupt checkpoint: its manifest's sha256 names it; without a manifest (a killed
-    # run) the resume path does.
+    # run) the sha256 state.json recorded for it does.
     import shutil
 
     broken = tmp_path / "broken"
@@ -218,7 +218,8 @@ def test_cli_user_errors_are_one_line(tmp_path, tiny_run, data_dir):
     args = [f"--run_dir={broken}", "--epochs=3", "--train_limit=1024", f"--data_dir={data_dir}"]
     _assert_one_line_error(_cli(args, tmp_path), "last.keras changed since train wrote it")
     (broken / "train" / artifacts.MANIFEST).unlink()
-    _assert_one_line_error(_cli(args, tmp_path), "last.keras cannot be loaded")
+    _assert_one_line_error(_cli(args, tmp_path), "last.keras changed since train wrote it "
+                           "(sha256 differs from")
 
 
 def test_killed_training_resumes(tmp_path, tiny_run):

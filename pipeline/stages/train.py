@@ -2,7 +2,9 @@
 
 Keeps two checkpoints, as the paper evaluates the one with the minimum training loss:
 `checkpoints/best.keras` (later stages use it) and `checkpoints/last.keras` (with optimizer
-state, for resuming). A killed run resumes from the last completed epoch when rerun.
+state, for resuming). A killed run resumes from the last completed epoch when rerun: an
+epoch's checkpoints are written beside the live ones, committed with their sha256 by
+state.json, then renamed into place, so a kill anywhere leaves one committed epoch whole.
 One custom loop over `model.train_step` serves every strategy (Keras 3 `fit` under
 MultiWorkerMirroredStrategy has an open bug, keras-team/keras#20585).
 """
@@ -26,7 +28,7 @@ import sdim_tf
 from pipeline import artifacts, faults
 from pipeline.config import PipelineConfig
 from pipeline.run_dir import ArtifactError, TrainedModel, load_checkpoint
-from sdim_tf import data, monitoring, outliers
+from sdim_tf import data, monitoring, outliers, precision
 
 FIELDS = ("model", "critic", "mi_bound", "n", "rep_dim", "alpha", "beta", "gamma", "margin",
           "log_scale_floor", "epochs", "batch_size", "learning_rate", "seed", "train_limit",
@@ -89,12 +91,17 @@ def build_model(config: PipelineConfig, num_classes: int, channels: int) -> kera
     return model
 
 
-def make_train_step(model: keras.Model, strategy: tf.distribute.Strategy):
-    """A tf.function running `model.train_step` on each replica's share of a global batch."""
+def make_train_step(model: keras.Model, strategy: tf.distribute.Strategy,
+                    jit_compile: bool = False):
+    """A tf.function running `model.train_step` on each replica's share of a global batch;
+    with `jit_compile`, each replica's step is one XLA cluster (TF's recipe for XLA under a
+    distribution strategy)."""
+    train_step = tf.function(model.train_step, jit_compile=True) if jit_compile \
+        else model.train_step
 
     @tf.function
     def step(iterator):
-        strategy.run(model.train_step, args=(next(iterator),))
+        strategy.run(train_step, args=(next(iterator),))
         # Read in cross-replica context: the metric variables sum over replicas there.
         return {m.name: m.result() for m in model.metrics}
 
@@ -112,6 +119,7 @@ def run_epoch(step, model, strategy, dataset, steps: int, progress: bool = True)
     for i in range(steps):
         logs = step(iterator)
         bar.update(i + 1, [(k, float(v)) for k, v in logs.items()])
+        faults.point("train.step")
     return {k: float(v) for k, v in logs.items()}
 
 
@@ -155,10 +163,42 @@ def _watch(model: keras.Model, watched: dict | None) -> dict:
             if "/outlier_" not in k and k != "seconds"}
 
 
-def _save_atomic(model: keras.Model, path: pathlib.Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+def _next(path: pathlib.Path) -> pathlib.Path:
+    """Where an epoch's checkpoint waits, complete, until state.json commits the epoch."""
+    return path.with_name(path.name + ".next")
+
+
+def _stage_checkpoints(model: keras.Model, stage_dir: pathlib.Path, best: bool) -> dict:
+    """Writes this epoch's checkpoints beside the live ones (`<name>.next`); returns the
+    sha256 of each checkpoint as it will be once `_settle_checkpoints` puts them in place."""
+    with artifacts.atomic_file(_next(stage_dir / LAST), suffix=".keras") as tmp:
+        model.save(tmp)
+    last = artifacts.sha256_file(_next(stage_dir / LAST))
+    if best:
+        with artifacts.atomic_file(_next(stage_dir / BEST)) as tmp:
+            shutil.copyfile(_next(stage_dir / LAST), tmp)
+    return {LAST: last, BEST: last if best else artifacts.sha256_file(stage_dir / BEST)}
+
+
+def _settle_checkpoints(stage_dir: pathlib.Path, recorded: dict) -> None:
+    """Puts in place the checkpoints state.json committed (`recorded`: name -> sha256).
+
+    A `.next` checkpoint it records is renamed into place (a kill came between the commit
+    and the rename); one it does not record is dropped (the kill came before the commit).
+    A checkpoint that then differs is an error naming it: a resumed run never trains on,
+    nor later stages use, bytes nobody wrote.
+    """
+    for name, digest in recorded.items():
+        final, pending = stage_dir / name, _next(stage_dir / name)
+        if pending.exists():
+            if artifacts.sha256_file(pending) == digest:
+                artifacts.publish(pending, final)
+            else:
+                pending.unlink()
+        if not final.is_file() or artifacts.sha256_file(final) != digest:
+            raise TrainingError(f"checkpoint {final} changed since train wrote it (sha256 "
+                                f"differs from {stage_dir / STATE}); restore it or rerun with "
+                                "--force")
 
 
 def _write_history(path: pathlib.Path, rows: list[dict]) -> None:
@@ -185,14 +225,31 @@ def _resume_state(trained: TrainedModel, resume_hash: str, force: bool) -> dict 
 
 
 def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    """Trains to `config.epochs`, resuming from `stage_dir` when a compatible run stopped."""
+    """Trains to `config.epochs`, resuming from `stage_dir` when a compatible run stopped.
+    The dtype policy of training is set for training only: later stages compute in float32."""
+    previous = keras.mixed_precision.global_policy()
+    try:
+        return _train(config, stage_dir, upstream)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _precision(config: PipelineConfig, state: dict | None) -> tuple[str, str]:
+    """(float32 or bfloat16, why): a resumed run keeps the precision it started with, on
+    whatever machine it resumes; a new one resolves --mixed_precision on this hardware."""
+    if state is not None and "precision" in state:
+        return state["precision"], state["precision_reason"] + " (when the run started)"
+    if state is not None:  # a run from before "auto": its flag was explicit
+        return config.mixed_precision, f"--mixed_precision={config.mixed_precision}"
+    return precision.resolve(config.mixed_precision, precision.Hardware.detect())
+
+
+def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     examples = upstream["ingest"]
     trained = TrainedModel(stage_dir)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    if config.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     strategy = make_strategy(config.distribute)
     chief = is_chief(strategy)
     resume_hash = artifacts.config_hash(
@@ -209,9 +266,13 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
         for name in (STATE, HISTORY):
             (stage_dir / name).unlink(missing_ok=True)
     (stage_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    chosen, why = _precision(config, state)
+    keras.mixed_precision.set_global_policy(precision.POLICIES[chosen])
+    logging.info("train: computing in %s (%s)", chosen, why)
 
     with strategy.scope():
         if state is not None:
+            _settle_checkpoints(stage_dir, state.get("checkpoints", {}))  # older: none
             try:
                 model = load_checkpoint(trained.last_path)
             except ArtifactError as e:
@@ -221,6 +282,8 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
             model = build_model(config, examples.num_classes, examples.image_shape[-1])
             state = {"resume_hash": resume_hash, "epoch": 0, "best_loss": None,
                      "best_epoch": None, "history": []}
+    state.setdefault("precision", chosen)
+    state.setdefault("precision_reason", why)
     logging.info("train: %s, %d trainable parameters, strategy %s with %d replica(s)",
                  type(model).__name__, model.trainable_parameter_count(),
                  type(strategy).__name__, strategy.num_replicas_in_sync)
@@ -231,7 +294,8 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
     watched = _monitor_data(config, examples, num_train) if chief else None
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    step = make_train_step(model, strategy)
+    jit = precision.jit_compile(config.jit_compile, precision.Hardware.detect())
+    step = make_train_step(model, strategy, jit_compile=jit)
     writer = tf.summary.create_file_writer(str(stage_dir / "logs" / "train")) if chief else None
 
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
@@ -258,10 +322,9 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
         logging.info("train: epoch %d: %s", epoch, row)
         if not chief:
             continue
-        _save_atomic(model, stage_dir / LAST)
-        if state["best_loss"] is None or logs["loss"] < state["best_loss"]:
-            shutil.copyfile(stage_dir / LAST, stage_dir / "checkpoints" / ".best.tmp")
-            os.replace(stage_dir / "checkpoints" / ".best.tmp", stage_dir / BEST)
+        best = state["best_loss"] is None or logs["loss"] < state["best_loss"]
+        state["checkpoints"] = _stage_checkpoints(model, stage_dir, best)
+        if best:
             state["best_loss"], state["best_epoch"] = logs["loss"], epoch
         with writer.as_default(step=epoch):
             for k, v in row.items():
@@ -271,7 +334,8 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
         state["history"] = [r for r in state["history"] if r["epoch"] < epoch] + [row]
         state["epoch"] = epoch
         _write_history(stage_dir / HISTORY, state["history"])
-        trained.write_state(state)  # last: marks the epoch complete
+        trained.write_state(state)  # commits the epoch, its checkpoints by their sha256
+        _settle_checkpoints(stage_dir, state["checkpoints"])
         faults.point("train.epoch_done")
     return list(TrainedModel.OUTPUTS)
 

@@ -1,0 +1,218 @@
+"""Watch a deployed model's rejections for drift: `python -m pipeline.monitor`.
+
+    python -m pipeline.monitor --model=saved_models/sdim_fashion_mnist [--version=N] \
+        [--alpha=A] [--shift=2] [--arl0=10000] [--out=monitor.json] PREDICTIONS.csv ...
+
+Reads the `rejected` column of the CSV files (one stream, in argument order, each file's
+rows in arrival order: true/false, True/False or 1/0) and runs the CUSUM of
+`sdim_tf.drift` against the rate the model guarantees: `alpha` of the `deployed` entry of
+`assets/thresholds.json` in the version folder (`--model` is a folder of numbered versions,
+the newest by default, or one version). Only that asset is read, so a copy of the assets
+without the SavedModel will do. `--alpha` overrides it, and is needed for a model exported
+without a guarantee (`--reject_budget=0`).
+
+The CSV of `pipeline.predict` (path, class_name, score, threshold, margin, rejected, reason)
+lists files in sorted path order: arrival order only when the names sort by arrival (e.g.
+time stamps). A server's log in arrival order is the intended input.
+
+Prints a summary (requests, rejection rate against alpha, the first alarm and the estimated
+change point, the false-alarm design); `--out` writes the same as JSON. Request numbers
+count from 1 (the n-th data row of the stream). Exit code 0 whether or not an alarm fired
+(read `alarm` in the JSON or "alarm: YES" in the summary); 1 for a usage error.
+"""
+
+from __future__ import annotations
+
+import csv
+import pathlib
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from pipeline import artifacts
+from pipeline.deployed import DeployedModelError, asset, version_dir
+from sdim_tf import drift
+
+FLAGS = flags.FLAGS
+TRUE, FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
+
+
+def _define_flags() -> None:
+    # Defined only when run as a program: importing this module (tests, other tools) then
+    # registers no flag names, which pipeline.predict shares (--model, --version, --out).
+    flags.DEFINE_string("model", None, "Folder of numbered SavedModel versions, or one version "
+                        "(only assets/thresholds.json is read).")
+    flags.DEFINE_integer("version", None, "Version to read (default: the newest).")
+    flags.DEFINE_float("alpha", None, "The guaranteed rejection rate to watch; default: the "
+                       "model's (thresholds.json, deployed.alpha).")
+    flags.DEFINE_float("shift", drift.DEFAULT_SHIFT, "The rise the alarm is tuned to: "
+                       "rejection rate shift * alpha.")
+    flags.DEFINE_float("arl0", drift.DEFAULT_ARL0, "Least mean number of requests to a false "
+                       "alarm when the rate is alpha.")
+    flags.DEFINE_string("out", None, "Also write the summary as JSON to this file.")
+
+
+class MonitorError(ValueError):
+    """A usage error: the message is printed as `error: <message>`."""
+
+
+def guarantee(path: pathlib.Path) -> dict:
+    """The deployed entry's promise: {"alpha" (None without a guarantee), "confidence",
+    "n", "guarantee" (in words)}."""
+    deployed = asset(path, "thresholds.json").get("deployed")
+    if not isinstance(deployed, dict):
+        raise DeployedModelError(f"{path / 'assets' / 'thresholds.json'}: no \"deployed\" "
+                                 "entry; was this model exported by pipeline.run?")
+    return {key: deployed.get(key) for key in ("alpha", "confidence", "n", "guarantee")}
+
+
+def read_rejected(paths: list[str]) -> np.ndarray:
+    """The `rejected` flags of the CSV files, in order, as one bool array."""
+    flags_read: list[bool] = []
+    for path in paths:
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                columns = [c.strip() for c in reader.fieldnames or []]
+                if "rejected" not in columns:
+                    raise MonitorError(f"{path}: no `rejected` column (columns: "
+                                       f"{', '.join(columns) or 'none'})")
+                reader.fieldnames = columns
+                for row in reader:
+                    if row["rejected"] is None:
+                        raise MonitorError(f"{path}, line {reader.line_num}: fewer fields "
+                                           "than the header, no `rejected` value")
+                    value = row["rejected"].strip().lower()
+                    if value in TRUE:
+                        flags_read.append(True)
+                    elif value in FALSE:
+                        flags_read.append(False)
+                    else:
+                        raise MonitorError(
+                            f"{path}, line {reader.line_num}: rejected={row['rejected']!r}; "
+                            "expected true/false, True/False or 1/0")
+        except OSError as e:
+            raise MonitorError(f"{path}: cannot read ({e.strerror or e})") from None
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise MonitorError(f"{path}: not a readable CSV ({e})") from None
+    if not flags_read:
+        raise MonitorError(f"{', '.join(paths)}: no rows, no request to watch")
+    return np.array(flags_read, bool)
+
+
+def monitor(rejected: np.ndarray, alpha: float, shift: float = drift.DEFAULT_SHIFT,
+            arl0: float = drift.DEFAULT_ARL0) -> dict:
+    """The stream through the CUSUM: the report, JSON-ready, request numbers from 1."""
+    result = drift.scan(rejected, alpha, shift, arl0)
+    cusum = result.cusum
+    lower, estimate = cusum.in_control_run_length()
+
+    def alarm(a: drift.Alarm) -> dict:
+        return {"request": a.index + 1, "change_request": a.change_point + 1,
+                "requests_since_change": a.requests_since_change,
+                "rejections_since_change": a.rejections,
+                "rate_since_change": a.rate_since_change, "statistic": a.statistic}
+
+    return {
+        "requests": result.requests, "rejections": result.rejections,
+        "rejection_rate": result.rate, "alpha": cusum.alpha,
+        "alarm": bool(result.alarms), "alarms": len(result.alarms),
+        "first_alarm": alarm(result.first_alarm) if result.alarms else None,
+        "alarm_requests": [a.index + 1 for a in result.alarms],
+        "statistic": result.statistic,
+        "design": {
+            "method": "one-sided Bernoulli CUSUM of the log-likelihood ratio p1 vs p0 "
+                      "(sdim_tf.drift); restarts at 0 after each alarm",
+            "p0": cusum.alpha, "p1": cusum.p1, "shift": cusum.shift,
+            "threshold": cusum.threshold, "arl0_requested": cusum.arl0,
+            "arl0_lower_bound": lower, "arl0_estimate": estimate,
+            "detection_run_length_at_p1": cusum.detection_run_length()},
+    }
+
+
+def summary(report: dict) -> str:
+    """The report as a few lines of text."""
+    alpha, design = report["alpha"], report["design"]
+    lines = []
+    if report.get("model"):
+        source = ("--alpha" if report["alpha_source"] == "--alpha"
+                  else "assets/thresholds.json")
+        lines.append(f"model: {report['model']} (alpha {100 * alpha:g}% from {source})")
+        if report.get("guarantee"):
+            lines.append(f"guarantee: {report['guarantee']}")
+    else:
+        lines.append(f"alpha: {100 * alpha:g}% (--alpha)")
+    lines.append(f"requests: {report['requests']:,}; rejected {report['rejections']:,} "
+                 f"({100 * report['rejection_rate']:.2f}%; guaranteed at most {100 * alpha:g}%)")
+    first = report["first_alarm"]
+    if first:
+        lines.append(
+            f"alarm: YES, first at request {first['request']:,}; estimated change at request "
+            f"{first['change_request']:,} ({first['rejections_since_change']} of "
+            f"{first['requests_since_change']:,} rejected since, "
+            f"{100 * first['rate_since_change']:.1f}%); {report['alarms']} alarm(s) in all")
+    else:
+        lines.append("alarm: no")
+    lines.append(f"CUSUM now: {report['statistic']:.3f} (alarm at {design['threshold']:.3f})")
+    lines.append(
+        f"false-alarm design: p1 = {100 * design['p1']:g}% ({design['shift']:g} x alpha), "
+        f"h={design['threshold']:.3f}, mean run length to a false alarm >= "
+        f"{design['arl0_requested']:,.0f} requests at the guaranteed rate (Markov chain: "
+        f"{design['arl0_lower_bound']:,.0f} at least, about {design['arl0_estimate']:,.0f}); "
+        f"mean delay to detect a rate of {100 * design['p1']:g}%: at most "
+        f"{design['detection_run_length_at_p1']:,.0f} requests")
+    if report.get("note"):
+        lines.append(f"note: {report['note']}")
+    return "\n".join(lines)
+
+
+def run(model: str | None, version: int | None, alpha: float | None, shift: float,
+        arl0: float, csv_paths: list[str]) -> dict:
+    """The whole command: the rate to watch, the stream, the report."""
+    if not csv_paths:
+        raise MonitorError("give the CSV file(s) of rejections (a `rejected` column)")
+    if model is None and alpha is None:
+        raise MonitorError("--model is required (a folder of SavedModel versions), or give "
+                           "the rate to watch with --alpha")
+    if model is None and version is not None:
+        raise MonitorError("--version needs --model")
+    promised = {"alpha": None, "confidence": None, "n": None, "guarantee": None}
+    path = None
+    if model is not None:
+        path = version_dir(model, version, marker="assets/thresholds.json")
+        promised = guarantee(path)
+    source = "--alpha" if alpha is not None else "model"
+    if alpha is None:
+        alpha = promised["alpha"]
+        if alpha is None:
+            raise MonitorError(
+                f"{path / 'assets' / 'thresholds.json'}: the deployed thresholds carry no "
+                "guarantee (exported with --reject_budget=0), so there is no promised rate to "
+                "watch; give one with --alpha (e.g. --alpha=0.04)")
+    report = monitor(read_rejected(csv_paths), alpha, shift, arl0)
+    report.update(model=str(path) if path else None, csv=list(csv_paths),
+                  alpha_source=source,
+                  model_alpha=promised["alpha"], confidence=promised["confidence"],
+                  guarantee=promised["guarantee"])
+    if source == "model" and promised["confidence"] is None:
+        report["note"] = ("the guarantee holds on average over calibration draws: this "
+                          "model's own rate may lie slightly above alpha, and false alarms "
+                          "then come sooner than designed")
+    return report
+
+
+def main(argv):
+    try:
+        report = run(FLAGS.model, FLAGS.version, FLAGS.alpha, FLAGS.shift, FLAGS.arl0,
+                     argv[1:])
+    except ValueError as e:  # MonitorError, DeployedModelError, drift's checks of the flags
+        sys.exit(f"error: {e}")
+    print(summary(report))
+    if FLAGS.out:
+        artifacts.write_json(FLAGS.out, report)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,314 @@
+"""Classify image files with an exported model and show what it refused and why.
+
+    python -m pipeline.predict --model=saved_models/sdim_fashion_mnist [--version=N] \
+        [--out=predictions] PATH ...
+
+PATH: image files, folders (searched recursively) or globs. Every file goes to the model as
+its bytes, through `classify_encoded`: decoding, channel conversion and resizing are the
+model's own graph, so the answers are the ones a server gives. Writes to --out:
+
+- `predictions.csv`: path, class_name, score, threshold, margin (score - threshold),
+  rejected, reason; one row per classified file, in sorted path order;
+- `errors.csv`: path, reason; the files that got no class: unreadable, not PNG/JPEG, over
+  the model's limits, or failing to decode;
+- `predictions.md` with contact sheets: the rejected images and the accepted ones closest
+  to the threshold, each beside a saliency map (|d score / d pixel| of `serving_default`'s
+  score, through the loaded SavedModel, on the images `preprocess_encoded` gives).
+
+Class names, limits and the guarantee come from the model's assets. Exit code 1 only for a
+usage error or when no file could be classified.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+from absl import app, flags
+
+from pipeline.deployed import DeployedModelError, asset, version_dir
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defined when run as a program only: pipeline.run's flags share the global registry
+    (--model) when both modules are imported in one process."""
+    flags.DEFINE_string("model", None, "Folder of numbered SavedModel versions, or one "
+                        "version.")
+    flags.DEFINE_integer("version", None, "Version to load (default: the newest).")
+    flags.DEFINE_string("out", "predictions", "Folder for predictions.csv, errors.csv and "
+                        "the report (created; files of an earlier run there are replaced).")
+    flags.DEFINE_integer("batch_size", 64, "Files per request.")
+    flags.DEFINE_integer("report_images", 24, "Images per contact sheet of the report.")
+
+
+PREDICTION_COLUMNS = ("path", "class_name", "score", "threshold", "margin", "rejected", "reason")
+ERROR_COLUMNS = ("path", "reason")
+ANSWERED = ("", "below_threshold")  # reasons of rows the model classified
+
+
+@dataclasses.dataclass
+class Prediction:
+    path: str
+    class_name: str
+    score: float
+    threshold: float
+    rejected: bool
+    reason: str
+
+    @property
+    def margin(self) -> float:
+        return self.score - self.threshold
+
+    def row(self) -> dict:
+        return {"path": self.path, "class_name": self.class_name, "score": repr(self.score),
+                "threshold": repr(self.threshold), "margin": repr(self.margin),
+                "rejected": str(self.rejected).lower(), "reason": self.reason}
+
+
+def image_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(files, [(argument, "not_found")]): folders recursively (hidden entries skipped),
+    globs expanded, duplicates removed, sorted."""
+    files, missing = set(), []
+    for argument in paths:
+        matches = [argument] if os.path.exists(argument) else sorted(
+            glob.glob(argument, recursive=True))
+        if not matches:
+            missing.append((argument, "not_found"))
+        for match in matches:
+            if os.path.isdir(match):
+                for root, folders, names in os.walk(match):
+                    folders[:] = [f for f in folders if not f.startswith(".")]
+                    files.update(os.path.join(root, n) for n in names if not n.startswith("."))
+            else:
+                files.add(match)
+    return sorted(files), missing
+
+
+class Predictor:
+    """The loaded SavedModel's signatures, batched within its limits."""
+
+    def __init__(self, path: pathlib.Path):
+        import tensorflow as tf
+
+        self.tf = tf
+        self.path = path
+        self.card = asset(path, "model_card.json")
+        self.thresholds = asset(path, "thresholds.json")
+        self.class_names = self.card["class_names"]
+        self.limits = self.card["limits"]
+        self.loaded = tf.saved_model.load(str(path))
+        missing = {"classify_encoded", "serving_default"} - set(self.loaded.signatures)
+        if missing:
+            raise DeployedModelError(f"{path}: the SavedModel lacks the signatures "
+                                     f"{sorted(missing)}")
+
+    def classify(self, paths: list[str], contents: list[bytes]):
+        """-> ([Prediction], [(path, reason)]). A request the model refuses whole (a body
+        that fails to decode after a valid header) is retried file by file, so that one
+        bad file costs only itself."""
+        try:
+            out = self.loaded.signatures["classify_encoded"](
+                images=self.tf.constant(contents, self.tf.string))
+        except self.tf.errors.InvalidArgumentError as e:
+            if len(paths) == 1:
+                return [], [(paths[0], "decode_failed: " + e.message.splitlines()[0][:200])]
+            predictions, errors = [], []
+            for path, content in zip(paths, contents, strict=True):
+                p, err = self.classify([path], [content])
+                predictions += p
+                errors += err
+            return predictions, errors
+        predictions, errors = [], []
+        class_ids = out["class_ids"].numpy()
+        score, threshold = out["score"].numpy(), out["threshold"].numpy()
+        rejected, reasons = out["rejected"].numpy(), out["reason"].numpy()
+        for i, path in enumerate(paths):
+            reason = reasons[i].decode()
+            if reason not in ANSWERED:
+                errors.append((path, reason))
+                continue
+            predictions.append(Prediction(path, self.class_names[class_ids[i]],
+                                          float(score[i]), float(threshold[i]),
+                                          bool(rejected[i]), reason))
+        return predictions, errors
+
+    def preprocess(self, contents: list[bytes]) -> np.ndarray:
+        """The float images [N, 32, 32, C] the model classifies for these encoded bytes."""
+        return self.loaded.signatures["preprocess_encoded"](
+            images=self.tf.constant(contents, self.tf.string))["images"].numpy()
+
+    def score_gradients(self, images: np.ndarray) -> np.ndarray:
+        """d score / d images of serving_default's `score` (the predicted class's)."""
+        tf = self.tf
+        images = tf.constant(images, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            score = self.loaded.signatures["serving_default"](images=images)["score"]
+        return tape.gradient(score, images).numpy()
+
+    def saliency(self, contents: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """(the images the model saw, |d score / d image| max over channels, scaled to
+        [0, 1] per image)."""
+        images = self.preprocess(contents)
+        grads = np.abs(self.score_gradients(images)).max(-1)
+        scale = np.maximum(grads.reshape(len(grads), -1).max(1), 1e-12)[:, None, None]
+        return images, grads / scale
+
+
+def batches(files: list[str], batch_size: int, max_request_bytes: int, max_image_bytes: int):
+    """Yields (paths, contents, errors): files read in order, each request within the
+    model's batch and byte limits; unreadable or oversize files go to errors unread."""
+    paths, contents, size, errors = [], [], 0, []
+    for path in files:
+        try:
+            length = os.path.getsize(path)
+            if length > max_image_bytes:
+                errors.append((path, "too_large"))
+                continue
+            content = pathlib.Path(path).read_bytes()
+        except OSError as e:
+            errors.append((path, f"unreadable: {e.strerror or e}"))
+            continue
+        if paths and (len(paths) == batch_size or size + len(content) > max_request_bytes):
+            yield paths, contents, errors
+            paths, contents, size, errors = [], [], 0, []
+        paths.append(path)
+        contents.append(content)
+        size += len(content)
+    if paths or errors:
+        yield paths, contents, errors
+
+
+def predict(predictor: Predictor, files: list[str], batch_size: int = 64,
+            progress: bool = True) -> tuple[list[Prediction], list[tuple[str, str]]]:
+    from tqdm import tqdm
+
+    limits = predictor.limits
+    batch_size = min(batch_size, limits["max_batch"])
+    predictions, errors = [], []
+    bar = tqdm(total=len(files), unit="file", disable=not progress,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    for paths, contents, unread in batches(files, batch_size, limits["max_request_bytes"],
+                                           limits["max_image_bytes"]):
+        errors += unread
+        if paths:
+            p, e = predictor.classify(paths, contents)
+            predictions += p
+            errors += e
+        bar.update(len(paths) + len(unread))
+    bar.close()
+    return sorted(predictions, key=lambda p: p.path), sorted(errors)
+
+
+def _write_csv(path: pathlib.Path, columns, rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _sheet(predictor: Predictor, chosen: list[Prediction], path: pathlib.Path) -> list[str]:
+    """A contact sheet of `chosen` with saliency maps; returns the report's table rows."""
+    from sdim_tf import plots
+
+    contents = [pathlib.Path(p.path).read_bytes() for p in chosen]
+    images, maps = predictor.saliency(contents)
+    captions = [f"#{i + 1} {p.class_name}\n{p.score:.3g} vs {p.threshold:.3g}"
+                for i, p in enumerate(chosen)]
+    plots.contact_sheet(images, maps, captions, path)
+    return [f"| {i + 1} | `{p.path}` | {p.class_name} | {p.score:.4g} | {p.threshold:.4g} | "
+            f"{p.margin:+.4g} | {p.reason or 'accepted'} |" for i, p in enumerate(chosen)]
+
+
+def report(predictor: Predictor, predictions: list[Prediction], errors: list, out: pathlib.Path,
+           per_sheet: int) -> str:
+    """predictions.md (and its PNGs in `out`)."""
+    rejected = sorted((p for p in predictions if p.rejected), key=lambda p: p.margin)
+    accepted = sorted((p for p in predictions if not p.rejected), key=lambda p: p.margin)
+    deployed = predictor.thresholds.get("deployed", {})
+    lines = [
+        "# Predictions", "",
+        f"Model `{predictor.path}` ({predictor.card.get('model_name', '')}); classes: "
+        f"{', '.join(predictor.class_names)}.", "",
+        f"Rejection: {predictor.card['rejection']['score']}; "
+        f"{deployed.get('guarantee') or deployed.get('rule', '')}.", "",
+        f"- files: {len(predictions) + len(errors)}",
+        f"- classified: {len(predictions)} ({len(accepted)} accepted, {len(rejected)} rejected)",
+        f"- not classified: {len(errors)} (errors.csv)", ""]
+    header = ["| # | path | class | score | threshold | margin | reason |",
+              "|---|---|---|---|---|---|---|"]
+    for title, chosen, name in (
+            ("Rejected (lowest margin first)", rejected, "rejected.png"),
+            ("Accepted, closest to the threshold", accepted, "accepted_near_threshold.png")):
+        lines += [f"## {title}: {min(len(chosen), per_sheet)} of {len(chosen)}", ""]
+        if chosen:
+            rows = _sheet(predictor, chosen[:per_sheet], out / name)
+            lines += [f"![{title}]({name})", "", "Each image as the model saw it (32x32), "
+                      "then the saliency of its score laid over it.", "", *header, *rows, ""]
+    if errors:
+        counts: dict[str, int] = {}
+        for _, reason in errors:
+            code = reason.split(":")[0]
+            counts[code] = counts.get(code, 0) + 1
+        lines += ["## Not classified", "", "| reason | files |", "|---|---|",
+                  *[f"| {code} | {n} |" for code, n in sorted(counts.items())], ""]
+    return "\n".join(lines)
+
+
+def write(predictor: Predictor, predictions: list[Prediction], errors: list, out: pathlib.Path,
+          per_sheet: int) -> None:
+    """All outputs built in a temporary folder, then moved into `out` file by file."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".predict-tmp-", dir=out))
+    try:
+        _write_csv(tmp / "predictions.csv", PREDICTION_COLUMNS, [p.row() for p in predictions])
+        _write_csv(tmp / "errors.csv", ERROR_COLUMNS,
+                   [{"path": p, "reason": r} for p, r in errors])
+        (tmp / "predictions.md").write_text(report(predictor, predictions, errors, tmp,
+                                                   per_sheet) + "\n")
+        for stale in ("rejected.png", "accepted_near_threshold.png"):
+            (out / stale).unlink(missing_ok=True)
+        for file in tmp.iterdir():
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv):
+    if not FLAGS.model:
+        sys.exit("error: --model is required (a folder of SavedModel versions)")
+    if len(argv) < 2:
+        sys.exit("error: give at least one image file, folder or glob")
+    if FLAGS.batch_size < 1 or FLAGS.report_images < 0:
+        sys.exit("error: --batch_size must be >= 1 and --report_images >= 0")
+    try:
+        path = version_dir(FLAGS.model, FLAGS.version)
+        predictor = Predictor(path)
+    except DeployedModelError as e:
+        sys.exit(f"error: {e}")
+    files, missing = image_files(argv[1:])
+    predictions, errors = predict(predictor, files, FLAGS.batch_size)
+    errors = sorted(errors + missing)
+    out = pathlib.Path(FLAGS.out)
+    write(predictor, predictions, errors, out, FLAGS.report_images)
+    rejected = sum(p.rejected for p in predictions)
+    print(f"{path}: {len(predictions)} classified ({len(predictions) - rejected} accepted, "
+          f"{rejected} rejected), {len(errors)} not classified; wrote {out}/predictions.csv, "
+          "errors.csv, predictions.md")
+    if not predictions:
+        sys.exit(f"error: no file could be classified ({len(errors)} listed in "
+                 f"{out}/errors.csv)")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -4,8 +4,8 @@ command finishes, and nothing a run trusts is partial, repeated or silently dama
 The runs are the smoke configuration of the kill test in test_pipeline.py (256 images in
 batches of 64: 4 steps per epoch) without held-out images, which only add monitoring and
 calibration work, not write paths. One run directory goes through both training trials;
-a copy of it through the kills of calibrate, evaluate and export; copies of that one
-through the disk-full and corruption trials.
+a copy of it through the kills of calibrate, evaluate and export; further copies through
+the disk-full and corruption trials.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ setup(
         "tensorflow-serving-api>=2.21,<2.22",
         "numpy",
         "scipy",
+        "tqdm",  # pipeline.predict's progress bar
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "Pillow", "adversarial-robustness-toolbox>=1.18",

@@ -273,19 +273,6 @@ def measure(model_dir: str | os.PathLike, calls: int, seed: int = 0, threads: in
     return figures
 
 
-def export_untrained(export_dir: str | os.PathLike, name: str) -> pathlib.Path:
-    """The SavedModel bench.run's serving benchmarks load: an untrained SDIM ResNet10 (the
-    default configuration) behind thresholds 0, for 28 x 28 grey images."""
-    from pipeline.config import PipelineConfig  # not in the TensorFlow-only workers
-    from pipeline.stages import train
-    from sdim_tf import serving
-
-    model = train.build_model(PipelineConfig(model="sdim").resolve(), num_classes=10,
-                              channels=1)
-    module = serving.RejectingClassifier(model, np.zeros(10), 1, (28, 28))
-    return serving.export(module, export_dir, name)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir")

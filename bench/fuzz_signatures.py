@@ -913,22 +913,6 @@ def real_images(data_dir: str | None = None) -> np.ndarray:
     return np.concatenate([fashion[:48], digits[:16]])
 
 
-def export_untrained(export_dir: pathlib.Path, raw: np.ndarray):
-    """(SavedModel path, serving.RejectingClassifier) of an untrained SDIM (the real
-    architecture) with every threshold at the median score of `raw`, so that about half of
-    the valid rows are accepted and half rejected."""
-    from pipeline.config import PipelineConfig
-    from pipeline.stages import train
-    from sdim_tf import data, serving
-
-    config = PipelineConfig(model="sdim", critic="concat").resolve()
-    model = train.build_model(config, num_classes=10, channels=1)
-    module = serving.RejectingClassifier(model, np.zeros(10), 1, (28, 28))
-    scores = module.serving_default(data.preprocess(raw))["score"].numpy()
-    module.thresholds.assign(np.full(10, np.median(scores), np.float32))
-    return serving.export(module, export_dir, "fuzz"), module
-
-
 @dataclasses.dataclass
 class WorkerResult:
     returncode: int  # negative: killed by that signal

@@ -21,10 +21,9 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from bench import concurrent_load
+from bench import concurrent_load, untrained
 from bench.machine import machine
 from pipeline import artifacts
-from pipeline.config import PipelineConfig
 from pipeline.run_dir import Examples
 from pipeline.stages import ingest, train
 from sdim_tf import rejection, serving
@@ -59,11 +58,6 @@ def _save(name: str, figures: dict) -> dict:
     return record
 
 
-def _model(kind: str, critic: str = "concat"):
-    config = PipelineConfig(model=kind, critic=critic).resolve()
-    return train.build_model(config, num_classes=10, channels=1)
-
-
 def training_throughput() -> dict:
     """Steady-state images/s of one training step (cached random batches: compute only)."""
     rng = np.random.default_rng(0)
@@ -77,7 +71,7 @@ def training_throughput() -> dict:
         for kind, critic in (("discriminative", None), ("sdim", "concat"), ("sdim", "dot")):
             keras.mixed_precision.set_global_policy(precision)
             try:
-                model = _model(kind, critic or "concat")
+                model = untrained.model(kind, critic or "concat")
                 step = train.make_train_step(model, strategy)
                 iterator = iter(dataset)
                 for _ in range(FLAGS.warmup):
@@ -123,7 +117,7 @@ def input_pipeline(tmp: pathlib.Path) -> dict:
 
 def serving_speed(tmp: pathlib.Path) -> dict:
     """The exported SavedModel through serving_default, loaded with tf.saved_model.load."""
-    model = _model("sdim")
+    model = untrained.model("sdim")
     module = serving.RejectingClassifier(model, np.zeros(10), 1, (28, 28))
     path = serving.export(module, tmp / "saved_models", "bench")
     loaded = tf.saved_model.load(str(path))
@@ -157,7 +151,7 @@ def reliability(tmp: pathlib.Path) -> dict:
     from bench import fuzz_signatures  # hypothesis (the test extra): this benchmark only
 
     raw = fuzz_signatures.real_images()
-    path, module = fuzz_signatures.export_untrained(tmp / "saved_models", raw)
+    path, module = untrained.export(tmp / "saved_models", "fuzz", raw)
     script = pathlib.Path(__file__).with_name("header_bombs.py")
     result = subprocess.run([sys.executable, str(script), str(path)], check=True,
                             capture_output=True, text=True,
@@ -179,7 +173,7 @@ def concurrency(tmp: pathlib.Path) -> dict:
     """One SavedModel version under concurrent load: 8 threads of one process, then 2
     TensorFlow-only processes, on a seeded mix of valid and invalid requests, every answer
     checked against the same request's answer alone (bench/concurrent_load.py)."""
-    path = concurrent_load.export_untrained(tmp / "saved_models", "concurrency")
+    path, _ = untrained.export(tmp / "saved_models", "concurrency")
     return concurrent_load.measure(path, FLAGS.concurrency_calls, seed=0, threads=8,
                                    processes=2)
 
@@ -187,7 +181,7 @@ def concurrency(tmp: pathlib.Path) -> dict:
 def calibration_speed(tmp: pathlib.Path) -> dict:
     """The calibrate stage's pass (log-likelihoods + thresholds) against a plain predict."""
     examples = _ingested(tmp)
-    model = _model("sdim")
+    model = untrained.model("sdim")
     limit = FLAGS.calibration_images
     # warm both paths (tracing) on one batch first
     rejection.class_scores(model, examples.dataset("train", limit=500))

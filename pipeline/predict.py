@@ -31,7 +31,9 @@ import sys
 import tempfile
 
 import numpy as np
+import tensorflow as tf
 from absl import app, flags
+from tqdm import tqdm
 
 from pipeline.deployed import DeployedModelError, asset, version_dir
 
@@ -97,9 +99,6 @@ class Predictor:
     """The loaded SavedModel's signatures, batched within its limits."""
 
     def __init__(self, path: pathlib.Path):
-        import tensorflow as tf
-
-        self.tf = tf
         self.path = path
         self.card = asset(path, "model_card.json")
         self.thresholds = asset(path, "thresholds.json")
@@ -117,8 +116,8 @@ class Predictor:
         bad file costs only itself."""
         try:
             out = self.loaded.signatures["classify_encoded"](
-                images=self.tf.constant(contents, self.tf.string))
-        except self.tf.errors.InvalidArgumentError as e:
+                images=tf.constant(contents, tf.string))
+        except tf.errors.InvalidArgumentError as e:
             if len(paths) == 1:
                 return [], [(paths[0], "decode_failed: " + e.message.splitlines()[0][:200])]
             predictions, errors = [], []
@@ -144,11 +143,10 @@ class Predictor:
     def preprocess(self, contents: list[bytes]) -> np.ndarray:
         """The float images [N, 32, 32, C] the model classifies for these encoded bytes."""
         return self.loaded.signatures["preprocess_encoded"](
-            images=self.tf.constant(contents, self.tf.string))["images"].numpy()
+            images=tf.constant(contents, tf.string))["images"].numpy()
 
     def score_gradients(self, images: np.ndarray) -> np.ndarray:
         """d score / d images of serving_default's `score` (the predicted class's)."""
-        tf = self.tf
         images = tf.constant(images, tf.float32)
         with tf.GradientTape() as tape:
             tape.watch(images)
@@ -190,8 +188,6 @@ def batches(files: list[str], batch_size: int, max_request_bytes: int, max_image
 
 def predict(predictor: Predictor, files: list[str], batch_size: int = 64,
             progress: bool = True) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    from tqdm import tqdm
-
     limits = predictor.limits
     batch_size = min(batch_size, limits["max_batch"])
     predictions, errors = [], []

@@ -1,4 +1,9 @@
-"""Independent numpy references the tests compare the library against."""
+"""Independent references the tests compare the library against: numpy formulas, and
+TensorFlow's own `saved_model_cli`."""
+
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 
@@ -18,3 +23,17 @@ def numpy_scores(features: dict, labels, queries: dict, num_classes: int, ridge:
                               for c in range(num_classes)], 1)
         total = total + (d - distances) / np.sqrt(2 * d)
     return total
+
+
+def saved_model_cli_answers(model_dir, images: np.ndarray, tmp_path: pathlib.Path) -> str:
+    """`saved_model_cli run` of serving_default on float `images`: its printed answer, after
+    asserting that it answered (exit code 0, `rejected` and `class_ids` printed)."""
+    cli = pathlib.Path(sys.executable).with_name("saved_model_cli")
+    np.save(tmp_path / "x.npy", images)
+    answered = subprocess.run(
+        [str(cli), "run", "--dir", str(model_dir), "--tag_set", "serve", "--signature_def",
+         "serving_default", "--inputs", f"images={tmp_path / 'x.npy'}"],
+        capture_output=True, text=True, timeout=300)
+    assert answered.returncode == 0, answered.stderr[-2000:]
+    assert "rejected" in answered.stdout and "class_ids" in answered.stdout
+    return answered.stdout

@@ -7,14 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench import concurrent_load
+from bench import concurrent_load, untrained
 
 CALLS = 32
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    return concurrent_load.export_untrained(tmp_path_factory.mktemp("concurrency"), "load")
+    return untrained.export(tmp_path_factory.mktemp("concurrency"), "load")[0]
 
 
 def test_the_request_mix_is_seeded_and_covers_every_kind():

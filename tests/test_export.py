@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from bench.header_bombs import png_header
 from pipeline import artifacts
 from pipeline.run_dir import Run
 from pipeline.stages import export
 from sdim_tf import data, serving
+from tests.references import saved_model_cli_answers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -99,13 +101,7 @@ def test_saved_model_cli(exported, tmp_path):
         block = shown.split(f"signature_def['{name}']")[1].split("signature_def[")[0]
         assert f"dtype: {dtype}" in block and "outputs['rejected']" in block
         assert "shape: (-1, 10)" in block  # log_likelihoods and probabilities
-    np.save(tmp_path / "x.npy", data.preprocess(raw[:3]).numpy())
-    answered = subprocess.run(
-        [str(cli), "run", "--dir", str(path), "--tag_set", "serve", "--signature_def",
-         "serving_default", "--inputs", f"images={tmp_path / 'x.npy'}"],
-        capture_output=True, text=True, timeout=300)
-    assert answered.returncode == 0, answered.stderr[-2000:]
-    assert "rejected" in answered.stdout and "class_ids" in answered.stdout
+    saved_model_cli_answers(path, data.preprocess(raw[:3]).numpy(), tmp_path)
 
 
 def test_warmup_requests_are_answered(exported):
@@ -188,16 +184,6 @@ def test_empty_batch_gets_empty_outputs_on_every_signature(exported):
                 assert value.dtype == full[key].dtype, (name, key)
 
 
-def _png_header(width, height):
-    """A PNG signature and IHDR chunk declaring width x height grey pixels, no pixel data."""
-    import struct
-    import zlib
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
-            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
-
-
 def _pil_bytes(image, fmt, **kwargs):
     import io
 
@@ -215,8 +201,8 @@ def test_bad_elements_are_rejected_rows_and_the_rest_answered(exported):
     png = _encode(raw[:2])
     frames = [_pil_bytes(raw[0], "GIF"), _pil_bytes(raw[0], "BMP"), _pil_bytes(raw[0], "WEBP"),
               _pil_bytes(raw[0], "GIF", save_all=True, append_images=[])]
-    batch = [b"not an image", png[0], *frames, png[1], _png_header(16000, 16000),
-             _png_header(5000, 10), b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0\x00\x10JFIF",
+    batch = [b"not an image", png[0], *frames, png[1], png_header(16000, 16000),
+             png_header(5000, 10), b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0\x00\x10JFIF",
              b"x" * (module.limits.max_image_bytes + 1)]
     out = module.classify_encoded(tf.constant(batch))
     assert out["reason"].numpy().tolist() == [
@@ -234,7 +220,7 @@ def test_bad_elements_are_rejected_rows_and_the_rest_answered(exported):
     refused[[1, 6]] = False
     assert out["rejected"].numpy()[refused].all()
     assert np.isneginf(out["score"].numpy()[refused]).all()
-    bombs = module.classify_encoded(tf.constant([_png_header(16000, 16000)] * 8))
+    bombs = module.classify_encoded(tf.constant([png_header(16000, 16000)] * 8))
     assert bombs["reason"].numpy().tolist() == [b"too_large"] * 8
 
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from bench import fuzz_signatures as fs
+from bench import untrained
 from sdim_tf import data, encoded, serving
+from tests.references import saved_model_cli_answers
 
 CASES, SEED = 600, 20
 # Valid batches up to 256 here: a batch of 1024 holds ~0.4 GiB of activations and takes
@@ -191,7 +191,8 @@ def _digest(folder: pathlib.Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, data_dir):
     raw = fs.real_images(str(data_dir))
-    path, module = fs.export_untrained(tmp_path_factory.mktemp("fuzz") / "saved_models", raw)
+    path, module = untrained.export(tmp_path_factory.mktemp("fuzz") / "saved_models", "fuzz",
+                                    raw)
     return path, module, raw
 
 
@@ -273,11 +274,4 @@ def test_saved_model_cli_still_answers_after_the_fuzz(fuzzed, exported, tmp_path
     path, _, raw = exported
     assert result.returncode == 0
     assert _digest(path) == before  # serving read the SavedModel, never wrote it
-    cli = pathlib.Path(sys.executable).with_name("saved_model_cli")
-    np.save(tmp_path / "x.npy", data.preprocess(raw[:3]).numpy())
-    answered = subprocess.run(
-        [str(cli), "run", "--dir", str(path), "--tag_set", "serve", "--signature_def",
-         "serving_default", "--inputs", f"images={tmp_path / 'x.npy'}"],
-        capture_output=True, text=True, timeout=300)
-    assert answered.returncode == 0, answered.stderr[-2000:]
-    assert "rejected" in answered.stdout and "class_ids" in answered.stdout
+    saved_model_cli_answers(path, data.preprocess(raw[:3]).numpy(), tmp_path)

@@ -234,14 +234,15 @@ def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _precision(config: PipelineConfig, state: dict | None) -> tuple[str, str]:
+def _precision(config: PipelineConfig, state: dict | None,
+               hardware: precision.Hardware) -> tuple[str, str]:
     """(float32 or bfloat16, why): a resumed run keeps the precision it started with, on
     whatever machine it resumes; a new one resolves --mixed_precision on this hardware."""
     if state is not None and "precision" in state:
         return state["precision"], state["precision_reason"] + " (when the run started)"
     if state is not None:  # a run from before "auto": its flag was explicit
         return config.mixed_precision, f"--mixed_precision={config.mixed_precision}"
-    return precision.resolve(config.mixed_precision, precision.Hardware.detect())
+    return precision.resolve(config.mixed_precision, hardware)
 
 
 def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
@@ -266,7 +267,8 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
         for name in (STATE, HISTORY):
             (stage_dir / name).unlink(missing_ok=True)
     (stage_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    chosen, why = _precision(config, state)
+    hardware = precision.Hardware.detect()
+    chosen, why = _precision(config, state, hardware)
     keras.mixed_precision.set_global_policy(precision.POLICIES[chosen])
     logging.info("train: computing in %s (%s)", chosen, why)
 
@@ -294,8 +296,8 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
     watched = _monitor_data(config, examples, num_train) if chief else None
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    jit = precision.jit_compile(config.jit_compile, precision.Hardware.detect())
-    step = make_train_step(model, strategy, jit_compile=jit)
+    step = make_train_step(model, strategy,
+                           jit_compile=precision.jit_compile(config.jit_compile, hardware))
     writer = tf.summary.create_file_writer(str(stage_dir / "logs" / "train")) if chief else None
 
     for epoch in range(state["epoch"] + 1, config.epochs + 1):

@@ -14,9 +14,10 @@ the reason an independent reading of the input predicts), or refused with an
 InvalidArgumentError whose message names the problem (a TypeError/ValueError of the Python
 call, before the graph, also counts); never another exception, never an abort; no request
 of at most 64 images takes over 2 s (of wall and of CPU time: `Outcome.cost`); the peak
-resident memory stays within 512 MiB of what the process held after loading. (At the
-default max_batch of 1024 it does not: one such request holds ~0.4 GiB of activations, and
-every new batch size leaves cached kernels behind; see bench/results/reliability.json.)
+resident memory stays within 512 MiB of what the process held after loading. (At a
+max_batch of 1024, the default before, it did not: one such request holds ~0.4 GiB of
+activations, and every new batch size leaves cached kernels behind; see
+bench/results/reliability.json.)
 
 Why hypothesis and not atheris: atheris pip-installs here (a 3.0.0 wheel) and runs beside
 TensorFlow, but it is coverage-guided and TensorFlow's kernels carry no libFuzzer
@@ -74,11 +75,15 @@ OUTPUTS = {"class_scores": (2, np.float32), "log_likelihoods": (2, np.float32),
 # no problem, a failure.
 REFUSALS = (("max_batch", re.compile(r"max_batch=\d+")),
             ("max_request_bytes", re.compile(r"max_request_bytes=\d+")),
+            ("max_request_pixels", re.compile(r"max_request_pixels=\d+")),
             ("shape", re.compile(r"images must be \[")),
             ("dtype", re.compile(r"input #0\(zero-based\) was expected to be a \w+ tensor")),
             ("decode", re.compile(r"\b(PNG|JPEG)\b|jpeg::")))
 PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 _JPEG_SOF = frozenset(m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC))
+# README: the JPEG frames classify_encoded decodes (baseline, extended or progressive
+# Huffman; 8-bit samples; grey or YCbCr); the others are unsupported_jpeg.
+_JPEG_DECODABLE, _JPEG_PRECISION, _JPEG_COMPONENTS = frozenset({0xC0, 0xC1, 0xC2}), 8, (1, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +95,7 @@ class Spec:
     reasons: frozenset[str]
     max_batch: int
     max_request_bytes: int
+    max_request_pixels: int
     max_image_bytes: int
     max_image_side: int
     thresholds: tuple[float, ...]
@@ -178,17 +184,29 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return min(height, 2**31 - 1), min(width, 2**31 - 1)
 
 
-def _jpeg_size(data: bytes, spec: Spec) -> tuple[int, int]:
+def _jpeg_frame(data: bytes, spec: Spec) -> tuple[int, int, bool]:
+    """(height, width, decodable) of the first frame; (0, 0, True) when none is found."""
     head = data[:spec.jpeg_scan_bytes].ljust(spec.jpeg_scan_bytes, b"\0")
-    i, height, width, segments = 2, 0, 0, 0
+    i, segments = 2, 0
     while i + 9 < spec.jpeg_scan_bytes and segments < spec.jpeg_max_segments:
         is_marker, length = head[i] == 0xFF, head[i + 2] * 256 + head[i + 3]
         if is_marker and head[i + 1] in _JPEG_SOF:
-            return head[i + 5] * 256 + head[i + 6], head[i + 7] * 256 + head[i + 8]
+            decodable = (head[i + 1] in _JPEG_DECODABLE and head[i + 4] == _JPEG_PRECISION
+                         and head[i + 9] in _JPEG_COMPONENTS)
+            return head[i + 5] * 256 + head[i + 6], head[i + 7] * 256 + head[i + 8], decodable
         if not is_marker or length < 2:
             break
         i, segments = i + 2 + length, segments + 1
-    return height, width
+    return 0, 0, True
+
+
+def _declared(data: bytes, spec: Spec) -> tuple[int, int, bool] | None:
+    """(height, width, decodable) as the header declares; None: neither PNG nor JPEG."""
+    if data.startswith(PNG_MAGIC):
+        return (*_png_size(data), True)
+    if data.startswith(JPEG_MAGIC):
+        return _jpeg_frame(data, spec)
+    return None
 
 
 def header_reason(data: bytes, spec: Spec) -> str | None:
@@ -196,15 +214,22 @@ def header_reason(data: bytes, spec: Spec) -> str | None:
     it goes to the decoder), re-implemented from README's table as the oracle."""
     if len(data) > spec.max_image_bytes:
         return "too_large"
-    if data.startswith(PNG_MAGIC):
-        height, width = _png_size(data)
-    elif data.startswith(JPEG_MAGIC):
-        height, width = _jpeg_size(data, spec)
-    else:
+    declared = _declared(data, spec)
+    if declared is None:
         return "not_png_or_jpeg"
+    height, width, decodable = declared
     if height <= 0 or width <= 0:
         return "bad_header"
+    if not decodable:
+        return "unsupported_jpeg"
     return "too_large" if max(height, width) > spec.max_image_side else None
+
+
+def request_pixels(elements: list[bytes], spec: Spec) -> int:
+    """What max_request_pixels bounds: the pixels the headers declare, summed over the
+    elements that pass their header."""
+    return sum(height * width for data in elements if header_reason(data, spec) is None
+               for height, width, _ in [_declared(data, spec)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,14 +494,16 @@ def _pil(image: np.ndarray, fmt: str, mode: str | None = None, **kwargs) -> byte
 
 
 def jpeg_header(height: int, width: int, segments: list[tuple[int, bytes]],
-                frame: int | None = 0xC0) -> bytes:
+                frame: int | None = 0xC0, precision: int = 8, components: int = 1) -> bytes:
     """A JPEG start, `segments` (marker, payload), and a frame header declaring
-    height x width (no frame: `frame` None); no scan data."""
+    height x width, `precision`-bit samples and `components` (no frame: `frame` None); no
+    scan data."""
     parts = [b"\xff\xd8"]
     for marker, payload in segments:
         parts.append(bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload)
     if frame is not None:
-        sof = struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00"
+        sof = struct.pack(">BHHB", precision, height, width, components) + b"".join(
+            bytes([c + 1, 0x11, 0]) for c in range(components))
         parts.append(bytes([0xFF, frame]) + struct.pack(">H", len(sof) + 2) + sof)
     return b"".join(parts)
 
@@ -527,7 +554,7 @@ def encoded_elements(pool: Pool, spec: Spec) -> st.SearchStrategy[Element]:
         if kind == "APNG":
             data = _pil(image, "PNG", save_all=True,
                         append_images=[Image.fromarray(255 - image[..., 0])])
-        elif kind == "CMYK":  # libjpeg cannot convert CMYK to grey: a decode refusal
+        elif kind == "CMYK":  # 4 components: unsupported_jpeg, from the header
             return Element(_pil(image, "JPEG", "CMYK"), f"CMYK jpeg(real {i})", False)
         elif kind in ("GIF", "BMP", "WEBP", "TIFF"):
             data = _pil(image, kind)
@@ -571,10 +598,12 @@ def encoded_elements(pool: Pool, spec: Spec) -> st.SearchStrategy[Element]:
             height, width = draw(side), draw(side)
             segments = draw(st.lists(st.tuples(st.integers(0xE0, 0xEF), st.binary(max_size=64)),
                                      max_size=4))
-            frame = draw(st.sampled_from([0xC0, 0xC2, 0xCF, 0xC4, None]))
-            return Element(jpeg_header(height, width, segments, frame),
+            frame = draw(st.sampled_from([0xC0, 0xC1, 0xC2, 0xC3, 0xC9, 0xCF, 0xC4, None]))
+            precision = draw(st.sampled_from([8, 8, 12, 16]))
+            components = draw(st.sampled_from([1, 1, 3, 4, 2]))
+            return Element(jpeg_header(height, width, segments, frame, precision, components),
                            f"jpeg_header({height}, {width}, {len(segments)} segments, "
-                           f"frame {frame})", False)
+                           f"frame {frame}, {precision}-bit, {components} components)", False)
         if kind == "jpeg_flood":  # tiny segments up to the scan window: the scan's cost
             count = draw(st.one_of(st.integers(0, 100), st.integers(0, 70000)))
             frame = draw(st.booleans())
@@ -622,6 +651,8 @@ def classify_encoded_requests(pool: Pool, spec: Spec, largest: int
             f"[{i}] {e.what}" for i, e in enumerate(drawn))
         if total > spec.max_request_bytes:
             return Request(signature, images, what, None, frozenset({"max_request_bytes"}))
+        if request_pixels([e.data for e in chosen], spec) > spec.max_request_pixels:
+            return Request(signature, images, what, None, frozenset({"max_request_pixels"}))
         verdicts = [header_reason(e.data, spec) for e in chosen]
         rows = [frozenset({v}) if v else VALID for v in verdicts]
         # an element that passes its header but is not a valid image may fail to decode,
@@ -660,8 +691,17 @@ def classify_encoded_requests(pool: Pool, spec: Spec, largest: int
                        frozenset({"max_request_bytes"} | ({"max_batch"}
                                                           if n > spec.max_batch else set())))
 
+    @st.composite
+    def over_max_request_pixels(draw) -> Request:
+        """Headers of the largest side, one or two more than max_request_pixels allows."""
+        side = spec.max_image_side
+        n = spec.max_request_pixels // side**2 + draw(st.integers(1, 2))
+        return Request(signature, strings([png_header(side, side)] * n),
+                       f"{signature} {n} png_header({side}, {side})", None,
+                       frozenset({"max_request_pixels"}))
+
     kinds = [batch()] * 16 + [rank(), other_dtype(), over_max_batch(),
-                              over_max_request_bytes()]
+                              over_max_request_bytes(), over_max_request_pixels()]
     return st.sampled_from(range(len(kinds))).flatmap(kinds.__getitem__)
 
 

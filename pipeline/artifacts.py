@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from pipeline import faults
 
 BEFORE_RENAME = "artifacts.before_rename"  # the fault point of every publishing rename
@@ -119,6 +121,45 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[pathlib.Path]:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+
+
+class Parts:
+    """A long stage's finished parts (`<name>.json`: a summary; `<name>.npz`: arrays), kept
+    as they finish. One is reused while the model (`model_key`: the upstream manifests'
+    hashes) and its own settings are unchanged, so a killed stage resumes and a changed flag
+    redoes only the parts it affects."""
+
+    def __init__(self, folder: pathlib.Path, model_key: dict):
+        self.folder, self.model_key = folder, model_key
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _key(self, settings: dict) -> str:
+        return config_hash({"model": self.model_key, **settings})
+
+    def get(self, name: str, settings: dict) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """(summary, arrays) of the part kept under these settings, else None."""
+        path = self.folder / f"{name}.json"
+        if not path.exists():
+            return None
+        stored = read_json(path)
+        if stored.get("key") != self._key(settings):
+            return None
+        arrays = self.folder / f"{name}.npz"
+        if not arrays.exists():
+            return stored["summary"], {}
+        with np.load(arrays) as loaded:
+            return stored["summary"], {k: loaded[k] for k in loaded.files}
+
+    def put(self, name: str, settings: dict, summary: dict,
+            arrays: dict[str, np.ndarray] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+        """Keeps a finished part (the arrays first: its JSON vouches for them); returns it
+        as `get` will."""
+        if arrays:
+            with atomic_file(self.folder / f"{name}.npz", suffix=".npz") as tmp:
+                np.savez_compressed(tmp, **arrays)
+        write_json(self.folder / f"{name}.json",
+                   {"key": self._key(settings), "settings": settings, "summary": summary})
+        return self.get(name, settings)
 
 
 MANIFEST = "manifest.json"

@@ -100,6 +100,7 @@ class PipelineConfig:
     max_image_side: int = _LIMITS.max_image_side
     max_image_bytes: int = _LIMITS.max_image_bytes
     max_request_bytes: int = _LIMITS.max_request_bytes
+    max_request_pixels: int = _LIMITS.max_request_pixels
     max_batch: int = _LIMITS.max_batch
     export_percentile: float = 1  # whose thresholds the SavedModel applies, without a budget
     # > 0: the SavedModel applies the largest percentile that rejects at most this share of

@@ -15,6 +15,9 @@ The points (tests/test_faults.py kills a run at each kind and reruns it):
   `thresholds.json`, `density.npz`, `report.json`, `export.json`, `ingest` (ingest's folder);
   a checkpoint is written as `last.keras.next` (and `best.keras.next`), committed by
   state.json, then renamed to `last.keras` (`best.keras`).
+- `evaluate.part_done`: after each finished part of evaluate is kept in evaluate/parts/
+  (in order `test`, `ood_<set>` per OOD set, then with the shift suite `shift_clean` and
+  `shift_<corruption>`); `evaluate.part_done/<part>` counts one part only.
 - `serving.before_rename`: in `sdim_tf.serving.export`, the SavedModel complete in its
   temporary folder, before the rename that publishes the version (sdim_tf does not import
   pipeline: `pipeline.run` sets `serving.before_rename` to this point).

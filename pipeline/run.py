@@ -243,6 +243,9 @@ flags.DEFINE_integer("max_image_side", _D.max_image_side, "Export: classify_enco
 flags.DEFINE_integer("max_image_bytes", _D.max_image_bytes, "Export: ... or more bytes.")
 flags.DEFINE_integer("max_request_bytes", _D.max_request_bytes, "Export: classify_encoded "
                      "refuses a request of more bytes (InvalidArgument).")
+flags.DEFINE_integer("max_request_pixels", _D.max_request_pixels, "Export: classify_encoded "
+                     "refuses a request whose images' headers declare more pixels in all "
+                     "(InvalidArgument; decoding time grows with them).")
 flags.DEFINE_integer("max_batch", _D.max_batch, "Export: every signature refuses a request of "
                      "more images (InvalidArgument).")
 flags.DEFINE_float("export_percentile", _D.export_percentile,

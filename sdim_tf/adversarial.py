@@ -345,3 +345,303 @@ def local_search_attack(classifier, images, labels, settings: AttackSettings) ->
                                   rounds=settings.local_search_rounds, seed=settings.seed)
     return _result("local_search", classifier, adversarial,
                    lambda lg: untargeted_success(lg, labels), started)
+
+
+# Adaptive attacks: they know the rejection rule (equation 9) and succeed only with an
+# "undetected" adversarial example, wrong (or the target) and accepted.
+
+def _scores(scorer, images):
+    return tf.cast(scorer(images), tf.float32)  # bfloat16 scores would round the margins
+
+
+def _reached(scores, labels, targets, thresholds):
+    """Equation 9 accepts the answer and it is the target (targets >= 0) or else wrong."""
+    decision = rejection.decide(scores, thresholds)
+    predicted = tf.cast(decision.class_ids, tf.int32)
+    labels, targets = tf.cast(labels, tf.int32), tf.cast(targets, tf.int32)
+    hit = tf.where(targets >= 0, predicted == targets, predicted != labels)
+    return hit & tf.logical_not(decision.rejected)
+
+
+def undetected_success(scores, labels, thresholds) -> np.ndarray:
+    """Misclassified and accepted by the deployed rule (`rejection.decide`), bool [N]."""
+    labels = np.asarray(labels)
+    return _reached(scores, labels, np.full(len(labels), -1), thresholds).numpy()
+
+
+def margin_loss(scores, labels, targets, thresholds, margin=0.0):
+    """Per image relu(t_k - s_k + margin) + relu(max_{j != k} s_j - s_k + margin): zero once
+    class k clears its threshold and leads every other class by `margin`. k is the target, or
+    where targets < 0 the wrong class closest to an undetected success."""
+    scores = tf.cast(scores, tf.float32)
+    top = tf.math.top_k(scores, 2).values
+    rivals = tf.where(scores == top[:, :1], top[:, 1:], top[:, :1])  # best other class
+    over_threshold, ahead = scores - tf.cast(thresholds, tf.float32), scores - rivals
+    closeness = tf.where(tf.one_hot(labels, tf.shape(scores)[1]) > 0, -np.inf,
+                         tf.minimum(over_threshold, ahead))
+    k = tf.where(targets >= 0, targets, tf.argmax(closeness, 1, output_type=tf.int32))
+    short = -tf.stack([over_threshold, ahead], 2) + margin  # [N, C, 2]
+    return tf.reduce_sum(tf.nn.relu(tf.gather(short, k, axis=1, batch_dims=1)), 1)
+
+
+def _specs(image_shape):
+    return (tf.TensorSpec([None, *image_shape], tf.float32), tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None], tf.float32), tf.TensorSpec([], tf.float32))
+
+
+def _evaluator(scorer, image_shape):
+    """Compiled: images, labels, targets, thresholds -> (scores, margin loss, success)."""
+    images, ints, floats, _ = _specs(image_shape)
+
+    @tf.function(input_signature=[images, ints, ints, floats], reduce_retracing=True)
+    def evaluate(x, labels, targets, thresholds):
+        scores = _scores(scorer, x)
+        return (scores, margin_loss(scores, labels, targets, thresholds),
+                _reached(scores, labels, targets, thresholds))
+
+    def batched(x, labels, targets, thresholds, batch_size):
+        parts = [evaluate(x[i:i + batch_size], labels[i:i + batch_size],
+                          targets[i:i + batch_size], thresholds)
+                 for i in range(0, max(len(x), 1), batch_size)]  # one empty batch for none
+        return tuple(np.concatenate([p[j].numpy() for p in parts]) for j in range(3))
+
+    return batched
+
+
+def _attack_inputs(images, labels, targets, thresholds):
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int32)
+    targets = np.full(len(images), -1, np.int32) if targets is None \
+        else np.asarray(targets, np.int32)
+    return images, labels, targets, tf.constant(np.asarray(thresholds), tf.float32)
+
+
+def _accepted_result(name, evaluate, adversarial, labels, targets, thresholds, batch_size,
+                     started) -> AttackResult:
+    """Scores from a separate forward pass on the returned images; success re-checked on them
+    by the deployed rule."""
+    scores, _, _ = evaluate(adversarial, labels, targets, thresholds, batch_size)
+    success = _reached(scores, labels, targets, thresholds).numpy()
+    return AttackResult(name, adversarial, scores, success, time.time() - started,
+                        None if (targets < 0).all() else targets)
+
+
+def _per_image_l2(t):
+    return tf.sqrt(tf.reduce_sum(tf.square(t), axis=[1, 2, 3], keepdims=True))
+
+
+def _pgd_program(scorer, norm: str, image_shape):
+    if norm not in ("inf", "2"):
+        raise ValueError(f"norm must be 'inf' or '2', got {norm!r}")
+    images, ints, floats, scalar = _specs(image_shape)
+
+    def direction(descent):  # steepest descent under the norm
+        if norm == "inf":
+            return tf.sign(descent)
+        return descent / tf.maximum(_per_image_l2(descent), 1e-12)
+
+    def project(delta, epsilon):
+        if norm == "inf":
+            return tf.clip_by_value(delta, -epsilon, epsilon)
+        return delta * tf.minimum(1.0, epsilon / tf.maximum(_per_image_l2(delta), 1e-12))
+
+    @tf.function(input_signature=[images, images, ints, ints, floats, scalar, scalar,
+                                  tf.TensorSpec([], tf.int32), scalar], reduce_retracing=True)
+    def attack(clean, x, labels, targets, thresholds, epsilon, step_size, steps, margin):
+        """From `x`: the first undetected success, else the iterate of the lowest loss."""
+        best, best_loss = x, tf.fill(tf.shape(labels), np.inf)
+        found = tf.zeros(tf.shape(labels), bool)
+        for _ in tf.range(steps + 1):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                scores = _scores(scorer, x)
+                loss = margin_loss(scores, labels, targets, thresholds, margin)
+            hit = _reached(scores, labels, targets, thresholds)
+            keep = tf.logical_not(found) & (hit | (loss < best_loss))
+            best = tf.where(keep[:, None, None, None], x, best)
+            best_loss = tf.where(keep, loss, best_loss)
+            found = found | hit
+            if tf.reduce_all(found):
+                break
+            step = step_size * direction(-tape.gradient(loss, x))
+            x = tf.clip_by_value(clean + project(x + step - clean, epsilon), 0.0, 1.0)
+        return best, best_loss, found
+
+    return attack
+
+
+def _random_starts(rng, images, epsilon, norm):
+    """Uniform in the epsilon ball (then clipped to [0, 1])."""
+    if norm == "inf":
+        delta = rng.uniform(-epsilon, epsilon, images.shape)
+    else:
+        delta = rng.standard_normal(images.shape)
+        flat = delta.reshape(len(images), -1)
+        radius = epsilon * rng.uniform(0, 1, len(images)) ** (1 / flat.shape[1])
+        delta *= (radius / np.linalg.norm(flat, axis=1))[:, None, None, None]
+    return np.clip(images + delta, 0, 1).astype(np.float32)
+
+
+def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size=None,
+         restarts=1, margin=0.0, targets=None, batch_size=100, seed=0):
+    """pgd_accepted's result for each epsilon, the compiled loop traced once for all."""
+    images, labels, targets, thresholds = _attack_inputs(images, labels, targets, thresholds)
+    attack = _pgd_program(scorer, norm, images.shape[1:])
+    evaluate = _evaluator(scorer, images.shape[1:])
+    for epsilon in epsilons:
+        started, rng = time.time(), np.random.default_rng(seed)
+        size = 2.5 * epsilon / steps if step_size is None else step_size
+        best, best_loss = images.copy(), np.full(len(images), np.inf, np.float32)
+        found = np.zeros(len(images), bool)
+        for restart in range(restarts):
+            starts = images if restart == 0 else _random_starts(rng, images, epsilon, norm)
+            for i in range(0, len(images), batch_size):
+                part = slice(i, i + batch_size)
+                x, loss, hit = (t.numpy() for t in attack(
+                    images[part], starts[part], labels[part], targets[part], thresholds,
+                    epsilon, size, steps, margin))
+                keep = ~found[part] & (hit | (loss < best_loss[part]))
+                best[part][keep], best_loss[part][keep] = x[keep], loss[keep]
+                found[part] |= hit
+        yield _accepted_result(f"pgd_accepted_l{norm}", evaluate, best, labels, targets,
+                               thresholds, batch_size, started)
+
+
+def pgd_accepted(scorer, images, labels, thresholds, *, norm: str, epsilon: float,
+                 steps: int, step_size: float | None = None, restarts: int = 1,
+                 margin: float = 0.0, targets=None, batch_size: int = 100,
+                 seed: int = 0) -> AttackResult:
+    """PGD (L-inf or L2, `norm` "inf" or "2") on `margin_loss` inside the epsilon ball and
+    [0, 1]: per image the first undetected success (of its target, given `targets`), else
+    the iterate of the lowest loss. Restarts after the first start at random in the ball.
+    The default step size is 2.5 * epsilon / steps."""
+    return next(_pgd(scorer, images, labels, thresholds, (epsilon,), norm=norm, steps=steps,
+                     step_size=step_size, restarts=restarts, margin=margin, targets=targets,
+                     batch_size=batch_size, seed=seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceptedCurve:
+    """Undetected successes of `pgd_accepted` over a grid of epsilons."""
+
+    epsilons: tuple[float, ...]
+    success: np.ndarray  # bool [len(epsilons), N], undetected successes
+
+    @property
+    def shares(self) -> list[float]:
+        return [float(s.mean()) for s in self.success]
+
+    def smallest_epsilon(self) -> np.ndarray:
+        """Per image the smallest epsilon of the grid at which the attack succeeded (inf if
+        never): its perturbation size, for the median."""
+        grid = np.where(self.success, np.asarray(self.epsilons, float)[:, None], np.inf)
+        return grid.min(0)
+
+
+def pgd_accepted_curve(scorer, images, labels, thresholds, *, epsilons, norm: str,
+                       steps: int, **options) -> AcceptedCurve:
+    """`pgd_accepted` (same `options`) for each epsilon."""
+    results = _pgd(scorer, images, labels, thresholds, tuple(epsilons), norm=norm,
+                   steps=steps, **options)
+    return AcceptedCurve(tuple(epsilons), np.stack([r.success for r in results]))
+
+
+def _carlini_program(scorer, image_shape):
+    images, ints, floats, scalar = _specs(image_shape)
+
+    @tf.function(input_signature=[images, ints, floats, floats, tf.TensorSpec([], tf.int32),
+                                  scalar, scalar], reduce_retracing=True)
+    def attack(clean, targets, thresholds, const, steps, learning_rate, confidence):
+        """Adam on ||x - clean||^2 + const * margin loss in tanh space; the closest
+        undetected success of the target (squared L2 inf where none)."""
+        w = tf.atanh((2 * clean - 1) * 0.999999)
+        m, v = tf.zeros_like(w), tf.zeros_like(w)
+        best, best_l2 = clean, tf.fill(tf.shape(targets), np.inf)
+        for step in tf.range(1, steps + 1):
+            with tf.GradientTape() as tape:
+                tape.watch(w)
+                x = (tf.tanh(w) + 1) / 2
+                scores = _scores(scorer, x)
+                l2 = tf.reduce_sum(tf.square(x - clean), [1, 2, 3])
+                # the targets stand in for the labels, which a targeted loss does not use
+                loss = l2 + const * margin_loss(scores, targets, targets, thresholds,
+                                                confidence)
+            better = _reached(scores, targets, targets, thresholds) & (l2 < best_l2)
+            best = tf.where(better[:, None, None, None], x, best)
+            best_l2 = tf.where(better, l2, best_l2)
+            g = tape.gradient(loss, w)
+            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * tf.square(g)
+            t = tf.cast(step, tf.float32)
+            w -= learning_rate * m / (1 - 0.9 ** t) / (tf.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        return best, best_l2
+
+    return attack
+
+
+def carlini_accepted(scorer, images, targets, thresholds, *, confidence: float = 0.0,
+                     steps: int = 100, search_steps: int = 5, initial_const: float = 1.0,
+                     learning_rate: float = 0.01, batch_size: int = 100) -> AttackResult:
+    """Targeted CW-L2 on `margin_loss` with margin `confidence`: per image the smallest-L2
+    undetected success of its target over a binary search on the constant c (the original
+    where none)."""
+    started = time.time()
+    images, targets, _, thresholds = _attack_inputs(images, targets, None, thresholds)
+    attack = _carlini_program(scorer, images.shape[1:])
+    best, best_l2 = images.copy(), np.full(len(images), np.inf, np.float32)
+    for i in range(0, len(images), batch_size):
+        part = slice(i, i + batch_size)
+        const = np.full(len(images[part]), initial_const, np.float32)
+        lower, upper = np.zeros_like(const), np.full_like(const, np.inf)
+        for _ in range(search_steps):
+            x, l2 = (t.numpy() for t in attack(images[part], targets[part], thresholds, const,
+                                               steps, learning_rate, confidence))
+            better = l2 < best_l2[part]
+            best[part][better], best_l2[part][better] = x[better], l2[better]
+            found = np.isfinite(l2)
+            upper = np.where(found, np.minimum(upper, const), upper)
+            lower = np.where(found, lower, np.maximum(lower, const))
+            const = np.where(np.isfinite(upper), (lower + upper) / 2, const * 10)
+    return _accepted_result(f"cw_accepted_k{confidence:g}", _evaluator(scorer, images.shape[1:]),
+                            best, targets, targets, thresholds, batch_size, started)
+
+
+# after these many of 10,000 queries the window's share of the image halves (the paper's)
+_SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def square_accepted(scorer, images, labels, thresholds, *, epsilon: float,
+                    queries: int = 1000, p_init: float = 0.05, seed: int = 0,
+                    batch_size: int = 100) -> AttackResult:
+    """Square Attack, L-inf (Andriushchenko et al. 2020), on the untargeted `margin_loss`:
+    gradient-free, so it checks that the gradient attacks are not masked. From vertical
+    stripes of +-epsilon, each query sets a random square window to +-epsilon per channel
+    and keeps it only where the loss falls; the window's area share p_init halves on the
+    paper's schedule. At most `queries` forward passes per image."""
+    started, rng = time.time(), np.random.default_rng(seed)
+    images, labels, targets, thresholds = _attack_inputs(images, labels, None, thresholds)
+    evaluate = _evaluator(scorer, images.shape[1:])
+    n, h, w, channels = images.shape
+    stripes = rng.choice([-epsilon, epsilon], (n, 1, w, channels))
+    x = np.clip(images + stripes, 0, 1).astype(np.float32)
+    _, loss, found = evaluate(x, labels, targets, thresholds, batch_size)
+    for query in range(1, queries):
+        active = np.flatnonzero(~found)
+        if not active.size:
+            break
+        p = p_init / 2 ** np.searchsorted(_SQUARE_HALVINGS, int(query / queries * 10000))
+        side = min(max(int(round(np.sqrt(p * h * w))), 1), min(h, w) - 1)
+        top = rng.integers(0, h - side + 1, (len(active), 1))
+        left = rng.integers(0, w - side + 1, (len(active), 1))
+        rows, cols = np.arange(h), np.arange(w)
+        window = (((rows >= top) & (rows < top + side))[:, :, None]
+                  & ((cols >= left) & (cols < left + side))[:, None, :])[..., None]
+        signs = rng.choice([-epsilon, epsilon], (len(active), 1, 1, channels))
+        delta = np.where(window, signs, x[active] - images[active])
+        candidate = np.clip(images[active] + delta, 0, 1).astype(np.float32)
+        _, new_loss, hit = evaluate(candidate, labels[active], targets[active], thresholds,
+                                    batch_size)
+        keep = hit | (new_loss < loss[active])
+        x[active[keep]], loss[active[keep]] = candidate[keep], new_loss[keep]
+        found[active[keep]] = hit[keep]
+    return _accepted_result("square_accepted", evaluate, x, labels, targets,
+                            thresholds, batch_size, started)

@@ -126,12 +126,14 @@ class FeatureDensity(keras.Model):
         features = self.classifier.encoder.features(images, training=False)
         return self.density_scores(features), self.classifier.logits_from_features(features)
 
-    def fit_features(self, batches: Iterable, ridge: float = 1e-6, progress=None) -> int:
-        """Fits every layer from (images, labels) batches (no augmentation); returns N."""
+    def fit_features(self, batches: Iterable, ridge: float = 1e-6, progress=None,
+                     encode=None) -> int:
+        """Fits every layer from (images, labels) batches (no augmentation); returns N.
+        `encode`: an `encode_function()` kept by a caller that refits, so that it is traced
+        once (a new one costs seconds)."""
         stats = {name: TiedGaussianStats(self.num_classes, dim)
                  for name, dim in self.density_scores.dims.items()}
-        encode = tf.function(lambda x: {name: self.classifier.encoder.features(
-            x, training=False)[name] for name in self.layer_names})
+        encode = encode or self.encode_function()
         n = 0
         for images, labels in batches:
             labels = np.asarray(labels, np.int64)
@@ -148,6 +150,11 @@ class FeatureDensity(keras.Model):
             self.density_scores.means[name].assign(means.astype(np.float32))
             self.density_scores.precision_factors[name].assign(factor.astype(np.float32))
         return n
+
+    def encode_function(self):
+        """A tf.function: images -> {layer: features} of this scorer's layers."""
+        return tf.function(lambda x: {name: self.classifier.encoder.features(
+            x, training=False)[name] for name in self.layer_names})
 
     def parameters(self) -> dict:
         """{"<layer>/means": [C, d], "<layer>/precision_factor": [d, d]} as numpy arrays."""

@@ -2,8 +2,8 @@
 
 TensorFlow's decoders allocate the output the header declares before they read a pixel, so
 a 249-byte PNG header declaring 16000 x 16000 pixels costs gigabytes. The serving
-signatures read the format and the dimensions here, refuse what is too large, and decode
-only what passed (behind a `tf.cond`).
+signatures read the format and the dimensions here, refuse what is too large or what the
+decoder cannot read, and decode only what passed (behind a `tf.cond`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,11 @@ from __future__ import annotations
 import tensorflow as tf
 
 PNG, JPEG, UNKNOWN = 1, 2, 0
+# A JPEG whose frame the decoder may not read (a CMYK one, decoded to grey, failed its whole
+# batch with "jpeg::Uncompress failed"): not baseline, extended or progressive Huffman,
+# samples not 8-bit, or components neither 1 (grey) nor 3 (YCbCr).
+UNSUPPORTED_JPEG = 3
+_DECODABLE_SOF = (0xC0, 0xC1, 0xC2)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 # JPEG start-of-frame markers (SOF0-SOF15 but DHT C4, JPG C8, DAC CC) hold the size.
@@ -44,40 +49,46 @@ def _png_size(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.where(ok, height, 0), tf.where(ok, width, 0)
 
 
-def _jpeg_size(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(height, width) from the first start-of-frame segment; 0 when none is found within
-    JPEG_SCAN_BYTES and JPEG_MAX_SEGMENTS or a segment is malformed."""
+def _jpeg_frame(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(height, width, decodable) from the first start-of-frame segment; height and width 0
+    (and decodable True) when none is found within JPEG_SCAN_BYTES and JPEG_MAX_SEGMENTS or
+    a segment is malformed."""
     head = _bytes(encoded, JPEG_SCAN_BYTES)
     sof = tf.constant(_SOF, tf.int32)
 
-    def cond(i, height, width, done, segments):
+    def cond(i, height, width, decodable, done, segments):
         return tf.logical_not(done) & (i + 9 < JPEG_SCAN_BYTES) & (segments < JPEG_MAX_SEGMENTS)
 
-    def body(i, height, width, done, segments):
+    def body(i, height, width, decodable, done, segments):
         marker = head[i + 1]
         is_marker = head[i] == 0xFF
         is_frame = is_marker & tf.reduce_any(tf.equal(sof, marker))
         length = head[i + 2] * 256 + head[i + 3]
         height = tf.where(is_frame, head[i + 5] * 256 + head[i + 6], height)
         width = tf.where(is_frame, head[i + 7] * 256 + head[i + 8], width)
+        # marker, sample precision (byte 4) and component count (byte 9) of the frame
+        frame_ok = (tf.reduce_any(tf.equal(marker, _DECODABLE_SOF)) & (head[i + 4] == 8)
+                    & ((head[i + 9] == 1) | (head[i + 9] == 3)))
+        decodable = tf.where(is_frame, frame_ok, decodable)
         # A frame, a non-marker byte or a zero-length segment ends the scan.
         done = is_frame | tf.logical_not(is_marker) | (length < 2)
-        return i + 2 + length, height, width, done, segments + 1
+        return i + 2 + length, height, width, decodable, done, segments + 1
 
-    _, height, width, _, _ = tf.while_loop(
-        cond, body, (tf.constant(2), tf.constant(0), tf.constant(0), tf.constant(False),
-                     tf.constant(0)))
-    return height, width
+    _, height, width, decodable, _, _ = tf.while_loop(
+        cond, body, (tf.constant(2), tf.constant(0), tf.constant(0), tf.constant(True),
+                     tf.constant(False), tf.constant(0)))
+    return height, width, decodable
 
 
 def inspect(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """A scalar string -> (format PNG/JPEG/UNKNOWN, height, width) from its header alone;
-    height and width are 0 when the header does not say."""
+    """A scalar string -> (format PNG/JPEG/UNSUPPORTED_JPEG/UNKNOWN, height, width) from its
+    header alone; height and width are 0 when the header does not say."""
     is_png = tf.strings.substr(encoded, 0, len(PNG_MAGIC)) == PNG_MAGIC
     is_jpeg = tf.strings.substr(encoded, 0, len(JPEG_MAGIC)) == JPEG_MAGIC
-    zero = (tf.constant(0), tf.constant(0))
-    height, width = tf.cond(
-        is_png, lambda: _png_size(encoded),
-        lambda: tf.cond(is_jpeg, lambda: _jpeg_size(encoded), lambda: zero))
-    kind = tf.where(is_png, PNG, tf.where(is_jpeg, JPEG, UNKNOWN))
+    zero = (tf.constant(0), tf.constant(0), tf.constant(True))
+    height, width, decodable = tf.cond(
+        is_png, lambda: (*_png_size(encoded), tf.constant(True)),
+        lambda: tf.cond(is_jpeg, lambda: _jpeg_frame(encoded), lambda: zero))
+    jpeg = tf.where(decodable, JPEG, UNSUPPORTED_JPEG)
+    kind = tf.where(is_png, PNG, tf.where(is_jpeg, jpeg, UNKNOWN))
     return kind, height, width

@@ -55,31 +55,68 @@ def rejection_quality(model, fit: tuple[np.ndarray, np.ndarray],
       `mean_outlier_auroc` and, with test data, `final_measure`. Images are float32
       [N, H, W, C] in [0, 1].
     """
-    started = time.perf_counter()
-    layer_sets = [tuple(s) for s in layers]
-    needed = [name for name in density.LAYERS if any(name in s for s in layer_sets)]
-    num_classes = int(model.config["num_classes"])
-    per_layer = _fit_layers(model, num_classes, needed, fit, batch_size) if needed else {}
-    forward = _forward(model, per_layer, tuple(held_out[0].shape[1:]))
+    return RejectionMonitor(model, fit, held_out, outliers, budget, layers,
+                            batch_size)(test, test_outliers)
 
-    image_sets = {"held_out": held_out[0], **{f"outlier/{k}": v for k, v in outliers.items()}}
-    if test is not None:
-        image_sets["test"] = test[0]
-    for name, images in (test_outliers or {}).items():
-        image_sets[f"test_outlier/{name}"] = images
-    # set name -> {"model" or layer: [N, C] float64}: one encoder pass per image set.
-    outputs = {name: _run(forward, images, batch_size) for name, images in image_sets.items()}
 
-    scores = {MODEL_SCORE: {k: v[MODEL_SCORE] for k, v in outputs.items()}}
-    for layer_set in layer_sets:
-        scores[score_name(layer_set)] = {k: sum(v[layer] for layer in layer_set)
-                                         for k, v in outputs.items()}
-    result = {}
-    for name, by_set in scores.items():
-        result[name] = _quality(by_set, held_out[1], list(outliers), budget,
-                                None if test is None else test[1], list(test_outliers or {}))
-    result["seconds"] = round(time.perf_counter() - started, 3)
-    return result
+class RejectionMonitor:
+    """`rejection_quality` of one model on fixed images, measured again after each epoch.
+
+    Its functions are traced once: a new tf.function costs seconds per call (tracing and
+    graph optimisation of the encoder), which each epoch would pay again.
+    """
+
+    def __init__(self, model, fit, held_out, outliers: Mapping[str, np.ndarray],
+                 budget: float = 0.04,
+                 layers: Sequence[Sequence[str]] = (density.DEFAULT_LAYERS,),
+                 batch_size: int = 500):
+        self.fit, self.held_out, self.outliers = fit, held_out, dict(outliers)
+        self.budget, self.batch_size = budget, batch_size
+        self.layer_sets = [tuple(s) for s in layers]
+        needed = [name for name in density.LAYERS if any(name in s for s in self.layer_sets)]
+        num_classes = int(model.config["num_classes"])
+        self._scorer = density.FeatureDensity(model, num_classes, needed) if needed else None
+        # One scorer per layer: a set's score is the sum of its layers' (one fit serves all).
+        self._per_layer = {layer: density.TiedGaussianScores(
+            num_classes, {layer: self._scorer.density_scores.dims[layer]},
+            name=f"density_{layer}") for layer in needed}
+        self._encode = self._scorer.encode_function() if needed else None
+        self._forward = _forward(model, self._per_layer, tuple(held_out[0].shape[1:]))
+
+    def __call__(self, test: tuple[np.ndarray, np.ndarray] | None = None,
+                 test_outliers: Mapping[str, np.ndarray] | None = None) -> dict:
+        """The quality of the model's current weights (see `rejection_quality`)."""
+        started = time.perf_counter()
+        if self._scorer is not None:
+            self._refit()
+        image_sets = {"held_out": self.held_out[0],
+                      **{f"outlier/{k}": v for k, v in self.outliers.items()}}
+        if test is not None:
+            image_sets["test"] = test[0]
+        for name, images in (test_outliers or {}).items():
+            image_sets[f"test_outlier/{name}"] = images
+        # set name -> {"model" or layer: [N, C] float64}: one encoder pass per image set.
+        outputs = {name: _run(self._forward, images, self.batch_size)
+                   for name, images in image_sets.items()}
+        scores = {MODEL_SCORE: {k: v[MODEL_SCORE] for k, v in outputs.items()}}
+        for layer_set in self.layer_sets:
+            scores[score_name(layer_set)] = {k: sum(v[layer] for layer in layer_set)
+                                             for k, v in outputs.items()}
+        result = {name: _quality(by_set, self.held_out[1], list(self.outliers), self.budget,
+                                 None if test is None else test[1], list(test_outliers or {}))
+                  for name, by_set in scores.items()}
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        return result
+
+    def _refit(self) -> None:
+        images, labels = self.fit
+        size = self.batch_size
+        batches = ((images[i:i + size], labels[i:i + size]) for i in range(0, len(images), size))
+        self._scorer.fit_features(batches, encode=self._encode)
+        fitted = self._scorer.density_scores
+        for layer, single in self._per_layer.items():
+            single.means[layer].assign(fitted.means[layer])
+            single.precision_factors[layer].assign(fitted.precision_factors[layer])
 
 
 def flat(quality: dict, prefix: str = "") -> dict[str, float]:
@@ -94,27 +131,6 @@ def flat(quality: dict, prefix: str = "") -> dict[str, float]:
                 value, bool):
             rows[name] = float(value)
     return rows
-
-
-def _fit_layers(model, num_classes: int, layers: Sequence[str], fit, batch_size: int) -> dict:
-    """{layer: TiedGaussianScores of that layer alone}, all fitted in one pass over `fit`.
-
-    A layer's Gaussians do not depend on the other layers of a set, and a set's score is the
-    sum of its layers' scores, so one fit per layer serves every set.
-    """
-    images, labels = fit
-    scorer = density.FeatureDensity(model, num_classes, layers)
-    scorer.fit_features((images[i:i + batch_size], labels[i:i + batch_size])
-                        for i in range(0, len(images), batch_size))
-    fitted = scorer.density_scores
-    per_layer = {}
-    for layer in layers:
-        single = density.TiedGaussianScores(num_classes, {layer: fitted.dims[layer]},
-                                            name=f"density_{layer}")
-        single.means[layer].assign(fitted.means[layer])
-        single.precision_factors[layer].assign(fitted.precision_factors[layer])
-        per_layer[layer] = single
-    return per_layer
 
 
 def _forward(model, per_layer: dict, image_shape: tuple):

@@ -12,10 +12,12 @@ Inf or pixels outside [0, 1] are answered as rejected; the rest of the batch is 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Sequence
 
@@ -37,6 +39,9 @@ REASONS = {
     "not_png_or_jpeg": "the bytes start with neither the PNG nor the JPEG signature (GIF, "
                        "BMP, WebP, text, ...)",
     "bad_header": "PNG/JPEG signature, but no image size in the header",
+    "unsupported_jpeg": "a JPEG the decoder cannot read: a frame not baseline, extended or "
+                        "progressive Huffman (lossless, arithmetic, ...), samples not 8-bit, "
+                        "or components neither 1 nor 3 (CMYK, ...)",
     "too_large": "more bytes than max_image_bytes, or a side over max_image_side, as the "
                  "header declares (refused before decoding)",
 }
@@ -45,12 +50,19 @@ REASONS = {
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What one request may cost. Per image and per request, since per-image caps multiply
-    with the batch; a request over max_batch or max_request_bytes is refused whole."""
+    with the batch; a request over max_batch, max_request_bytes or max_request_pixels is
+    refused whole."""
 
     max_image_side: int = 4096  # pixels, either side, from the PNG/JPEG header
     max_image_bytes: int = 4 << 20  # one encoded image
     max_request_bytes: int = 64 << 20  # all encoded images of one request
-    max_batch: int = 1024  # images per request, every signature
+    # Decoded pixels of one request, as the headers declare: two 4096 x 4096 images. A 142 KB
+    # 16-bit RGBA PNG of 4096 x 4096 took 0.4 s to decode (2 cores); 64 of them, within the
+    # byte caps, took ~26 s.
+    max_request_pixels: int = 2 * 4096 * 4096
+    # images per request, every signature; at 1024 the fuzz bench's resident memory grew
+    # 772 MiB over its post-load baseline (budget 512 MiB), at <= 256 it stayed within.
+    max_batch: int = 256
 
 
 class RejectingClassifier(tf.Module):
@@ -97,29 +109,33 @@ class RejectingClassifier(tf.Module):
                           [(shape_ok, [message, "got", shape])], padded[0], signature)
 
     def _gate(self, images, shape, checks, batch, signature):
-        """`images` reshaped to `shape` (None: any size) when every (condition, assert data)
-        of `checks` holds and `batch` is within max_batch; else an empty batch, and the
-        failed check's assert fails the call with its message.
-
-        Grappler drops the control edges that ordered such asserts before the ops using
-        `images`: a [7, 32, 32, 1, 1] request failed in EnsureShape, a scalar in a strided
-        slice, with messages naming nothing (found by bench/fuzz_signatures.py). Here no op
-        but the asserts can fail on a bad request, and a refused request computes nothing.
-        """
-        asserts = [tf.debugging.Assert(ok, data) for ok, data in checks]
-        asserts.append(self._check_batch(batch, signature))
-        ok = batch <= self.limits.max_batch
-        for condition, _ in checks:
-            ok &= condition
-        with tf.control_dependencies(asserts):
-            ok = tf.identity(ok)
+        """`images` reshaped to `shape` (None: any size) when `_passes(checks)` and `batch`
+        is within max_batch; else an empty batch, and the call fails."""
+        ok = self._passes([*checks, (
+            batch <= self.limits.max_batch,
+            [f"{signature}: at most max_batch={self.limits.max_batch} images per request",
+             "got", batch])])
         return tf.cond(ok, lambda: tf.reshape(images, [-1 if d is None else d for d in shape]),
                        lambda: tf.zeros([0 if d is None else d for d in shape], images.dtype))
 
-    def _check_batch(self, batch, signature):
-        return tf.debugging.assert_less_equal(
-            batch, self.limits.max_batch,
-            message=f"{signature}: at most max_batch={self.limits.max_batch} images per request")
+    @staticmethod
+    def _passes(checks):
+        """True when every (condition, assert data) of `checks` holds; else False, and the
+        failed check's assert fails the call with its message. Gate the work on it with a
+        `tf.cond`.
+
+        Grappler drops the control edges that ordered such asserts before the ops using
+        the input: a [7, 32, 32, 1, 1] request failed in EnsureShape, a scalar in a strided
+        slice, with messages naming nothing (found by bench/fuzz_signatures.py). Behind the
+        cond no op but the asserts can fail on a bad request, and a refused one computes
+        nothing.
+        """
+        asserts = [tf.debugging.Assert(ok, data) for ok, data in checks]
+        ok = tf.constant(True)
+        for condition, _ in checks:
+            ok &= condition
+        with tf.control_dependencies(asserts):
+            return tf.identity(ok)
 
     def _classify(self, images, refused=None):
         """float32 [N, 32, 32, C] -> the output dict. Invalid rows are rejected with their
@@ -188,6 +204,34 @@ class RejectingClassifier(tf.Module):
             (total <= limits.max_request_bytes,
              [f"classify_encoded: at most max_request_bytes={limits.max_request_bytes} bytes "
               "per request", "got", total])], tf.size(images), "classify_encoded")
+        kind, height, width = tf.map_fn(encoded.inspect, images, fn_output_signature=(
+            tf.int32, tf.int32, tf.int32))
+        refused = self._header_reason(images, kind, height, width)
+        area = tf.cast(height, tf.int64) * tf.cast(width, tf.int64)
+        pixels = tf.reduce_sum(tf.where(tf.equal(refused, ""), area, tf.zeros_like(area)))
+        ok = self._passes([(pixels <= limits.max_request_pixels, [
+            f"classify_encoded: at most max_request_pixels={limits.max_request_pixels} "
+            "decoded pixels per request, as the headers declare", "got", pixels])])
+        empty = (tf.zeros([0, data.IMAGE_SIZE, data.IMAGE_SIZE, self.channels]),
+                 tf.zeros([0], tf.string))
+        return tf.cond(ok, lambda: (self._decode_passed(images, refused), refused),
+                       lambda: empty)
+
+    def _header_reason(self, images, kind, height, width):
+        """string [N]: each element's refusal reason read from its header, "" if it passed."""
+        limits = self.limits
+        return tf.where(
+            tf.strings.length(images) > limits.max_image_bytes, "too_large",
+            tf.where(tf.equal(kind, encoded.UNKNOWN), "not_png_or_jpeg",
+                     tf.where((height <= 0) | (width <= 0), "bad_header",
+                              tf.where(tf.equal(kind, encoded.UNSUPPORTED_JPEG),
+                                       "unsupported_jpeg",
+                                       tf.where(tf.maximum(height, width) > limits.max_image_side,
+                                                "too_large", "")))))
+
+    def _decode_passed(self, images, refused):
+        """float32 [N, 32, 32, C]: the elements whose `refused` is "" decoded and
+        preprocessed, one at a time; zeros for the others."""
         blank = tf.zeros([data.IMAGE_SIZE, data.IMAGE_SIZE, self.channels])
 
         def decode(image_bytes):
@@ -196,22 +240,13 @@ class RejectingClassifier(tf.Module):
             image.set_shape([None, None, self.channels])
             return data.preprocess(image[None])[0]
 
-        def one(image_bytes):
-            """(float32 image, "" or the refusal reason); decodes only what passed."""
-            kind, height, width = encoded.inspect(image_bytes)
-            reason = tf.where(
-                tf.strings.length(image_bytes) > limits.max_image_bytes, "too_large",
-                tf.where(tf.equal(kind, encoded.UNKNOWN), "not_png_or_jpeg",
-                         tf.where((height <= 0) | (width <= 0), "bad_header",
-                                  tf.where(tf.maximum(height, width) > limits.max_image_side,
-                                           "too_large", ""))))
-            image = tf.cond(tf.equal(reason, ""), lambda: decode(image_bytes), lambda: blank)
-            return image, reason
+        def one(args):
+            image_bytes, reason = args
+            return tf.cond(tf.equal(reason, ""), lambda: decode(image_bytes), lambda: blank)
 
-        decoded, refused = tf.map_fn(one, images, parallel_iterations=1, fn_output_signature=(
-            tf.TensorSpec([data.IMAGE_SIZE, data.IMAGE_SIZE, self.channels], tf.float32),
-            tf.TensorSpec([], tf.string)))
-        return decoded, refused
+        return tf.map_fn(one, (images, refused), parallel_iterations=1,
+                         fn_output_signature=tf.TensorSpec(
+                             [data.IMAGE_SIZE, data.IMAGE_SIZE, self.channels], tf.float32))
 
     def archive(self):
         """A keras.export.ExportArchive of the three signatures.
@@ -243,17 +278,50 @@ def next_version(model_dir: pathlib.Path) -> int:
 before_rename: Callable[[pathlib.Path], None] | None = None
 
 
+# An export writes into `.export-tmp-<pid>-<host>-<random>/` (never a version: not a
+# number); a kill -9 before the rename leaves it, and a later export removes it once that
+# process is gone. Another host's (a shared model folder) is left alone: its pids are not ours.
+TEMP_PREFIX = ".export-tmp-"
+
+
+def _temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}-{socket.gethostname()}-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only whether the process exists
+    except OSError as e:
+        return e.errno != errno.ESRCH  # EPERM: another user's, alive
+    return True
+
+
+def remove_stale_temps(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Removes the temporary folders of exports into `model_dir` killed on this host;
+    returns them."""
+    removed = []
+    for folder in model_dir.glob(TEMP_PREFIX + "*"):
+        pid, _, rest = folder.name[len(TEMP_PREFIX):].partition("-")
+        host = rest.rpartition("-")[0]  # mkdtemp's random part holds no "-"
+        if pid.isdigit() and host == socket.gethostname() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def export(module: RejectingClassifier, export_dir: str | os.PathLike, model_name: str,
            extra_assets: dict[str, bytes] | None = None,
            assets_extra: dict[str, bytes] | None = None) -> pathlib.Path:
     """Saves `module` as `<export_dir>/<model_name>/<next version>/` (TF Serving layout).
 
     Written into a temporary folder and renamed into place, so a polling server never sees
-    a partial version; an existing version is never overwritten.
+    a partial version; an existing version is never overwritten. Temporary folders of
+    killed exports are removed first (`remove_stale_temps`).
     """
     model_dir = pathlib.Path(export_dir) / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".export-tmp-", dir=model_dir))
+    remove_stale_temps(model_dir)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=model_dir))
     try:
         module.archive().write_out(str(tmp), verbose=False)
         for folder, files in (("assets", extra_assets), ("assets.extra", assets_extra)):

@@ -11,6 +11,9 @@ draws at every severity (only the parameter scales them), so the output is a fun
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 from scipy import ndimage
 
@@ -153,8 +156,13 @@ _FUNCTIONS = {"gaussian_noise": gaussian_noise, "shot_noise": shot_noise,
               "rotate": rotate, "jpeg": jpeg, "pixelate": pixelate, "occlusion": occlusion}
 
 
+def _compute(part: str, compute: Callable[[], dict]) -> dict:
+    return compute()
+
+
 def measure(deployable, images: np.ndarray, labels: np.ndarray, seed: int = 0,
-            severities: tuple[int, ...] = SEVERITIES) -> dict:
+            severities: tuple[int, ...] = SEVERITIES,
+            keep: Callable[[str, Callable[[], dict]], dict] = _compute) -> dict:
     """The deployed rule on clean and shifted `images` (float32 [N, H, W, C] in [0, 1]).
 
     `deployable` has `class_scores(batches)` and `decide(scores)` (a
@@ -163,13 +171,22 @@ def measure(deployable, images: np.ndarray, labels: np.ndarray, seed: int = 0,
     risk-coverage area of the deployed score (lower is better) on clean images and on all
     corruptions at MIDDLE_SEVERITY pooled; `mean_silent_error_middle` averages the
     corruptions at MIDDLE_SEVERITY.
+
+    The class scores come in parts, "clean" and one per corruption ({severity: scores}):
+    `keep(part, compute)` returns what `compute()` would, and may return what an earlier,
+    killed run kept (the evaluate stage resumes so).
     """
     from sdim_tf import data, metrics  # TensorFlow for the forward pass
 
     labels = np.asarray(labels)
 
-    def rule(batch: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
-        scores, _ = deployable.class_scores(data.image_batches(batch))
+    def class_scores(batch: np.ndarray) -> np.ndarray:
+        return deployable.class_scores(data.image_batches(batch))[0]
+
+    def shifted_scores(name: str) -> dict:
+        return {str(s): class_scores(corrupt(images, name, s, seed)) for s in severities}
+
+    def rule(scores: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
         decision = deployable.decide(scores)
         predicted, rejected = decision.class_ids.numpy(), decision.rejected.numpy()
         return ({"accuracy": float((predicted == labels).mean()),
@@ -177,15 +194,17 @@ def measure(deployable, images: np.ndarray, labels: np.ndarray, seed: int = 0,
                  "silent_error": metrics.silent_error(predicted, labels, rejected)},
                 decision.score.numpy(), predicted == labels)
 
-    clean, score, correct = rule(images)
+    clean, score, correct = rule(keep("clean", lambda: {"scores": class_scores(images)})[
+        "scores"])
     result = {"images": int(len(labels)), "seed": seed, "severities": list(severities),
               "parameters": {k: list(v) for k, v in PARAMETERS.items()},
               "clean": clean, "corruptions": {}}
     pooled_scores, pooled_correct = [], []
     for name in CORRUPTIONS:
         result["corruptions"][name] = {}
+        by_severity = keep(name, functools.partial(shifted_scores, name))
         for severity in severities:
-            figures, shifted_score, shifted_correct = rule(corrupt(images, name, severity, seed))
+            figures, shifted_score, shifted_correct = rule(by_severity[str(severity)])
             result["corruptions"][name][str(severity)] = figures
             if severity == MIDDLE_SEVERITY:
                 pooled_scores.append(shifted_score)

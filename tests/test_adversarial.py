@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from scipy import special
+from scipy import optimize, special
 
 from sdim_tf import adversarial
 
@@ -198,3 +198,189 @@ def test_first_correct_takes_the_first_correct_indices():
     labels = np.array([0, 0, 0, 1, 1])
     assert adversarial.first_correct(logits, labels, 2).tolist() == [0, 2]
     assert adversarial.first_correct(logits, labels, 10).tolist() == [0, 2, 4]
+
+
+# Adaptive attacks: success means wrong (or the target) and accepted by equation 9.
+
+def _blend(a, i, j):
+    return np.clip(a * PROTOS[i] + (1 - a) * PROTOS[j], 0, 1).astype(np.float32)
+
+
+def test_undetected_success_is_the_deployed_rule():
+    thresholds = np.array([1.0, 2.0, 3.0])
+    scores = np.array([[0.0, 5.0, 1.0],   # class 1, accepted, wrong
+                       [0.0, 1.5, 1.0],   # class 1, wrong but rejected (1.5 < 2)
+                       [4.0, 0.0, 0.0],   # correct and accepted
+                       [0.0, 0.0, 3.0],   # class 2 exactly at its threshold: accepted
+                       [0.0, 0.0, 2.999],  # just below: rejected
+                       [2.0, 2.0, 0.0]])  # tie: argmax takes class 0, the label
+    labels = np.array([0, 0, 0, 1, 1, 0])
+    assert adversarial.undetected_success(scores, labels, thresholds).tolist() == [
+        True, False, False, True, False, False]
+
+
+def test_margin_loss_picks_the_wrong_class_closest_to_acceptance():
+    thresholds = np.array([3.0, 2.0, 2.0])
+    scores = np.array([[5.0, 1.0, 0.0], [5.0, 1.0, 0.0], [1.0, 4.0, 3.5], [0.0, 3.0, 1.0],
+                       [5.0, 4.0, 3.0]], np.float32)
+    labels, targets = np.array([0, 0, 1, 0, 0]), np.array([-1, 2, -1, 1, -1])
+    # row 0: class 1 is closest (min(1-2, 1-5) = -4 against -5): (2-1) + (5-1) = 5
+    # row 1: target 2: (2-0) + (5-0) = 7
+    # row 2: class 0 min(1-3, 1-4) = -3, class 2 min(3.5-2, 3.5-4) = -0.5: 0 + 0.5
+    # row 3: target 1 is accepted and leads: 0
+    # row 4 (threshold of class 1 raised to 10): class 1 min(4-10, 4-5) = -6 loses to the
+    # lower-scored class 2 min(3-2, 3-5) = -2: 0 + (5-3) = 2
+    loss = adversarial.margin_loss(scores, labels, targets, thresholds)
+    np.testing.assert_allclose(loss.numpy()[:4], [5.0, 7.0, 0.5, 0.0])
+    loss = adversarial.margin_loss(scores, labels, targets, [0.0, 10.0, 2.0])
+    np.testing.assert_allclose(loss.numpy()[4], 2.0)
+    # margin 2 adds 2 inside each hinge: row 2 relu(2 - 1.5) + relu(2 + 0.5) = 3; row 3 1 + 0
+    loss = adversarial.margin_loss(scores, labels, targets, thresholds, margin=2.0)
+    np.testing.assert_allclose(loss.numpy()[:4], [9.0, 11.0, 3.0, 1.0])
+
+
+@tf.autograph.experimental.do_not_convert
+def _two_class_model(images):
+    return tf.reshape(images, [-1, H * H]) @ WEIGHTS[:, :2]
+
+
+@pytest.mark.parametrize("norm", ["2", "inf"])
+def test_pgd_reaches_the_optimum_of_a_linear_loss(norm):
+    # Thresholds out of reach and a huge margin keep both hinges active: the loss is
+    # (t_1 - s_1 + m) + (s_0 - s_1 + m), whose descent direction is d = 2 w_1 - w_0.
+    clean = (0.5 + np.random.default_rng(5).uniform(-0.1, 0.1, (1, H, H, 1))).astype(np.float32)
+    d = 2 * WEIGHTS[:, 1].astype(np.float64) - WEIGHTS[:, 0]
+    epsilon = 0.1 if norm == "2" else 0.05
+    optimum = epsilon * (d / np.linalg.norm(d) if norm == "2" else np.sign(d))
+    assert np.all(np.abs(optimum) < 0.3)  # clipping to [0, 1] never binds
+    result = adversarial.pgd_accepted(_two_class_model, clean, [0], [1e6, 1e6], norm=norm,
+                                      epsilon=epsilon, steps=20, margin=1e6, targets=[1])
+    np.testing.assert_allclose((result.adversarial - clean).reshape(-1), optimum, atol=1e-5)
+    assert not result.success.any()
+
+
+def _feasibility(image, label, thresholds, epsilon):
+    """Linear programme: the largest z such that some wrong class j clears its threshold and
+    leads every other class by z within the L-inf ball and [0, 1]; > 0 means feasible."""
+    x = image.reshape(-1).astype(np.float64)
+    w = WEIGHTS.astype(np.float64)
+    bounds = [(lo, hi) for lo, hi in zip(np.maximum(0, x - epsilon) - x,
+                                         np.minimum(1, x + epsilon) - x, strict=True)]
+    best = -np.inf
+    for j in set(range(3)) - {label}:
+        rows = [w[:, j]] + [w[:, j] - w[:, i] for i in range(3) if i != j]
+        limits = [thresholds[j]] + [0.0] * 2
+        # maximise z subject to rows @ (x + delta) - limits >= z
+        a = np.hstack([-np.array(rows), np.ones((3, 1))])
+        b = np.array(rows) @ x - limits
+        res = optimize.linprog(np.r_[np.zeros(len(x)), -1], A_ub=a, b_ub=b,
+                               bounds=bounds + [(None, None)])
+        best = max(best, -res.fun)
+    return best
+
+
+@pytest.fixture(scope="module")
+def feasibility_case():
+    """Two images with a wrong class in reach, one held back only by the threshold of class 2
+    (its scores could win), one never able to win; thresholds [16, 16, 24.4]."""
+    images = np.stack([_blend(.6, 0, 2), _blend(.6, 2, 1), _blend(.55, 2, 1), _blend(.55, 0, 2),
+                       _blend(.6, 1, 0)])
+    labels = numpy_logits(images).argmax(1)
+    thresholds, epsilon = np.array([16.0, 16.0, 24.4]), 0.1
+    z = np.array([_feasibility(x, y, thresholds, epsilon)
+                  for x, y in zip(images, labels, strict=True)])
+    assert (z > 0).tolist() == [True, True, False, True, False] and np.all(np.abs(z) > 0.2)
+    # image 2's wrong classes cannot even reach their thresholds: s + epsilon * ||w||_1 < t
+    reach = numpy_logits(images[2:3])[0] + epsilon * np.abs(WEIGHTS).sum(0) - thresholds
+    assert np.all(reach[[0, 2]] < 0) and labels[2] == 1
+    assert _feasibility(images[2], 1, [-1e9] * 3, epsilon) > 0  # scores alone would win
+    return images, labels, thresholds, epsilon, z > 0
+
+
+def _undetected_numpy(logits, labels, thresholds):
+    predicted = logits.argmax(1)
+    return (predicted != labels) & (logits[np.arange(len(logits)), predicted]
+                                    >= thresholds[predicted])
+
+
+def _in_linf_ball(result, images, epsilon):
+    assert np.all(result.adversarial >= 0) and np.all(result.adversarial <= 1)
+    assert np.abs(result.adversarial - images).max() <= epsilon + 1e-6
+
+
+def test_pgd_accepted_succeeds_exactly_where_feasible(feasibility_case):
+    images, labels, thresholds, epsilon, feasible = feasibility_case
+    result = adversarial.pgd_accepted(linear_model, images, labels, thresholds, norm="inf",
+                                      epsilon=epsilon, steps=50, restarts=2, batch_size=3)
+    np.testing.assert_array_equal(result.success, feasible)
+    _in_linf_ball(result, images, epsilon)
+    np.testing.assert_allclose(result.logits, numpy_logits(result.adversarial), rtol=1e-5,
+                               atol=1e-4)
+    np.testing.assert_array_equal(
+        result.success, _undetected_numpy(numpy_logits(result.adversarial), labels, thresholds))
+
+
+def test_pgd_accepted_curve_and_smallest_epsilon(feasibility_case):
+    images, labels, thresholds, epsilon, feasible = feasibility_case
+    curve = adversarial.pgd_accepted_curve(linear_model, images, labels, thresholds,
+                                           epsilons=(0.0, 0.03, epsilon), norm="inf", steps=50)
+    assert curve.shares[0] == 0.0 and curve.shares[0] <= curve.shares[1] <= curve.shares[2]
+    np.testing.assert_array_equal(curve.success[2], feasible)
+    # random restarts repeat with the seed; no images, no work
+    runs = [adversarial.pgd_accepted(linear_model, images, labels, thresholds, norm="2",
+                                     epsilon=0.5, steps=5, restarts=3, seed=7)
+            for _ in range(2)]
+    np.testing.assert_array_equal(runs[0].adversarial, runs[1].adversarial)
+    empty = adversarial.pgd_accepted(linear_model, images[:0], labels[:0], thresholds,
+                                     norm="inf", epsilon=0.1, steps=5)
+    assert empty.adversarial.shape == (0, H, H, 1) and empty.success.shape == (0,)
+    smallest = adversarial.AcceptedCurve(
+        (0.1, 0.2, 0.5), np.array([[0, 1, 0], [1, 1, 0], [1, 1, 0]], bool)).smallest_epsilon()
+    assert smallest.tolist() == [0.2, 0.1, np.inf]
+
+
+def _minimal_l2(image, target, thresholds):
+    """The shortest delta with w_k.(x + delta) >= t_k and (w_k - w_i).(x + delta) >= 0, by
+    enumerating which constraints are active (no box: the caller checks it does not bind)."""
+    x, w = image.reshape(-1).astype(np.float64), WEIGHTS.astype(np.float64)
+    a = np.array([w[:, target]] + [w[:, target] - w[:, i] for i in range(3) if i != target])
+    b = np.array([thresholds[target], 0.0, 0.0]) - a @ x
+    best = None
+    for active in ([0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]):
+        rows = a[active]
+        delta = rows.T @ np.linalg.solve(rows @ rows.T, b[active])
+        if np.all(a @ delta >= b - 1e-9) and (best is None or
+                                               np.linalg.norm(delta) < np.linalg.norm(best[1])):
+            best = active, delta
+    return best
+
+
+def test_carlini_accepted_is_near_the_minimal_undetected_perturbation():
+    images = np.stack([_blend(.6, 0, 2), _blend(.55, 0, 2), _blend(.6, 2, 1)])
+    targets, thresholds = np.array([0, 1, 2]), np.array([14.2, 14.2, 19.8])
+    minimal = [_minimal_l2(x, k, thresholds) for x, k in zip(images, targets, strict=True)]
+    assert all(len(active) == 2 for active, _ in minimal)  # threshold and one rival bind
+    for x, (_, delta) in zip(images, minimal, strict=True):
+        assert 0 < (x.reshape(-1) + delta).min() and (x.reshape(-1) + delta).max() < 1
+    result = adversarial.carlini_accepted(linear_model, images, targets, thresholds,
+                                          steps=100, search_steps=5, batch_size=2)
+    assert result.success.all()
+    logits = numpy_logits(result.adversarial)
+    rows = np.arange(3)
+    # on the boundary, so float64 may differ from the model's float32 by rounding
+    assert np.all(logits[rows, targets] >= thresholds[targets] - 1e-4)
+    assert np.all(-_gap(logits, targets) <= 1e-4)
+    l2, shortest = result.l2(images), np.array([np.linalg.norm(d) for _, d in minimal])
+    assert np.all(l2 >= shortest - 1e-4) and np.all(l2 <= 1.02 * shortest), (l2, shortest)
+
+
+def test_square_accepted_finds_the_easy_case_and_not_the_infeasible_one(feasibility_case):
+    images, labels, thresholds, epsilon, feasible = feasibility_case
+    pick = [0, 2]  # far inside the feasible region; held back by the threshold
+    result = adversarial.square_accepted(linear_model, images[pick], labels[pick], thresholds,
+                                         epsilon=epsilon, queries=500, seed=1)
+    assert result.success.tolist() == [True, False]
+    _in_linf_ball(result, images[pick], epsilon)
+    np.testing.assert_array_equal(
+        result.success, _undetected_numpy(numpy_logits(result.adversarial), labels[pick],
+                                          thresholds))

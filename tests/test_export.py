@@ -4,15 +4,20 @@ import hashlib
 import json
 import os
 import pathlib
+import re
+import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from bench import untrained
 from bench.header_bombs import png_header
-from pipeline import artifacts
+from pipeline import artifacts, deployed
 from pipeline.run_dir import Run
 from pipeline.stages import export
 from sdim_tf import data, serving
@@ -30,6 +35,13 @@ def exported(tiny_run, data_dir):
     digits, _ = data.load_split("mnist", "test", str(data_dir))
     raw = np.concatenate([fashion[:48], digits[:16]])  # uint8 [64, 28, 28, 1]
     return pathlib.Path(info["path"]), module, raw
+
+
+@pytest.fixture(scope="module")
+def untrained_module():
+    """An untrained SDIM in memory: what is refused, and how rows of one batch relate, does
+    not depend on the weights (and it needs no training run)."""
+    return serving.RejectingClassifier(untrained.model(), np.zeros(10), 1, (28, 28))
 
 
 def _encode(raw):
@@ -184,13 +196,14 @@ def test_empty_batch_gets_empty_outputs_on_every_signature(exported):
                 assert value.dtype == full[key].dtype, (name, key)
 
 
-def _pil_bytes(image, fmt, **kwargs):
+def _pil_bytes(image, fmt, mode=None, **kwargs):
     import io
 
     from PIL import Image
 
     out = io.BytesIO()
-    Image.fromarray(image[..., 0]).save(out, fmt, **kwargs)
+    picture = Image.fromarray(image[..., 0])
+    (picture.convert(mode) if mode else picture).save(out, fmt, **kwargs)
     return out.getvalue()
 
 
@@ -224,6 +237,53 @@ def test_bad_elements_are_rejected_rows_and_the_rest_answered(exported):
     assert bombs["reason"].numpy().tolist() == [b"too_large"] * 8
 
 
+def test_an_unsupported_jpeg_is_a_rejected_row_and_the_rest_answered(untrained_module,
+                                                                     data_dir):
+    module = untrained_module
+    raw, _ = data.load_split("fashion_mnist", "test", str(data_dir))
+    cmyk = _pil_bytes(raw[0], "JPEG", mode="CMYK")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="jpeg::Uncompress failed"):
+        tf.io.decode_image(cmyk, channels=1)  # it used to fail the whole request so
+    valid = [tf.io.encode_png(raw[1]).numpy(), tf.io.encode_jpeg(raw[2]).numpy()]
+    out = module.classify_encoded(tf.constant([cmyk, *valid]))
+    alone = module.classify_encoded(tf.constant(valid))
+    assert out["reason"].numpy()[0] == b"unsupported_jpeg"
+    assert out["rejected"].numpy()[0] and np.isneginf(out["score"].numpy()[0])
+    for key in ("class_ids", "rejected", "reason"):
+        np.testing.assert_array_equal(out[key].numpy()[1:], alone[key].numpy(), key)
+    np.testing.assert_allclose(out["class_scores"].numpy()[1:], alone["class_scores"].numpy(),
+                               rtol=1e-5)
+
+
+def _flat_png16(side: int, value: int) -> bytes:
+    """A grey 16-bit PNG, side x side, every pixel `value` (as 8 bits) * 257."""
+    return tf.io.encode_png(tf.fill([side, side, 1], tf.constant(value * 257, tf.uint16))
+                            ).numpy()
+
+
+def test_a_request_over_max_request_pixels_is_refused_before_decoding(untrained_module):
+    module, limits = untrained_module, untrained_module.limits
+    side, value = limits.max_image_side, 156
+    assert 2 * side**2 <= limits.max_request_pixels < 3 * side**2  # the default's promise
+    flat = _flat_png16(side, value)
+    # a header bomb's row is refused alone and its pixels do not count
+    two = module.classify_encoded(tf.constant([flat, flat, png_header(16000, 16000)]))
+    assert two["reason"].numpy()[2] == b"too_large"
+    # decoded, not blanks: a flat image's answer does not depend on its size
+    small = module.serving_default(data.preprocess(np.full((1, 28, 28, 1), value, np.uint8)))
+    np.testing.assert_allclose(two["class_scores"].numpy()[:2],
+                               np.repeat(small["class_scores"].numpy(), 2, 0), rtol=1e-5)
+    start = time.perf_counter()
+    tf.io.decode_image(flat, channels=1)
+    one_decode = time.perf_counter() - start
+    for count in (3, 64):  # 64: within max_request_bytes, ~26 s to decode
+        start = time.perf_counter()
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=f"max_request_pixels={limits.max_request_pixels} "):
+            module.classify_encoded(tf.constant([flat] * count))
+        assert time.perf_counter() - start < one_decode  # refused before any decoding
+
+
 def test_request_limits_are_invalid_argument(exported):
     _, module, raw = exported
     limits = module.limits
@@ -248,3 +308,36 @@ def test_second_export_is_a_new_version(exported, tmp_path):
     assert (first.name, second.name) == ("1", "2")
     assert digest(first) == before
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]  # no temp left
+
+
+def _tf_serving_versions(model_dir: pathlib.Path) -> list[int]:
+    """The versions TF Serving finds: children whose whole name parses as an int64
+    (FileSystemStoragePathSource, ParseVersionNumber: strings::safe_strto64)."""
+    return sorted(int(p.name) for p in model_dir.iterdir()
+                  if re.fullmatch(r"\s*[+-]?\d+\s*", p.name))
+
+
+def test_an_export_removes_the_temporary_folders_of_killed_exports_only(
+        untrained_module, tmp_path, monkeypatch):
+    model_dir = tmp_path / "m"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    stale = model_dir / f"{serving.TEMP_PREFIX}{dead}-{host}-a1b2c3d4"
+    kept = [model_dir / f"{serving.TEMP_PREFIX}{os.getpid()}-{host}-e5f6g7h8",  # writing
+            model_dir / f"{serving.TEMP_PREFIX}{dead}-elsewhere.example-i9j0k1l2",  # another host
+            model_dir / f"{serving.TEMP_PREFIX}m3n4o5p6"]  # no writer recorded
+    for folder in (stale, *kept):
+        (folder / "variables").mkdir(parents=True)
+    written = []
+    monkeypatch.setattr(serving, "before_rename", written.append)
+    path = serving.export(untrained_module, tmp_path, "m")
+    assert path == model_dir / "1" and (path / "saved_model.pb").is_file()
+    assert not stale.exists() and all(folder.exists() for folder in kept)
+    # this export's own folder named its writer, for the next export to judge
+    assert written[0].name.startswith(f"{serving.TEMP_PREFIX}{os.getpid()}-{host}-")
+    # a complete SavedModel in a temporary folder is no version to any reader
+    shutil.copytree(path, kept[0], dirs_exist_ok=True)
+    assert _tf_serving_versions(model_dir) == [1]
+    assert deployed.version_dir(str(model_dir)) == path
+    assert serving.next_version(model_dir) == 2

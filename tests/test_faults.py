@@ -28,7 +28,7 @@ import tensorflow as tf
 from pipeline import artifacts, faults, run
 from pipeline.config import PipelineConfig
 from pipeline.run_dir import ArtifactError, Calibration, TrainedModel
-from pipeline.stages import export, train
+from pipeline.stages import evaluate, export, train
 from sdim_tf import serving
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -198,7 +198,34 @@ def test_a_kill_in_export_publishes_no_version_and_the_rerun_a_complete_one(down
     assert len(trial.after_kill["export_temps"]) == 1
     _assert_sound(trial.after_rerun, epochs=3)
     assert trial.after_rerun["versions"] == [1]
+    assert trial.after_rerun["export_temps"] == []  # the killed export's folder removed
     _assert_versions_complete(downstream["root"] / "saved_models" / "sdim_fashion_mnist")
+
+
+def test_a_kill_in_evaluate_resumes_after_its_finished_parts(downstream, data_dir):
+    """Killed after its second finished part, evaluate reruns without recomputing the two
+    (their files untouched) and writes the report of an uninterrupted run: downstream's,
+    whose parts one process computed."""
+    root = downstream["root"].parent / "evaluate_parts"
+    shutil.copytree(downstream["root"], root)
+    stage_dir = root / "run" / "evaluate"
+    uninterrupted = artifacts.read_json(stage_dir / evaluate.REPORT_JSON)
+    shutil.rmtree(stage_dir)
+    args = _args(root, 3, "evaluate", data_dir)
+    killed = _pipeline(args, f"{evaluate.PART_DONE}:2")
+    assert killed.returncode == KILLED, killed.stderr[-3000:]
+    parts = stage_dir / evaluate.PARTS
+    finished = {p: p.stat().st_mtime_ns for p in parts.iterdir()}
+    assert sorted(p.name for p in finished) == [  # the order of faults.py
+        "ood_mnist.json", "ood_mnist.npz", "test.json", "test.npz"]
+    rerun = _pipeline(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    for name in ("test", "ood_mnist"):
+        assert f"evaluate: {name} kept from an earlier run" in rerun.stderr
+    assert len(list(parts.glob("*.json"))) > len(finished) // 2  # the others computed now
+    assert artifacts.read_json(stage_dir / evaluate.REPORT_JSON) == uninterrupted
+    _assert_sound(_facts(root), epochs=3)
 
 
 def _assert_versions_complete(model_dir: pathlib.Path) -> None:

@@ -20,9 +20,9 @@ from sdim_tf import data, encoded, serving
 from tests.references import saved_model_cli_answers
 
 CASES, SEED = 600, 20
-# Valid batches up to 256 here: a batch of 1024 holds ~0.4 GiB of activations and takes
-# ~2 s; bench.run --only=reliability fuzzes up to max_batch. Requests over max_batch are
-# still sent (they are refused before any computation).
+# Valid batches up to 256, the default max_batch: a batch of 1024 (the default before) held
+# ~0.4 GiB of activations and broke the memory budget. Requests over max_batch are still
+# sent (they are refused before any computation).
 LARGEST_BATCH = 256
 
 
@@ -56,6 +56,14 @@ FORGED = {
                                   "bad_header"),
     "one byte over max_image_bytes": (fs.png_header(28, 28).ljust((4 << 20) + 1, b"\0"),
                                       "too_large"),
+    "jpeg progressive, 3 components": (fs.jpeg_header(28, 30, [], 0xC2, components=3), None),
+    "jpeg lossless (SOF3)": (fs.jpeg_header(28, 28, [], 0xC3), "unsupported_jpeg"),
+    "jpeg arithmetic (SOF9)": (fs.jpeg_header(28, 28, [], 0xC9), "unsupported_jpeg"),
+    "jpeg 12-bit": (fs.jpeg_header(28, 28, [], precision=12), "unsupported_jpeg"),
+    "jpeg 4 components": (fs.jpeg_header(28, 28, [], components=4), "unsupported_jpeg"),
+    "jpeg 4 components, no size": (fs.jpeg_header(0, 28, [], components=4), "bad_header"),
+    "jpeg 4 components, 5000 wide": (fs.jpeg_header(28, 5000, [], components=4),
+                                     "unsupported_jpeg"),
 }
 
 
@@ -74,9 +82,61 @@ def test_oracle_agrees_with_the_graph(name):
     if element.startswith(fs.PNG_MAGIC):
         assert (kind, height, width) == (encoded.PNG, *fs._png_size(element))
     elif element.startswith(fs.JPEG_MAGIC):
-        assert (kind, height, width) == (encoded.JPEG, *fs._jpeg_size(element, _spec()))
+        height_read, width_read, decodable = fs._jpeg_frame(element, _spec())
+        assert (kind, height, width) == (
+            encoded.JPEG if decodable else encoded.UNSUPPORTED_JPEG, height_read, width_read)
     else:
         assert (kind, height, width) == (encoded.UNKNOWN, 0, 0)
+
+
+@pytest.mark.parametrize("frame, precision, components, kind", [
+    (0xC0, 8, 1, encoded.JPEG),  # baseline, grey
+    (0xC0, 8, 3, encoded.JPEG),  # baseline, YCbCr
+    (0xC1, 8, 3, encoded.JPEG),  # extended sequential
+    (0xC2, 8, 1, encoded.JPEG),  # progressive
+    (0xC3, 8, 1, encoded.UNSUPPORTED_JPEG),  # lossless
+    (0xC9, 8, 1, encoded.UNSUPPORTED_JPEG),  # arithmetic coding
+    (0xC0, 12, 1, encoded.UNSUPPORTED_JPEG),
+    (0xC0, 8, 4, encoded.UNSUPPORTED_JPEG),  # CMYK
+    (0xC0, 8, 2, encoded.UNSUPPORTED_JPEG),
+])
+def test_inspect_reads_which_jpeg_frames_decode(frame, precision, components, kind):
+    header = bytes([0xFF, frame, 0, 8 + 3 * components, precision, 0, 28, 0, 30, components])
+    element = b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + header + bytes(3 * components)
+    assert [int(t) for t in encoded.inspect(tf.constant(element))] == [kind, 28, 30]
+
+
+def _decodes_as_grey(element: bytes) -> bool:
+    try:
+        tf.io.decode_image(element, channels=1)
+    except tf.errors.InvalidArgumentError:
+        return False
+    return True
+
+
+def test_inspect_agrees_with_the_decoder_on_real_jpegs():
+    """JPEG from the header exactly when the decoder reads the file as grey."""
+    image = np.arange(28 * 30, dtype=np.uint8).reshape(28, 30, 1)
+    files = {"grey": tf.io.encode_jpeg(image).numpy(),
+             "rgb progressive": tf.io.encode_jpeg(np.repeat(image, 3, -1),
+                                                  progressive=True).numpy(),
+             "cmyk": fs._pil(image, "JPEG", "CMYK")}
+    decodes = {name: _decodes_as_grey(element) for name, element in files.items()}
+    assert decodes == {"grey": True, "rgb progressive": True, "cmyk": False}
+    for name, element in files.items():
+        kind = int(encoded.inspect(tf.constant(element))[0])
+        assert kind == (encoded.JPEG if decodes[name] else encoded.UNSUPPORTED_JPEG), name
+
+
+def test_the_oracle_predicts_the_pixel_budget():
+    spec = _spec()
+    side = spec.max_image_side
+    header = fs.png_header(side, side)
+    budget_images = spec.max_request_pixels // side**2
+    assert fs.request_pixels([header] * budget_images, spec) == budget_images * side**2
+    # refused rows do not count
+    assert fs.request_pixels([header, fs.png_header(16000, 16000), b"GIF89a"], spec) == side**2
+    assert fs.request_pixels([header] * (budget_images + 1), spec) > spec.max_request_pixels
 
 
 def test_float_rows_get_their_reason():
@@ -175,6 +235,10 @@ def test_refusals_are_classified_by_what_their_message_names():
     assert fs.classify_refusal(invalid(
         "jpeg::Uncompress failed. Invalid JPEG data or crop window." + suffix))[0] == "decode"
     assert fs.classify_refusal(invalid(
+        "assertion failed: [classify_encoded: at most max_request_pixels=33554432 decoded "
+        "pixels per request, as the headers declare] [got] [50331648]" + suffix)
+    )[0] == "max_request_pixels"
+    assert fs.classify_refusal(invalid(
         "cannot compute __inference_signature_wrapper__classify_raw_1 as input #0(zero-based) "
         "was expected to be a uint8 tensor but is a float tensor" + suffix))[0] == "dtype"
     assert fs.classify_refusal(TypeError("x"))[0] == "python"
@@ -227,13 +291,20 @@ def test_the_run_covers_every_signature_and_outcome(fuzzed):
             "refused:python", 0) > 0, name
     assert outcomes["classify_encoded"]["refused:decode"] > 0
     assert outcomes["classify_encoded"]["refused:max_request_bytes"] > 0
+    assert outcomes["classify_encoded"]["refused:max_request_pixels"] > 0
     rows = figures["rows_by_reason"]
     for name in fs.SIGNATURES:  # the median thresholds accept and reject real rows
         assert rows[name][""] > 0 and rows[name]["below_threshold"] > 0, rows[name]
     assert rows["serving_default"]["non_finite"] > 0
     assert rows["serving_default"]["out_of_range"] > 0
-    for reason in ("not_png_or_jpeg", "bad_header", "too_large"):
+    for reason in ("not_png_or_jpeg", "bad_header", "too_large", "unsupported_jpeg"):
         assert rows["classify_encoded"][reason] > 0, reason
+
+
+def test_the_memory_budget_is_checked_up_to_the_default_max_batch():
+    """Every batch size the default limits admit is fuzzed here, so the memory budget below
+    holds for them (at max_batch=1024 it did not)."""
+    assert LARGEST_BATCH >= serving.Limits().max_batch
 
 
 def test_latency_and_memory_stay_bounded(fuzzed):

@@ -354,3 +354,30 @@ def test_measure_counts_accuracy_rejection_and_silent_errors_by_hand():
     assert result["aurc"]["clean"] == pytest.approx(0.125)
     silent = [v["3"]["silent_error"] for v in result["corruptions"].values()]
     assert result["mean_silent_error_middle"] == pytest.approx(np.mean(silent))
+
+
+class _NoForwardPass(_BrightnessClassifier):
+    def class_scores(self, batches):
+        raise AssertionError("a kept part was computed again")
+
+
+def test_measure_takes_kept_parts_instead_of_computing_them():
+    """The evaluate stage resumes from the parts a killed run kept: given them, measure
+    runs no forward pass and gives the same figures."""
+    images = np.broadcast_to(np.array([0.1, 0.45, 0.55, 0.9], np.float32)[:, None, None, None],
+                             (4, 32, 32, 1)).copy()
+    labels = np.array([0, 1, 1, 1])
+    kept = {}
+
+    def keep_computed(part, compute):
+        kept[part] = compute()
+        return kept[part]
+
+    first = shifts.measure(_BrightnessClassifier(), images, labels, severities=(2, 3),
+                           keep=keep_computed)
+    assert sorted(kept) == sorted(["clean", *shifts.CORRUPTIONS])
+    assert all(sorted(kept[name]) == ["2", "3"] for name in shifts.CORRUPTIONS)
+    again = shifts.measure(_NoForwardPass(), images, labels, severities=(2, 3),
+                           keep=lambda part, compute: kept[part])
+    assert again == first
+    assert first == shifts.measure(_BrightnessClassifier(), images, labels, severities=(2, 3))

@@ -39,50 +39,6 @@ NAMES = {"fgsm": "FGSM", "pgd": "PGD", "deepfool": "DeepFool", "boundary": "Boun
          "local_search": "LocalSearch", "cw_l2": "CW-L2"}
 
 
-class _NoArrays(dict):
-    files = ()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _Parts:
-    """Finished attacks, saved as they finish. One is reused while the model, the thresholds
-    and its own settings are unchanged, so a killed stage resumes and a changed flag reruns
-    only the attacks it affects."""
-
-    def __init__(self, folder: pathlib.Path, model_key: dict):
-        self.folder, self.model_key = folder, model_key
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def _key(self, settings: dict) -> str:
-        return artifacts.config_hash({"model": self.model_key, **settings})
-
-    def get(self, name: str, settings: dict):
-        path = self.folder / f"{name}.json"
-        if not path.exists():
-            return None
-        stored = artifacts.read_json(path)
-        if stored.get("key") != self._key(settings):
-            return None
-        arrays = self.folder / f"{name}.npz"
-        with np.load(arrays) if arrays.exists() else _NoArrays() as loaded:
-            return stored["summary"], {k: loaded[k] for k in loaded.files}
-
-    def put(self, name: str, settings: dict, summary: dict, arrays: dict | None = None):
-        if arrays:
-            tmp = self.folder / f".{name}.tmp.npz"
-            np.savez_compressed(tmp, **arrays)
-            tmp.replace(self.folder / f"{name}.npz")
-        artifacts.write_json(self.folder / f"{name}.json",
-                             {"key": self._key(settings), "settings": settings,
-                              "summary": summary})
-        return self.get(name, settings)
-
-
 def _baseline_model(config):
     """(model, manifest hash) of --attack_baseline's discriminative run, checked to fit."""
     if not config.attack_baseline:
@@ -132,7 +88,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     correct = adversarial.first_correct(clean, labels, count)
     if len(correct) == 0:
         raise ConfigError("attack: the model classifies none of the test images correctly")
-    parts = _Parts(stage_dir / PARTS, artifacts.input_hashes(
+    parts = artifacts.Parts(stage_dir / PARTS, artifacts.input_hashes(
         {name: view.folder for name, view in upstream.items()}))
     common = {"images": settings.images, "seed": settings.seed}
     report = {"dataset": config.dataset, "model": config.model,

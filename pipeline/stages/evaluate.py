@@ -3,21 +3,29 @@
 Beside the paper's metrics (Tables 1-3) it reports what a deployment lives with: the share
 of OOD inputs the decision rule rejects, and threshold-free separation (AUROC, AUPR, FPR at
 95% TPR).
+
+Each finished part (the test scores, each OOD set's, the shift suite's clean images and
+each corruption) is kept in parts/, so a killed stage resumes without redoing it.
 """
 
 from __future__ import annotations
 
+import functools
 import pathlib
+from collections.abc import Callable
 
+import numpy as np
 from absl import logging
 
-from pipeline import artifacts
+from pipeline import artifacts, faults
 from pipeline.run_dir import Evaluation, Run
 from sdim_tf import data, metrics, outliers, plots, shifts
 
 FIELDS = ("percentiles", "seed", "shift_images")
 REPORT_JSON, REPORT_MD = Evaluation.REPORT_JSON, Evaluation.REPORT_MD
 RISK_COVERAGE_PNG = "risk_coverage.png"
+PARTS = "parts"
+PART_DONE = "evaluate.part_done"  # the fault point after each part is kept
 
 # The paper's numbers (Tables 1-3), for the report.
 PAPER = {
@@ -33,11 +41,33 @@ PAPER = {
 }
 
 
+def _keeper(parts: artifacts.Parts, settings: dict, prefix: str = ""
+            ) -> Callable[[str, Callable[[], dict]], dict[str, np.ndarray]]:
+    """keep(name, compute): the arrays of part `prefix + name`, kept by an earlier run under
+    these settings, else computed by `compute()` and kept."""
+
+    def keep(name: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
+        name = prefix + name
+        done = parts.get(name, settings)
+        if done is not None:
+            logging.info("evaluate: %s kept from an earlier run", name)
+            return done[1]
+        arrays = parts.put(name, settings, {}, compute())[1]
+        faults.point(PART_DONE, name)
+        return arrays
+
+    return keep
+
+
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     examples, calibration = upstream["ingest"], upstream["calibrate"]
     deployable = Run(stage_dir.parent).deployable()
     percentiles = calibration.percentiles()
-    test_ll, test_labels = deployable.class_scores(examples.dataset("test"))
+    parts = artifacts.Parts(stage_dir / PARTS, artifacts.input_hashes(
+        {name: view.folder for name, view in upstream.items()}))
+    keep = _keeper(parts, {"seed": config.seed})
+    test = keep("test", lambda: _scores(deployable, examples.dataset("test")))
+    test_ll, test_labels = test["scores"], test["labels"]
     sdim = config.model == "sdim"
     kinds = metrics.SDIM_SCORES if sdim else metrics.DISCRIMINATIVE_SCORES
     report = {"dataset": config.dataset, "model": config.model,
@@ -54,7 +84,8 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     report["ood_unavailable"] = missing
     figures = []
     for name, images in sets.items():
-        ood_ll, _ = deployable.class_scores(data.image_batches(images))
+        ood_ll = keep(f"ood_{name}", functools.partial(
+            _scores, deployable, data.image_batches(images)))["scores"]
         report["ood"][name] = {
             "num": int(len(ood_ll)),
             "classwise_detection_rate": {
@@ -76,7 +107,9 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         images, labels = examples.arrays("test", limit=config.shift_images)
         logging.info("evaluate: shift suite, %d corruptions x %d severities on %d test images",
                      len(shifts.CORRUPTIONS), len(shifts.SEVERITIES), len(labels))
-        report["shifts"] = shifts.measure(deployable, images, labels, config.seed)
+        report["shifts"] = shifts.measure(deployable, images, labels, config.seed, keep=_keeper(
+            parts, {"seed": config.seed, "images": config.shift_images,
+                    "parameters": shifts.PARAMETERS}, prefix="shift_"))
         plots.risk_coverage(report["shifts"]["risk_coverage"], stage_dir / RISK_COVERAGE_PNG)
         figures.append(RISK_COVERAGE_PNG)
     report["figures"] = figures
@@ -85,6 +118,12 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     Evaluation(stage_dir).write_report(report)
     artifacts.write_text(stage_dir / REPORT_MD, markdown(report))
     return [REPORT_JSON, REPORT_MD, *figures]
+
+
+def _scores(deployable, batches) -> dict[str, np.ndarray]:
+    """{"scores": class scores, "labels"} over (images, labels) batches."""
+    scores, labels = deployable.class_scores(batches)
+    return {"scores": scores, "labels": labels}
 
 
 def _sibling_accuracy(run_dir: pathlib.Path, config) -> float | None:

@@ -21,7 +21,8 @@ from pipeline.run_dir import ExportRecord, Run
 from sdim_tf import data, serving
 
 # The deployed percentile is calibrate's choice.
-FIELDS = ("export_dir", "max_image_side", "max_image_bytes", "max_request_bytes", "max_batch")
+FIELDS = ("export_dir", "max_image_side", "max_image_bytes", "max_request_bytes",
+          "max_request_pixels", "max_batch")
 WARMUP_FILE = "tf_serving_warmup_requests"
 
 

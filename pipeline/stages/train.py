@@ -18,9 +18,11 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -41,7 +43,7 @@ BEST, LAST, STATE, HISTORY = (TrainedModel.BEST, TrainedModel.LAST, TrainedModel
 # test accuracy on the first TEST_SUBSET test images (all of them after the last epoch), and
 # the deployed-style rejection quality (sdim_tf.monitoring) on held-out images.
 TEST_SUBSET = 2000
-MONITOR_FIT, MONITOR_HELD_OUT, MONITOR_OUTLIERS = 2000, 1000, 500
+MONITOR_FIT, MONITOR_HELD_OUT, MONITOR_OUTLIERS = 2000, 1000, 250
 
 
 class TrainingError(RuntimeError):
@@ -108,26 +110,36 @@ def make_train_step(model: keras.Model, strategy: tf.distribute.Strategy,
     return step
 
 
-def run_epoch(step, model, strategy, dataset, steps: int, progress: bool = True) -> dict:
-    """`steps` global batches through `step` (from make_train_step); the epoch's metrics."""
+def run_epoch(step, model, strategy, dataset, steps: int, progress: bool = True,
+              step_seconds: list | None = None) -> dict:
+    """`steps` global batches through `step` (from make_train_step); the epoch's metrics.
+    Each step's wall time is appended to `step_seconds` (reading the metrics waits for it)."""
     for metric in model.metrics:
         metric.reset_state()
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    bar = keras.utils.Progbar(steps, verbose=1 if progress else 0,
+    # A bar redrawn per step floods logs that are not a terminal: there, one line per epoch.
+    verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
+    bar = keras.utils.Progbar(steps, verbose=verbose,
                               stateful_metrics=[m.name for m in model.metrics])
     logs = {}
     for i in range(steps):
-        logs = step(iterator)
-        bar.update(i + 1, [(k, float(v)) for k, v in logs.items()])
+        started = time.perf_counter()
+        logs = {k: float(v) for k, v in step(iterator).items()}
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - started)
+        bar.update(i + 1, list(logs.items()))
         faults.point("train.step")
-    return {k: float(v) for k, v in logs.items()}
+    return logs
 
 
-def test_accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
-    @tf.function
-    def predict(images):
-        return tf.argmax(model(images, training=False), axis=1)
+def class_predictor(model: keras.Model):
+    """images -> predicted class ids, traced once per run (each new tf.function costs
+    seconds of tracing and graph optimisation)."""
+    return tf.function(lambda images: tf.argmax(model(images, training=False), axis=1))
 
+
+def test_accuracy(predict, dataset: tf.data.Dataset) -> float:
+    """Accuracy of `predict` (from class_predictor) over (images, labels) batches."""
     correct = total = 0
     for images, labels in dataset:
         correct += int(tf.reduce_sum(tf.cast(predict(images) == labels, tf.int32)))
@@ -154,11 +166,11 @@ def _monitor_data(config: PipelineConfig, examples, num_train: int) -> dict | No
             "budget": config.reject_budget or 0.04, "layers": (tuple(config.density_layers),)}
 
 
-def _watch(model: keras.Model, watched: dict | None) -> dict:
+def _watch(monitor: monitoring.RejectionMonitor | None) -> dict:
     """history.csv columns of this epoch's rejection quality ("monitor/<score>/<figure>")."""
-    if watched is None:
+    if monitor is None:
         return {}
-    quality = monitoring.rejection_quality(model, **watched)
+    quality = monitor()
     return {f"monitor/{k}": round(v, 6) for k, v in monitoring.flat(quality).items()
             if "/outlier_" not in k and k != "seconds"}
 
@@ -294,6 +306,8 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
     steps = num_train // config.batch_size
     test_ds = examples.dataset("test", limit=TEST_SUBSET)
     watched = _monitor_data(config, examples, num_train) if chief else None
+    monitor = monitoring.RejectionMonitor(model, **watched) if watched else None
+    predict = class_predictor(model)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     step = make_train_step(model, strategy,
@@ -306,26 +320,34 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
             "train", limit=num_train, batch_size=config.batch_size, training=True,
             seed=config.seed * 100_003 + epoch).with_options(options)
         logging.info("train: epoch %d/%d", epoch, config.epochs)
-        logs = run_epoch(step, model, strategy, train_ds, steps)
+        step_seconds = []
+        logs = run_epoch(step, model, strategy, train_ds, steps, step_seconds=step_seconds)
+        train_seconds = time.time() - start
         if not all(math.isfinite(v) for v in logs.values()):
             raise TrainingError(
                 f"training diverged in epoch {epoch} (loss {logs.get('loss')}); the last good "
                 f"checkpoint (epoch {state['epoch']}) is kept in {stage_dir / LAST}")
         row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()}}
         started = time.time()
-        row["test_accuracy"] = round(test_accuracy(model, test_ds), 6)
+        row["test_accuracy"] = round(test_accuracy(predict, test_ds), 6)
         if epoch == config.epochs:
-            row["test_accuracy_full"] = round(test_accuracy(model, examples.dataset("test")), 6)
+            row["test_accuracy_full"] = round(test_accuracy(predict, examples.dataset("test")), 6)
         row["test_seconds"] = round(time.time() - started, 2)
         started = time.time()
-        row.update(_watch(model, watched))
+        row.update(_watch(monitor))
         row["monitor_seconds"] = round(time.time() - started, 2)
-        row["seconds"] = round(time.time() - start, 2)
-        logging.info("train: epoch %d: %s", epoch, row)
+        # The epoch's profile: its steps against its own median step, what watching costs.
+        row["train_seconds"] = round(train_seconds, 2)
+        row["step_ms_median"] = round(1000 * float(np.median(step_seconds)), 2) \
+            if step_seconds else 0.0
         if not chief:
             continue
         best = state["best_loss"] is None or logs["loss"] < state["best_loss"]
+        started = time.time()
         state["checkpoints"] = _stage_checkpoints(model, stage_dir, best)
+        row["checkpoint_seconds"] = round(time.time() - started, 2)
+        row["seconds"] = round(time.time() - start, 2)
+        logging.info("train: epoch %d: %s", epoch, row)
         if best:
             state["best_loss"], state["best_epoch"] = logs["loss"], epoch
         with writer.as_default(step=epoch):

@@ -17,7 +17,7 @@ of at most 64 images takes over 2 s (of wall and of CPU time: `Outcome.cost`); t
 resident memory stays within 512 MiB of what the process held after loading. (At a
 max_batch of 1024, the default before, it did not: one such request holds ~0.4 GiB of
 activations, and every new batch size leaves cached kernels behind; see
-bench/results/reliability.json.)
+bench/results/<machine kind>/reliability.json.)
 
 Why hypothesis and not atheris: atheris pip-installs here (a 3.0.0 wheel) and runs beside
 TensorFlow, but it is coverage-guided and TensorFlow's kernels carry no libFuzzer

@@ -4,7 +4,7 @@
 
 Times, in one process: loading the SavedModel, classifying the files (reading, batching,
 `classify_encoded`), and writing the CSVs and the report (contact sheets with saliency).
-Writes bench/results/predict_speed.json.
+Writes bench/results/<machine kind>/predict_speed.json.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from sdim_tf import data
 flags.DEFINE_string("model", None, "Folder of SavedModel versions (the newest is used).")
 flags.DEFINE_integer("files", 10000, "PNG files to classify (test images, repeated if needed).")
 flags.DEFINE_string("dataset", "fashion_mnist", "Whose test images to write.")
-flags.DEFINE_string("out", "bench/results/predict_speed.json", "JSON results.")
+flags.DEFINE_string("out", None, "JSON results (default: "
+                    "bench/results/<machine kind>/predict_speed.json).")
 FLAGS = flags.FLAGS
 
 
@@ -54,8 +55,9 @@ def main(argv):
         "files_per_second": round(len(files) / (classified - loaded), 1),
         "report_seconds": round(written - classified, 2),
     }
-    pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(FLAGS.out).write_text(json.dumps(figures, indent=2) + "\n")
+    out = pathlib.Path(FLAGS.out) if FLAGS.out else machine.results_path("predict_speed")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
 
 

@@ -1,7 +1,9 @@
 """`python -m bench.run`: speed and memory of sdim-tf on this machine (a benchmark, not a test).
 
-Writes bench/results/<benchmark>.json (each with the machine, versions and command) and
-prints a table. SDIM_DATA_DIR must hold the IDX data (input pipeline, calibration, memory).
+Writes bench/results/<machine kind>/<benchmark>.json (each with the machine, versions and
+command; kinds in bench/machine.py, so one machine's figures never overwrite another's) and
+prints a table, then the ratios that carry across machines (bench/ratios.py). SDIM_DATA_DIR
+must hold the IDX data (input pipeline, calibration, memory).
 """
 
 from __future__ import annotations
@@ -21,16 +23,15 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from bench import concurrent_load, untrained
-from bench.machine import machine
+from bench import concurrent_load, ratios, untrained
+from bench.machine import RESULTS, machine, results_path
 from pipeline import artifacts
 from pipeline.run_dir import Examples
 from pipeline.stages import ingest, train
-from sdim_tf import rejection, serving
+from sdim_tf import data, density, rejection, serving
 
 BENCHMARKS = ("training", "input_pipeline", "serving", "calibration", "memory", "reliability",
               "concurrency")
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", list(BENCHMARKS), f"Benchmarks to run: {', '.join(BENCHMARKS)}.")
@@ -47,14 +48,15 @@ flags.DEFINE_integer("fuzz_cases", 10000, "Generated requests of the reliability
                      "signatures; 0: none.")
 flags.DEFINE_integer("concurrency_calls", 400, "Requests of the concurrency benchmark (each "
                      "made alone, from 8 threads, and by each of 2 processes).")
-flags.DEFINE_string("out", str(RESULTS), "Where the JSON results go.")
+flags.DEFINE_string("out", str(RESULTS), "Where the JSON results go (a folder per "
+                    "machine kind under it).")
 
 
 def _save(name: str, figures: dict) -> dict:
     record = {"benchmark": name, "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
               "machine": machine(), "versions": artifacts.package_versions(),
               "figures": figures}
-    artifacts.write_json(pathlib.Path(FLAGS.out) / f"{name}.json", record)
+    artifacts.write_json(results_path(name, FLAGS.out), record)
     return record
 
 
@@ -116,31 +118,64 @@ def input_pipeline(tmp: pathlib.Path) -> dict:
 
 
 def serving_speed(tmp: pathlib.Path) -> dict:
-    """The exported SavedModel through serving_default, loaded with tf.saved_model.load."""
+    """Each signature of the SavedModel the default pipeline exports (tied Gaussians on the
+    encoder's layers, the deployed rule), loaded with tf.saved_model.load, against the bare
+    forward pass of the same classifier, `model(x, training=False)` in a tf.function, on the
+    same batches. Calls alternate between the two, so drift hits both alike."""
     model = untrained.model("sdim")
-    module = serving.RejectingClassifier(model, np.zeros(10), 1, (28, 28))
-    path = serving.export(module, tmp / "saved_models", "bench")
-    loaded = tf.saved_model.load(str(path))
-    serve = loaded.signatures["serving_default"]
     rng = np.random.default_rng(0)
-    big = tf.constant(rng.random((256, 32, 32, 1), np.float32))
-    one = tf.constant(rng.random((1, 32, 32, 1), np.float32))
-    for _ in range(3):
-        serve(big)
-        serve(one)
-    start = time.perf_counter()
+    scorer = density.FeatureDensity(model, 10, density.DEFAULT_LAYERS)
+    fit = rng.random((512, 32, 32, 1), np.float32)
+    scorer.fit_features([(fit, np.arange(512) % 10)])
+    module = serving.RejectingClassifier(scorer, np.zeros(10), 1, (28, 28))
+    loaded = tf.saved_model.load(str(serving.export(module, tmp / "saved_models", "bench")))
+    raw = rng.integers(0, 256, (256, 28, 28, 1), np.uint8)
+    calls = {
+        "bare_forward": (tf.function(lambda x: model(x, training=False)),
+                         lambda n: tf.constant(data.preprocess(raw[:n]))),
+        "serving_default": (loaded.signatures["serving_default"],
+                            lambda n: tf.constant(data.preprocess(raw[:n]))),
+        "classify_raw": (loaded.signatures["classify_raw"], lambda n: tf.constant(raw[:n])),
+        "classify_encoded": (loaded.signatures["classify_encoded"], lambda n: tf.constant(
+            [tf.io.encode_png(image).numpy() for image in raw[:n]]))}
+    figures = {name: {"images_per_second_batch_256": 0.0, "latencies_ms": []}
+               for name in calls}
+    batches = {name: (fn, make(256), make(1)) for name, (fn, make) in calls.items()}
+    for fn, big, one in batches.values():  # tracing, allocation
+        for _ in range(3):
+            fn(big), fn(one)
+    seconds = dict.fromkeys(calls, 0.0)
     for _ in range(FLAGS.serving_calls):
-        serve(big)
-    throughput = FLAGS.serving_calls * 256 / (time.perf_counter() - start)
-    latencies = []
-    for _ in range(4 * FLAGS.serving_calls):
-        start = time.perf_counter()
-        serve(one)
-        latencies.append(1000 * (time.perf_counter() - start))
-    return {"images_per_second_batch_256": round(throughput, 1),
-            "latency_ms_batch_1": {"p50": round(float(np.percentile(latencies, 50)), 3),
-                                   "p99": round(float(np.percentile(latencies, 99)), 3)},
-            "calls": FLAGS.serving_calls}
+        for name, (fn, big, one) in batches.items():
+            start = time.perf_counter()
+            _block(fn(big))
+            seconds[name] += time.perf_counter() - start
+            for _ in range(4):
+                start = time.perf_counter()
+                _block(fn(one))
+                figures[name]["latencies_ms"].append(1000 * (time.perf_counter() - start))
+    for name, row in figures.items():
+        latencies = row.pop("latencies_ms")
+        row["images_per_second_batch_256"] = round(FLAGS.serving_calls * 256 / seconds[name], 1)
+        row["latency_ms_batch_1"] = {"p50": round(float(np.percentile(latencies, 50)), 3),
+                                     "p99": round(float(np.percentile(latencies, 99)), 3)}
+    bare = figures["bare_forward"]
+    for name in ("serving_default", "classify_raw", "classify_encoded"):
+        figures[name]["throughput_over_bare_forward"] = round(
+            figures[name]["images_per_second_batch_256"] / bare["images_per_second_batch_256"], 3)
+        figures[name]["p50_latency_over_bare_forward"] = round(
+            figures[name]["latency_ms_batch_1"]["p50"] / bare["latency_ms_batch_1"]["p50"], 3)
+    return {"calls": FLAGS.serving_calls, "score": "feature_density " + ",".join(
+        density.DEFAULT_LAYERS), "threads": {
+            "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
+            "rows": figures}
+
+
+def _block(outputs):
+    """Waits for every output (the call returns before async kernels finish)."""
+    for value in (outputs.values() if isinstance(outputs, dict) else [outputs]):
+        value.numpy()
 
 
 def reliability(tmp: pathlib.Path) -> dict:
@@ -227,6 +262,10 @@ def main(argv):
         print(f"== {name}", flush=True)
         results[name] = _save(name, runs[name]())["figures"]
     print(table(results))
+    found = ratios.ratios(results)
+    if found:
+        _save("ratios", found)
+        print(table({"ratios": found}))
 
 
 def table(results: dict) -> str:

@@ -337,6 +337,7 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
         row.update(_watch(monitor))
         row["monitor_seconds"] = round(time.time() - started, 2)
         # The epoch's profile: its steps against its own median step, what watching costs.
+        row["steps"] = steps
         row["train_seconds"] = round(train_seconds, 2)
         row["step_ms_median"] = round(1000 * float(np.median(step_seconds)), 2) \
             if step_seconds else 0.0

@@ -1,0 +1,82 @@
+"""The benchmarks' bookkeeping: machine kinds, the epoch profile and the ratios, against
+hand-computed tables (the timings themselves live in bench/, never in tests)."""
+
+import csv
+
+import pytest
+
+from bench import epoch_profile, machine, ratios
+
+
+@pytest.mark.parametrize("flags, gpus, kind", [
+    (["avx2"], 0, "avx2"),
+    (["avx2", "avx512f"], 0, "avx512"),
+    (["avx2", "avx512f", "avx512_bf16"], 0, "avx512_bf16"),
+    (["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"], 0, "amx"),
+    (["avx2", "avx512f", "avx512_bf16"], 2, "gpu"),
+    ([], 0, "other"),
+])
+def test_machine_kind(flags, gpus, kind):
+    assert machine.kind({"flags": flags}, gpus=gpus) == kind
+    assert kind in machine.KINDS
+
+
+def test_results_are_kept_per_machine_kind(tmp_path):
+    path = machine.results_path("serving", tmp_path)
+    assert path == tmp_path / machine.kind() / "serving.json"
+
+
+def _write_history(run_dir, rows):
+    folder = run_dir / "train"
+    folder.mkdir(parents=True)
+    with open(folder / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_epoch_profile_splits_each_epoch(tmp_path):
+    # 100 steps of median 50 ms = 5 s of steps; epoch 6 s of which 0.2 s test, 0.1 s monitor
+    rows = [{"epoch": e, "steps": 100, "train_seconds": 5.4, "step_ms_median": 50.0,
+             "test_seconds": 0.2, "monitor_seconds": 0.1, "checkpoint_seconds": 0.1,
+             "seconds": 6.0} for e in (1, 2)]
+    rows[1]["seconds"] = 7.5
+    _write_history(tmp_path, rows)
+    figures = epoch_profile.profile(tmp_path)
+    first, second = figures["epochs"]
+    assert figures["steps_per_epoch"] == 100
+    assert first["epoch_over_steps"] == pytest.approx(6.0 / 5.0)
+    assert second["epoch_over_steps"] == pytest.approx(7.5 / 5.0)
+    assert first["train_over_steps"] == pytest.approx(5.4 / 5.0)
+    assert first["watching_share"] == pytest.approx(0.3 / 6.0, abs=1e-4)
+    assert first["other_share"] == pytest.approx(1 - 5.8 / 6.0, abs=1e-4)
+    assert figures["median"]["epoch_over_steps"] == pytest.approx((1.2 + 1.5) / 2)
+
+
+def test_epoch_profile_refuses_a_run_without_profiled_epochs(tmp_path):
+    _write_history(tmp_path, [{"epoch": 1, "loss": 1.0, "seconds": 3.0}])
+    with pytest.raises(ValueError, match="no profiled epoch"):
+        epoch_profile.profile(tmp_path)
+
+
+def test_ratios_of_a_run():
+    results = {
+        "training": {"rows": {
+            "discriminative_float32": {"images_per_second": 100.0, "step_ms": 10.0},
+            "sdim_concat_float32": {"images_per_second": 90.0, "step_ms": 11.0,
+                                    "step_time_over_discriminative": 1.1},
+            "discriminative_mixed_bfloat16": {"images_per_second": 130.0, "step_ms": 7.7},
+            "sdim_concat_mixed_bfloat16": {"images_per_second": 117.0, "step_ms": 8.5,
+                                           "step_time_over_discriminative": 1.104}}},
+        "serving": {"rows": {"bare_forward": {"images_per_second_batch_256": 10.0},
+                             "serving_default": {"throughput_over_bare_forward": 0.95,
+                                                 "p50_latency_over_bare_forward": 1.1}}},
+        "calibration": {"calibration_over_inference": 1.3}}
+    assert ratios.ratios(results) == {
+        "training.step_time.sdim_concat_float32_over_discriminative": 1.1,
+        "training.step_time.sdim_concat_mixed_bfloat16_over_discriminative": 1.104,
+        "training.images_per_second.discriminative.bf16_over_fp32": 1.3,
+        "training.images_per_second.sdim_concat.bf16_over_fp32": 1.3,
+        "serving.serving_default.throughput_over_bare_forward": 0.95,
+        "serving.serving_default.p50_latency_over_bare_forward": 1.1,
+        "calibration.calibration_over_inference": 1.3}

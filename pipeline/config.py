@@ -44,8 +44,12 @@ PRESETS = {
 _ATTACK = adversarial.AttackSettings()
 _LIMITS = serving.Limits()
 ATTACK_COUNTS = ("attack_images", "attack_pgd_steps", "attack_deepfool_steps",
-                 "attack_boundary_steps", "attack_local_search_rounds", "attack_cw_images",
-                 "attack_cw_steps", "attack_cw_search_steps")
+                 "attack_boundary_images", "attack_boundary_steps",
+                 "attack_local_search_images", "attack_local_search_rounds",
+                 "attack_cw_images", "attack_cw_steps", "attack_cw_search_steps",
+                 "attack_accepted_steps", "attack_accepted_restarts", "attack_square_images",
+                 "attack_square_queries", "attack_replay_images")
+ATTACK_BUDGETS = ("attack_epsilons", "attack_accepted_epsilons", "attack_accepted_l2_epsilons")
 
 
 LEGACY_PRECISION = {"float32": False, "bfloat16": True}
@@ -122,13 +126,25 @@ class PipelineConfig:
     attack_pgd_steps: int = _ATTACK.pgd_steps
     attack_pgd_step_size: float = _ATTACK.pgd_step_size
     attack_deepfool_steps: int = _ATTACK.deepfool_steps
+    attack_boundary_images: int = _ATTACK.boundary_images
     attack_boundary_steps: int = _ATTACK.boundary_steps
+    attack_local_search_images: int = _ATTACK.local_search_images
     attack_local_search_rounds: int = _ATTACK.local_search_rounds
     attack_cw_images: int = _ATTACK.cw_images
-    attack_cw_confidences: tuple[float, ...] = _ATTACK.cw_confidences
+    # None: per --score (0,500,1000 for model; 0,1,2,4 x the std of the held-out images' top
+    # scores for feature_density), resolved by the attack stage
+    attack_cw_confidences: Optional[tuple[float, ...]] = _ATTACK.cw_confidences
     attack_cw_steps: int = _ATTACK.cw_steps
     attack_cw_search_steps: int = _ATTACK.cw_search_steps
-    attack_baseline: Optional[str] = None  # run_dir of a discriminative run, for the curves
+    attack_accepted_epsilons: tuple[float, ...] = _ATTACK.accepted_epsilons
+    attack_accepted_l2_epsilons: tuple[float, ...] = _ATTACK.accepted_l2_epsilons
+    attack_accepted_steps: int = _ATTACK.accepted_steps
+    attack_accepted_restarts: int = _ATTACK.accepted_restarts
+    attack_square_images: int = _ATTACK.square_images
+    attack_square_queries: int = _ATTACK.square_queries
+    attack_replay_images: int = _ATTACK.replay_images
+    # run_dir of a calibrated discriminative run: its curves beside ours
+    attack_baseline: Optional[str] = None
 
     def resolve(self, known_stages: tuple[str, ...] = ()) -> PipelineConfig:
         """Returns a copy with presets and defaults filled in; raises ConfigError."""
@@ -150,8 +166,10 @@ class PipelineConfig:
         c.density_layers = tuple(c.density_layers)
         if c.threshold_rule is None:
             c.threshold_rule = "shared" if c.score == "feature_density" else "per_class"
-        c.attack_epsilons = tuple(float(e) for e in c.attack_epsilons)
-        c.attack_cw_confidences = tuple(float(k) for k in c.attack_cw_confidences)
+        for name in ATTACK_BUDGETS:
+            setattr(c, name, tuple(float(e) for e in getattr(c, name)))
+        if c.attack_cw_confidences is not None:
+            c.attack_cw_confidences = tuple(float(k) for k in c.attack_cw_confidences)
         c.percentiles = tuple(rejection.percentile_key(p) for p in c.percentiles)
         checks = [
             (c.model in MODELS, f"--model must be one of {', '.join(MODELS)}, got {c.model!r}"),
@@ -207,13 +225,19 @@ class PipelineConfig:
              f"known: {', '.join(adversarial.ATTACKS)}"),
             (all(0 <= e <= 1 for e in c.attack_epsilons) and len(c.attack_epsilons) > 0,
              f"--attack_epsilons must lie in [0, 1], got {list(c.attack_epsilons)}"),
+            (all(0 < e <= 1 for e in c.attack_accepted_epsilons)
+             and len(c.attack_accepted_epsilons) > 0, f"--attack_accepted_epsilons must lie "
+             f"in (0, 1], got {list(c.attack_accepted_epsilons)}"),
+            (all(e > 0 for e in c.attack_accepted_l2_epsilons)
+             and len(c.attack_accepted_l2_epsilons) > 0, f"--attack_accepted_l2_epsilons "
+             f"must be > 0, got {list(c.attack_accepted_l2_epsilons)}"),
             (all(getattr(c, f) >= 1 for f in ATTACK_COUNTS),
              "--" + " --".join(f"{f}={getattr(c, f)}" for f in ATTACK_COUNTS
                                if getattr(c, f) < 1) + " must be >= 1"),
             (c.attack_pgd_step_size > 0, f"--attack_pgd_step_size must be > 0, got "
              f"{c.attack_pgd_step_size}"),
-            (all(k >= 0 for k in c.attack_cw_confidences),
-             f"--attack_cw_confidences must be >= 0, got {list(c.attack_cw_confidences)}"),
+            (all(k >= 0 for k in c.attack_cw_confidences or ()),
+             f"--attack_cw_confidences must be >= 0, got {list(c.attack_cw_confidences or ())}"),
             (c.stages is None or not set(c.stages) - set(known_stages),
              f"--stages: unknown {sorted(set(c.stages or ()) - set(known_stages))}; "
              f"known: {', '.join(known_stages)}"),

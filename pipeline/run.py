@@ -36,6 +36,7 @@ class Stage:
     # Rerun when an output changed since the stage wrote it; else (train: hours of work) a
     # one-line error naming the file.
     rerun_on_change: bool = True
+    uses: tuple[str, ...] = ()  # upstream stages it reads when they have run
 
 
 STAGES = (
@@ -45,7 +46,8 @@ STAGES = (
     Stage("evaluate", evaluate.FIELDS, ("ingest", "train", "calibrate"), evaluate.run),
     Stage("explain", explain.FIELDS, ("ingest", "train", "calibrate"), explain.run),
     Stage("export", export.FIELDS, ("ingest", "train", "calibrate", "evaluate"), export.run),
-    Stage("attack", attack.FIELDS, ("ingest", "train", "calibrate"), attack.run, default=False),
+    Stage("attack", attack.FIELDS, ("ingest", "train", "calibrate"), attack.run, default=False,
+          uses=("export",)),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -146,6 +148,8 @@ def run(config: PipelineConfig) -> pathlib.Path:
     for stage in selected:
         stage_dir = run_dir / stage.name
         upstream = {name: store.artifact(name) for name in stage.needs}
+        upstream.update({name: view for name in stage.uses
+                         if (view := store.artifact(name)).exists()})
         for name, view in upstream.items():
             if not view.exists():
                 raise ConfigError(f"stage {stage.name} needs the outputs of {name} in "
@@ -157,7 +161,9 @@ def run(config: PipelineConfig) -> pathlib.Path:
                     f"{view.folder / changed[0]} changed since {name} wrote it (sha256 differs "
                     f"from its manifest); rerun {name} with --force --stages={name}")
         digest = artifacts.config_hash({"stage": stage.name, **config.fields(stage.fields)})
-        inputs = artifacts.input_hashes({name: view.folder for name, view in upstream.items()})
+        # an optional stage that has not run hashes as missing: running it reruns this one
+        inputs = artifacts.input_hashes({name: store.artifact(name).folder
+                                         for name in (*stage.needs, *stage.uses)})
         changed = artifacts.changed_outputs(stage_dir)
         if changed and not (config.force or stage.rerun_on_change):
             raise run_dirs.ArtifactError(
@@ -264,21 +270,34 @@ flags.DEFINE_bool("force", False, "Rerun stages even when unchanged.")
 flags.DEFINE_list("attacks", list(_D.attacks), "Attacks of the attack stage (opt-in: "
                   "--stages=attack, after a run).")
 _ATTACK_FLAGS = {
-    "images": "Curves use the first N test images; untargeted attacks the first N correctly "
-              "classified ones (paper: 1000).",
-    "epsilons": "L-inf budgets of the FGSM and PGD curves (paper Figures 4 and 5: 0 to 0.5).",
+    "images": "The curves (FGSM, PGD, adaptive PGD) and DeepFool attack the first N test images "
+              "the deployed model classifies correctly and accepts (paper: 1000).",
+    "epsilons": "L-inf budgets of the FGSM and PGD curves in the model's input space (32x32 "
+                "images in [0, 1]; paper Figures 4 and 5: 0 to 0.5).",
     "pgd_steps": "PGD iterations (cleverhans' default, as in the paper).",
     "pgd_step_size": "PGD step, capped at each epsilon.",
     "deepfool_steps": "DeepFool iterations.",
+    "boundary_images": "Boundary attacks the first N attacked images.",
     "boundary_steps": "Boundary attack iterations (ART's default 5000 takes hours per image "
                       "on 2 cores).",
+    "local_search_images": "LocalSearch attacks the first N attacked images.",
     "local_search_rounds": "LocalSearch rounds (Narodytska & Kasiviswanathan: 150).",
-    "cw_images": "Targeted CW-L2 attacks the first N correctly classified images towards "
+    "cw_images": "Targeted CW-L2 (and cw_accepted) attack the first N attacked images towards "
                  "every other class.",
-    "cw_confidences": "CW-L2 confidences kappa on the summed log-likelihood scale (paper: "
-                      "0,500,1000).",
     "cw_steps": "CW-L2 gradient steps per binary-search step.",
-    "cw_search_steps": "CW-L2 binary-search steps over its constant c.",
+    "cw_search_steps": "CW-L2 (and cw_accepted) binary-search steps over the constant c.",
+    "accepted_epsilons": "L-inf budgets of the adaptive PGD curve (pgd_accepted_linf) and "
+                         "square_accepted.",
+    "accepted_l2_epsilons": "L2 budgets of the adaptive PGD curve pgd_accepted_l2.",
+    "accepted_steps": "Steps of the adaptive attacks (PGD per restart; cw_accepted per "
+                      "binary-search step).",
+    "accepted_restarts": "Starts of the adaptive PGD (the first from the image, the others at "
+                         "random in the ball); the sanity check runs twice the steps and "
+                         "restarts.",
+    "square_images": "square_accepted (gradient-free, a sanity check) attacks the first N "
+                     "attacked images.",
+    "square_queries": "Queries per image of square_accepted.",
+    "replay_images": "Adversarial images per attack replayed against the exported SavedModel.",
 }
 for _name, _help in _ATTACK_FLAGS.items():
     _default = getattr(_D, "attack_" + _name)
@@ -286,8 +305,13 @@ for _name, _help in _ATTACK_FLAGS.items():
                float: flags.DEFINE_float}[type(_default)]
     _define("attack_" + _name, [str(v) for v in _default] if isinstance(_default, tuple)
             else _default, _help)
+flags.DEFINE_list("attack_cw_confidences", None, "CW-L2 confidences kappa on the scale of the "
+                  "attacked score; default per --score: 0,500,1000 for model (the paper's), "
+                  "0,1,2,4 times the standard deviation of the held-out images' top scores for "
+                  "feature_density.")
 flags.DEFINE_string("attack_baseline", None, "run_dir of a --model=discriminative run of the "
-                    "same dataset: its FGSM/PGD curves are drawn beside ours.")
+                    "same dataset with its own calibrate stage: its curves (FGSM, PGD and the "
+                    "adaptive PGD) are drawn beside ours.")
 
 
 def config_from_flags() -> PipelineConfig:
@@ -297,7 +321,10 @@ def config_from_flags() -> PipelineConfig:
         values["stages"] = tuple(values["stages"])
     values["attacks"] = tuple(values["attacks"])
     values["density_layers"] = tuple(values["density_layers"])
-    for name in ("percentiles", "attack_epsilons", "attack_cw_confidences"):
+    for name in ("percentiles", "attack_epsilons", "attack_cw_confidences",
+                 "attack_accepted_epsilons", "attack_accepted_l2_epsilons"):
+        if values[name] is None:  # a default resolved later
+            continue
         try:
             values[name] = tuple(float(p) for p in values[name])
         except ValueError:

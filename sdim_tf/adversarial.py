@@ -1,9 +1,9 @@
 """Adversarial evaluation (paper section 5.3, appendix D) on adversarial-robustness-toolbox.
 
-The attacks see the model's logits: for SDIM the summed class-conditional log-likelihoods.
-Cross-entropy attacks (FGSM, PGD) apply softmax to them (appendix D.1); DeepFool and CW-L2
-use them as they are, so CW's confidence kappa is on the log-likelihood scale. Adversarial
-examples are "detected" when the rejection rule (equation 9) refuses them.
+The attacks see the model's class scores: for SDIM's own score the summed class-conditional
+log-likelihoods. Cross-entropy attacks (FGSM, PGD) apply softmax to them (appendix D.1);
+DeepFool and CW-L2 use them as they are, so CW's confidence kappa is on the scores' scale.
+Adversarial examples are "detected" when the rejection rule (equation 9) refuses them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -20,14 +20,17 @@ from sdim_tf import rejection
 
 CURVE_ATTACKS = ("fgsm", "pgd")
 UNTARGETED_ATTACKS = ("deepfool", "boundary", "local_search")
-ATTACKS = (*CURVE_ATTACKS, *UNTARGETED_ATTACKS, "cw_l2")
+# attacks that know the rejection rule and aim at an accepted wrong class
+ADAPTIVE_ATTACKS = ("pgd_accepted_linf", "pgd_accepted_l2", "square_accepted", "cw_accepted")
+ATTACKS = (*CURVE_ATTACKS, *UNTARGETED_ATTACKS, "cw_l2", *ADAPTIVE_ATTACKS)
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackSettings:
-    """Caps sized for a 2-core CPU; the paper attacks the first 1000 test images."""
+    """Caps sized for a 2-core CPU; the paper attacks the first 1000 test images. Budgets
+    (epsilons) are in the model's input space: 32x32 float images in [0, 1]."""
 
-    images: int = 100  # first test images for the curves and the untargeted attacks
+    images: int = 200  # attacked images of the curves and DeepFool
     epsilons: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
     pgd_steps: int = 10  # cleverhans' default, as the paper used
     pgd_step_size: float = 0.05  # cleverhans' eps_iter default (capped at epsilon)
@@ -35,12 +38,23 @@ class AttackSettings:
     # cleverhans' overshoot, as the paper used; ART's 1e-6 leaves examples on the boundary,
     # where rounding on another CPU decides the class.
     deepfool_overshoot: float = 0.02
-    boundary_steps: int = 50  # ART's default 5000 takes about 10 min per image here
-    local_search_rounds: int = 30  # Narodytska & Kasiviswanathan use 150
-    cw_images: int = 10  # each attacked towards all 9 other classes, for every confidence
-    cw_confidences: tuple[float, ...] = (0.0, 500.0, 1000.0)
+    boundary_images: int = 20
+    boundary_steps: int = 1000  # ART's default 5000 takes about 10 min per image here
+    local_search_images: int = 100
+    local_search_rounds: int = 150  # Narodytska & Kasiviswanathan's
+    cw_images: int = 20  # each attacked towards all other classes, for every confidence
+    # None: per score (the stage resolves it); else kappa on the attacked score's scale
+    cw_confidences: tuple[float, ...] | None = None
     cw_steps: int = 10
     cw_search_steps: int = 5
+    # adaptive attacks (they know the rejection rule)
+    accepted_epsilons: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)  # PGD-Linf
+    accepted_l2_epsilons: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+    accepted_steps: int = 100
+    accepted_restarts: int = 1
+    square_images: int = 50
+    square_queries: int = 1000
+    replay_images: int = 100  # per adversarial set, replayed against the SavedModel
     batch_size: int = 100
     seed: int = 0
 
@@ -195,29 +209,34 @@ def _with_seed(seed: int):
     tf.random.set_seed(seed)
 
 
-def accuracy_curve(classifier, images: np.ndarray, labels: np.ndarray, attack: str,
-                   settings: AttackSettings) -> list[float]:
-    """Accuracy under FGSM or randomised PGD-Linf for each epsilon (Figures 4 and 5)."""
+def curve_examples(classifier, images: np.ndarray, attack: str,
+                   settings: AttackSettings) -> Iterator[np.ndarray]:
+    """FGSM or randomised PGD-Linf examples of `images` for each epsilon (the images
+    themselves at 0); both aim at the predicted class, as in Figures 4 and 5."""
     _require_art()
     from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescent
 
-    accuracies = []
+    if attack not in CURVE_ATTACKS:
+        raise ValueError(f"accuracy curves are for {CURVE_ATTACKS}, got {attack!r}")
     for eps in settings.epsilons:
         if eps == 0:
-            adversarial = images
+            yield images
         elif attack == "fgsm":
-            adversarial = FastGradientMethod(classifier, norm=np.inf, eps=eps,
-                                             batch_size=settings.batch_size).generate(images)
-        elif attack == "pgd":
+            yield FastGradientMethod(classifier, norm=np.inf, eps=eps,
+                                     batch_size=settings.batch_size).generate(images)
+        else:
             _with_seed(settings.seed)
-            adversarial = ProjectedGradientDescent(
+            yield ProjectedGradientDescent(
                 classifier, norm=np.inf, eps=eps, eps_step=min(settings.pgd_step_size, eps),
                 max_iter=settings.pgd_steps, num_random_init=1, batch_size=settings.batch_size,
                 verbose=False).generate(images)
-        else:
-            raise ValueError(f"accuracy curves are for {CURVE_ATTACKS}, got {attack!r}")
-        accuracies.append(float((classifier.predict(adversarial).argmax(1) == labels).mean()))
-    return accuracies
+
+
+def accuracy_curve(classifier, images: np.ndarray, labels: np.ndarray, attack: str,
+                   settings: AttackSettings) -> list[float]:
+    """Accuracy under FGSM or randomised PGD-Linf for each epsilon (Figures 4 and 5)."""
+    return [float((classifier.predict(x).argmax(1) == labels).mean())
+            for x in curve_examples(classifier, images, attack, settings)]
 
 
 def deepfool(classifier, images, labels, settings: AttackSettings) -> AttackResult:
@@ -526,6 +545,9 @@ class AcceptedCurve:
 
     epsilons: tuple[float, ...]
     success: np.ndarray  # bool [len(epsilons), N], undetected successes
+    adversarial: np.ndarray | None = None  # [len(epsilons), N, ...], the returned images
+    scores: np.ndarray | None = None  # [len(epsilons), N, C], their class scores
+    seconds: float = 0.0
 
     @property
     def shares(self) -> list[float]:
@@ -541,9 +563,12 @@ class AcceptedCurve:
 def pgd_accepted_curve(scorer, images, labels, thresholds, *, epsilons, norm: str,
                        steps: int, **options) -> AcceptedCurve:
     """`pgd_accepted` (same `options`) for each epsilon."""
-    results = _pgd(scorer, images, labels, thresholds, tuple(epsilons), norm=norm,
-                   steps=steps, **options)
-    return AcceptedCurve(tuple(epsilons), np.stack([r.success for r in results]))
+    results = list(_pgd(scorer, images, labels, thresholds, tuple(epsilons), norm=norm,
+                        steps=steps, **options))
+    return AcceptedCurve(tuple(epsilons), np.stack([r.success for r in results]),
+                         np.stack([r.adversarial for r in results]),
+                         np.stack([r.logits for r in results]),
+                         sum(r.seconds for r in results))
 
 
 def _carlini_program(scorer, image_shape):

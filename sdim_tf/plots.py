@@ -53,11 +53,32 @@ def accuracy_curves(epsilons: Sequence[float], curves: dict, path: str | os.Path
         for name, accuracies in by_model.items():
             ax.plot(epsilons, 100 * np.asarray(accuracies), marker="o", markersize=3, label=name)
         ax.set_title(attack.upper() + r"-$L_\infty$", fontsize=10)
-        ax.set_xlabel("epsilon")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _percent_panel(ax, "epsilon", "accuracy (%)", 8)
+    _save(fig, path)
+
+
+def undetected_curves(panels: dict, path: str | os.PathLike) -> None:
+    """Undetected success (adversarial examples wrong and accepted) against the budget, one
+    panel per norm. `panels` maps title -> {label: (epsilons, shares)}."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.4), squeeze=False)
+    for ax, (title, lines) in zip(axes.flat, panels.items(), strict=True):
+        for label, (epsilons, shares) in lines.items():
+            ax.plot(epsilons, [np.nan if v is None else 100 * v for v in shares], marker="o",
+                    markersize=3, label=label)
+        ax.set_title(f"undetected success, {title}", fontsize=10)
+        _percent_panel(ax, f"epsilon ({title}, images in [0, 1])", "wrong and accepted (%)", 7)
+    _save(fig, path)
+
+
+def _percent_panel(ax, xlabel: str, ylabel: str, legend_size: int) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(fig, path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

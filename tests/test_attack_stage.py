@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -12,11 +13,14 @@ from pipeline import artifacts, run
 from pipeline.config import ConfigError
 from pipeline.run_dir import Run
 from pipeline.stages import attack
+from sdim_tf import adversarial, rejection
 
 SMALL = dict(attack_images=4, attack_epsilons=(0.0, 0.3), attack_pgd_steps=2,
-             attack_deepfool_steps=5, attack_boundary_steps=5, attack_local_search_rounds=3,
-             attack_cw_images=1, attack_cw_confidences=(0.0, 50.0), attack_cw_steps=3,
-             attack_cw_search_steps=2)
+             attack_deepfool_steps=5, attack_boundary_images=3, attack_boundary_steps=5,
+             attack_local_search_images=3, attack_local_search_rounds=3, attack_cw_images=1,
+             attack_cw_steps=3, attack_cw_search_steps=2, attack_accepted_epsilons=(0.3, 0.5),
+             attack_accepted_l2_epsilons=(1.0, 4.0), attack_accepted_steps=5,
+             attack_square_images=2, attack_square_queries=20, attack_replay_images=5)
 
 
 @pytest.fixture(scope="module")
@@ -29,36 +33,59 @@ def attacked(tiny_run, tmp_path_factory):
     return config, copy
 
 
-def test_attack_report_agrees_with_the_model(attacked):
+@pytest.fixture(scope="module")
+def deployed(attacked):
+    """The in-memory deployable, the report, and the first test images with their scores."""
+    _, run_dir = attacked
+    deployable = Run(run_dir).deployable()
+    report = artifacts.read_json(run_dir / "attack" / attack.REPORT_JSON)
+    images, labels = Run(run_dir).examples.arrays("test", limit=report["clean"]["sdim"]["images"])
+    scores = deployable.model.predict(images, verbose=0)
+    return deployable, Run(run_dir).calibration.deployed()[1], report, images, labels, scores
+
+
+def _sets(run_dir):
+    folder = run_dir / "attack" / attack.SETS
+    return {p.stem: dict(np.load(p)) for p in sorted(folder.glob("*.npz"))}
+
+
+def _undetected(deployable, thresholds, adv, labels):
+    """Wrong and accepted by the deployed rule, per row of `adv` ([N, ...] or [E, N, ...])."""
+    flat = adv.reshape(-1, *adv.shape[-3:])
+    scores = deployable.model.predict(flat, verbose=0).reshape(*adv.shape[:-3], -1)
+    return np.stack([adversarial.undetected_success(s, labels, thresholds)
+                     for s in scores.reshape(-1, *scores.shape[-2:])]).reshape(adv.shape[:-3])
+
+
+def test_attack_report_agrees_with_the_model(attacked, deployed):
     config, run_dir = attacked
+    _, _, report, images, labels, logits = deployed
     stage = run_dir / "attack"
     manifest = artifacts.read_json(stage / artifacts.MANIFEST)
     for output in manifest["outputs"]:
         assert (stage / output).exists()
-    report = artifacts.read_json(stage / attack.REPORT_JSON)
-    assert report["settings"]["images"] == 4 and report["settings"]["cw_confidences"] == [0, 50]
-    model = Run(run_dir).scoring_model()  # what is deployed and attacked
-    images, labels = Run(run_dir).examples.arrays("test", limit=200)
-    logits = model.predict(images, verbose=0)
+    assert set(manifest["inputs"]) == {"ingest", "train", "calibrate", "export"}
+    assert report["settings"]["images"] == 4 and report["settings"]["boundary_images"] == 3
     # the epsilon = 0 point of each curve is the clean accuracy of the first 4 test images
     for curve in report["curves"].values():
         assert curve["sdim"][0] == float((logits[:4].argmax(1) == labels[:4]).mean())
-    correct = np.flatnonzero(logits.argmax(1) == labels)[:4]
     thresholds = Run(run_dir).calibration.percentiles()
-    for name in ("deepfool", "boundary", "local_search", "cw_l2_k0", "cw_l2_k50"):
+    for name in ("deepfool", "boundary", "local_search", *(
+            f"cw_l2_k{k}" for k in report["cw_l2"])):
         summary = artifacts.read_json(stage / attack.PARTS / f"{name}.json")["summary"]
         with np.load(stage / attack.PARTS / f"{name}.npz") as arrays:
             adv, success = arrays["adversarial"], arrays["success"]
-            targets = arrays["targets"] if "targets" in arrays.files else None
-        predicted = model.predict(adv, verbose=0)
+            targets = arrays["target"] if "target" in arrays.files else None
+            attacked_labels = arrays["label"]
+        predicted = deployed[0].model.predict(adv, verbose=0)
         if targets is None:
-            assert len(adv) == 4
-            np.testing.assert_array_equal(success, predicted.argmax(1) != labels[correct])
+            assert len(adv) == (4 if name == "deepfool" else 3)
+            np.testing.assert_array_equal(success, predicted.argmax(1) != attacked_labels)
         else:
             assert len(adv) == 9  # one image towards the 9 other classes
             gap = predicted[np.arange(9), targets] - np.where(
                 np.eye(10, dtype=bool)[targets], -np.inf, predicted).max(1)
-            kappa = float(name.split("_k")[1])
+            kappa = summary["kappa"]
             np.testing.assert_array_equal(success, (gap > 0) & (gap >= kappa))
         assert summary["success_rate"] == pytest.approx(success.mean())
         assert np.all(adv >= 0) and np.all(adv <= 1)
@@ -68,11 +95,131 @@ def test_attack_report_agrees_with_the_model(attacked):
             expected = (kept.max(1) < v["thresholds"][top]).mean() if success.any() else None
             assert summary["detection_rate"][str(p)] == pytest.approx(expected, abs=1e-6)
     md = (stage / attack.REPORT_MD).read_text()
-    assert "Table 5" in md and "Table 7" in md and "98.00%" in md
+    for text in ("Table 5", "Table 7", "98.00%", "undetected success", "Sanity checks",
+                 "Adaptive attacks", "Clean: sdim rejects"):
+        assert text in md
     with Image.open(stage / attack.CURVES_PNG) as png:
         assert png.size == (int(4.2 * 2 * 90), int(3.2 * 90))
+    with Image.open(stage / attack.UNDETECTED_PNG) as png:
+        assert png.size == (int(5.0 * 2 * 90), int(3.4 * 90))  # the L-inf and L2 panels
     with Image.open(stage / attack.EXAMPLES_PNG) as png:
         assert png.size[0] > 400 and png.size[1] > 200
+
+
+def test_attacked_set_is_correct_and_accepted(attacked, deployed):
+    _, run_dir = attacked
+    deployable, thresholds, report, images, labels, scores = deployed
+    decision = rejection.decide(scores, thresholds)
+    rejected = decision.rejected.numpy()
+    clean = report["clean"]["sdim"]
+    assert clean["rejected"] == pytest.approx(rejected.mean())
+    assert clean["accuracy"] == pytest.approx((scores.argmax(1) == labels).mean())
+    expected = np.flatnonzero((decision.class_ids.numpy() == labels) & ~rejected)
+    assert clean["attackable"] == len(expected) and report["first_image"]["index"] == expected[0]
+    sets = _sets(run_dir)
+    for name, count in (("deepfool", 4), ("boundary", 3), ("pgd_accepted_linf_sdim", 4),
+                        ("square_accepted", 2)):
+        np.testing.assert_array_equal(sets[name]["original"], images[expected[:count]])
+        np.testing.assert_array_equal(sets[name]["label"], labels[expected[:count]])
+    # CW: the first image towards each other class
+    cw = sets["cw_accepted"]
+    np.testing.assert_array_equal(cw["original"], np.repeat(images[expected[:1]], 9, 0))
+    assert sorted(cw["target"].tolist()) == sorted(set(range(10)) - {labels[expected[0]]})
+
+
+def _reported_undetected(report, name):
+    """The report's undetected success(es) of the set `name`."""
+    for attack_name, by_model in (*report["curves_undetected"].items(),
+                                  *report["adaptive"].items()):
+        for model, v in by_model.items():
+            if name in (f"{attack_name}_{model}", attack_name):
+                return v["undetected_success"]
+    if name.startswith("cw_l2_k"):
+        return report["cw_l2"][name.removeprefix("cw_l2_k")]["undetected_success"]
+    return report["untargeted"][name]["undetected_success"]
+
+
+def test_undetected_success_is_recomputed_from_the_saved_sets(attacked, deployed):
+    _, run_dir = attacked
+    deployable, thresholds, report, *_ = deployed
+    sets = _sets(run_dir)
+    assert {"fgsm_sdim", "pgd_sdim", "deepfool", "boundary", "local_search", "cw_accepted",
+            "pgd_accepted_linf_sdim", "pgd_accepted_l2_sdim", "pgd_accepted_linf_doubled",
+            "square_accepted"} <= set(sets)
+    for name, arrays in sets.items():
+        adv, original = arrays["adversarial"], arrays["original"]
+        undetected = _undetected(deployable, thresholds, adv, arrays["label"])
+        reported = _reported_undetected(report, name)
+        if "epsilon" in arrays:  # a curve: [epsilons, N, ...], within each budget
+            assert reported == pytest.approx(undetected.mean(1).tolist()), name
+            moved = (adv - original).reshape(len(adv), len(original), -1)
+            size = np.linalg.norm(moved, axis=2) if "l2" in name else np.abs(moved).max(2)
+            assert np.all(size <= arrays["epsilon"][:, None] * (1 + 1e-4) + 1e-6), name
+        else:
+            assert reported == pytest.approx(undetected.mean()), name
+
+
+def test_sanity_numbers_are_recomputed_from_the_saved_sets(attacked, deployed):
+    _, run_dir = attacked
+    deployable, thresholds, report, *_ = deployed
+    sets = _sets(run_dir)
+
+    def shares(name, images=None):
+        arrays = sets[name]
+        undetected = _undetected(deployable, thresholds, arrays["adversarial"], arrays["label"])
+        return dict(zip(arrays["epsilon"].tolist(), undetected[:, :images].mean(1),
+                        strict=True))
+
+    pgd, doubled = shares("pgd_accepted_linf_sdim"), shares("pgd_accepted_linf_doubled")
+    square, art = shares("square_accepted"), shares("pgd_sdim")
+    pgd_first = shares("pgd_accepted_linf_sdim", images=len(sets["square_accepted"]["label"]))
+    sanity = report["sanity"]
+    assert sanity["a_large_budget"]["undetected_success"] == pytest.approx(pgd[0.5])
+    assert sanity["a_large_budget"]["passed"] == (pgd[0.5] >= 0.95)
+    b = sanity["b_more_steps_and_restarts"]
+    assert b["base"] == pytest.approx([pgd[e] for e in (0.3, 0.5)])
+    assert b["doubled"] == pytest.approx([doubled[e] for e in (0.3, 0.5)])
+    assert b["passed"] == all(abs(doubled[e] - pgd[e]) <= 0.02 + 1e-9 for e in (0.3, 0.5))
+    c = sanity["c_gradient_free"]
+    assert c["square"] == pytest.approx([square[e] for e in (0.3, 0.5)])
+    assert c["pgd"] == pytest.approx([pgd_first[e] for e in (0.3, 0.5)])
+    assert c["passed"] == all(square[e] - pgd_first[e] <= 0.02 + 1e-9 for e in (0.3, 0.5))
+    d = sanity["d_adaptive_vs_non_adaptive"]  # 0.3: the only budget of both grids
+    assert d["epsilons"] == [0.3] and d["non_adaptive"] == pytest.approx([art[0.3]])
+    assert d["passed"] == (pgd[0.3] >= art[0.3])
+    md = (run_dir / "attack" / attack.REPORT_MD).read_text()
+    assert all(name in md for name in sanity)
+
+
+def test_saved_model_replay_agrees_with_the_in_memory_model(attacked, deployed):
+    _, run_dir = attacked
+    replay = deployed[2]["replay"]
+    record = Run(run_dir).export.record()
+    assert replay["saved_model"] == record["path"] and replay["export_is_current"]
+    sizes = {name: int(np.prod(a["adversarial"].shape[:-3])) for name, a in
+             _sets(run_dir).items()}
+    assert {k: v["compared"] for k, v in replay["sets"].items()} == {
+        k: min(5, n) for k, n in sizes.items()}
+    assert replay["compared"] > 0 and replay["mismatches"] == 0
+
+
+def test_cw_confidences_are_multiples_of_the_held_out_spread(attacked, deployed):
+    config, run_dir = attacked
+    deployable, _, report, *_ = deployed
+    # calibrate's held-out images: the last --validation_split training images
+    resolved = config.resolve(run.STAGE_NAMES)
+    num_train = Run(run_dir).examples.num_examples("train")
+    skip, limit = num_train - resolved.validation_split, resolved.validation_split
+    images, _ = Run(run_dir).examples.arrays("train", limit=limit, skip=skip)
+    top = deployable.model.predict(images, verbose=0).astype(np.float64).max(1)
+    assert len(top) == 5000 and resolved.score == "feature_density"
+    expected = [m * np.std(top) for m in (0, 1, 2, 4)]
+    assert report["settings"]["cw_confidences"] == pytest.approx(expected, rel=1e-4)
+    assert [v["kappa"] for v in report["cw_l2"].values()] == pytest.approx(expected, rel=1e-4)
+    # the paper's score keeps the paper's confidences
+    paper = attack._cw_confidences(types.SimpleNamespace(settings=adversarial.AttackSettings()),
+                                   None, types.SimpleNamespace(score="model"), None)
+    assert paper[0] == (0.0, 500.0, 1000.0)
 
 
 def test_attack_stage_resumes_from_finished_attacks(attacked):
@@ -96,8 +243,13 @@ def test_attack_stage_resumes_from_finished_attacks(attacked):
         k: v for k, v in after.items() if k != "boundary.json"}
 
 
-def test_attack_baseline_must_be_a_discriminative_run(attacked):
+def test_attack_baseline_must_be_a_discriminative_run(attacked, tmp_path):
     config, run_dir = attacked
+    trained_only = tmp_path / "baseline"  # a finished train stage, no calibrate stage
+    (trained_only / "train").mkdir(parents=True)
+    shutil.copy(run_dir / "train" / artifacts.MANIFEST, trained_only / "train")
+    with pytest.raises(ConfigError, match="no finished calibrate stage"):
+        run.run(dataclasses.replace(config, attack_baseline=str(trained_only), force=True))
     with pytest.raises(ConfigError, match="expected discriminative"):
         run.run(dataclasses.replace(config, attack_baseline=str(run_dir), force=True))
     with pytest.raises(ConfigError, match="no finished train stage"):

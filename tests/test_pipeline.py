@@ -57,13 +57,14 @@ def test_best_checkpoint_gives_the_logged_test_accuracy(tiny_run, data_dir):
     _, run_dir = tiny_run
     model = Run(run_dir).model.best()
     images, labels = data.load_split("fashion_mnist", "test", data_dir=str(data_dir))
-    logits = model.predict(data.preprocess(images[:2000]), batch_size=500, verbose=0)
-    assert logits.shape == (2000, 10)
-    accuracy = (np.argmax(logits, 1) == labels[:2000]).mean()
+    n = train.TEST_SUBSET  # what each epoch's test_accuracy is measured on
+    logits = model.predict(data.preprocess(images[:n]), batch_size=500, verbose=0)
+    assert logits.shape == (n, 10)
+    accuracy = (np.argmax(logits, 1) == labels[:n]).mean()
     rows = Run(run_dir).model.history()
     best = min(rows, key=lambda r: r["loss"])  # the paper keeps the minimum training loss
     logged = best["test_accuracy"]
-    assert abs(accuracy - logged) < 0.03  # 2000 of the 10000 test images
+    assert abs(accuracy - logged) < 0.03  # float32 here, the training precision there
     assert accuracy > 0.2  # 16 steps on 1024 images: twice chance (0.1)
 
 

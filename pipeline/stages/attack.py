@@ -1,275 +1,625 @@
-"""Attack (opt-in): adversarial robustness and detection, paper section 5.3 and appendix D.
+"""Attack (opt-in): adversarial robustness and detection, paper section 5.3 and appendix D,
+and attackers who know the rejection rule.
 
-FGSM/PGD accuracy curves (Figures 4 and 5, beside a discriminative run when
---attack_baseline names one), untargeted DeepFool, Boundary and LocalSearch (Table 5) and
-targeted CW-L2 with confidences (Tables 6 and 7). Each finished attack is kept in parts/,
-so a killed stage resumes where it stopped.
+The attacked set: the first test images that the deployed model (`Run.deployable()`: its
+scoring model, deployed thresholds and equation 9) classifies correctly and accepts. FGSM and
+PGD accuracy curves (Figures 4 and 5, beside a calibrated discriminative run when
+--attack_baseline names one), untargeted DeepFool, Boundary and LocalSearch (Table 5),
+targeted CW-L2 with confidences (Tables 6 and 7), and the adaptive attacks of
+`sdim_tf.adversarial` (PGD-Linf and PGD-L2 curves, Square, CW on the margin loss) with
+Carlini et al.'s sanity checks. Every attack reports its undetected success: the share of its
+attacked set whose adversarial example is wrong and accepted by the deployed rule.
+
+Each finished attack is kept in parts/ (a killed stage resumes where it stopped) and
+published in sets/ (originals, labels, targets, adversarial images) for replay against later
+models; a sample of each set is replayed against the run's exported SavedModel.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
+import shutil
+import time
+from collections.abc import Callable
 
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
-from pipeline import artifacts
+from pipeline import artifacts, deployed
 from pipeline.config import ConfigError
 from pipeline.run_dir import Run
-from sdim_tf import adversarial, plots
+from pipeline.stages import attack_report
+from sdim_tf import adversarial, plots, rejection
 
 FIELDS = ("attacks", "attack_images", "attack_epsilons", "attack_pgd_steps",
-          "attack_pgd_step_size", "attack_deepfool_steps", "attack_boundary_steps",
-          "attack_local_search_rounds", "attack_cw_images", "attack_cw_confidences",
-          "attack_cw_steps", "attack_cw_search_steps", "attack_baseline", "seed")
-REPORT_JSON, REPORT_MD = "attack_report.json", "attack_report.md"
-CURVES_PNG, EXAMPLES_PNG, EXAMPLES_NPZ = "accuracy_curves.png", "adversarial_examples.png", \
-    "adversarial_examples.npz"
-PARTS = "parts"
+          "attack_pgd_step_size", "attack_deepfool_steps", "attack_boundary_images",
+          "attack_boundary_steps", "attack_local_search_images", "attack_local_search_rounds",
+          "attack_cw_images", "attack_cw_confidences", "attack_cw_steps",
+          "attack_cw_search_steps", "attack_accepted_epsilons", "attack_accepted_l2_epsilons",
+          "attack_accepted_steps", "attack_accepted_restarts", "attack_square_images",
+          "attack_square_queries", "attack_replay_images", "attack_baseline", "seed")
+REPORT_JSON, REPORT_MD = attack_report.REPORT_JSON, attack_report.REPORT_MD
+CURVES_PNG, UNDETECTED_PNG = attack_report.CURVES_PNG, attack_report.UNDETECTED_PNG
+EXAMPLES_PNG, EXAMPLES_NPZ = attack_report.EXAMPLES_PNG, "adversarial_examples.npz"
+PARTS, SETS = "parts", "sets"
+UPSTREAM = ("ingest", "train", "calibrate")  # what the attacked model is made of
+# In every part's key: parts made before the attacked set was "correct and accepted" are
+# not reused.
+ATTACKED_SET = "correct_and_accepted"
+PAPER_KAPPAS = (0.0, 500.0, 1000.0)  # on log p(x|c), the paper's score
+STD_MULTIPLES = (0.0, 1.0, 2.0, 4.0)  # of the held-out top scores, for other scores
+LARGE_EPSILON, POINTS = 0.5, 0.02  # the sanity checks' budget and tolerance (2 points)
 
-# Paper, MNIST then CIFAR10: detection at the 1st and 2nd percentile (Table 5), and for
-# CW-L2 also the success rate (Table 7).
-PAPER_UNTARGETED = {"deepfool": (98.00, 98.60, 61.10, 64.30), "boundary": (100, 100, 100, 100),
-                    "local_search": (99.90, 100, 88.80, 93.10)}
-PAPER_CW = {0.0: (100, 100, 84.65, 93.93, 94.80, 70.84),
-            500.0: (99.78, 99.78, 76.61, 76.55, 84.07, 61.26),
-            1000.0: (90.24, 95.98, 45.56, 47.86, 75.13, 48.86)}
-NAMES = {"fgsm": "FGSM", "pgd": "PGD", "deepfool": "DeepFool", "boundary": "Boundary",
-         "local_search": "LocalSearch", "cw_l2": "CW-L2"}
+
+@dataclasses.dataclass
+class Target:
+    """A deployed model under attack, with the test images' scores and its attacked set."""
+
+    name: str
+    deployable: object  # serving.RejectingClassifier
+    classifier: object  # ART's view of its scoring model
+    thresholds: np.ndarray  # deployed, [C]
+    percentiles: dict  # {percentile: thresholds [C]}, for the paper's detection rates
+    clean: np.ndarray  # class scores of the test images
+    attacked: np.ndarray  # test indices classified correctly and accepted, in order
+    key: dict  # identifies the model in its parts' keys
+
+    @property
+    def scorer(self):
+        return self.deployable.model
 
 
-def _baseline_model(config):
-    """(model, manifest hash) of --attack_baseline's discriminative run, checked to fit."""
+@dataclasses.dataclass
+class Context:
+    settings: adversarial.AttackSettings
+    parts: artifacts.Parts
+    images: np.ndarray  # the first test images
+    labels: np.ndarray
+
+    def keep(self, part: str, key: dict, compute: Callable[[], tuple[dict, dict]]
+             ) -> tuple[dict, dict]:
+        """(summary, arrays) of `part`, kept by an earlier run under `key`, else computed."""
+        key = {"set": ATTACKED_SET, "seed": self.settings.seed, **key}
+        done = self.parts.get(part, key)
+        if done is not None:
+            logging.info("attack: %s kept from an earlier run", part)
+            return done
+        return self.parts.put(part, key, *compute())
+
+    def chosen(self, target: Target, count: int) -> dict:
+        """The first `count` of the attacked set: original, label."""
+        index = target.attacked[:count]
+        return {"original": self.images[index], "label": self.labels[index]}
+
+
+def _target(name: str, run: Run, images, labels, batch_size: int, key: dict) -> Target:
+    deployable = run.deployable()
+    classifier = adversarial.art_classifier(deployable.model, deployable.num_classes,
+                                            images.shape[1:], batch_size)
+    clean = classifier.predict(images)
+    thresholds = run.calibration.deployed()[1]
+    accepted = ~rejection.decide(clean, thresholds).rejected.numpy()
+    attacked = np.flatnonzero((clean.argmax(1) == labels) & accepted)
+    if len(attacked) == 0:
+        raise ConfigError(f"attack: {name} classifies correctly and accepts none of the first "
+                          f"{len(labels)} test images")
+    percentiles = {p: v["thresholds"] for p, v in run.calibration.percentiles().items()}
+    return Target(name, deployable, classifier, thresholds, percentiles, clean, attacked, key)
+
+
+def _baseline_run(config) -> tuple[Run, dict] | None:
+    """(run, its hashes) of --attack_baseline: a calibrated discriminative run of our dataset."""
     if not config.attack_baseline:
         return None
     baseline = Run(config.attack_baseline)
-    manifest = baseline.model.folder / artifacts.MANIFEST
-    if not manifest.exists():
-        raise ConfigError(f"--attack_baseline={baseline.root}: no finished train stage in it "
-                          f"({manifest} missing)")
+    for stage, view in (("train", baseline.model), ("calibrate", baseline.calibration)):
+        manifest = view.folder / artifacts.MANIFEST
+        if not manifest.exists():
+            raise ConfigError(f"--attack_baseline={baseline.root}: no finished {stage} stage "
+                              f"in it ({manifest} missing); run it with --stages={stage}")
     trained = baseline.model.manifest()["config"]
     dataset = baseline.examples.metadata.get("dataset")
     if trained.get("model") != "discriminative" or dataset != config.dataset:
         raise ConfigError(f"--attack_baseline={baseline.root} holds a {trained.get('model')} "
                           f"model of {dataset}; expected discriminative on {config.dataset}")
-    return baseline.model.best(), artifacts.sha256_file(manifest)
+    return baseline, artifacts.input_hashes({"train": baseline.model.folder,
+                                             "calibrate": baseline.calibration.folder})
 
 
-def _untargeted(name, classifier, images, labels, thresholds, settings):
-    fn = {"deepfool": adversarial.deepfool, "boundary": adversarial.boundary,
-          "local_search": adversarial.local_search_attack}[name]
-    result = fn(classifier, images, labels, settings)
-    return _summary(result, images, thresholds), result
+def _clean(target: Target, labels) -> dict:
+    """The deployed rule on the clean test images the attacked set comes from."""
+    return {"images": int(len(labels)),
+            "accuracy": float((target.clean.argmax(1) == labels).mean()),
+            "rejected": float(rejection.decide(target.clean, target.thresholds)
+                              .rejected.numpy().mean()),
+            "attackable": int(len(target.attacked))}
 
 
-def _summary(result, images, thresholds) -> dict:
-    distance = result.l2(images)[result.success]
-    return {"attacked": int(len(images)), "successes": int(result.success.sum()),
-            "success_rate": float(result.success.mean()) if len(images) else None,
+def _undetected(scores, labels, thresholds) -> np.ndarray:
+    """Per row (any leading shape) wrong and accepted by the deployed rule."""
+    scores = np.asarray(scores)
+    flat = scores.reshape(-1, scores.shape[-1])
+    rows = np.broadcast_to(labels, scores.shape[:-1]).reshape(-1)
+    return adversarial.undetected_success(flat, rows, thresholds).reshape(scores.shape[:-1])
+
+
+def _share(flags: np.ndarray) -> float | None:
+    return float(flags.mean()) if flags.size else None
+
+
+def _summary(target: Target, arrays: dict, seconds: float) -> dict:
+    """One attack's row: its own success, the paper's detection rates, undetected success."""
+    success = arrays["success"]
+    distance = np.sqrt(((arrays["adversarial"] - arrays["original"]) ** 2).reshape(
+        len(success), -1).sum(1))[success]
+    return {"attacked": int(len(success)), "successes": int(success.sum()),
+            "success_rate": _share(success),
             "detection_rate": {str(p): r for p, r in adversarial.detection_rates(
-                result.logits, result.success, thresholds).items()},
+                arrays["scores"], success, target.percentiles).items()},
+            "undetected_success": _share(arrays["undetected"]),
             "median_l2": float(np.median(distance)) if len(distance) else None,
-            "seconds": round(result.seconds, 1)}
+            "seconds": round(seconds, 1)}
+
+
+def _result_arrays(chosen: dict, result: adversarial.AttackResult, thresholds) -> dict:
+    return {**chosen, "adversarial": result.adversarial, "scores": result.logits,
+            "success": result.success,
+            "undetected": _undetected(result.logits, chosen["label"], thresholds)}
+
+
+def _curve(ctx: Context, target: Target, attack: str) -> tuple[dict, dict]:
+    """FGSM/PGD over the first test images (the paper's accuracy) and the attacked set
+    (undetected success), attacked together: the union of both."""
+    s = ctx.settings
+    first = np.arange(min(s.images, len(ctx.labels)))
+    chosen = target.attacked[:s.images]
+    union = np.union1d(first, chosen)
+    key = {**target.key, "images": s.images, "epsilons": s.epsilons}
+    if attack == "pgd":
+        key.update(pgd_steps=s.pgd_steps, pgd_step_size=s.pgd_step_size)
+
+    def compute():
+        logging.info("attack: %s curve of %s over %d images", attack, target.name, len(union))
+        started = time.time()
+        at_first, at_chosen = np.searchsorted(union, first), np.searchsorted(union, chosen)
+        accuracy, adversarials, scores = [], [], []
+        for x in adversarial.curve_examples(target.classifier, ctx.images[union], attack, s):
+            predicted = target.classifier.predict(x)
+            accuracy.append(float((predicted[at_first].argmax(1) == ctx.labels[first]).mean()))
+            adversarials.append(x[at_chosen])
+            scores.append(predicted[at_chosen])
+        arrays = {**ctx.chosen(target, s.images), "epsilon": np.asarray(s.epsilons),
+                  "adversarial": np.stack(adversarials), "scores": np.stack(scores)}
+        arrays["undetected"] = _undetected(arrays["scores"], arrays["label"], target.thresholds)
+        return {"accuracy": accuracy, "images": int(len(first)),
+                "seconds": round(time.time() - started, 1)}, arrays
+
+    return _by_epsilon(*ctx.keep(f"{attack}_{target.name}", key, compute))
+
+
+def _by_epsilon(summary: dict, arrays: dict) -> tuple[dict, dict]:
+    """A curve's summary with its undetected success at each epsilon."""
+    return {**summary, "attacked": int(len(arrays["label"])),
+            "undetected_success": [_share(u) for u in arrays["undetected"]]}, arrays
+
+
+UNTARGETED = {"deepfool": (adversarial.deepfool, "images", "deepfool_steps"),
+              "boundary": (adversarial.boundary, "boundary_images", "boundary_steps"),
+              "local_search": (adversarial.local_search_attack, "local_search_images",
+                               "local_search_rounds")}
+
+
+def _untargeted(ctx: Context, target: Target, attack: str) -> tuple[dict, dict]:
+    fn, images, steps = UNTARGETED[attack]
+    s = ctx.settings
+    chosen = ctx.chosen(target, getattr(s, images))
+    key = {"images": getattr(s, images), "steps": getattr(s, steps)}
+    if attack == "deepfool":
+        key["overshoot"] = s.deepfool_overshoot
+
+    def compute():
+        logging.info("attack: %s on %d attacked images", attack, len(chosen["label"]))
+        result = fn(target.classifier, chosen["original"], chosen["label"], s)
+        arrays = _result_arrays(chosen, result, target.thresholds)
+        return _summary(target, arrays, result.seconds), arrays
+
+    return ctx.keep(attack, key, compute)
+
+
+def _targeted(ctx: Context, target: Target, count: int) -> dict:
+    """The first `count` attacked images, each repeated towards every other class."""
+    chosen = ctx.chosen(target, count)
+    classes = target.deployable.num_classes
+    return {"original": np.repeat(chosen["original"], classes - 1, axis=0),
+            "label": np.repeat(chosen["label"], classes - 1),
+            "target": np.concatenate([[t for t in range(classes) if t != y]
+                                      for y in chosen["label"]]).astype(np.int64)}
+
+
+def _carlini(ctx: Context, target: Target, kappa: float) -> tuple[dict, dict]:
+    s = ctx.settings
+    chosen = _targeted(ctx, target, s.cw_images)
+    key = {"images": s.cw_images, "kappa": kappa, "steps": s.cw_steps,
+           "search_steps": s.cw_search_steps}
+
+    def compute():
+        logging.info("attack: CW-L2 kappa=%g, %d attacks", kappa, len(chosen["label"]))
+        result = adversarial.carlini_l2(target.classifier, chosen["original"],
+                                        chosen["target"], kappa, s)
+        arrays = _result_arrays(chosen, result, target.thresholds)
+        return {**_summary(target, arrays, result.seconds), "kappa": kappa}, arrays
+
+    return ctx.keep(f"cw_l2_k{kappa:g}", key, compute)
+
+
+def _cw_confidences(ctx: Context, target: Target, calibration, examples) -> tuple[tuple, dict]:
+    """(kappas, how they were chosen): --attack_cw_confidences, else the paper's on its score,
+    else multiples of the std of the held-out images' top scores (calibrate's images)."""
+    s = ctx.settings
+    if s.cw_confidences is not None:
+        return s.cw_confidences, {"rule": "--attack_cw_confidences"}
+    if calibration.score == "model":
+        return PAPER_KAPPAS, {"rule": "the paper's, on the model's own score"}
+    held_out = calibration.saved["examples"]
+    key = {"skip": held_out["skip"], "limit": held_out["limit"]}
+
+    def compute():
+        scores, _ = rejection.class_scores(target.scorer, examples.dataset(
+            "train", held_out["skip"], held_out["limit"]))
+        top = scores.max(1)
+        return {"std": float(top.std()), "images": int(len(top))}, {}
+
+    summary, _ = ctx.keep("held_out_top_scores", key, compute)
+    return tuple(m * summary["std"] for m in STD_MULTIPLES), {
+        "rule": f"{', '.join(f'{m:g}' for m in STD_MULTIPLES)} x the standard deviation of the "
+                f"top scores of calibrate's {summary['images']} "
+                f"{calibration.saved.get('source', 'held-out')} images (training images "
+                f"{key['skip']} to {key['skip'] + key['limit']})",
+        "multiples": list(STD_MULTIPLES), "std": summary["std"], "images": summary["images"]}
+
+
+def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = False
+                    ) -> tuple[dict, dict]:
+    """Adaptive PGD (`pgd_accepted_curve`) on the attacked set over the norm's grid."""
+    s = ctx.settings
+    epsilons = s.accepted_epsilons if norm == "inf" else s.accepted_l2_epsilons
+    steps, restarts = s.accepted_steps * (1 + doubled), s.accepted_restarts * (1 + doubled)
+    chosen = ctx.chosen(target, s.images)
+    name = f"pgd_accepted_l{norm}" + ("_doubled" if doubled else f"_{target.name}")
+    key = {**target.key, "images": s.images, "epsilons": epsilons, "steps": steps,
+           "restarts": restarts}
+
+    def compute():
+        logging.info("attack: %s on %d attacked images of %s", name, len(chosen["label"]),
+                     target.name)
+        curve = adversarial.pgd_accepted_curve(
+            target.scorer, chosen["original"], chosen["label"], target.thresholds,
+            epsilons=epsilons, norm=norm, steps=steps, restarts=restarts,
+            batch_size=s.batch_size, seed=s.seed)
+        smallest = curve.smallest_epsilon()
+        median = float(np.median(smallest)) if len(smallest) else None
+        return {"epsilons": list(epsilons), "steps": steps, "restarts": restarts,
+                "median_smallest_epsilon": median if median is not None
+                and np.isfinite(median) else None,
+                "never": int(np.isinf(smallest).sum()), "seconds": round(curve.seconds, 1)}, {
+            **chosen, "epsilon": np.asarray(epsilons), "adversarial": curve.adversarial,
+            "scores": curve.scores, "success": curve.success,
+            "undetected": _undetected(curve.scores, chosen["label"], target.thresholds)}
+
+    return _by_epsilon(*ctx.keep(name, key, compute))
+
+
+def _square(ctx: Context, target: Target) -> tuple[dict, dict]:
+    """Gradient-free square_accepted at the PGD-Linf budgets, on the first attacked images."""
+    s = ctx.settings
+    chosen = ctx.chosen(target, s.square_images)
+    key = {"images": s.square_images, "epsilons": s.accepted_epsilons,
+           "queries": s.square_queries}
+
+    def compute():
+        logging.info("attack: square_accepted on %d attacked images", len(chosen["label"]))
+        results = [adversarial.square_accepted(
+            target.scorer, chosen["original"], chosen["label"], target.thresholds,
+            epsilon=e, queries=s.square_queries, seed=s.seed, batch_size=s.batch_size)
+            for e in s.accepted_epsilons]
+        scores = np.stack([r.logits for r in results])
+        return {"epsilons": list(s.accepted_epsilons), "queries": s.square_queries,
+                "seconds": round(sum(r.seconds for r in results), 1)}, {
+            **chosen, "epsilon": np.asarray(s.accepted_epsilons),
+            "adversarial": np.stack([r.adversarial for r in results]), "scores": scores,
+            "success": np.stack([r.success for r in results]),
+            "undetected": _undetected(scores, chosen["label"], target.thresholds)}
+
+    return _by_epsilon(*ctx.keep("square_accepted", key, compute))
+
+
+def _cw_accepted(ctx: Context, target: Target) -> tuple[dict, dict]:
+    """Targeted `carlini_accepted` at kappa 0 (the easiest undetected success) towards every
+    other class; its success: the target, accepted."""
+    s = ctx.settings
+    chosen = _targeted(ctx, target, s.cw_images)
+    key = {"images": s.cw_images, "steps": s.accepted_steps, "search_steps": s.cw_search_steps}
+
+    def compute():
+        logging.info("attack: cw_accepted, %d attacks", len(chosen["label"]))
+        result = adversarial.carlini_accepted(
+            target.scorer, chosen["original"], chosen["target"], target.thresholds,
+            steps=s.accepted_steps, search_steps=s.cw_search_steps, batch_size=s.batch_size)
+        arrays = _result_arrays(chosen, result, target.thresholds)
+        return {**_summary(target, arrays, result.seconds), "kappa": 0.0}, arrays
+
+    return ctx.keep("cw_accepted", key, compute)
+
+
+def _matching(epsilons, grid) -> list[int | None]:
+    """For each epsilon its index in `grid` (None where absent)."""
+    grid = np.asarray(grid, float)
+    return [next(iter(np.flatnonzero(np.isclose(grid, e))), None) for e in epsilons]
+
+
+def sanity(linf: dict, doubled: dict | None = None, square: dict | None = None,
+           non_adaptive: dict | None = None) -> dict:
+    """Carlini et al.'s checks on the adaptive PGD-Linf curve, from per-image undetected
+    successes: each argument {"epsilon": [E], "undetected": bool [E, N]} (square: on the
+    first images of the same set; non_adaptive: ART's PGD-Linf on the same images)."""
+    at = _matching([LARGE_EPSILON], linf["epsilon"])[0]
+    share = None if at is None else float(linf["undetected"][at].mean())
+    same_images = linf if square is None else {
+        "epsilon": linf["epsilon"], "undetected": linf["undetected"][:, :len(square["label"])]}
+    return {
+        "a_large_budget": {
+            "criterion": f"adaptive PGD-L∞ undetected success ≥ 95% at ε = {LARGE_EPSILON:g}",
+            "passed": None if at is None else share >= 0.95, "undetected_success": share,
+            "images": int(linf["undetected"].shape[1]),
+            **({"note": f"ε = {LARGE_EPSILON:g} not in the grid"} if at is None else {})},
+        "b_more_steps_and_restarts": _compare(
+            "doubling steps and restarts changes undetected success by ≤ 2 points at every ε",
+            linf, doubled, lambda base, more: np.abs(more - base) <= POINTS + 1e-9,
+            ("base", "doubled")),
+        "c_gradient_free": _compare(
+            "gradient-free Square never beats PGD by more than 2 points (same images and ε)",
+            same_images, square, lambda pgd, sq: sq - pgd <= POINTS + 1e-9, ("pgd", "square")),
+        "d_adaptive_vs_non_adaptive": _compare(
+            "adaptive PGD-L∞ ≥ ART's PGD-L∞ (non-adaptive) at every common ε", linf,
+            non_adaptive, lambda adaptive, art: adaptive >= art - 1e-9,
+            ("adaptive", "non_adaptive"))}
+
+
+def _compare(criterion: str, base: dict, other: dict | None, holds, names) -> dict:
+    """`holds(base share, other share)` at every epsilon both have."""
+    if other is None:
+        return {"criterion": criterion, "passed": None, "note": "not run"}
+    where = _matching(base["epsilon"], other["epsilon"])
+    pairs = [(e, base["undetected"][i].mean(), other["undetected"][j].mean())
+             for i, (e, j) in enumerate(zip(base["epsilon"], where, strict=True))
+             if j is not None]
+    if not pairs:
+        return {"criterion": criterion, "passed": None, "note": "no common ε"}
+    eps, first, second = (np.asarray(v, float) for v in zip(*pairs, strict=True))
+    return {"criterion": criterion, "passed": bool(np.all(holds(first, second))),
+            "images": int(base["undetected"].shape[1]), "epsilons": eps.tolist(),
+            names[0]: first.tolist(), names[1]: second.tolist(),
+            "differences_points": (100 * (second - first)).tolist()}
+
+
+def _replay(export, made_of: dict, target: Target, sets: dict, settings) -> dict:
+    """A sample of each adversarial set through the exported SavedModel (plain TensorFlow)
+    and the in-memory deployable: their class ids and rejections must agree. `export`: the
+    export stage's view, None when it has not run; `made_of`: the stages of our model."""
+    if export is None:
+        logging.info("attack: the run has no export stage; the SavedModel replay is skipped")
+        return {"skipped": "the run has no export stage (run --stages=export, then attack)"}
+    record = export.record()
+    path = pathlib.Path(record["path"])
+    if not (path / "saved_model.pb").is_file():
+        logging.info("attack: %s holds no SavedModel; the replay is skipped", path)
+        return {"skipped": f"{path} holds no SavedModel"}
+    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    batch = min(settings.batch_size,
+                deployed.asset(path, "model_card.json")["limits"]["max_batch"])
+    per_set = {}
+    for name, arrays in sets.items():
+        flat = arrays["adversarial"].reshape(-1, *arrays["original"].shape[1:])
+        rows = np.unique(np.linspace(0, len(flat) - 1, min(settings.replay_images, len(flat)))
+                         .round().astype(int)) if len(flat) else np.zeros(0, int)
+        ours = _decisions(target.deployable.serving_default, flat[rows], batch)
+        theirs = _decisions(lambda x: signature(images=x), flat[rows], batch)
+        per_set[name] = {"compared": int(len(rows)), "mismatches": int(
+            ((ours[0] != theirs[0]) | (ours[1] != theirs[1])).sum())}
+    exported = export.manifest().get("inputs", {})
+    current = artifacts.input_hashes({n: made_of[n].folder for n in ("train", "calibrate")})
+    return {"saved_model": str(path), "version": record["version"],
+            "compared": sum(v["compared"] for v in per_set.values()),
+            "mismatches": sum(v["mismatches"] for v in per_set.values()),
+            "export_is_current": all(exported.get(k) == v for k, v in current.items()),
+            "sets": per_set}
+
+
+def _decisions(signature, images, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(class_ids, rejected) of `signature` over `images` in batches."""
+    out = [signature(tf.constant(images[i:i + batch])) for i in range(0, len(images), batch)]
+    if not out:
+        return np.zeros(0, np.int64), np.zeros(0, bool)
+    return (np.concatenate([o["class_ids"].numpy() for o in out]),
+            np.concatenate([o["rejected"].numpy() for o in out]))
+
+
+def _publish_sets(stage_dir: pathlib.Path, names) -> list[str]:
+    """parts/<name>.npz as sets/<name>.npz, an output; sets of attacks not run are removed."""
+    folder = stage_dir / SETS
+    for stale in folder.glob("*.npz") if folder.exists() else ():
+        if stale.stem not in names:
+            stale.unlink()
+    for name in names:
+        with artifacts.atomic_file(folder / f"{name}.npz", suffix=".npz") as tmp:
+            shutil.copyfile(stage_dir / PARTS / f"{name}.npz", tmp)
+    return [f"{SETS}/{name}.npz" for name in names]
+
+
+def _first_image(arrays: dict, attack: str, shown: dict, row: int = 0) -> None:
+    """The first attacked image's adversarial example (`row` of it; its largest epsilon
+    for curves) into `shown` ({"images", "scores"}), for Table 4 and the examples figure."""
+    adv, scores, success = (arrays[k] for k in ("adversarial", "scores", "success"))
+    if adv.ndim == 5:  # [epsilons, N, ...]
+        adv, scores, success = adv[-1], scores[-1], success[-1]
+        attack = f"{attack} ε={float(arrays['epsilon'][-1]):g}"
+    if len(adv) <= row:
+        return
+    name = attack if success[row] else f"{attack} (failed)"
+    shown["images"][name] = adv[row:row + 1]
+    shown["scores"][name] = scores[row].tolist()
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    settings = config.attack_settings()
-    names = upstream["ingest"].class_names
-    thresholds = {p: v["thresholds"] for p, v in upstream["calibrate"].percentiles().items()}
-    model = Run(stage_dir.parent).deployable().model
-    baseline = _baseline_model(config)
-    count = max(settings.images, settings.cw_images)
-    # enough test images to find `count` correctly classified ones
-    images, labels = upstream["ingest"].arrays("test", limit=max(count * 4, 1000))
-    classifier = adversarial.art_classifier(model, len(names), images.shape[1:],
-                                            settings.batch_size)
-    clean = classifier.predict(images)
-    correct = adversarial.first_correct(clean, labels, count)
-    if len(correct) == 0:
-        raise ConfigError("attack: the model classifies none of the test images correctly")
-    parts = artifacts.Parts(stage_dir / PARTS, artifacts.input_hashes(
-        {name: view.folder for name, view in upstream.items()}))
-    common = {"images": settings.images, "seed": settings.seed}
-    report = {"dataset": config.dataset, "model": config.model,
-              "settings": dataclasses.asdict(settings), "curves": {}, "untargeted": {},
-              "cw_l2": {}, "first_image": {"index": int(correct[0]),
-                                           "label": names[labels[correct[0]]]},
-              "thresholds": {str(p): [float(x) for x in t] for p, t in thresholds.items()}}
-    examples = {"original": images[correct[:1]]}
-    first_logits = {"original": clean[correct[0]].tolist()}
+    s = config.attack_settings()
+    baseline = _baseline_run(config)
+    examples, calibration = upstream["ingest"], upstream["calibrate"]
+    names = examples.class_names
+    count = max(s.images, s.boundary_images, s.local_search_images, s.cw_images,
+                s.square_images)
+    # enough test images to find `count` correctly classified and accepted ones
+    images, labels = examples.arrays("test", limit=max(count * 4, 1000))
+    main = _target(config.model, Run(stage_dir.parent), images, labels, s.batch_size, {})
+    targets = {main.name: main}
+    if baseline is not None:
+        name = "discriminative" if main.name != "discriminative" else "baseline"
+        targets[name] = _target(name, baseline[0], images, labels, s.batch_size,
+                                {"baseline": baseline[1]})
+    ctx = Context(s, artifacts.Parts(stage_dir / PARTS, artifacts.input_hashes(
+        {name: upstream[name].folder for name in UPSTREAM})), images, labels)
+    attacks = set(config.attacks)
+    kappas, kappa_rule = (_cw_confidences(ctx, main, calibration, examples)
+                          if "cw_l2" in attacks else (s.cw_confidences, None))
+    ctx.settings = dataclasses.replace(s, cw_confidences=kappas)
+    report = _report_head(config, ctx, targets, main, calibration, names)
+    report["cw_confidences"] = kappa_rule
+    shown = {"images": {"original": images[main.attacked[:1]]},
+             "scores": {"original": main.clean[main.attacked[0]].tolist()}}
+    sets = {n: {} for n in targets}
+    _paper_attacks(ctx, targets, attacks, report, sets, shown)
+    _adaptive(ctx, targets, main, attacks, report, sets)
+    if "pgd_accepted_linf" in report["adaptive"]:
+        _first_image(sets[main.name][f"pgd_accepted_linf_{main.name}"], "pgd_accepted_linf",
+                     shown)
+    report["first_image"]["scores"] = shown["scores"]
+    report["replay"] = _replay(upstream.get("export"), upstream, main, sets[main.name],
+                               ctx.settings)
+    logging.info("attack: SavedModel replay %s", {k: v for k, v in report["replay"].items()
+                                                  if k != "sets"})
+    return _write(stage_dir, report, names, shown["images"], sets)
 
-    curve_images, curve_labels = images[:settings.images], labels[:settings.images]
-    for attack in [a for a in adversarial.CURVE_ATTACKS if a in config.attacks]:
-        key = {**common, "epsilons": settings.epsilons}
-        if attack == "pgd":
-            key.update(pgd_steps=settings.pgd_steps, pgd_step_size=settings.pgd_step_size)
-        models = {config.model: (classifier, key)}
-        if baseline is not None:
-            models["discriminative"] = (
-                adversarial.art_classifier(baseline[0], len(names), images.shape[1:],
-                                           settings.batch_size), {**key, "baseline": baseline[1]})
-        report["curves"][attack] = {}
-        for name, (target, key) in models.items():
-            part = f"{attack}_{name}"
-            done = parts.get(part, key)
-            if done is None:
-                logging.info("attack: %s accuracy curve of %s over %d images", attack, name,
-                             len(curve_images))
-                done = parts.put(part, key, adversarial.accuracy_curve(
-                    target, curve_images, curve_labels, attack, settings))
-            report["curves"][attack][name] = done[0]
-        logging.info("attack: %s accuracies %s", attack, report["curves"][attack])
 
-    attacked, attacked_labels = images[correct[:settings.images]], labels[correct[:settings.images]]
-    for attack in [a for a in adversarial.UNTARGETED_ATTACKS if a in config.attacks]:
-        key = {**common, "steps": {"deepfool": settings.deepfool_steps,
-                                   "boundary": settings.boundary_steps,
-                                   "local_search": settings.local_search_rounds}[attack]}
-        if attack == "deepfool":
-            key["overshoot"] = settings.deepfool_overshoot
-        done = parts.get(attack, key)
-        if done is None:
-            logging.info("attack: %s on %d correctly classified images", attack, len(attacked))
-            summary, result = _untargeted(attack, classifier, attacked, attacked_labels,
-                                          thresholds, settings)
-            done = parts.put(attack, key, summary, {
-                "adversarial": result.adversarial, "logits": result.logits,
-                "success": result.success})
-        summary, arrays = done
+def _report_head(config, ctx: Context, targets: dict, main: Target, calibration, names
+                 ) -> dict:
+    """The report's settings, clean rejection rates and thresholds; empty attack sections."""
+    first = int(main.attacked[0])
+    return {"dataset": config.dataset, "model": config.model, "score": calibration.score,
+            "settings": dataclasses.asdict(ctx.settings), "budgets": attack_report.BUDGETS,
+            "clean": {n: _clean(t, ctx.labels) for n, t in targets.items()},
+            "thresholds": {str(p): [float(x) for x in t] for p, t in main.percentiles.items()},
+            "deployed": {"percentile": str(calibration.deployed()[0]),
+                         "thresholds": [float(x) for x in main.thresholds]},
+            "curves": {}, "curves_undetected": {}, "untargeted": {}, "cw_l2": {},
+            "adaptive": {}, "sanity": {},
+            "first_image": {"index": first, "label": names[ctx.labels[first]]}}
+
+
+def _paper_attacks(ctx: Context, targets: dict, attacks: set, report: dict, sets: dict,
+                   shown: dict) -> None:
+    """The paper's attacks: curves on every target, the others on ours (the first)."""
+    main = next(iter(targets.values()))
+    for attack in [a for a in adversarial.CURVE_ATTACKS if a in attacks]:
+        for name, target in targets.items():
+            summary, sets[name][f"{attack}_{name}"] = _curve(ctx, target, attack)
+            report["curves"].setdefault(attack, {})[name] = summary.pop("accuracy")
+            report["curves_undetected"].setdefault(attack, {})[name] = summary
+        logging.info("attack: %s accuracies %s, undetected %s", attack, report["curves"][attack],
+                     report["curves_undetected"][attack])
+    for attack in [a for a in adversarial.UNTARGETED_ATTACKS if a in attacks]:
+        summary, sets[main.name][attack] = _untargeted(ctx, main, attack)
         report["untargeted"][attack] = summary
-        shown = attack if arrays["success"][0] else f"{attack} (failed)"
-        examples[shown] = arrays["adversarial"][:1]
-        first_logits[shown] = arrays["logits"][0].tolist()
-        logging.info("attack: %s success %s, detection %s (%.0f s)", attack,
-                     summary["success_rate"], summary["detection_rate"], summary["seconds"])
+        _first_image(sets[main.name][attack], attack, shown)
+        logging.info("attack: %s success %s, detection %s, undetected %s (%.0f s)", attack,
+                     summary["success_rate"], summary["detection_rate"],
+                     summary["undetected_success"], summary["seconds"])
+    for kappa in ctx.settings.cw_confidences if "cw_l2" in attacks else ():
+        name = f"cw_l2_k{kappa:g}"
+        summary, arrays = _carlini(ctx, main, kappa)
+        sets[main.name][name] = arrays
+        names = main.deployable.class_names
+        first = slice(0, len(names) - 1)  # the first image's attacks
+        summary["first_image_target_scores"] = {
+            names[t]: (float(sc[t]) if ok else None) for t, sc, ok in zip(
+                arrays["target"][first], arrays["scores"][first], arrays["success"][first],
+                strict=True)}
+        report["cw_l2"][f"{kappa:g}"] = summary
+        logging.info("attack: CW-L2 kappa=%g success %s, detection %s, undetected %s", kappa,
+                     summary["success_rate"], summary["detection_rate"],
+                     summary["undetected_success"])
+        ok = np.flatnonzero(arrays["success"][first])
+        if len(ok):
+            _first_image(arrays, name, shown, int(ok[0]))
 
-    if "cw_l2" in config.attacks:
-        chosen = correct[:settings.cw_images]
-        classes = len(names)
-        originals = np.repeat(images[chosen], classes - 1, axis=0)
-        targets = np.concatenate([[t for t in range(classes) if t != y] for y in labels[chosen]])
-        for kappa in settings.cw_confidences:
-            part = f"cw_l2_k{kappa:g}"
-            key = {"images": settings.cw_images, "seed": settings.seed, "kappa": kappa,
-                   "steps": settings.cw_steps, "search_steps": settings.cw_search_steps}
-            done = parts.get(part, key)
-            if done is None:
-                logging.info("attack: CW-L2 kappa=%g, %d images x %d targets", kappa,
-                             len(chosen), classes - 1)
-                result = adversarial.carlini_l2(classifier, originals, targets, kappa, settings)
-                done = parts.put(part, key, _summary(result, originals, thresholds), {
-                    "adversarial": result.adversarial, "logits": result.logits,
-                    "success": result.success, "targets": targets})
-            summary, arrays = done
-            first = slice(0, classes - 1)  # the first image's attacks
-            summary["first_image_target_logits"] = {
-                names[t]: (float(lg[t]) if ok else None) for t, lg, ok in zip(
-                    arrays["targets"][first], arrays["logits"][first], arrays["success"][first],
-                    strict=True)}
-            report["cw_l2"][f"{kappa:g}"] = summary
-            logging.info("attack: CW-L2 kappa=%g success %s, detection %s (%.0f s)", kappa,
-                         summary["success_rate"], summary["detection_rate"], summary["seconds"])
-            ok = np.flatnonzero(arrays["success"][:classes - 1])
-            if len(ok):
-                examples[part] = arrays["adversarial"][ok[:1]]
-                first_logits[part] = arrays["logits"][ok[0]].tolist()
-    report["first_image"]["logits"] = first_logits
 
+def _adaptive(ctx: Context, targets: dict, main: Target, attacks: set, report: dict,
+              sets: dict) -> None:
+    """The adaptive attacks (PGD curves on every target) and the sanity checks."""
+    adaptive = report["adaptive"]
+    for norm in ("inf", "2"):
+        attack = f"pgd_accepted_l{norm}"
+        if attack not in attacks:
+            continue
+        for name, target in targets.items():
+            summary, sets[name][f"{attack}_{name}"] = _accepted_curve(ctx, target, norm)
+            adaptive.setdefault(attack, {})[name] = summary
+            logging.info("attack: %s of %s: undetected %s", attack, name,
+                         summary["undetected_success"])
+    if "pgd_accepted_linf" in attacks:
+        summary, sets[main.name]["pgd_accepted_linf_doubled"] = _accepted_curve(
+            ctx, main, "inf", doubled=True)
+        adaptive["pgd_accepted_linf_doubled"] = {main.name: summary}
+    if "square_accepted" in attacks:
+        summary, sets[main.name]["square_accepted"] = _square(ctx, main)
+        adaptive["square_accepted"] = {main.name: summary}
+    if "cw_accepted" in attacks:
+        summary, sets[main.name]["cw_accepted"] = _cw_accepted(ctx, main)
+        adaptive["cw_accepted"] = {main.name: summary}
+    ours = sets[main.name]
+    if "pgd_accepted_linf" in attacks:
+        report["sanity"] = sanity(
+            ours[f"pgd_accepted_linf_{main.name}"], ours["pgd_accepted_linf_doubled"],
+            ours.get("square_accepted"), ours.get(f"pgd_{main.name}"))
+        logging.info("attack: sanity checks %s",
+                     {k: v["passed"] for k, v in report["sanity"].items()})
+
+
+def _write(stage_dir: pathlib.Path, report: dict, names, examples: dict, sets: dict
+           ) -> list[str]:
     outputs = [REPORT_JSON, REPORT_MD]
     if report["curves"]:
-        plots.accuracy_curves(settings.epsilons, report["curves"], stage_dir / CURVES_PNG)
+        plots.accuracy_curves(report["settings"]["epsilons"], report["curves"],
+                              stage_dir / CURVES_PNG)
         outputs.append(CURVES_PNG)
-    first_thresholds = next(iter(thresholds.values()))
+    panels = attack_report.undetected_panels(report)
+    if panels:
+        plots.undetected_curves(panels, stage_dir / UNDETECTED_PNG)
+        outputs.append(UNDETECTED_PNG)
+    thresholds = report["deployed"]["thresholds"]
     captions = []
-    for name, lg in first_logits.items():
-        c = int(np.argmax(lg))
-        verdict = "rejected" if lg[c] < first_thresholds[c] else "accepted"
-        captions.append(f"{name}\n{names[c]}: {lg[c]:.1f} vs {first_thresholds[c]:.1f}\n"
-                        f"{verdict}")
-    plots.image_grid([examples[k][0] for k in first_logits], captions,
+    for name, sc in report["first_image"]["scores"].items():
+        c = int(np.argmax(sc))
+        verdict = "rejected" if sc[c] < thresholds[c] else "accepted"
+        captions.append(f"{name}\n{names[c]}: {sc[c]:.1f} vs {thresholds[c]:.1f}\n{verdict}")
+    plots.image_grid([examples[k][0] for k in report["first_image"]["scores"]], captions,
                      stage_dir / EXAMPLES_PNG, columns=min(5, len(captions)),
-                     title="First attacked test image: largest log-likelihood vs threshold")
-    np.savez_compressed(stage_dir / f".{EXAMPLES_NPZ}.tmp.npz",
-                        **{k: v for k, v in examples.items()})
-    (stage_dir / f".{EXAMPLES_NPZ}.tmp.npz").replace(stage_dir / EXAMPLES_NPZ)
+                     title="First attacked test image: top score vs the deployed threshold")
+    with artifacts.atomic_file(stage_dir / EXAMPLES_NPZ, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **examples)
     outputs += [EXAMPLES_PNG, EXAMPLES_NPZ]
+    outputs += _publish_sets(stage_dir, [n for by_part in sets.values() for n in by_part])
     report["figures"] = [o for o in outputs if o.endswith(".png")]
     artifacts.write_json(stage_dir / REPORT_JSON, report)
-    artifacts.write_text(stage_dir / REPORT_MD, markdown(report, names))
+    artifacts.write_text(stage_dir / REPORT_MD, attack_report.markdown(report, names))
     return outputs
-
-
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
-
-
-def markdown(report: dict, names) -> str:
-    s = report["settings"]
-    percentiles = list(report["thresholds"])
-    lines = [f"# Adversarial evaluation: {report['dataset']} ({report['model']})", "",
-             "An adversarial example is *detected* when the deployed rule (equation 9) rejects "
-             "it. Only correctly classified test images are attacked (the paper: the first "
-             "1000 test images). The paper's numbers are for MNIST and CIFAR10.", "",
-             "Settings: " + ", ".join(f"{k}={v}" for k, v in s.items()), ""]
-    if report["curves"]:
-        lines += ["## Figures 4 and 5: accuracy under FGSM and PGD-L∞", "",
-                  f"First {s['images']} test images; PGD with a random start.", ""]
-        lines.append("| attack | model | " + " | ".join(f"ε={e:g}" for e in s["epsilons"])
-                     + " |")
-        lines.append("|---|---|" + "---|" * len(s["epsilons"]))
-        for attack, by_model in report["curves"].items():
-            for model, accuracies in by_model.items():
-                lines.append(f"| {NAMES[attack]} | {model} | "
-                             + " | ".join(f"{100 * a:.1f}" for a in accuracies) + " |")
-        lines += ["", f"![curves]({CURVES_PNG})", ""]
-    if report["untargeted"]:
-        lines += ["## Table 5: untargeted attacks", "",
-                  "| attack | attacked | success | " + " | ".join(
-                      f"detected p{p}" for p in percentiles)
-                  + " | median L2 | seconds | paper MNIST p1 / p2 | paper CIFAR10 p1 / p2 |",
-                  "|---|---|---|" + "---|" * len(percentiles) + "---|---|---|---|"]
-        for attack, v in report["untargeted"].items():
-            paper = PAPER_UNTARGETED.get(attack)
-            lines.append(
-                f"| {NAMES[attack]} | {v['attacked']} | {_pct(v['success_rate'])} | "
-                + " | ".join(_pct(v["detection_rate"][p]) for p in percentiles)
-                + f" | {v['median_l2'] if v['median_l2'] is None else round(v['median_l2'], 3)}"
-                f" | {v['seconds']} | {paper[0]:.2f}% / {paper[1]:.2f}% | "
-                f"{paper[2]:.2f}% / {paper[3]:.2f}% |")
-        lines.append("")
-    if report["cw_l2"]:
-        lines += ["## Table 7: targeted CW-L2", "",
-                  f"The first {s['cw_images']} correctly classified test images, each towards "
-                  "every other class. Success: the target's log-likelihood leads by at least κ.",
-                  "", "| κ | attacks | success | " + " | ".join(
-                      f"detected p{p}" for p in percentiles)
-                  + " | seconds | paper MNIST p1 / p2 / success | paper CIFAR10 |",
-                  "|---|---|---|" + "---|" * len(percentiles) + "---|---|---|"]
-        for kappa, v in report["cw_l2"].items():
-            paper = PAPER_CW.get(float(kappa))
-            cells = (f"{paper[0]:.2f}% / {paper[1]:.2f}% / {paper[2]:.2f}% | "
-                     f"{paper[3]:.2f}% / {paper[4]:.2f}% / {paper[5]:.2f}%") if paper else "— | —"
-            lines.append(f"| {kappa} | {v['attacked']} | {_pct(v['success_rate'])} | "
-                         + " | ".join(_pct(v["detection_rate"][p]) for p in percentiles)
-                         + f" | {v['seconds']} | {cells} |")
-        lines += ["", "### Table 6: the first image's target log-likelihoods (— = failed)", "",
-                  "| κ | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for kappa, v in report["cw_l2"].items():
-            row = v["first_image_target_logits"]
-            lines.append(f"| {kappa} | " + " | ".join(
-                "·" if n not in row else ("—" if row[n] is None else f"{row[n]:.1f}")
-                for n in names) + " |")
-        lines.append("")
-    first = report["first_image"]
-    lines += [f"## Table 4: log-likelihoods of the first attacked image ({first['label']}, "
-              f"test index {first['index']})", "",
-              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for p, t in report["thresholds"].items():
-        lines.append(f"| threshold p{p} | " + " | ".join(f"{x:.1f}" for x in t) + " |")
-    for name, lg in first["logits"].items():
-        best = int(np.argmax(lg))
-        lines.append(f"| {name} | " + " | ".join(
-            f"**{x:.1f}**" if c == best else f"{x:.1f}" for c, x in enumerate(lg)) + " |")
-    lines += ["", f"![examples]({EXAMPLES_PNG})"]
-    return "\n".join(lines) + "\n"

@@ -42,7 +42,7 @@ BEST, LAST, STATE, HISTORY = (TrainedModel.BEST, TrainedModel.LAST, TrainedModel
 # Per-epoch watching, within ~5% of an epoch (history.csv: test_seconds, monitor_seconds):
 # test accuracy on the first TEST_SUBSET test images (all of them after the last epoch), and
 # the deployed-style rejection quality (sdim_tf.monitoring) on held-out images.
-TEST_SUBSET = 2000
+TEST_SUBSET = 1000
 MONITOR_FIT, MONITOR_HELD_OUT, MONITOR_OUTLIERS = 2000, 1000, 250
 
 

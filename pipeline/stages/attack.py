@@ -27,10 +27,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pipeline import artifacts, deployed
+from pipeline import artifacts, attack_report, deployed
 from pipeline.config import ConfigError
 from pipeline.run_dir import Run
-from pipeline.stages import attack_report
 from sdim_tf import adversarial, plots, rejection
 
 FIELDS = ("attacks", "attack_images", "attack_epsilons", "attack_pgd_steps",

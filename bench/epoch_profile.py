@@ -18,6 +18,7 @@ from absl import app, flags
 
 from bench import machine
 from pipeline import artifacts
+from pipeline.config import PipelineConfig
 from pipeline.run_dir import Run
 
 PROFILED = ("train_seconds", "step_ms_median", "test_seconds", "monitor_seconds",
@@ -56,12 +57,13 @@ def profile(run_dir: str | pathlib.Path) -> dict:
 
 def _steps(view: Run) -> int | None:
     """Steps per epoch of a run whose rows predate the `steps` column, from its config."""
-    config = view.model.manifest()["config"] if (
-        view.model.folder / artifacts.MANIFEST).exists() else None
-    if config is None:
+    if not (view.model.folder / artifacts.MANIFEST).exists():
         return None
-    available = view.examples.num_examples("train") - config["validation_split"]
-    return min(available, config.get("train_limit") or available) // config["batch_size"]
+    trained = view.model.manifest()["config"]
+    config = PipelineConfig(**{k: trained[k] for k in (
+        "validation_split", "train_limit", "batch_size")})
+    _, limit = config.train_examples(view.examples.num_examples("train"))
+    return limit // config.batch_size
 
 
 def main(argv):

@@ -130,26 +130,25 @@ def serving_speed(tmp: pathlib.Path) -> dict:
     module = serving.RejectingClassifier(scorer, np.zeros(10), 1, (28, 28))
     loaded = tf.saved_model.load(str(serving.export(module, tmp / "saved_models", "bench")))
     raw = rng.integers(0, 256, (256, 28, 28, 1), np.uint8)
+
+    def floats(n):
+        return tf.constant(data.preprocess(raw[:n]))
+
     calls = {
-        "bare_forward": (tf.function(lambda x: model(x, training=False)),
-                         lambda n: tf.constant(data.preprocess(raw[:n]))),
+        "bare_forward": (tf.function(lambda x: model(x, training=False)), floats),
         # the deployed score alone, and under XLA: whether compiling would pay on this CPU
-        "scoring": (tf.function(scorer.scores_and_logits),
-                    lambda n: tf.constant(data.preprocess(raw[:n]))),
-        "scoring_xla": (tf.function(scorer.scores_and_logits, jit_compile=True),
-                        lambda n: tf.constant(data.preprocess(raw[:n]))),
-        "serving_default": (loaded.signatures["serving_default"],
-                            lambda n: tf.constant(data.preprocess(raw[:n]))),
+        "scoring": (tf.function(scorer.scores_and_logits), floats),
+        "scoring_xla": (tf.function(scorer.scores_and_logits, jit_compile=True), floats),
+        "serving_default": (loaded.signatures["serving_default"], floats),
         "classify_raw": (loaded.signatures["classify_raw"], lambda n: tf.constant(raw[:n])),
         "classify_encoded": (loaded.signatures["classify_encoded"], lambda n: tf.constant(
             [tf.io.encode_png(image).numpy() for image in raw[:n]]))}
-    figures = {name: {"images_per_second_batch_256": 0.0, "latencies_ms": []}
-               for name in calls}
     batches = {name: (fn, make(256), make(1)) for name, (fn, make) in calls.items()}
     for fn, big, one in batches.values():  # tracing, allocation
         for _ in range(3):
             fn(big), fn(one)
     seconds = dict.fromkeys(calls, 0.0)
+    latencies = {name: [] for name in calls}
     for _ in range(FLAGS.serving_calls):
         for name, (fn, big, one) in batches.items():
             start = time.perf_counter()
@@ -158,14 +157,14 @@ def serving_speed(tmp: pathlib.Path) -> dict:
             for _ in range(4):
                 start = time.perf_counter()
                 _block(fn(one))
-                figures[name]["latencies_ms"].append(1000 * (time.perf_counter() - start))
-    for name, row in figures.items():
-        latencies = row.pop("latencies_ms")
-        row["images_per_second_batch_256"] = round(FLAGS.serving_calls * 256 / seconds[name], 1)
-        row["latency_ms_batch_1"] = {"p50": round(float(np.percentile(latencies, 50)), 3),
-                                     "p99": round(float(np.percentile(latencies, 99)), 3)}
+                latencies[name].append(1000 * (time.perf_counter() - start))
+    figures = {name: {
+        "images_per_second_batch_256": round(FLAGS.serving_calls * 256 / seconds[name], 1),
+        "latency_ms_batch_1": {"p50": round(float(np.percentile(latencies[name], 50)), 3),
+                               "p99": round(float(np.percentile(latencies[name], 99)), 3)}}
+        for name in calls}
     bare = figures["bare_forward"]
-    for name in ("scoring", "scoring_xla", "serving_default", "classify_raw", "classify_encoded"):
+    for name in [n for n in calls if n != "bare_forward"]:
         figures[name]["throughput_over_bare_forward"] = round(
             figures[name]["images_per_second_batch_256"] / bare["images_per_second_batch_256"], 3)
         figures[name]["p50_latency_over_bare_forward"] = round(

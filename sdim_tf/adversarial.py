@@ -71,7 +71,12 @@ class AttackResult:
     targets: np.ndarray | None = None
 
     def l2(self, images: np.ndarray) -> np.ndarray:
-        return np.sqrt(((self.adversarial - images) ** 2).reshape(len(images), -1).sum(1))
+        return l2_distances(self.adversarial, images)
+
+
+def l2_distances(adversarial: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """Per image, the L2 norm of the perturbation [N]."""
+    return np.sqrt(((adversarial - images) ** 2).reshape(len(images), -1).sum(1))
 
 
 def _require_art():

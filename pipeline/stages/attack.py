@@ -151,8 +151,7 @@ def _share(flags: np.ndarray) -> float | None:
 def _summary(target: Target, arrays: dict, seconds: float) -> dict:
     """One attack's row: its own success, the paper's detection rates, undetected success."""
     success = arrays["success"]
-    distance = np.sqrt(((arrays["adversarial"] - arrays["original"]) ** 2).reshape(
-        len(success), -1).sum(1))[success]
+    distance = adversarial.l2_distances(arrays["adversarial"], arrays["original"])[success]
     return {"attacked": int(len(success)), "successes": int(success.sum()),
             "success_rate": _share(success),
             "detection_rate": {str(p): r for p, r in adversarial.detection_rates(

@@ -180,16 +180,20 @@ def _next(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(path.name + ".next")
 
 
-def _stage_checkpoints(model: keras.Model, stage_dir: pathlib.Path, best: bool) -> dict:
+def _stage_checkpoints(model: keras.Model, stage_dir: pathlib.Path, best: bool,
+                       committed: dict) -> dict:
     """Writes this epoch's checkpoints beside the live ones (`<name>.next`); returns the
-    sha256 of each checkpoint as it will be once `_settle_checkpoints` puts them in place."""
+    sha256 of each checkpoint as it will be once `_settle_checkpoints` puts them in place.
+    `committed`: the digests state.json holds (an unchanged best keeps its own)."""
     with artifacts.atomic_file(_next(stage_dir / LAST), suffix=".keras") as tmp:
         model.save(tmp)
     last = artifacts.sha256_file(_next(stage_dir / LAST))
     if best:
         with artifacts.atomic_file(_next(stage_dir / BEST)) as tmp:
             shutil.copyfile(_next(stage_dir / LAST), tmp)
-    return {LAST: last, BEST: last if best else artifacts.sha256_file(stage_dir / BEST)}
+    if best:
+        return {LAST: last, BEST: last}
+    return {LAST: last, BEST: committed.get(BEST) or artifacts.sha256_file(stage_dir / BEST)}
 
 
 def _settle_checkpoints(stage_dir: pathlib.Path, recorded: dict) -> None:
@@ -345,7 +349,8 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
             continue
         best = state["best_loss"] is None or logs["loss"] < state["best_loss"]
         started = time.time()
-        state["checkpoints"] = _stage_checkpoints(model, stage_dir, best)
+        state["checkpoints"] = _stage_checkpoints(model, stage_dir, best,
+                                                  state.get("checkpoints", {}))
         row["checkpoint_seconds"] = round(time.time() - started, 2)
         row["seconds"] = round(time.time() - start, 2)
         logging.info("train: epoch %d: %s", epoch, row)

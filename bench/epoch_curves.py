@@ -35,6 +35,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Glob of the per-epoch .keras checkpoints "
                     "(epoch_<k>.keras); measured in epoch order.")
 flags.DEFINE_string("out", "bench/results/epoch_curves.json", "Where the JSON goes.")
+flags.DEFINE_enum("rule", "conformal", list(monitoring.RULES),
+                  "The shared threshold: split conformal as deployed, or the budget percentile.")
+flags.DEFINE_float("reject_confidence", 0.95, "Confidence of the conformal threshold.")
 flags.DEFINE_string("data_dir", os.environ.get("SDIM_DATA_DIR"),
                     "Folder holding fashion_mnist/ and mnist/ IDX files.")
 flags.DEFINE_integer("trained_images", 55000, "The run trained on the first N training "
@@ -44,8 +47,8 @@ flags.DEFINE_integer("fit_images", 5000, "Trained images the tied Gaussians are 
                      "evenly strided over the first --trained_images.")
 flags.DEFINE_integer("outlier_images", 1000, "First N held-out images each outlier set is "
                      "built from (proxy and part outliers).")
-flags.DEFINE_float("reject_budget", 0.04, "Deployed percentile: the largest rejecting at "
-                   "most this share of the held-out images (shared threshold).")
+flags.DEFINE_float("reject_budget", 0.04, "The shared threshold's budget: the share of "
+                   "held-out-like images it may reject (see --rule).")
 flags.DEFINE_integer("seed", 0, "Outlier seed.")
 flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
 flags.DEFINE_integer("limit_checkpoints", 0, "Measure only the first N checkpoints (0: all).")
@@ -129,7 +132,9 @@ def main(argv):
                 "fit_images": FLAGS.fit_images, "fit_stride": int(trained // FLAGS.fit_images),
                 "outlier_images": FLAGS.outlier_images, "outliers": list(built),
                 "seed": FLAGS.seed, "reject_budget": FLAGS.reject_budget,
-                "threshold_rule": "shared", "layer_sets": [list(s) for s in LAYER_SETS]}
+                "threshold_rule": "shared", "rule": FLAGS.rule,
+                "reject_confidence": FLAGS.reject_confidence if FLAGS.rule == "conformal" else None,
+                "layer_sets": [list(s) for s in LAYER_SETS]}
     out = pathlib.Path(FLAGS.out)
     done = {}
     if out.exists():
@@ -160,7 +165,8 @@ def main(argv):
         model = keras.models.load_model(path, compile=False)
         quality = monitoring.rejection_quality(
             model, fit, held_out, built, FLAGS.reject_budget, LAYER_SETS, FLAGS.batch_size,
-            test=test, test_outliers={"mnist": mnist})
+            test=test, test_outliers={"mnist": mnist}, rule=FLAGS.rule,
+            confidence=FLAGS.reject_confidence or None)
         entry = {"epoch": epoch_of(path), "path": path, "bytes": stat.st_size,
                  "modified": stat.st_mtime, "seconds": round(time.time() - started, 1),
                  "quality": finite(quality)}

@@ -101,7 +101,8 @@ def measure(scores: dict, labels: dict, percentiles, proxies, oods) -> dict:
         shared = np.full(num_classes, rejection.percentile_value(top["val"][val_correct], p))
         result.setdefault("shared_threshold", {})[str(p)] = _rule(
             shared, top, predicted, labels, proxies, oods)
-    # What the pipeline deploys: the largest percentile within --reject_budget on validation.
+    # The budget percentile (the rule before split conformal): the largest within
+    # --reject_budget on validation.
     for key, shared in (("budget", False), ("budget_shared_threshold", True)):
         budget = rejection.budget_percentile(scores["val"], labels["val"], FLAGS.reject_budget,
                                              shared=shared)

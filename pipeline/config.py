@@ -107,9 +107,6 @@ class PipelineConfig:
     max_request_pixels: int = _LIMITS.max_request_pixels
     max_batch: int = _LIMITS.max_batch
     export_percentile: float = 1  # whose thresholds the SavedModel applies, without a budget
-    # > 0: the SavedModel applies the largest percentile that rejects at most this share of
-    # the calibration images (0.04: the paper's Fashion-MNIST rate 4.63% with a margin for
-    # the sampling error of 5000 validation images); 0: --export_percentile.
     # > 0 (needs --validation_split): deploy split-conformal thresholds that reject at most
     # this share of images drawn like the held-out ones (0.04: the paper's Fashion-MNIST
     # rate 4.63% with room to spare), with confidence reject_confidence (0: on average).

@@ -4,8 +4,10 @@ Rejection decays with training (docs/results.md: 98.4% of MNIST rejected by a Fa
 model at 8 epochs, 82% at 50) while accuracy keeps rising, so it has to be watched like a
 loss. `rejection_quality` measures, for the model's own log p(x|c) and for tied Gaussians
 (`sdim_tf.density.FeatureDensity`) on sets of encoder layers, the deployed rule: one threshold
-shared by all classes at the largest percentile rejecting at most `budget` of the held-out
-images; then the share of each outlier set it rejects and the AUROC held-out vs outliers.
+shared by all classes, by default split conformal on the held-out images' top scores
+(`sdim_tf.conformal`, what the calibrate stage deploys), else ("percentile") the largest
+percentile of the correct ones rejecting at most `budget` of the held-out images; then the
+share of each outlier set it rejects and the AUROC held-out vs outliers.
 The outliers must be built from training or held-out images (`sdim_tf.outliers`); test sets
 may only come in as the final measure (`test`, `test_outliers`), never for selection.
 """
@@ -19,9 +21,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from sdim_tf import density, metrics, rejection
+from sdim_tf import conformal, density, metrics, rejection
 
 MODEL_SCORE = "model"
+RULES = ("conformal", "percentile")
 
 
 def score_name(layers: Sequence[str]) -> str:
@@ -34,7 +37,8 @@ def rejection_quality(model, fit: tuple[np.ndarray, np.ndarray],
                       budget: float = 0.04,
                       layers: Sequence[Sequence[str]] = (density.DEFAULT_LAYERS,),
                       batch_size: int = 500, test: tuple[np.ndarray, np.ndarray] | None = None,
-                      test_outliers: Mapping[str, np.ndarray] | None = None) -> dict:
+                      test_outliers: Mapping[str, np.ndarray] | None = None,
+                      rule: str = "conformal", confidence: float | None = 0.95) -> dict:
     """Accuracy, deployed-rule rejection and outlier AUROC of every score, on held-out data.
 
     Args:
@@ -42,21 +46,25 @@ def rejection_quality(model, fit: tuple[np.ndarray, np.ndarray],
       fit: (images, labels) the tied Gaussians are fitted on (trained images, no augmentation).
       held_out: (images, labels) never trained on: accuracy, percentile and thresholds.
       outliers: {name: images} built from training or held-out images.
-      budget: the deployed percentile is the largest rejecting at most this share of held_out.
+      budget: the share of new held-out-like images the threshold may reject (alpha).
       layers: one FeatureDensity per layer set; the model's own output is always scored too.
       batch_size: images per forward pass.
       test, test_outliers: the final measure only (test images and labels, real OOD sets):
         reported under "final_measure", kept out of every mean; never select on them.
+      rule: "conformal", the threshold `conformal.threshold(top held-out scores, budget,
+        confidence)` (confidence None: on average); or "percentile", the largest percentile
+        (steps of 0.05) of the correct held-out images' scores rejecting at most `budget`.
 
     Returns:
       {"model": q, score_name(layers[0]): q, ..., "seconds": s} where q holds `accuracy`,
-      `percentile`, `threshold` (shared by all classes), `rejected` (held-out share),
+      `percentile` (rule "percentile" only), `threshold` (shared by all classes), `rejected`
+      (held-out share),
       `outlier_rejected` and `outlier_auroc` ({name: x}), `mean_outlier_rejected`,
       `mean_outlier_auroc` and, with test data, `final_measure`. Images are float32
       [N, H, W, C] in [0, 1].
     """
-    return RejectionMonitor(model, fit, held_out, outliers, budget, layers,
-                            batch_size)(test, test_outliers)
+    return RejectionMonitor(model, fit, held_out, outliers, budget, layers, batch_size,
+                            rule, confidence)(test, test_outliers)
 
 
 class RejectionMonitor:
@@ -69,9 +77,13 @@ class RejectionMonitor:
     def __init__(self, model, fit, held_out, outliers: Mapping[str, np.ndarray],
                  budget: float = 0.04,
                  layers: Sequence[Sequence[str]] = (density.DEFAULT_LAYERS,),
-                 batch_size: int = 500):
+                 batch_size: int = 500, rule: str = "conformal",
+                 confidence: float | None = 0.95):
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
         self.fit, self.held_out, self.outliers = fit, held_out, dict(outliers)
         self.budget, self.batch_size = budget, batch_size
+        self.rule, self.confidence = rule, confidence
         self.layer_sets = [tuple(s) for s in layers]
         needed = [name for name in density.LAYERS if any(name in s for s in self.layer_sets)]
         num_classes = int(model.config["num_classes"])
@@ -102,11 +114,23 @@ class RejectionMonitor:
         for layer_set in self.layer_sets:
             scores[score_name(layer_set)] = {k: sum(v[layer] for layer in layer_set)
                                              for k, v in outputs.items()}
-        result = {name: _quality(by_set, self.held_out[1], list(self.outliers), self.budget,
+        result = {name: _quality(by_set, self.held_out[1], list(self.outliers),
+                                 self._threshold(by_set["held_out"]),
                                  None if test is None else test[1], list(test_outliers or {}))
                   for name, by_set in scores.items()}
         result["seconds"] = round(time.perf_counter() - started, 3)
         return result
+
+    def _threshold(self, log_likelihoods: np.ndarray) -> tuple[float | None, float]:
+        """(percentile or None, the shared threshold) on the held-out scores."""
+        labels = np.asarray(self.held_out[1]).reshape(-1)
+        if self.rule == "conformal":
+            return None, conformal.threshold(log_likelihoods.max(axis=1), self.budget,
+                                             self.confidence)
+        percentile = rejection.budget_percentile(log_likelihoods, labels, self.budget,
+                                                 shared=True)
+        return percentile, float(rejection.calibrate(
+            log_likelihoods, labels, (percentile,), shared=True)[percentile]["thresholds"][0])
 
     def _refit(self) -> None:
         images, labels = self.fit
@@ -159,18 +183,20 @@ def _run(forward, images: np.ndarray, batch_size: int) -> dict:
             for k in parts[0]}
 
 
-def _quality(scores: dict, labels: np.ndarray, outliers: list, budget: float,
-             test_labels: np.ndarray | None, test_outliers: list) -> dict:
-    """The deployed shared-threshold rule on one score's [N, C] outputs of every image set."""
+def _quality(scores: dict, labels: np.ndarray, outliers: list,
+             threshold: tuple[float | None, float], test_labels: np.ndarray | None,
+             test_outliers: list) -> dict:
+    """The shared threshold (percentile or None, value) on one score's [N, C] outputs of every
+    image set."""
     labels = np.asarray(labels).reshape(-1)
     log_likelihoods = scores["held_out"]
-    percentile = rejection.budget_percentile(log_likelihoods, labels, budget, shared=True)
-    thresholds = rejection.calibrate(log_likelihoods, labels, (percentile,),
-                                     shared=True)[percentile]["thresholds"]
+    percentile, value = threshold
+    thresholds = np.full(log_likelihoods.shape[1], value)
     top = {k: v.max(axis=1) for k, v in scores.items()}
     rejected = {k: _rejected(v, thresholds) for k, v in scores.items()}
-    result = {"accuracy": _accuracy(log_likelihoods, labels), "percentile": float(percentile),
-              "threshold": float(thresholds[0]),
+    result = {"accuracy": _accuracy(log_likelihoods, labels),
+              **({} if percentile is None else {"percentile": float(percentile)}),
+              "threshold": float(value),
               "rejected": _share(rejected["held_out"]),
               "outlier_rejected": {k: _share(rejected[f"outlier/{k}"]) for k in outliers},
               "outlier_auroc": {k: metrics.auroc(top["held_out"], top[f"outlier/{k}"])

@@ -39,6 +39,16 @@ def _numpy_budget(scores: np.ndarray, labels: np.ndarray, budget: float) -> tupl
     return best / 20, _numpy_threshold(scores, labels, best)
 
 
+def _numpy_conformal(scores: np.ndarray, budget: float, confidence: float) -> float:
+    """Split conformal with confidence: the k-th smallest top score for the largest k with
+    P(Binomial(n, budget) >= k) >= confidence, summed term by term; -inf if no k."""
+    top, n = np.sort(scores.max(1)), len(scores)
+    tail = [sum(math.comb(n, j) * budget ** j * (1 - budget) ** (n - j) for j in range(k, n + 1))
+            for k in range(1, n + 1)]
+    ks = [k for k in range(1, n + 1) if tail[k - 1] >= confidence]
+    return float(top[max(ks) - 1]) if ks else -math.inf
+
+
 def _pair_auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     wins = (inside[:, None] > outside[None]).sum() + 0.5 * (inside[:, None] == outside[None]).sum()
     return float(wins / (len(inside) * len(outside)))
@@ -53,11 +63,15 @@ def _images(rng, n: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _expected(scores: dict, labels, budget: float, outliers) -> dict:
+def _expected(scores: dict, labels, budget: float, outliers, rule: str) -> dict:
     held = scores["held_out"]
-    percentile, threshold = _numpy_budget(held, labels, budget)
+    if rule == "percentile":
+        percentile, threshold = _numpy_budget(held, labels, budget)
+    else:
+        percentile, threshold = None, _numpy_conformal(held, budget, 0.95)
     top = {k: v.max(1) for k, v in scores.items()}
-    expected = {"accuracy": float((held.argmax(1) == labels).mean()), "percentile": percentile,
+    expected = {"accuracy": float((held.argmax(1) == labels).mean()),
+                **({} if percentile is None else {"percentile": percentile}),
                 "threshold": threshold,
                 "rejected": float(_numpy_rejected(held, threshold).mean()),
                 "outlier_rejected": {k: float(_numpy_rejected(scores[k], threshold).mean())
@@ -70,8 +84,10 @@ def _expected(scores: dict, labels, budget: float, outliers) -> dict:
 
 
 def _assert_quality(got: dict, expected: dict, score_tolerance: float):
+    assert ("percentile" in got) == ("percentile" in expected)
     for key in ("accuracy", "percentile", "rejected", "mean_outlier_rejected"):
-        assert got[key] == pytest.approx(expected[key], abs=1e-12), key
+        if key in expected:
+            assert got[key] == pytest.approx(expected[key], abs=1e-12), key
     assert got["threshold"] == pytest.approx(expected["threshold"], rel=score_tolerance,
                                              abs=score_tolerance)
     assert got["mean_outlier_auroc"] == pytest.approx(expected["mean_outlier_auroc"], abs=1e-12)
@@ -81,8 +97,9 @@ def _assert_quality(got: dict, expected: dict, score_tolerance: float):
             assert got[key][name] == pytest.approx(value, abs=1e-12), (key, name)
 
 
-@pytest.mark.parametrize("budget", [0.04, 0.3])
-def test_every_figure_matches_numpy(budget):
+@pytest.mark.parametrize("budget,rule", [(0.04, "percentile"), (0.3, "percentile"),
+                                         (0.1, "conformal"), (0.3, "conformal")])
+def test_every_figure_matches_numpy(budget, rule):
     rng = np.random.default_rng(0)
     model = sdim_tf.SDIM(CLASSES, (32, 32, 1), rep_dim=8)
     fit, held_out = _images(rng, 60), _images(rng, 60)
@@ -96,7 +113,7 @@ def test_every_figure_matches_numpy(budget):
                 "dark": (0.05 * rng.uniform(0, 1, (40, 32, 32, 1))).astype(np.float32)}
     layer_sets = (("head",), ("stage1", "z"))
     quality = monitoring.rejection_quality(model, fit, held_out, outliers, budget=budget,
-                                           layers=layer_sets, batch_size=25)
+                                           layers=layer_sets, batch_size=25, rule=rule)
     assert set(quality) == {"model", "density_head", "density_stage1_z", "seconds"}
     assert quality["seconds"] > 0
 
@@ -108,13 +125,14 @@ def test_every_figure_matches_numpy(budget):
     # The paper's score is the model's own output, log p(x|c).
     model_scores = {k: model(images, training=False).numpy().astype(np.float64)
                     for k, images in image_sets.items()}
-    _assert_quality(quality["model"], _expected(model_scores, held_out[1], budget, outliers),
+    _assert_quality(quality["model"],
+                    _expected(model_scores, held_out[1], budget, outliers, rule),
                     1e-5)
     for layers in layer_sets:
         scores = {k: _numpy_scores({name: features[name] for name in layers}, fit[1], v,
                                    CLASSES, 1e-6) for k, v in encoded.items()}
         _assert_quality(quality[monitoring.score_name(layers)],
-                        _expected(scores, held_out[1], budget, outliers), 1e-3)
+                        _expected(scores, held_out[1], budget, outliers, rule), 1e-3)
 
     rows = monitoring.flat(quality)
     assert rows["model/accuracy"] == quality["model"]["accuracy"]
@@ -123,7 +141,8 @@ def test_every_figure_matches_numpy(budget):
     assert rows["density_stage1_z/outlier_auroc/noise"] == quality["density_stage1_z"][
         "outlier_auroc"]["noise"]
     assert all(isinstance(v, float) for v in rows.values())
-    assert len(rows) == 1 + 3 * (6 + 2 * len(outliers))
+    per_score = 6 if rule == "percentile" else 5
+    assert len(rows) == 1 + 3 * (per_score + 2 * len(outliers))
 
 
 def test_final_measure_is_reported_apart():

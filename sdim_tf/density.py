@@ -153,8 +153,13 @@ class FeatureDensity(keras.Model):
 
     def encode_function(self):
         """A tf.function: images -> {layer: features} of this scorer's layers."""
-        return tf.function(lambda x: {name: self.classifier.encoder.features(
-            x, training=False)[name] for name in self.layer_names})
+
+        @tf.function
+        def encode(images):
+            features = self.classifier.encoder.features(images, training=False)  # one pass
+            return {name: features[name] for name in self.layer_names}
+
+        return encode
 
     def parameters(self) -> dict:
         """{"<layer>/means": [C, d], "<layer>/precision_factor": [d, d]} as numpy arrays."""

@@ -186,7 +186,8 @@ class PipelineConfig:
              f"{', '.join(precision.JIT_COMPILE)}, got {c.jit_compile!r}"),
             (c.distribute in DISTRIBUTE,
              f"--distribute must be one of {', '.join(DISTRIBUTE)}, got {c.distribute!r}"),
-            (c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}"),
+            (c.epochs >= 0, f"--epochs must be >= 0 (0: the untrained network), got "
+             f"{c.epochs}"),
             (c.n >= 1, f"--n must be >= 1, got {c.n}"),
             (c.rep_dim >= 1, f"--rep_dim must be >= 1, got {c.rep_dim}"),
             (c.learning_rate > 0, f"--learning_rate must be > 0, got {c.learning_rate}"),

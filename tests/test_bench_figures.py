@@ -2,10 +2,11 @@
 hand-computed tables (the timings themselves live in bench/, never in tests)."""
 
 import csv
+import json
 
 import pytest
 
-from bench import epoch_profile, machine, ratios
+from bench import epoch_profile, machine, ratios, run_figures
 
 
 @pytest.mark.parametrize("flags, gpus, kind", [
@@ -80,3 +81,36 @@ def test_ratios_of_a_run():
         "serving.serving_default.throughput_over_bare_forward": 0.95,
         "serving.serving_default.p50_latency_over_bare_forward": 1.1,
         "calibration.calibration_over_inference": 1.3}
+
+
+def _write_run(run_dir, accuracy, rejected, mnist_rejected, mnist_auroc):
+    (run_dir / "evaluate").mkdir(parents=True)
+    (run_dir / "train").mkdir()
+    report = {"model": "sdim", "score": "feature_density", "accuracy": accuracy,
+              "deployed_percentile": "conformal",
+              "selective": {"conformal": {"reject_rate": rejected, "accuracy_left": 0.95}},
+              "ood": {"mnist": {"decision_rejection_rate": {"conformal": mnist_rejected},
+                                "separation": {"max_log_likelihood": {"auroc": mnist_auroc}}}}}
+    (run_dir / "evaluate" / "report.json").write_text(json.dumps(report))
+    (run_dir / "train" / "state.json").write_text(json.dumps({"epoch": 10}))
+
+
+def test_parity_of_a_run_against_the_spread_of_two(tmp_path):
+    # percentage points: fp32 runs at 92.0 and 92.5 allow [91.7, 92.8] with 0.3 points.
+    _write_run(tmp_path / "a", 0.920, 0.030, 0.95, 0.990)
+    _write_run(tmp_path / "b", 0.925, 0.034, 0.96, 0.985)
+    _write_run(tmp_path / "c", 0.929, 0.036, 0.94, 0.9885)
+    by_run = {name: run_figures.figures(tmp_path / name) for name in "abc"}
+    assert by_run["a"]["test_accuracy"] == pytest.approx(92.0)
+    assert by_run["a"]["mnist_auroc"] == pytest.approx(99.0)
+    checks = run_figures.parity(by_run, "c", 0.3)["checks"]
+    assert checks["test_accuracy"]["allowed"] == pytest.approx([91.7, 92.8])
+    assert not checks["test_accuracy"]["within"]  # 92.9 > 92.8
+    assert checks["test_rejected"]["within"]  # 3.6 <= 3.4 + 0.3
+    assert not checks["mnist_rejected"]["within"]  # 94.0 < 95.0 - 0.3
+    assert checks["mnist_auroc"]["within"]  # 98.85 in [98.2, 99.3]
+    assert not run_figures.parity(by_run, "c", 0.3)["all_within"]
+    with pytest.raises(ValueError, match="at least two others"):
+        run_figures.parity({"a": by_run["a"], "c": by_run["c"]}, "c", 0.3)
+    with pytest.raises(FileNotFoundError, match="run the evaluate stage"):
+        run_figures.figures(tmp_path / "missing")

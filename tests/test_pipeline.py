@@ -170,6 +170,33 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tiny_run, monkeypatch):
     assert not (copy / "train" / artifacts.MANIFEST).exists()
 
 
+def test_zero_epochs_keep_the_untrained_network(tiny_run):
+    """--epochs=0: the seed's initial weights are the model, and calibrate takes them."""
+    import dataclasses
+    import shutil
+
+    config, run_dir = tiny_run
+    copy = run_dir.parent / "untrained"
+    shutil.copytree(run_dir, copy)
+    zero = dataclasses.replace(config, run_dir=str(copy), epochs=0,
+                               stages=("ingest", "train", "calibrate"))
+    run.run(zero)
+    state = artifacts.read_json(copy / "train" / train.STATE)
+    assert state["epoch"] == 0 and state["history"] == []
+    keras.utils.set_random_seed(config.seed)
+    fresh = train.build_model(zero.resolve(tuple(s.name for s in run.STAGES)), 10, 1)
+    saved = keras.models.load_model(copy / "train" / train.BEST, compile=False)
+    assert len(saved.weights) == len(fresh.weights)
+    for got, want in zip(saved.weights, fresh.weights, strict=True):
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=got.path)
+    best = (copy / "train" / train.BEST).read_bytes()
+    assert (copy / "train" / train.LAST).read_bytes() == best
+    thresholds = artifacts.read_json(copy / "calibrate" / "thresholds.json")
+    assert thresholds["deployed"]["percentile"] == "conformal"
+    with pytest.raises(ConfigError, match="--epochs must be >= 0"):
+        PipelineConfig(epochs=-1).resolve()
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="--dataset: unknown dataset 'imagenet'"):
         PipelineConfig(dataset="imagenet").resolve()

@@ -147,7 +147,7 @@ def test_accuracy(predict, dataset: tf.data.Dataset) -> float:
     return correct / max(total, 1)
 
 
-def _monitor_data(config: PipelineConfig, examples, num_train: int) -> dict | None:
+def monitor_data(config: PipelineConfig, examples, num_train: int) -> dict | None:
     """The fixed images `monitoring.rejection_quality` watches each epoch: a trained subset
     for the fit, held-out images (None without --validation_split) and outliers built from
     them."""
@@ -310,7 +310,7 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
     _, num_train = config.train_examples(examples.num_examples("train"))
     steps = num_train // config.batch_size
     test_ds = examples.dataset("test", limit=TEST_SUBSET)
-    watched = _monitor_data(config, examples, num_train) if chief else None
+    watched = monitor_data(config, examples, num_train) if chief else None
     monitor = monitoring.RejectionMonitor(model, **watched) if watched else None
     predict = class_predictor(model)
     options = tf.data.Options()
@@ -319,6 +319,15 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
                            jit_compile=precision.jit_compile(config.jit_compile, hardware))
     writer = tf.summary.create_file_writer(str(stage_dir / "logs" / "train")) if chief else None
 
+    if config.epochs == 0 and chief and state["epoch"] == 0:
+        # The untrained network as a baseline: its initial weights go through the same
+        # calibrate, evaluate and export as a trained model's.
+        logging.warning("train: --epochs=0: the untrained network (seed %d) is the model",
+                        config.seed)
+        state["checkpoints"] = _stage_checkpoints(model, stage_dir, True, {})
+        _write_history(stage_dir / HISTORY, [])
+        trained.write_state(state)
+        _settle_checkpoints(stage_dir, state["checkpoints"])
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         start = time.time()
         train_ds = examples.dataset(

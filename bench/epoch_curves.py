@@ -2,7 +2,7 @@
 
 For each checkpoint, `sdim_tf.monitoring.rejection_quality` on held-out Fashion-MNIST (the
 last 5000 training images, never trained on) and outliers built from them, for the model's
-own log p(x|c) and tied Gaussians on three layer sets; selection may look at these. As the
+own log p(x|c) and tied Gaussians on --layer_sets; selection may look at these. As the
 final measure only (never for selection): Fashion-MNIST test accuracy, and the share of
 MNIST test rejected at the held-out thresholds with its AUROC against Fashion-MNIST test.
 
@@ -53,7 +53,18 @@ flags.DEFINE_integer("seed", 0, "Outlier seed.")
 flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
 flags.DEFINE_integer("limit_checkpoints", 0, "Measure only the first N checkpoints (0: all).")
 
-LAYER_SETS = (("head",), ("stage3", "stage4", "head"), density.LAYERS)
+flags.DEFINE_string("layer_sets", "head;stage3,stage4,head;quad3,stage4,head;quad3,quad4,head;"
+                    "quad2,quad3,quad4,head", "Tied-Gaussian scores to measure: layer sets "
+                    "separated by ';', layers by ','.")
+
+
+def layer_sets() -> tuple[tuple[str, ...], ...]:
+    sets = tuple(tuple(s.split(",")) for s in FLAGS.layer_sets.split(";") if s)
+    unknown = sorted({name for s in sets for name in s} - set(density.LAYERS))
+    if unknown or not sets:
+        sys.exit(f"error: --layer_sets: unknown layers {unknown}; known: "
+                 f"{', '.join(density.LAYERS)}")
+    return sets
 
 
 def epoch_of(path: str) -> int:
@@ -134,7 +145,7 @@ def main(argv):
                 "seed": FLAGS.seed, "reject_budget": FLAGS.reject_budget,
                 "threshold_rule": "shared", "rule": FLAGS.rule,
                 "reject_confidence": FLAGS.reject_confidence if FLAGS.rule == "conformal" else None,
-                "layer_sets": [list(s) for s in LAYER_SETS]}
+                "layer_sets": [list(s) for s in layer_sets()]}
     out = pathlib.Path(FLAGS.out)
     done = {}
     if out.exists():
@@ -164,7 +175,7 @@ def main(argv):
         started = time.time()
         model = keras.models.load_model(path, compile=False)
         quality = monitoring.rejection_quality(
-            model, fit, held_out, built, FLAGS.reject_budget, LAYER_SETS, FLAGS.batch_size,
+            model, fit, held_out, built, FLAGS.reject_budget, layer_sets(), FLAGS.batch_size,
             test=test, test_outliers={"mnist": mnist}, rule=FLAGS.rule,
             confidence=FLAGS.reject_confidence or None)
         entry = {"epoch": epoch_of(path), "path": path, "bytes": stat.st_size,

@@ -16,10 +16,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-LAYERS = ("stage1", "stage2", "stage3", "stage4", "head", "z")
-# Selected on held-out images and outliers built from them over checkpoints 1-25 of the default run
-# (docs/results.md, "Rejection while training"); "head" alone before.
-DEFAULT_LAYERS = ("stage3", "stage4", "head")
+LAYERS = ("stage1", "stage2", "stage3", "stage4", "quad1", "quad2", "quad3", "quad4", "head",
+          "z")
+# Selected on held-out images and outliers built from them, at epochs 10, 20 and 50 of the
+# default run (docs/results.md, "Quadrant features"); before: stage3,stage4,head (chosen on
+# epochs 1-25), and head alone.
+DEFAULT_LAYERS = ("quad3", "quad4", "head")
 
 
 class TiedGaussianStats:
@@ -90,10 +92,12 @@ def standardized_scores(features, means, precision_factor) -> tf.Tensor:
     """[N, d] features -> [N, C]: (d - squared Mahalanobis distance to each class mean) /
     sqrt(2d), in the dtype of the inputs (float64 where a caller needs it)."""
     dim = features.shape[-1]
-    diff = features[:, None, :] - means[None]  # [N, C, d]
-    # Whitening the differences (not the features) keeps float32 accurate.
-    whitened = tf.einsum("ncd,de->nce", diff, precision_factor)
-    distances = tf.reduce_sum(tf.square(whitened), axis=-1)
+    # One [N, d] x [d, d] product for all classes (not one per class: d reaches 1792); the
+    # features are centred on the mean of the class means first, which keeps float32 accurate.
+    center = tf.reduce_mean(means, axis=0)
+    whitened = tf.matmul(features - center, precision_factor)  # [N, d]
+    whitened_means = tf.matmul(means - center, precision_factor)  # [C, d]
+    distances = tf.reduce_sum(tf.square(whitened[:, None, :] - whitened_means[None]), axis=-1)
     return (float(dim) - distances) / np.sqrt(2.0 * dim)
 
 
@@ -178,4 +182,5 @@ class FeatureDensity(keras.Model):
 def _feature_dims(classifier) -> dict:
     encoder = classifier.encoder
     dims = {f"stage{s}": f for s, f in enumerate(encoder.filters, start=1)}
-    return {**dims, "head": encoder.head_units, "z": encoder.rep_dim}
+    quads = {f"quad{s}": 4 * f for s, f in enumerate(encoder.filters, start=1)}
+    return {**dims, **quads, "head": encoder.head_units, "z": encoder.rep_dim}

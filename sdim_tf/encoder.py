@@ -17,6 +17,14 @@ from keras import layers, ops
 _BN = dict(momentum=0.9, epsilon=1e-5)
 
 
+def quadrant_pool(x):
+    """[N, H, W, C] -> [N, 4C]: the mean of each image quadrant, flattened. Unlike the global
+    average it keeps where in the image a channel fires."""
+    size = (x.shape[1] // 2, x.shape[2] // 2)
+    return ops.reshape(ops.average_pool(x, size, strides=size, padding="valid"),
+                       (-1, 4 * x.shape[-1]))
+
+
 def _conv3x3(filters: int, strides: int = 1, name: str | None = None) -> layers.Conv2D:
     return layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
                          kernel_initializer="he_normal", name=name)
@@ -108,7 +116,8 @@ class ResNetEncoder(layers.Layer):
 
     def features(self, x, training=None) -> dict:
         """Every intermediate output by name: `local1`-`local4` (the stage maps), `stage1`-
-        `stage4` (their global average pools), `head` (the ReLU'd 256-d layer) and `z`.
+        `stage4` (their global average pools), `quad1`-`quad4` (their quadrant means,
+        `quadrant_pool`), `head` (the ReLU'd 256-d layer) and `z`.
 
         An empty batch gets correctly shaped empty outputs without running the network on
         it: oneDNN's strided convolution returns a wrong shape for one on AVX-512 CPUs.
@@ -130,6 +139,7 @@ class ResNetEncoder(layers.Layer):
                 h = block(h, training=training)
             features[f"local{s}"] = h
             features[f"stage{s}"] = self.pool(h)
+            features[f"quad{s}"] = quadrant_pool(h)
         features["head"] = ops.relu(self.fc_bn(self.fc(features["stage4"]), training=training))
         features["z"] = self.out(features["head"])
         return features

@@ -12,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from sdim_tf.encoder import quadrant_pool
+
 METHODS = ("saliency", "smoothgrad", "gradcam++")
 
 
@@ -28,6 +30,7 @@ def functional_view(model) -> keras.Model:
         for block in stage:
             h = block(h)
         features[f"stage{s}"] = enc.pool(h)
+        features[f"quad{s}"] = quadrant_pool(h)
     features["head"] = layers.Activation("relu", name="fc_relu")(
         enc.fc_bn(enc.fc(features["stage4"])))
     features["z"] = enc.out(features["head"])

@@ -70,6 +70,9 @@ class TiedGaussianScores(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_classes, self.dims = num_classes, dict(dims)
         self.means, self.precision_factors = {}, {}
+        # Derived from the two above by `set_gaussians`, so that a call does not redo the
+        # [C, d] x [d, d] product (at batch 1 it cost more than the encoder).
+        self.centers, self.whitened_means = {}, {}
         for name, dim in self.dims.items():
             self.means[name] = self.add_weight(
                 name=f"{name}_means", shape=(num_classes, dim), trainable=False,
@@ -77,26 +80,48 @@ class TiedGaussianScores(keras.layers.Layer):
             self.precision_factors[name] = self.add_weight(
                 name=f"{name}_precision_factor", shape=(dim, dim), trainable=False,
                 initializer="identity")
+            self.centers[name] = self.add_weight(
+                name=f"{name}_center", shape=(dim,), trainable=False, initializer="zeros")
+            self.whitened_means[name] = self.add_weight(
+                name=f"{name}_whitened_means", shape=(num_classes, dim), trainable=False,
+                initializer="zeros")
         self.built = True
+
+    def set_gaussians(self, name: str, means, precision_factor) -> None:
+        """Layer `name`'s class means [C, d] and precision Cholesky factor [d, d]."""
+        # From the float32 values kept, so that `load_parameters(parameters())` is exact.
+        means = np.asarray(means, np.float32).astype(np.float64)
+        factor = np.asarray(precision_factor, np.float32).astype(np.float64)
+        center = means.mean(axis=0)
+        self.means[name].assign(means.astype(np.float32))
+        self.precision_factors[name].assign(factor.astype(np.float32))
+        self.centers[name].assign(center.astype(np.float32))
+        self.whitened_means[name].assign(((means - center) @ factor).astype(np.float32))
 
     def call(self, features):
         total = 0.0
         for name in self.dims:
-            total += standardized_scores(tf.cast(features[name], tf.float32),
-                                         tf.convert_to_tensor(self.means[name]),
-                                         self.precision_factors[name])
+            total += _scores(tf.cast(features[name], tf.float32),
+                             tf.convert_to_tensor(self.centers[name]),
+                             tf.convert_to_tensor(self.whitened_means[name]),
+                             self.precision_factors[name])
         return total
 
 
 def standardized_scores(features, means, precision_factor) -> tf.Tensor:
     """[N, d] features -> [N, C]: (d - squared Mahalanobis distance to each class mean) /
     sqrt(2d), in the dtype of the inputs (float64 where a caller needs it)."""
+    center = tf.reduce_mean(means, axis=0)
+    return _scores(features, center, tf.matmul(means - center, precision_factor),
+                   precision_factor)
+
+
+def _scores(features, center, whitened_means, precision_factor) -> tf.Tensor:
+    """`standardized_scores` with the class means already centred and whitened ([C, d])."""
     dim = features.shape[-1]
     # One [N, d] x [d, d] product for all classes (not one per class: d reaches 1792); the
     # features are centred on the mean of the class means first, which keeps float32 accurate.
-    center = tf.reduce_mean(means, axis=0)
     whitened = tf.matmul(features - center, precision_factor)  # [N, d]
-    whitened_means = tf.matmul(means - center, precision_factor)  # [C, d]
     distances = tf.reduce_sum(tf.square(whitened[:, None, :] - whitened_means[None]), axis=-1)
     return (float(dim) - distances) / np.sqrt(2.0 * dim)
 
@@ -151,8 +176,7 @@ class FeatureDensity(keras.Model):
                 progress(n)
         for name, stat in stats.items():
             means, factor = stat.fit(ridge)
-            self.density_scores.means[name].assign(means.astype(np.float32))
-            self.density_scores.precision_factors[name].assign(factor.astype(np.float32))
+            self.density_scores.set_gaussians(name, means, factor)
         return n
 
     def encode_function(self):
@@ -174,9 +198,8 @@ class FeatureDensity(keras.Model):
 
     def load_parameters(self, parameters: dict) -> None:
         for name in self.layer_names:
-            self.density_scores.means[name].assign(parameters[f"{name}/means"])
-            self.density_scores.precision_factors[name].assign(
-                parameters[f"{name}/precision_factor"])
+            self.density_scores.set_gaussians(name, parameters[f"{name}/means"],
+                                              parameters[f"{name}/precision_factor"])
 
 
 def _feature_dims(classifier) -> dict:

@@ -139,8 +139,8 @@ class RejectionMonitor:
         self._scorer.fit_features(batches, encode=self._encode)
         fitted = self._scorer.density_scores
         for layer, single in self._per_layer.items():
-            single.means[layer].assign(fitted.means[layer])
-            single.precision_factors[layer].assign(fitted.precision_factors[layer])
+            single.set_gaussians(layer, fitted.means[layer].numpy(),
+                                 fitted.precision_factors[layer].numpy())
 
 
 def flat(quality: dict, prefix: str = "") -> dict[str, float]:

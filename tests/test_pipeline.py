@@ -14,6 +14,7 @@ from pipeline import artifacts, faults, run
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.run_dir import Run, TrainedModel
 from pipeline.stages import train
+from sdim_tf import density, monitoring
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -94,7 +95,7 @@ def test_history_watches_rejection_on_held_out_images(tiny_run):
     assert abs(rows[-1]["test_accuracy_full"] - full) <= ties + 1e-9
     assert "test_accuracy_full" not in rows[0]  # only after the last epoch
     for row in rows:
-        for score in ("model", "density_stage3_stage4_head"):
+        for score in ("model", monitoring.score_name(density.DEFAULT_LAYERS)):
             assert 0 <= row[f"monitor/{score}/rejected"] <= 0.04  # the reject budget
             assert 0 <= row[f"monitor/{score}/mean_outlier_auroc"] <= 1
         assert row["monitor_seconds"] > 0 and row["test_seconds"] > 0

@@ -113,5 +113,12 @@ def fit_density(model, config, examples, num_train: int) -> density.FeatureDensi
     logging.info("calibrate: fitting tied Gaussians on %s over %d training images",
                  ", ".join(config.density_layers), limit)
     bar = keras.utils.Progbar(limit, unit_name="image")
-    scorer.fit_features(examples.dataset("train", skip, limit), progress=bar.update)
+    fitted = scorer.fit_features(examples.dataset("train", skip, limit), progress=bar.update)
+    dims = scorer.density_scores.dims
+    thin = [f"{name} ({d}-d)" for name, d in dims.items() if fitted < 2 * d]
+    if thin:
+        logging.warning("calibrate: %d training images for %s: a shared covariance needs "
+                        "several times more images than dimensions, and the scores will "
+                        "reject too much; fewer layers (e.g. --density_layers=head) or more "
+                        "images", fitted, ", ".join(thin))
     return scorer

@@ -122,6 +122,7 @@ def main(argv):
         paths = paths[:FLAGS.limit_checkpoints]
     if not paths:
         sys.exit(f"error: no checkpoint matches {FLAGS.checkpoints}")
+    sets = layer_sets()
     trained, held = FLAGS.trained_images, FLAGS.held_out_images
     if not 0 < FLAGS.fit_images <= trained:
         sys.exit(f"error: --fit_images must be in [1, {trained}], got {FLAGS.fit_images}")
@@ -145,7 +146,7 @@ def main(argv):
                 "seed": FLAGS.seed, "reject_budget": FLAGS.reject_budget,
                 "threshold_rule": "shared", "rule": FLAGS.rule,
                 "reject_confidence": FLAGS.reject_confidence if FLAGS.rule == "conformal" else None,
-                "layer_sets": [list(s) for s in layer_sets()]}
+                "layer_sets": [list(s) for s in sets]}
     out = pathlib.Path(FLAGS.out)
     done = {}
     if out.exists():
@@ -175,7 +176,7 @@ def main(argv):
         started = time.time()
         model = keras.models.load_model(path, compile=False)
         quality = monitoring.rejection_quality(
-            model, fit, held_out, built, FLAGS.reject_budget, layer_sets(), FLAGS.batch_size,
+            model, fit, held_out, built, FLAGS.reject_budget, sets, FLAGS.batch_size,
             test=test, test_outliers={"mnist": mnist}, rule=FLAGS.rule,
             confidence=FLAGS.reject_confidence or None)
         entry = {"epoch": epoch_of(path), "path": path, "bytes": stat.st_size,

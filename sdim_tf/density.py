@@ -100,12 +100,16 @@ class TiedGaussianScores(keras.layers.Layer):
 
     def call(self, features):
         total = 0.0
-        for name in self.dims:
-            total += _scores(tf.cast(features[name], tf.float32),
-                             tf.convert_to_tensor(self.centers[name]),
-                             tf.convert_to_tensor(self.whitened_means[name]),
-                             self.precision_factors[name])
+        for scores in self.layer_scores(features).values():
+            total += scores
         return total
+
+    def layer_scores(self, features) -> dict:
+        """{layer name: its [N, C] term of the sum `call` returns}."""
+        return {name: _scores(tf.cast(features[name], tf.float32),
+                              tf.convert_to_tensor(self.centers[name]),
+                              tf.convert_to_tensor(self.whitened_means[name]),
+                              self.precision_factors[name]) for name in self.dims}
 
 
 def standardized_scores(features, means, precision_factor) -> tf.Tensor:

@@ -88,12 +88,10 @@ class RejectionMonitor:
         needed = [name for name in density.LAYERS if any(name in s for s in self.layer_sets)]
         num_classes = int(model.config["num_classes"])
         self._scorer = density.FeatureDensity(model, num_classes, needed) if needed else None
-        # One scorer per layer: a set's score is the sum of its layers' (one fit serves all).
-        self._per_layer = {layer: density.TiedGaussianScores(
-            num_classes, {layer: self._scorer.density_scores.dims[layer]},
-            name=f"density_{layer}") for layer in needed}
         self._encode = self._scorer.encode_function() if needed else None
-        self._forward = _forward(model, self._per_layer, tuple(held_out[0].shape[1:]))
+        # A set's score is the sum of its layers' terms: one fit serves every set.
+        self._forward = _forward(model, self._scorer.density_scores if needed else None,
+                                 tuple(held_out[0].shape[1:]))
 
     def __call__(self, test: tuple[np.ndarray, np.ndarray] | None = None,
                  test_outliers: Mapping[str, np.ndarray] | None = None) -> dict:
@@ -137,10 +135,6 @@ class RejectionMonitor:
         size = self.batch_size
         batches = ((images[i:i + size], labels[i:i + size]) for i in range(0, len(images), size))
         self._scorer.fit_features(batches, encode=self._encode)
-        fitted = self._scorer.density_scores
-        for layer, single in self._per_layer.items():
-            single.set_gaussians(layer, fitted.means[layer].numpy(),
-                                 fitted.precision_factors[layer].numpy())
 
 
 def flat(quality: dict, prefix: str = "") -> dict[str, float]:
@@ -157,8 +151,9 @@ def flat(quality: dict, prefix: str = "") -> dict[str, float]:
     return rows
 
 
-def _forward(model, per_layer: dict, image_shape: tuple):
-    """A tf.function: images -> {"model": the model's own output [N, C], layer: [N, C]}.
+def _forward(model, density_scores, image_shape: tuple):
+    """A tf.function: images -> {"model": the model's own output [N, C], layer: [N, C] (each
+    layer's term of `density_scores`, a `density.TiedGaussianScores` or None)}.
 
     The model's output comes from the same encoder pass, through its own head.
     """
@@ -167,8 +162,8 @@ def _forward(model, per_layer: dict, image_shape: tuple):
     def forward(images):
         features = model.encoder.features(images, training=False)
         out = {MODEL_SCORE: tf.cast(model.logits_from_features(features), tf.float32)}
-        for layer, scores in per_layer.items():
-            out[layer] = scores({layer: features[layer]})
+        if density_scores is not None:
+            out.update(density_scores.layer_scores(features))
         return out
 
     return forward

@@ -162,9 +162,17 @@ def _summary(target: Target, arrays: dict, seconds: float) -> dict:
 
 
 def _result_arrays(chosen: dict, result: adversarial.AttackResult, thresholds) -> dict:
-    return {**chosen, "adversarial": result.adversarial, "scores": result.logits,
-            "success": result.success,
-            "undetected": _undetected(result.logits, chosen["label"], thresholds)}
+    return _arrays(chosen, thresholds, result.adversarial, result.logits, result.success)
+
+
+def _arrays(chosen: dict, thresholds, adversarial_images, scores, success,
+            epsilons=None) -> dict:
+    """A part's arrays: the attacked images, their adversarial examples, scores, success and
+    undetected success (with `epsilons`, a leading [E] axis on the last four)."""
+    arrays = {**chosen, "adversarial": adversarial_images, "scores": scores,
+              "success": success, "undetected": _undetected(scores, chosen["label"],
+                                                            thresholds)}
+    return arrays if epsilons is None else {**arrays, "epsilon": np.asarray(epsilons)}
 
 
 def _curve(ctx: Context, target: Target, attack: str) -> tuple[dict, dict]:
@@ -301,10 +309,9 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
         return {"epsilons": list(epsilons), "steps": steps, "restarts": restarts,
                 "median_smallest_epsilon": median if median is not None
                 and np.isfinite(median) else None,
-                "never": int(np.isinf(smallest).sum()), "seconds": round(curve.seconds, 1)}, {
-            **chosen, "epsilon": np.asarray(epsilons), "adversarial": curve.adversarial,
-            "scores": curve.scores, "success": curve.success,
-            "undetected": _undetected(curve.scores, chosen["label"], target.thresholds)}
+                "never": int(np.isinf(smallest).sum()), "seconds": round(curve.seconds, 1)}, \
+            _arrays(chosen, target.thresholds, curve.adversarial, curve.scores, curve.success,
+                    epsilons)
 
     return _by_epsilon(*ctx.keep(name, key, compute))
 
@@ -322,13 +329,11 @@ def _square(ctx: Context, target: Target) -> tuple[dict, dict]:
             target.scorer, chosen["original"], chosen["label"], target.thresholds,
             epsilon=e, queries=s.square_queries, seed=s.seed, batch_size=s.batch_size)
             for e in s.accepted_epsilons]
-        scores = np.stack([r.logits for r in results])
         return {"epsilons": list(s.accepted_epsilons), "queries": s.square_queries,
-                "seconds": round(sum(r.seconds for r in results), 1)}, {
-            **chosen, "epsilon": np.asarray(s.accepted_epsilons),
-            "adversarial": np.stack([r.adversarial for r in results]), "scores": scores,
-            "success": np.stack([r.success for r in results]),
-            "undetected": _undetected(scores, chosen["label"], target.thresholds)}
+                "seconds": round(sum(r.seconds for r in results), 1)}, _arrays(
+            chosen, target.thresholds, np.stack([r.adversarial for r in results]),
+            np.stack([r.logits for r in results]), np.stack([r.success for r in results]),
+            s.accepted_epsilons)
 
     return _by_epsilon(*ctx.keep("square_accepted", key, compute))
 

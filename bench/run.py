@@ -30,8 +30,8 @@ from pipeline.run_dir import Examples
 from pipeline.stages import ingest, train
 from sdim_tf import data, density, rejection, serving
 
-BENCHMARKS = ("training", "input_pipeline", "serving", "calibration", "memory", "reliability",
-              "concurrency")
+BENCHMARKS = ("training", "input_pipeline", "serving", "serving_threads", "calibration",
+              "memory", "reliability", "concurrency")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", list(BENCHMARKS), f"Benchmarks to run: {', '.join(BENCHMARKS)}.")
@@ -42,6 +42,11 @@ flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer("calibration_images", None, "Limit the calibration benchmark (default: "
                      "all 60k training images).")
 flags.DEFINE_integer("serving_calls", 50, "Timed serving calls at batch 256 (x4 at batch 1).")
+flags.DEFINE_integer("intra_op_threads", 0, "TensorFlow's intra-op threads (0: its default, "
+                     "one per core).")
+flags.DEFINE_integer("inter_op_threads", 0, "TensorFlow's inter-op threads (0: its default).")
+flags.DEFINE_list("thread_settings", None, "serving_threads: INTRAxINTER settings to compare "
+                  "(default: 1x1, 1xC, Cx1, CxC for C cores).")
 flags.DEFINE_integer("memory_images", 8192, "Training images of the memory benchmark's run.")
 flags.DEFINE_integer("fuzz_cases", 10000, "Generated requests of the reliability benchmark's "
                      "signature fuzzing (bench/fuzz_signatures.py), split over the three "
@@ -176,6 +181,39 @@ def serving_speed(tmp: pathlib.Path) -> dict:
             "rows": figures}
 
 
+def serving_threads(tmp: pathlib.Path) -> dict:
+    """The serving benchmark under each intra-/inter-op thread setting, each in its own
+    process (TensorFlow fixes its thread pools when it starts): which setting serving users
+    should choose for latency (batch 1) and for throughput (batch 256)."""
+    cores = os.cpu_count() or 1
+    settings = FLAGS.thread_settings or sorted(
+        {"1x1", f"1x{cores}", f"{cores}x1", f"{cores}x{cores}"})
+    rows = {}
+    for setting in settings:
+        try:
+            intra, inter = (int(v) for v in setting.lower().split("x"))
+        except ValueError:
+            sys.exit(f"error: --thread_settings: {setting!r} is not INTRAxINTER, e.g. 1x2")
+        out = tmp / f"threads_{intra}x{inter}"
+        subprocess.run([sys.executable, "-m", "bench.run", "--only=serving",
+                        f"--serving_calls={FLAGS.serving_calls}", f"--intra_op_threads={intra}",
+                        f"--inter_op_threads={inter}", f"--out={out}"], check=True,
+                       capture_output=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        figures = json.loads(results_path("serving", out).read_text())["figures"]
+        rows[f"{intra}x{inter}"] = {"threads": figures["threads"], **{name: {
+            "images_per_second_batch_256": row["images_per_second_batch_256"],
+            "p50_ms_batch_1": row["latency_ms_batch_1"]["p50"]}
+            for name, row in figures["rows"].items()
+            if name in ("bare_forward", "serving_default")}}
+        print(f"serving_threads {intra}x{inter}: {rows[f'{intra}x{inter}']}", flush=True)
+
+    def best(figure, pick):
+        return pick(rows, key=lambda k: rows[k]["serving_default"][figure])
+    return {"cores": cores, "rows": rows,
+            "lowest_latency_batch_1": best("p50_ms_batch_1", min),
+            "highest_throughput_batch_256": best("images_per_second_batch_256", max)}
+
+
 def _block(outputs):
     """Waits for every output (the call returns before async kernels finish)."""
     for value in tf.nest.flatten(outputs):
@@ -256,9 +294,15 @@ def main(argv):
     unknown = set(FLAGS.only) - set(BENCHMARKS)
     if unknown:
         sys.exit(f"error: --only: unknown {sorted(unknown)}; known: {', '.join(BENCHMARKS)}")
+    if FLAGS.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
+    if FLAGS.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="sdim-bench-"))
     runs = {"training": training_throughput, "input_pipeline": lambda: input_pipeline(tmp),
-            "serving": lambda: serving_speed(tmp), "calibration": lambda: calibration_speed(tmp),
+            "serving": lambda: serving_speed(tmp),
+            "serving_threads": lambda: serving_threads(tmp),
+            "calibration": lambda: calibration_speed(tmp),
             "memory": lambda: memory(tmp), "reliability": lambda: reliability(tmp),
             "concurrency": lambda: concurrency(tmp)}
     results = {}

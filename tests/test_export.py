@@ -67,6 +67,9 @@ def test_plain_tensorflow_process_gives_the_in_memory_answers(exported, tmp_path
                                    expected["log_likelihoods"].numpy(), rtol=1e-4)
         np.testing.assert_array_equal(got[f"{name}/class_ids"], expected["class_ids"].numpy())
         np.testing.assert_array_equal(got[f"{name}/rejected"], expected["rejected"].numpy())
+        # the restored tf.function (README's faster Python call) runs the same graph
+        for key in [k for k in got.files if k.startswith(f"{name}/")]:
+            np.testing.assert_array_equal(got[f"function_{key}"], got[key], err_msg=key)
     # The three ways in are one model: PNG and raw uint8 give the float signature's answer.
     for name in ("classify_raw", "classify_encoded"):
         np.testing.assert_allclose(got[f"{name}/log_likelihoods"],

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.markdown import percent
+
 REPORT_JSON, REPORT_MD = "attack_report.json", "attack_report.md"
 CURVES_PNG, UNDETECTED_PNG = "accuracy_curves.png", "undetected_curves.png"
 EXAMPLES_PNG = "adversarial_examples.png"
@@ -24,14 +26,11 @@ NAMES = {"fgsm": "FGSM", "pgd": "PGD", "deepfool": "DeepFool", "boundary": "Boun
          "square_accepted": "Square-L∞ (gradient-free)", "cw_accepted": "adaptive CW-L2"}
 
 
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
-
 
 def _clean_line(report: dict, models=None) -> str:
     """The clean rejection rate, beside every table."""
-    cells = [f"{name} rejects {_pct(c['rejected'])} of the first {c['images']} test images "
-             f"(accuracy {_pct(c['accuracy'])}; {c['attackable']} correct and accepted)"
+    cells = [f"{name} rejects {percent(c['rejected'])} of the first {c['images']} test images "
+             f"(accuracy {percent(c['accuracy'])}; {c['attackable']} correct and accepted)"
              for name, c in report["clean"].items() if models is None or name in models]
     return "Clean: " + "; ".join(cells) + "."
 
@@ -115,9 +114,9 @@ def _untargeted_lines(report: dict) -> list[str]:
     for attack, v in report["untargeted"].items():
         paper = PAPER_UNTARGETED[attack]
         lines.append(
-            f"| {NAMES[attack]} | {v['attacked']} | {_pct(v['success_rate'])} | "
-            + " | ".join(_pct(v["detection_rate"][p]) for p in percentiles)
-            + f" | {_pct(v['undetected_success'])} | {_round(v['median_l2'])} | {v['seconds']}"
+            f"| {NAMES[attack]} | {v['attacked']} | {percent(v['success_rate'])} | "
+            + " | ".join(percent(v["detection_rate"][p]) for p in percentiles)
+            + f" | {percent(v['undetected_success'])} | {_round(v['median_l2'])} | {v['seconds']}"
             f" | {paper[0]:.2f}% / {paper[1]:.2f}% | {paper[2]:.2f}% / {paper[3]:.2f}% |")
     return lines + [""]
 
@@ -144,9 +143,9 @@ def _cw_lines(report: dict, names) -> list[str]:
             else None
         cells = (f"{paper[0]:.2f}% / {paper[1]:.2f}% / {paper[2]:.2f}% | "
                  f"{paper[3]:.2f}% / {paper[4]:.2f}% / {paper[5]:.2f}%") if paper else "— | —"
-        lines.append(f"| {kappa} | {v['attacked']} | {_pct(v['success_rate'])} | "
-                     + " | ".join(_pct(v["detection_rate"][p]) for p in percentiles)
-                     + f" | {_pct(v['undetected_success'])} | {v['seconds']} | {cells} |")
+        lines.append(f"| {kappa} | {v['attacked']} | {percent(v['success_rate'])} | "
+                     + " | ".join(percent(v["detection_rate"][p]) for p in percentiles)
+                     + f" | {percent(v['undetected_success'])} | {v['seconds']} | {cells} |")
     lines += ["", "### Table 6: the first image's target scores (— = failed)", "",
               "| κ | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for kappa, v in report["cw_l2"].items():
@@ -190,8 +189,8 @@ def _adaptive_lines(report: dict) -> list[str]:
         (model, v), = adaptive["cw_accepted"].items()
         lines += ["| adaptive CW-L2 (κ=0) | attacks | target reached and accepted | "
                   "undetected success | median L2 | seconds |", "|---|---|---|---|---|---|",
-                  f"| {model} | {v['attacked']} | {_pct(v['success_rate'])} | "
-                  f"{_pct(v['undetected_success'])} | {_round(v['median_l2'])} | "
+                  f"| {model} | {v['attacked']} | {percent(v['success_rate'])} | "
+                  f"{percent(v['undetected_success'])} | {_round(v['median_l2'])} | "
                   f"{v['seconds']} |", ""]
     return lines + [f"![undetected]({UNDETECTED_PNG})", ""]
 

@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from pipeline import artifacts, faults
+from pipeline.markdown import percent
 from pipeline.run_dir import Evaluation, Run
 from sdim_tf import data, metrics, outliers, plots, shifts
 
@@ -138,9 +139,6 @@ SCORES = {"model": "the model's own log p(x|c) of the predicted class (the paper
                              "score. Columns named after log-likelihoods hold this score."}
 
 
-def _pct(x) -> str:
-    return "—" if x is None or x != x else f"{100 * x:.2f}%"
-
 
 def _ordinal(p: str) -> str:
     if not p.isdigit():
@@ -164,7 +162,7 @@ def _shift_lines(shifted: dict) -> list[str]:
     clean = shifted["clean"]
 
     def cell(v):
-        return f"{_pct(v['accuracy'])} / {_pct(v['rejected'])} / {_pct(v['silent_error'])}"
+        return f"{percent(v['accuracy'])} / {percent(v['rejected'])} / {percent(v['silent_error'])}"
 
     lines = ["", "## Shifted inputs: correct or rejected, never silently wrong", "",
              f"The first {shifted['images']} test images under label-preserving corruptions "
@@ -182,7 +180,7 @@ def _shift_lines(shifted: dict) -> list[str]:
     lines += ["", f"Risk-coverage area (lower is better): clean {aurc['clean']:.4f}"
               + (f", every corruption at severity {shifts.MIDDLE_SEVERITY} pooled "
                  f"{aurc['shifted_middle']:.4f}; mean silent error at severity "
-                 f"{shifts.MIDDLE_SEVERITY}: {_pct(shifted['mean_silent_error_middle'])}."
+                 f"{shifts.MIDDLE_SEVERITY}: {percent(shifted['mean_silent_error_middle'])}."
                  if "shifted_middle" in aurc else ".")]
     return lines
 
@@ -198,10 +196,10 @@ def markdown(report: dict) -> str:
              + (f": it {report['guarantee']}." if report.get("guarantee") else "."), "",
              "## Table 1: clean test accuracy", "",
              "| model | ours | paper |", "|---|---|---|",
-             f"| {model} | {_pct(report['accuracy'])} | "
+             f"| {model} | {percent(report['accuracy'])} | "
              f"{_paper_pct(paper_acc, 0 if model == 'sdim' else 1)} |"]
     if report.get("discriminative_accuracy") is not None:
-        lines.append(f"| discriminative | {_pct(report['discriminative_accuracy'])} | "
+        lines.append(f"| discriminative | {percent(report['discriminative_accuracy'])} | "
                      f"{_paper_pct(paper_acc, 1)} |")
     lines += ["", "## Table 2: decision with rejection on the test set", "",
               "| percentile | acc. left | reject rate | paper acc. left | paper reject rate |",
@@ -210,7 +208,8 @@ def markdown(report: dict) -> str:
     for i, (p, v) in enumerate(report["selective"].items()):
         paper = (f"{paper_sel[2 * i]:.2f}% | {paper_sel[2 * i + 1]:.2f}%"
                  if paper_sel and i < 2 else "— | —")
-        lines.append(f"| {p} | {_pct(v['accuracy_left'])} | {_pct(v['reject_rate'])} | {paper} |")
+        lines.append(f"| {p} | {percent(v['accuracy_left'])} | {percent(v['reject_rate'])} "
+                     f"| {paper} |")
     lines += ["", "## Table 3: out-of-distribution inputs", "",
               "Class-wise detection: the paper's metric (for each class c, the share of OOD "
               "inputs with log p(x|c) below that class's threshold, averaged over classes). "
@@ -224,10 +223,10 @@ def markdown(report: dict) -> str:
     lines += [header, "|" + "---|" * (1 + 2 * len(percentiles) + 2 * len(kinds) + 1)]
     for name, v in report["ood"].items():
         paper = PAPER["ood"].get((ds, name))
-        cells = [f"{_pct(v['classwise_detection_rate'][p])} | "
-                 f"{_pct(v['decision_rejection_rate'][p])}" for p in percentiles]
-        cells += [f"{v['separation'][k]['auroc']:.4f} | {_pct(v['separation'][k]['fpr_at_95_tpr'])}"
-                  for k in kinds]
+        cells = [f"{percent(v['classwise_detection_rate'][p])} | "
+                 f"{percent(v['decision_rejection_rate'][p])}" for p in percentiles]
+        cells += [f"{v['separation'][k]['auroc']:.4f} | "
+                  f"{percent(v['separation'][k]['fpr_at_95_tpr'])}" for k in kinds]
         paper_cell = " / ".join(f"{x:.2f}%" for x in paper) if paper else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper_cell} |")
     for name, why in report.get("ood_unavailable", {}).items():
@@ -238,13 +237,13 @@ def markdown(report: dict) -> str:
     lines += ["", "## What this means", ""]
     lines.append(
         f"At {_thresholds_name(first)} the model keeps "
-        f"{_pct(1 - report['selective'][first]['reject_rate'])} of the test images and is "
-        f"right on {_pct(report['selective'][first]['accuracy_left'])} of those.")
+        f"{percent(1 - report['selective'][first]['reject_rate'])} of the test images and is "
+        f"right on {percent(report['selective'][first]['accuracy_left'])} of those.")
     for name, v in report["ood"].items():
         lines.append(
             f"Of {v['num']} {name} inputs, the deployed rule refuses "
-            f"{_pct(v['decision_rejection_rate'][first])}; the paper's class-wise metric "
-            f"says {_pct(v['classwise_detection_rate'][first])} (it counts an input per "
+            f"{percent(v['decision_rejection_rate'][first])}; the paper's class-wise metric "
+            f"says {percent(v['classwise_detection_rate'][first])} (it counts an input per "
             "class, not by the one decision a user receives).")
     if report.get("figures"):
         lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]

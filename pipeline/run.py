@@ -211,6 +211,10 @@ flags.DEFINE_float("beta", _D.beta, "Weight of the NLL loss.")
 flags.DEFINE_float("gamma", _D.gamma, "Weight of the likelihood-margin loss.")
 flags.DEFINE_float("margin", _D.margin, "Margin K per dimension of the likelihood-margin loss.")
 flags.DEFINE_float("log_scale_floor", None, "Floor on the class log-scales (off by default).")
+flags.DEFINE_float("outlier_weight", _D.outlier_weight, "Weight of the outlier-margin term "
+                   "on 2x2 mosaics of training images (not in the paper; 0: off).")
+flags.DEFINE_float("outlier_margin", _D.outlier_margin, "Margin K per dimension of the "
+                   "outlier-margin term, below the true class of the mosaic's first image.")
 flags.DEFINE_integer("epochs", _D.epochs, "Training epochs (paper: 500; 50 reach its "
                      "accuracy; 0: the untrained network, a baseline).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.")

@@ -31,3 +31,16 @@ def likelihood_margin_loss(per_dim_ll: tf.Tensor, labels: tf.Tensor,
     false = 1.0 - tf.one_hot(labels, num_classes, dtype=tf.float32)
     per_sample = tf.reduce_sum(gaps * false, axis=1) / tf.cast(num_classes - 1, tf.float32)
     return tf.reduce_mean(per_sample)
+
+
+def outlier_margin_loss(outlier_per_dim_ll: tf.Tensor, reference_per_dim_ll: tf.Tensor,
+                        margin: float = 10.0) -> tf.Tensor:
+    """Squared hinge max(max_c ll_c(outlier) + K - ll_ref, 0)^2, averaged over the outliers:
+    each synthesised outlier's best class at least K (per dimension) below `reference`, the
+    true-class log-likelihood of the training image it was made from (held fixed, so the
+    term moves only the outliers). Not in the paper: an option for rejection that holds
+    (`SDIM(outlier_weight=...)`).
+    """
+    top = tf.reduce_max(tf.cast(outlier_per_dim_ll, tf.float32), axis=1)
+    reference = tf.stop_gradient(tf.cast(reference_per_dim_ll, tf.float32))
+    return tf.reduce_mean(tf.nn.relu(top + margin - reference) ** 2)

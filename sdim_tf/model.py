@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from sdim_tf import losses, mutual_info
+from sdim_tf import losses, mutual_info, outliers
 from sdim_tf.class_conditional import ClassConditionalGaussians
 from sdim_tf.encoder import ResNetEncoder
 
@@ -88,7 +88,11 @@ class SDIM(_Classifier):
     """Supervised Deep InfoMax. `call(x)` returns the summed log p(z|c), [N, C] (the logits).
 
     Training minimises alpha * J_MI + beta * J_NLL + gamma * J_LM (paper equation 7), the
-    supervised terms on the per-dimension log-likelihood log p(z|c) / d.
+    supervised terms on the per-dimension log-likelihood log p(z|c) / d. With
+    `outlier_weight` > 0 (not in the paper; off by default) it adds that weight times
+    `losses.outlier_margin_loss` on 2x2 mosaics of a quarter of each batch
+    (`outliers.batch_mosaics`), encoded with the batch-norm moving statistics so that they
+    do not enter the batch's own.
     """
 
     loss_names = ("loss", "mi_loss", "nll_loss", "lm_loss")
@@ -98,8 +102,13 @@ class SDIM(_Classifier):
                  beta: float = 1.0, gamma: float = 1.0, margin: float = 10.0,
                  mi_bound: str = "jsd", critic_units: int = 256,
                  local_stage: int | None = None, log_scale_floor: float | None = None,
-                 filters: Sequence[int] = (32, 64, 128, 256), **kwargs):
+                 filters: Sequence[int] = (32, 64, 128, 256), outlier_weight: float = 0.0,
+                 outlier_margin: float = 10.0, **kwargs):
         super().__init__(**kwargs)
+        if outlier_weight < 0:
+            raise ValueError(f"outlier_weight must be >= 0, got {outlier_weight}")
+        if outlier_weight:
+            self.loss_names = (*SDIM.loss_names, "om_loss")
         if critic not in mutual_info.CRITICS:
             raise ValueError(f"unknown critic {critic!r}; known: "
                              f"{', '.join(mutual_info.CRITICS)}")
@@ -111,7 +120,8 @@ class SDIM(_Classifier):
             critic=critic, alpha=alpha, beta=beta, gamma=gamma, margin=margin,
             mi_bound=mi_bound, critic_units=critic_units,
             local_stage=local_stage or mutual_info.DEFAULT_LOCAL_STAGE[critic],
-            log_scale_floor=log_scale_floor, filters=tuple(filters))
+            log_scale_floor=log_scale_floor, filters=tuple(filters),
+            outlier_weight=outlier_weight, outlier_margin=outlier_margin)
         c = self.config
         self.encoder = ResNetEncoder(n, rep_dim, filters, c["local_stage"], name="encoder")
         self.critic = mutual_info.CRITICS[critic](critic_units, name="critic")
@@ -151,7 +161,16 @@ class SDIM(_Classifier):
         nll = losses.nll_loss(per_dim_ll, labels)
         lm = losses.likelihood_margin_loss(per_dim_ll, labels, c["margin"])
         total = c["alpha"] * mi + c["beta"] * nll + c["gamma"] * lm
-        return {"loss": total, "mi_loss": mi, "nll_loss": nll, "lm_loss": lm}, ll
+        terms = {"mi_loss": mi, "nll_loss": nll, "lm_loss": lm}
+        if c["outlier_weight"]:
+            count = tf.maximum(tf.shape(images)[0] // 4, 1)
+            _, z_out = self.encoder(outliers.batch_mosaics(images, count), training=False)
+            reference = tf.gather(per_dim_ll[:count], tf.cast(labels[:count], tf.int32),
+                                  axis=1, batch_dims=1)
+            terms["om_loss"] = losses.outlier_margin_loss(
+                self.class_conditional(z_out) / c["rep_dim"], reference, c["outlier_margin"])
+            total += c["outlier_weight"] * terms["om_loss"]
+        return {"loss": total, **terms}, ll
 
 
 @keras.saving.register_keras_serializable(package="sdim_tf")

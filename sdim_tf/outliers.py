@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 
 from sdim_tf import data
 
@@ -92,6 +93,18 @@ def part_outliers(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict
     result = {"halves": halves, "quadrants": quadrants, "blend": 0.5 * a + 0.5 * b,
               "overlay": np.maximum(a, b)}
     return {name: np.clip(result[name], 0.0, 1.0).astype(np.float32) for name in PART_OUTLIERS}
+
+
+def batch_mosaics(images: tf.Tensor, count) -> tf.Tensor:
+    """In-graph 2x2 mosaics for training, [count, H, W, C]: mosaic i takes its top-left
+    quadrant from image i and the top-right, bottom-left and bottom-right ones from images
+    i+1, i+2, i+3 of the batch (cyclically) -- the `quadrants` part outliers with the batch's
+    neighbours as partners (their classes may repeat)."""
+    h, w = images.shape[1] // 2, images.shape[2] // 2
+    a, b, c, d = (tf.roll(images, -k, axis=0)[:count] for k in range(4))
+    top = tf.concat([a[:, :h, :w], b[:, :h, w:]], axis=2)
+    bottom = tf.concat([c[:, h:, :w], d[:, h:, w:]], axis=2)
+    return tf.concat([top, bottom], axis=1)
 
 
 def synthetic_images(kind: str, shape: tuple[int, int, int], n: int, seed: int) -> np.ndarray:

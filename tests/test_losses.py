@@ -42,6 +42,22 @@ def test_margin_loss_is_zero_when_margins_hold():
     np.testing.assert_allclose(losses.likelihood_margin_loss(ll, [0, 1, 2], 10.0), 25 / 2 / 3)
 
 
+@pytest.mark.parametrize("margin", [10.0, 0.5])
+def test_outlier_margin_loss(margin):
+    outlier_ll = RNG.normal(0, 5, (5, 4)).astype(np.float32)
+    reference = RNG.normal(0, 5, 5).astype(np.float32)
+    expected = np.mean([max(outlier_ll[i].max() + margin - reference[i], 0.0) ** 2
+                        for i in range(5)])
+    np.testing.assert_allclose(losses.outlier_margin_loss(outlier_ll, reference, margin),
+                               expected, rtol=1e-5)
+    # it moves the outliers only: no gradient reaches the reference
+    ref = tf.constant(reference)
+    with tf.GradientTape() as tape:
+        tape.watch(ref)
+        loss = losses.outlier_margin_loss(outlier_ll, ref, margin)
+    assert tape.gradient(loss, ref) is None
+
+
 POS = RNG.normal(0, 2, (5, 16)).astype(np.float32)
 NEG = RNG.normal(0, 2, (5, 4, 16)).astype(np.float32)
 

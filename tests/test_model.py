@@ -71,8 +71,38 @@ def test_loss_terms_combine_with_weights():
                                sdim_tf.losses.nll_loss(ll / 8, [0, 1, 2, 0]), rtol=1e-6)
 
 
+def test_outlier_margin_term_on_batch_mosaics():
+    """With outlier_weight, the loss adds the weighted outlier term of 2x2 mosaics of a
+    quarter of the batch, scored with the batch-norm moving statistics."""
+    model = sdim_tf.SDIM(3, (32, 32, 1), rep_dim=8, outlier_weight=0.5, outlier_margin=2.0)
+    x = tf.random.stateless_uniform((8, 32, 32, 1), [5, 6])
+    y = tf.constant([0, 1, 2, 0, 1, 2, 0, 1])
+    terms, ll = model._loss_terms(x, y, training=False)
+    assert set(terms) == {"loss", "mi_loss", "nll_loss", "lm_loss", "om_loss"}
+    np.testing.assert_allclose(terms["loss"], terms["mi_loss"] + terms["nll_loss"]
+                               + terms["lm_loss"] + 0.5 * terms["om_loss"], rtol=1e-6)
+    # the mosaics by hand: quadrants of images 0-3 and 1-4 (numpy), their log-likelihoods
+    # from the model itself, the reference the first images' true classes
+    images = x.numpy()
+    mosaics = np.stack([np.concatenate([
+        np.concatenate([images[i][:16, :16], images[i + 1][:16, 16:]], axis=1),
+        np.concatenate([images[i + 2][16:, :16], images[i + 3][16:, 16:]], axis=1)])
+        for i in (0, 1)])
+    outlier_ll = model(mosaics, training=False).numpy() / 8
+    reference = ll.numpy()[[0, 1], [0, 1]] / 8
+    expected = np.mean(np.maximum(outlier_ll.max(1) + 2.0 - reference, 0.0) ** 2)
+    np.testing.assert_allclose(terms["om_loss"], expected, rtol=1e-4)
+    assert float(terms["om_loss"]) > 0  # an untrained model has not separated them
+    # the paper's objective when off: no fifth term
+    assert "om_loss" not in sdim_tf.SDIM(3, (32, 32, 1), rep_dim=8)._loss_terms(
+        x, y, training=False)[0]
+    with pytest.raises(ValueError, match="outlier_weight must be >= 0"):
+        sdim_tf.SDIM(3, outlier_weight=-1.0)
+
+
 @pytest.mark.parametrize("cls,kwargs", [
     (sdim_tf.SDIM, {"critic": "dot", "margin": 5.0}),
+    (sdim_tf.SDIM, {"critic": "concat", "outlier_weight": 0.1, "outlier_margin": 4.0}),
     (sdim_tf.SDIM, {"critic": "concat", "log_scale_floor": -3.9}),
     (sdim_tf.DiscriminativeClassifier, {}),
 ])

@@ -62,6 +62,13 @@ def test_config_validates_and_keeps_old_run_hashes():
     assert PipelineConfig(mixed_precision="float32").resolve().fields(fields) == {
         "mixed_precision": False, "epochs": 50}
     assert PipelineConfig().resolve().fields(fields)["mixed_precision"] == "auto"
+    # The outlier term hashes only when on, so runs made before it existed resume.
+    fields = ("outlier_weight", "outlier_margin", "epochs")
+    assert PipelineConfig().resolve().fields(fields) == {"epochs": 50}
+    assert PipelineConfig(outlier_weight=0.1).resolve().fields(fields) == {
+        "outlier_weight": 0.1, "outlier_margin": 10.0, "epochs": 50}
+    with pytest.raises(ConfigError, match="--outlier_weight=0.1 needs --model=sdim"):
+        PipelineConfig(outlier_weight=0.1, model="discriminative").resolve()
 
 
 def _bfloat16_nodes(saved_model_dir) -> list[str]:

@@ -33,8 +33,9 @@ from pipeline.run_dir import ArtifactError, TrainedModel, load_checkpoint
 from sdim_tf import data, monitoring, outliers, precision
 
 FIELDS = ("model", "critic", "mi_bound", "n", "rep_dim", "alpha", "beta", "gamma", "margin",
-          "log_scale_floor", "epochs", "batch_size", "learning_rate", "seed", "train_limit",
-          "mixed_precision", "deterministic", "validation_split")
+          "log_scale_floor", "outlier_weight", "outlier_margin", "epochs", "batch_size",
+          "learning_rate", "seed", "train_limit", "mixed_precision", "deterministic",
+          "validation_split")
 BEST, LAST, STATE, HISTORY = (TrainedModel.BEST, TrainedModel.LAST, TrainedModel.STATE,
                               TrainedModel.HISTORY)
 
@@ -86,7 +87,8 @@ def build_model(config: PipelineConfig, num_classes: int, channels: int) -> kera
             num_classes, input_shape, n=config.n, rep_dim=config.rep_dim,
             critic=config.critic, alpha=config.alpha, beta=config.beta, gamma=config.gamma,
             margin=config.margin, mi_bound=config.mi_bound,
-            log_scale_floor=config.log_scale_floor)
+            log_scale_floor=config.log_scale_floor, outlier_weight=config.outlier_weight,
+            outlier_margin=config.outlier_margin)
     else:
         model = sdim_tf.DiscriminativeClassifier(num_classes, input_shape, n=config.n)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))

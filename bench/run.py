@@ -43,6 +43,8 @@ flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer("calibration_images", None, "Limit the calibration benchmark (default: "
                      "all 60k training images).")
 flags.DEFINE_integer("serving_calls", 50, "Timed serving calls at batch 256 (x4 at batch 1).")
+flags.DEFINE_list("density_layers", list(density.DEFAULT_LAYERS), "serving: the density's "
+                  "layers (the pipeline's default unless given).")
 flags.DEFINE_integer("intra_op_threads", 0, "TensorFlow's intra-op threads (0: its default, "
                      "one per core).")
 flags.DEFINE_integer("inter_op_threads", 0, "TensorFlow's inter-op threads (0: its default).")
@@ -130,7 +132,7 @@ def serving_speed(tmp: pathlib.Path) -> dict:
     same batches. Calls alternate between the two, so drift hits both alike."""
     model = untrained.model("sdim")
     rng = np.random.default_rng(0)
-    scorer = density.FeatureDensity(model, 10, density.DEFAULT_LAYERS)
+    scorer = density.FeatureDensity(model, 10, FLAGS.density_layers)
     fit = rng.random((512, 32, 32, 1), np.float32)
     scorer.fit_features([(fit, np.arange(512) % 10)])
     module = serving.RejectingClassifier(scorer, np.zeros(10), 1, (28, 28))
@@ -187,7 +189,7 @@ def serving_speed(tmp: pathlib.Path) -> dict:
         figures[name]["p50_latency_over_bare_forward"] = round(
             figures[name]["latency_ms_batch_1"]["p50"] / bare["latency_ms_batch_1"]["p50"], 3)
     return {"calls": FLAGS.serving_calls, "score": "feature_density " + ",".join(
-        density.DEFAULT_LAYERS), "threads": {
+        FLAGS.density_layers), "threads": {
             "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
             "rows": figures}
@@ -208,7 +210,9 @@ def serving_threads(tmp: pathlib.Path) -> dict:
             sys.exit(f"error: --thread_settings: {setting!r} is not INTRAxINTER, e.g. 1x2")
         out = tmp / f"threads_{intra}x{inter}"
         subprocess.run([sys.executable, "-m", "bench.run", "--only=serving",
-                        f"--serving_calls={FLAGS.serving_calls}", f"--intra_op_threads={intra}",
+                        f"--serving_calls={FLAGS.serving_calls}",
+                        f"--density_layers={','.join(FLAGS.density_layers)}",
+                        f"--intra_op_threads={intra}",
                         f"--inter_op_threads={inter}", f"--out={out}"], check=True,
                        capture_output=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
         figures = json.loads(results_path("serving", out).read_text())["figures"]

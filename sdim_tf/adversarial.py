@@ -508,17 +508,21 @@ def _random_starts(rng, images, epsilon, norm):
 
 def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size=None,
          restarts=1, margin=0.0, targets=None, batch_size=100, seed=0):
-    """pgd_accepted's result for each epsilon, the compiled loop traced once for all."""
+    """pgd_accepted's result for each epsilon, the compiled loop traced once for all. Over a
+    growing grid the first start at each epsilon is the previous epsilon's result (inside the
+    larger ball), so an image's success at one epsilon holds at every larger one."""
     images, labels, targets, thresholds = _attack_inputs(images, labels, targets, thresholds)
     attack = _pgd_program(scorer, norm, images.shape[1:])
     evaluate = _evaluator(scorer, images.shape[1:])
+    previous, previous_epsilon = images, -np.inf
     for epsilon in epsilons:
         started, rng = time.time(), np.random.default_rng(seed)
         size = 2.5 * epsilon / steps if step_size is None else step_size
         best, best_loss = images.copy(), np.full(len(images), np.inf, np.float32)
         found = np.zeros(len(images), bool)
+        first = previous if epsilon >= previous_epsilon else images
         for restart in range(restarts):
-            starts = images if restart == 0 else _random_starts(rng, images, epsilon, norm)
+            starts = first if restart == 0 else _random_starts(rng, images, epsilon, norm)
             for i in range(0, len(images), batch_size):
                 part = slice(i, i + batch_size)
                 x, loss, hit = (t.numpy() for t in attack(
@@ -527,6 +531,7 @@ def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size
                 keep = ~found[part] & (hit | (loss < best_loss[part]))
                 best[part][keep], best_loss[part][keep] = x[keep], loss[keep]
                 found[part] |= hit
+        previous, previous_epsilon = best, epsilon
         yield _accepted_result(f"pgd_accepted_l{norm}", evaluate, best, labels, targets,
                                thresholds, batch_size, started)
 
@@ -567,7 +572,8 @@ class AcceptedCurve:
 
 def pgd_accepted_curve(scorer, images, labels, thresholds, *, epsilons, norm: str,
                        steps: int, **options) -> AcceptedCurve:
-    """`pgd_accepted` (same `options`) for each epsilon."""
+    """`pgd_accepted` (same `options`) for each epsilon; along a growing grid each epsilon
+    starts from the last one's result (see `_pgd`)."""
     results = list(_pgd(scorer, images, labels, thresholds, tuple(epsilons), norm=norm,
                         steps=steps, **options))
     return AcceptedCurve(tuple(epsilons), np.stack([r.success for r in results]),

@@ -326,6 +326,17 @@ def test_pgd_accepted_curve_and_smallest_epsilon(feasibility_case):
                                            epsilons=(0.0, 0.03, epsilon), norm="inf", steps=50)
     assert curve.shares[0] == 0.0 and curve.shares[0] <= curve.shares[1] <= curve.shares[2]
     np.testing.assert_array_equal(curve.success[2], feasible)
+    # each epsilon starts from the last one's result: a success holds at every larger one,
+    # and every returned image lies in its own ball
+    assert np.all(curve.success[:-1] <= curve.success[1:])
+    for e, adv in zip(curve.epsilons, curve.adversarial, strict=True):
+        assert np.abs(adv - images).max() <= e + 1e-6
+    grown = adversarial.pgd_accepted_curve(linear_model, images, labels, thresholds,
+                                           epsilons=(epsilon, 2 * epsilon), norm="inf",
+                                           steps=50)
+    hit = grown.success[0]
+    assert hit.any()  # and those images are returned unchanged: the start already succeeds
+    np.testing.assert_array_equal(grown.adversarial[1][hit], grown.adversarial[0][hit])
     # random restarts repeat with the seed; no images, no work
     runs = [adversarial.pgd_accepted(linear_model, images, labels, thresholds, norm="2",
                                      epsilon=0.5, steps=5, restarts=3, seed=7)

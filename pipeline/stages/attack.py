@@ -294,8 +294,9 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
     steps, restarts = s.accepted_steps * (1 + doubled), s.accepted_restarts * (1 + doubled)
     chosen = ctx.chosen(target, s.images)
     name = f"pgd_accepted_l{norm}" + ("_doubled" if doubled else f"_{target.name}")
+    # warm_start: parts made before each epsilon started from the previous one's result
     key = {**target.key, "images": s.images, "epsilons": epsilons, "steps": steps,
-           "restarts": restarts}
+           "restarts": restarts, "warm_start": True}
 
     def compute():
         logging.info("attack: %s on %d attacked images of %s", name, len(chosen["label"]),

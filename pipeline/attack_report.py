@@ -26,7 +26,6 @@ NAMES = {"fgsm": "FGSM", "pgd": "PGD", "deepfool": "DeepFool", "boundary": "Boun
          "square_accepted": "Square-L∞ (gradient-free)", "cw_accepted": "adaptive CW-L2"}
 
 
-
 def _clean_line(report: dict, models=None) -> str:
     """The clean rejection rate, beside every table."""
     cells = [f"{name} rejects {percent(c['rejected'])} of the first {c['images']} test images "

@@ -10,11 +10,15 @@ from __future__ import annotations
 import tensorflow as tf
 
 
+def true_class(per_dim_ll: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """[N, C], [N] -> [N]: each sample's log-likelihood of its own class, in float32."""
+    return tf.gather(tf.cast(per_dim_ll, tf.float32), tf.cast(labels, tf.int32), axis=1,
+                     batch_dims=1)
+
+
 def nll_loss(per_dim_ll: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """J_NLL (equation 5): minus the mean log-likelihood of each sample's true class."""
-    per_dim_ll = tf.cast(per_dim_ll, tf.float32)
-    true_ll = tf.gather(per_dim_ll, tf.cast(labels, tf.int32), axis=1, batch_dims=1)
-    return -tf.reduce_mean(true_ll)
+    return -tf.reduce_mean(true_class(per_dim_ll, labels))
 
 
 def likelihood_margin_loss(per_dim_ll: tf.Tensor, labels: tf.Tensor,
@@ -26,7 +30,7 @@ def likelihood_margin_loss(per_dim_ll: tf.Tensor, labels: tf.Tensor,
     per_dim_ll = tf.cast(per_dim_ll, tf.float32)
     labels = tf.cast(labels, tf.int32)
     num_classes = tf.shape(per_dim_ll)[1]
-    true_ll = tf.gather(per_dim_ll, labels, axis=1, batch_dims=1)
+    true_ll = true_class(per_dim_ll, labels)
     gaps = tf.nn.relu(per_dim_ll + margin - true_ll[:, None]) ** 2
     false = 1.0 - tf.one_hot(labels, num_classes, dtype=tf.float32)
     per_sample = tf.reduce_sum(gaps * false, axis=1) / tf.cast(num_classes - 1, tf.float32)

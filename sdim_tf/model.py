@@ -165,10 +165,9 @@ class SDIM(_Classifier):
         if c["outlier_weight"]:
             count = tf.maximum(tf.shape(images)[0] // 4, 1)
             _, z_out = self.encoder(outliers.batch_mosaics(images, count), training=False)
-            reference = tf.gather(per_dim_ll[:count], tf.cast(labels[:count], tf.int32),
-                                  axis=1, batch_dims=1)
             terms["om_loss"] = losses.outlier_margin_loss(
-                self.class_conditional(z_out) / c["rep_dim"], reference, c["outlier_margin"])
+                self.class_conditional(z_out) / c["rep_dim"],
+                losses.true_class(per_dim_ll[:count], labels[:count]), c["outlier_margin"])
             total += c["outlier_weight"] * terms["om_loss"]
         return {"loss": total, **terms}, ll
 

@@ -139,7 +139,6 @@ SCORES = {"model": "the model's own log p(x|c) of the predicted class (the paper
                              "score. Columns named after log-likelihoods hold this score."}
 
 
-
 def _ordinal(p: str) -> str:
     if not p.isdigit():
         return p

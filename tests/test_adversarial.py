@@ -342,6 +342,12 @@ def test_pgd_accepted_curve_and_smallest_epsilon(feasibility_case):
                                      epsilon=0.5, steps=5, restarts=3, seed=7)
             for _ in range(2)]
     np.testing.assert_array_equal(runs[0].adversarial, runs[1].adversarial)
+    # an image's result does not depend on which others share its batch (each start attacks
+    # only the images still without a success)
+    alone = adversarial.pgd_accepted(linear_model, images, labels, thresholds, norm="2",
+                                     epsilon=0.5, steps=5, restarts=3, seed=7, batch_size=1)
+    np.testing.assert_allclose(alone.adversarial, runs[0].adversarial, atol=1e-6)
+    np.testing.assert_array_equal(alone.success, runs[0].success)
     empty = adversarial.pgd_accepted(linear_model, images[:0], labels[:0], thresholds,
                                      norm="inf", epsilon=0.1, steps=5)
     assert empty.adversarial.shape == (0, H, H, 1) and empty.success.shape == (0,)

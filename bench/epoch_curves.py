@@ -14,12 +14,9 @@ same settings, so rerunning it adds only the new checkpoints.
 
 from __future__ import annotations
 
-import glob
 import json
-import math
 import os
 import pathlib
-import re
 import sys
 import time
 
@@ -28,8 +25,9 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from bench.checkpoints import epoch_of, finite, images_of, in_epoch_order
 from bench.machine import machine
-from sdim_tf import data, density, monitoring, outliers
+from sdim_tf import density, monitoring, outliers
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Glob of the per-epoch .keras checkpoints "
@@ -67,32 +65,6 @@ def layer_sets() -> tuple[tuple[str, ...], ...]:
     return sets
 
 
-def epoch_of(path: str) -> int:
-    match = re.search(r"epoch_(\d+)", pathlib.Path(path).name)
-    if not match:
-        raise ValueError(f"{path}: no epoch_<k> in its name")
-    return int(match.group(1))
-
-
-def images_of(name: str, split: str, index=None) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [N, 32, 32, C] in [0, 1] and labels, of the rows `index` (all if None)."""
-    images, labels = data.load_split(name, split, FLAGS.data_dir)
-    if index is not None:
-        images, labels = images[index], labels[index]
-    return data.preprocess(images).numpy(), np.asarray(labels, np.int64)
-
-
-def finite(value):
-    """JSON has no inf/NaN: they become null."""
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def summary(entry: dict) -> str:
     """One line: per score, held-out rejection, mean outlier AUROC, MNIST rejection/AUROC."""
 
@@ -115,13 +87,7 @@ def summary(entry: dict) -> str:
 
 def main(argv):
     del argv
-    if not FLAGS.checkpoints:
-        sys.exit("error: --checkpoints is required")
-    paths = sorted(glob.glob(FLAGS.checkpoints), key=epoch_of)
-    if FLAGS.limit_checkpoints:
-        paths = paths[:FLAGS.limit_checkpoints]
-    if not paths:
-        sys.exit(f"error: no checkpoint matches {FLAGS.checkpoints}")
+    paths = in_epoch_order(FLAGS.checkpoints, FLAGS.limit_checkpoints)
     sets = layer_sets()
     trained, held = FLAGS.trained_images, FLAGS.held_out_images
     if not 0 < FLAGS.fit_images <= trained:
@@ -130,15 +96,16 @@ def main(argv):
         sys.exit(f"error: --outlier_images must be in [1, {held}], got {FLAGS.outlier_images}")
 
     fit_index = np.arange(FLAGS.fit_images) * (trained // FLAGS.fit_images)
-    fit = images_of("fashion_mnist", "train", fit_index)
-    held_out = images_of("fashion_mnist", "train", np.arange(trained, trained + held))
+    fit = images_of("fashion_mnist", "train", fit_index, data_dir=FLAGS.data_dir)
+    held_out = images_of("fashion_mnist", "train", np.arange(trained, trained + held),
+                         data_dir=FLAGS.data_dir)
     if len(held_out[1]) != held:
         sys.exit(f"error: fewer than {trained + held} Fashion-MNIST training images")
     sources = (held_out[0][:FLAGS.outlier_images], held_out[1][:FLAGS.outlier_images])
     built = {**outliers.proxy_outliers(sources[0], FLAGS.seed),
              **outliers.part_outliers(*sources, seed=FLAGS.seed)}
-    test = images_of("fashion_mnist", "test")
-    mnist = images_of("mnist", "test")[0]
+    test = images_of("fashion_mnist", "test", data_dir=FLAGS.data_dir)
+    mnist = images_of("mnist", "test", data_dir=FLAGS.data_dir)[0]
 
     settings = {"trained_images": trained, "held_out_images": held,
                 "fit_images": FLAGS.fit_images, "fit_stride": int(trained // FLAGS.fit_images),

@@ -4,6 +4,7 @@ hand-computed tables (the timings themselves live in bench/, never in tests)."""
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from bench import epoch_profile, machine, ratios, run_figures
@@ -114,3 +115,42 @@ def test_parity_of_a_run_against_the_spread_of_two(tmp_path):
         run_figures.parity({"a": by_run["a"], "c": by_run["c"]}, "c", 0.3)
     with pytest.raises(FileNotFoundError, match="run the evaluate stage"):
         run_figures.figures(tmp_path / "missing")
+
+
+def test_decay_geometry_against_hand_computed_parts():
+    from bench import decay_geometry
+    # Three classes in 5 dimensions: means 0, 10 e0, 10 e1; each class's samples are its
+    # mean +- a_i e_i, so the pooled covariance is diag(sigma^2) (a_i = sigma_i sqrt(5)),
+    # up to the fit's ridge of 1e-6.
+    sigma = np.array([2.0, 1.5, 1.0, 0.8, 0.5])
+    means = np.array([np.zeros(5), 10 * np.eye(5)[0], 10 * np.eye(5)[1]])
+    offsets = np.concatenate([np.diag(sigma * np.sqrt(5)), -np.diag(sigma * np.sqrt(5))])
+    fit = np.concatenate([m + offsets for m in means])
+    labels = np.repeat(np.arange(3), len(offsets))
+    v = np.array([[0.4, -0.3, 1.0, 0.4, 0.2], [1.0, 0.5, -2.0, 1.6, 1.0],
+                  [0.2, 0.1, 1.5, -0.2, 0.1]])
+    result = decay_geometry.geometry(fit, labels, {"held": v[2:] + means[0],
+                                                   "probe": v[:2] + means[0]}, 3, top_share=0.2)
+    variances = sigma ** 2
+    assert result["dim"] == 5
+    assert result["effective_dim"] == pytest.approx(variances.sum() ** 2
+                                                    / (variances ** 2).sum(), rel=1e-4)
+    # whitened class means 0, 5 e0, (10 / 1.5) e1: centred, their squared lengths averaged
+    whitened = np.array([[0, 0], [5, 0], [0, 10 / 1.5]])
+    assert result["class_mean_spread"] == pytest.approx(
+        ((whitened - whitened.mean(0)) ** 2).sum(1).mean(), rel=1e-4)
+    probe = result["sets"]["probe"]
+    z = v[:2] / sigma  # whitened deviations from class 0, the nearest
+    between, rest = (z[:, :2] ** 2).sum(1), (z[:, 2:] ** 2).sum(1)
+    assert probe["median_between"] == pytest.approx(np.median(between), rel=1e-4)
+    assert probe["median_rest"] == pytest.approx(np.median(rest), rel=1e-4)
+    assert probe["median_full"] == pytest.approx(np.median(between + rest), rel=1e-4)
+    split = (between - 2) / 2 + (rest - 3) / np.sqrt(6)
+    assert probe["median_split"] == pytest.approx(np.median(split), rel=1e-4)
+    assert probe["median_most_variance"] == pytest.approx(np.median(z[:, 0] ** 2), rel=1e-4)
+    least = (z[:, 2:] ** 2).mean(1)  # the three directions of least variance: e2, e3, e4
+    assert probe["median_least_variance"] == pytest.approx(np.median(least), rel=1e-4)
+    # the held-out image: rest 2.35 lies between the probes' 1.41 and 12, between 0.014 below
+    assert probe["auroc_rest"] == probe["auroc_full"] == 0.5
+    assert probe["auroc_between"] == 1.0
+    assert "auroc_full" not in result["sets"]["held"]

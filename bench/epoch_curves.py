@@ -53,12 +53,14 @@ flags.DEFINE_integer("limit_checkpoints", 0, "Measure only the first N checkpoin
 
 flags.DEFINE_string("layer_sets", "head;stage3,stage4,head;quad3,stage4,head;quad3,quad4,head;"
                     "quad2,quad3,quad4,head", "Tied-Gaussian scores to measure: layer sets "
-                    "separated by ';', layers by ','.")
+                    "separated by ';', layers by ','; a set ending with ',split' is scored "
+                    "with split terms (sdim_tf.density).")
 
 
 def layer_sets() -> tuple[tuple[str, ...], ...]:
     sets = tuple(tuple(s.split(",")) for s in FLAGS.layer_sets.split(";") if s)
-    unknown = sorted({name for s in sets for name in s} - set(density.LAYERS))
+    unknown = sorted({name for s in sets for name in s[:len(s) - (s[-1] == density.SPLIT)]}
+                     - set(density.LAYERS))
     if unknown or not sets:
         sys.exit(f"error: --layer_sets: unknown layers {unknown}; known: "
                  f"{', '.join(density.LAYERS)}")

@@ -6,6 +6,13 @@ one Gaussian per class with a covariance shared by the classes (LDA; Lee et al. 
 Mahalanobis score) on each of several layers of the encoder, and sums the layers' scores,
 each standardised by its chi-square mean and spread. Its output has the paper's shape,
 per-class scores [N, C], so that calibration, the decision rule and serving are unchanged.
+
+`split=True` scores each layer as two terms: its whitened deviation from a class mean within
+the span of the class means (C-1 directions) and outside it (the rest, the same for every
+class), each standardised by its own chi-square mean and spread. With training, outliers'
+features become in-distribution-like outside that span while staying far within it
+(docs/results.md, "Why rejection decays"); in the joint distance the rest's d-C+1 directions
+drown the C-1.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ LAYERS = ("stage1", "stage2", "stage3", "stage4", "quad1", "quad2", "quad3", "qu
 # default run (docs/results.md, "Quadrant features"); before: stage3,stage4,head (chosen on
 # epochs 1-25), and head alone.
 DEFAULT_LAYERS = ("quad3", "quad4", "head")
+# Marks a layer set scored with split terms (`score_name`, the monitor's layer sets).
+SPLIT = "split"
 
 
 class TiedGaussianStats:
@@ -62,17 +71,25 @@ class TiedGaussianScores(keras.layers.Layer):
 
     For layer l of dimension d_l and squared Mahalanobis distance m_l(x, c) to class c's
     mean, the score is sum_l (d_l - m_l) / sqrt(2 d_l): each term has mean 0 and standard
-    deviation 1 over training samples of their own class when the fit is Gaussian.
+    deviation 1 over training samples of their own class when the fit is Gaussian. With
+    `split`, m_l = b_l + r_l, its parts within the span of the k = C-1 centred whitened class
+    means and outside it, and layer l's term is (k - b_l) / sqrt(2k) + (d_l - k - r_l) /
+    sqrt(2 (d_l - k)).
     """
 
-    def __init__(self, num_classes: int, dims: dict, **kwargs):
+    def __init__(self, num_classes: int, dims: dict, split: bool = False, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        self.num_classes, self.dims = num_classes, dict(dims)
+        self.num_classes, self.dims, self.split = num_classes, dict(dims), bool(split)
+        self.span_dim = num_classes - 1
+        if self.split and any(dim <= self.span_dim for dim in self.dims.values()):
+            raise ValueError(f"split terms need layers of more than {self.span_dim} "
+                             f"dimensions (C-1), got {self.dims}")
         self.means, self.precision_factors = {}, {}
         # Derived from the two above by `set_gaussians`, so that a call does not redo the
         # [C, d] x [d, d] product (at batch 1 it cost more than the encoder).
         self.centers, self.whitened_means = {}, {}
+        self.span_bases, self.span_means = {}, {}  # split only: [d, k] and [C, k]
         for name, dim in self.dims.items():
             self.means[name] = self.add_weight(
                 name=f"{name}_means", shape=(num_classes, dim), trainable=False,
@@ -85,6 +102,13 @@ class TiedGaussianScores(keras.layers.Layer):
             self.whitened_means[name] = self.add_weight(
                 name=f"{name}_whitened_means", shape=(num_classes, dim), trainable=False,
                 initializer="zeros")
+            if self.split:
+                self.span_bases[name] = self.add_weight(
+                    name=f"{name}_span_basis", shape=(dim, self.span_dim), trainable=False,
+                    initializer="zeros")
+                self.span_means[name] = self.add_weight(
+                    name=f"{name}_span_means", shape=(num_classes, self.span_dim),
+                    trainable=False, initializer="zeros")
         self.built = True
 
     def set_gaussians(self, name: str, means, precision_factor) -> None:
@@ -96,7 +120,13 @@ class TiedGaussianScores(keras.layers.Layer):
         self.means[name].assign(means.astype(np.float32))
         self.precision_factors[name].assign(factor.astype(np.float32))
         self.centers[name].assign(center.astype(np.float32))
-        self.whitened_means[name].assign(((means - center) @ factor).astype(np.float32))
+        whitened_means = (means - center) @ factor
+        self.whitened_means[name].assign(whitened_means.astype(np.float32))
+        if self.split:
+            # orthonormal directions spanning the centred whitened class means
+            basis = np.linalg.svd(whitened_means, full_matrices=False)[2][:self.span_dim].T
+            self.span_bases[name].assign(basis.astype(np.float32))
+            self.span_means[name].assign((whitened_means @ basis).astype(np.float32))
 
     def call(self, features):
         total = 0.0
@@ -106,10 +136,13 @@ class TiedGaussianScores(keras.layers.Layer):
 
     def layer_scores(self, features) -> dict:
         """{layer name: its [N, C] term of the sum `call` returns}."""
-        return {name: _scores(tf.cast(features[name], tf.float32),
-                              tf.convert_to_tensor(self.centers[name]),
-                              tf.convert_to_tensor(self.whitened_means[name]),
-                              self.precision_factors[name]) for name in self.dims}
+        terms = {}
+        for name in self.dims:
+            args = (tf.cast(features[name], tf.float32), tf.convert_to_tensor(self.centers[name]),
+                    tf.convert_to_tensor(self.whitened_means[name]), self.precision_factors[name])
+            terms[name] = _split_scores(*args, self.span_bases[name], self.span_means[name]) \
+                if self.split else _scores(*args)
+        return terms
 
 
 def standardized_scores(features, means, precision_factor) -> tf.Tensor:
@@ -130,13 +163,28 @@ def _scores(features, center, whitened_means, precision_factor) -> tf.Tensor:
     return (float(dim) - distances) / np.sqrt(2.0 * dim)
 
 
+def _split_scores(features, center, whitened_means, precision_factor, span_basis,
+                  span_means) -> tf.Tensor:
+    """[N, C]: the split terms of `TiedGaussianScores` (means centred and whitened)."""
+    dim, span_dim = features.shape[-1], span_basis.shape[-1]
+    whitened = tf.matmul(features - center, precision_factor)  # [N, d]
+    within = tf.matmul(whitened, span_basis)  # [N, k]
+    between = tf.reduce_sum(tf.square(within[:, None, :] - span_means[None]), axis=-1)
+    # [N, 1], the same for every class; from the residual itself, not as a difference of
+    # two large squared lengths (float32 loses it there)
+    rest = tf.reduce_sum(tf.square(whitened - tf.matmul(within, span_basis, transpose_b=True)),
+                         -1, keepdims=True)
+    return ((float(span_dim) - between) / np.sqrt(2.0 * span_dim)
+            + (float(dim - span_dim) - rest) / np.sqrt(2.0 * (dim - span_dim)))
+
+
 class FeatureDensity(keras.Model):
     """images -> [N, C] class scores of tied Gaussians fitted on a trained `classifier`'s
-    `layers` (see TiedGaussianScores). The predicted class is the argmax, the rejection
-    score its value: the paper's decision rule applies unchanged."""
+    `layers` (see TiedGaussianScores; `split`: two terms per layer). The predicted class is
+    the argmax, the rejection score its value: the paper's decision rule applies unchanged."""
 
     def __init__(self, classifier, num_classes: int,
-                 layers: Sequence[str] = DEFAULT_LAYERS, **kwargs):
+                 layers: Sequence[str] = DEFAULT_LAYERS, split: bool = False, **kwargs):
         super().__init__(**kwargs)
         unknown = sorted(set(layers) - set(LAYERS))
         if unknown or not layers:
@@ -146,8 +194,10 @@ class FeatureDensity(keras.Model):
         self.num_classes = num_classes
         self.layer_names = tuple(layers)
         dims = _feature_dims(classifier)
+        self.split = bool(split)
         self.density_scores = TiedGaussianScores(
-            num_classes, {name: dims[name] for name in self.layer_names}, name="density_scores")
+            num_classes, {name: dims[name] for name in self.layer_names}, split,
+            name="density_scores")
         self.built = True
 
     def call(self, images, training=None):

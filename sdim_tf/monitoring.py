@@ -28,7 +28,8 @@ RULES = ("conformal", "percentile")
 
 
 def score_name(layers: Sequence[str]) -> str:
-    """"density_<layer>_<layer>..." (layer names hold no "_"; "+" is no valid summary tag)."""
+    """"density_<layer>_<layer>..." (layer names hold no "_"; "+" is no valid summary tag);
+    a set scored with split terms ends with density.SPLIT: "density_head_split"."""
     return "density_" + "_".join(layers)
 
 
@@ -47,7 +48,8 @@ def rejection_quality(model, fit: tuple[np.ndarray, np.ndarray],
       held_out: (images, labels) never trained on: accuracy, percentile and thresholds.
       outliers: {name: images} built from training or held-out images.
       budget: the share of new held-out-like images the threshold may reject (alpha).
-      layers: one FeatureDensity per layer set; the model's own output is always scored too.
+      layers: one FeatureDensity per layer set; a set ending with `density.SPLIT` is scored
+        with split terms. The model's own output is always scored too.
       batch_size: images per forward pass.
       test, test_outliers: the final measure only (test images and labels, real OOD sets):
         reported under "final_measure", kept out of every mean; never select on them.
@@ -89,9 +91,13 @@ class RejectionMonitor:
         num_classes = int(model.config["num_classes"])
         self._scorer = density.FeatureDensity(model, num_classes, needed) if needed else None
         self._encode = self._scorer.encode_function() if needed else None
-        # A set's score is the sum of its layers' terms: one fit serves every set.
+        # A set's score is the sum of its layers' terms: one fit serves every set, the split
+        # terms' too (copied after each fit).
+        self._split = density.TiedGaussianScores(
+            num_classes, self._scorer.density_scores.dims, split=True) if any(
+                s[-1:] == (density.SPLIT,) for s in self.layer_sets) else None
         self._forward = _forward(model, self._scorer.density_scores if needed else None,
-                                 tuple(held_out[0].shape[1:]))
+                                 tuple(held_out[0].shape[1:]), self._split)
 
     def __call__(self, test: tuple[np.ndarray, np.ndarray] | None = None,
                  test_outliers: Mapping[str, np.ndarray] | None = None) -> dict:
@@ -110,7 +116,10 @@ class RejectionMonitor:
                    for name, images in image_sets.items()}
         scores = {MODEL_SCORE: {k: v[MODEL_SCORE] for k, v in outputs.items()}}
         for layer_set in self.layer_sets:
-            scores[score_name(layer_set)] = {k: sum(v[layer] for layer in layer_set)
+            split = layer_set[-1:] == (density.SPLIT,)
+            keys = [f"{layer}/{density.SPLIT}" if split else layer
+                    for layer in layer_set[:len(layer_set) - split]]
+            scores[score_name(layer_set)] = {k: sum(v[key] for key in keys)
                                              for k, v in outputs.items()}
         result = {name: _quality(by_set, self.held_out[1], list(self.outliers),
                                  self._threshold(by_set["held_out"]),
@@ -135,6 +144,10 @@ class RejectionMonitor:
         size = self.batch_size
         batches = ((images[i:i + size], labels[i:i + size]) for i in range(0, len(images), size))
         self._scorer.fit_features(batches, encode=self._encode)
+        if self._split is not None:
+            for name, means in self._scorer.density_scores.means.items():
+                self._split.set_gaussians(name, means.numpy(), self._scorer.density_scores
+                                          .precision_factors[name].numpy())
 
 
 def flat(quality: dict, prefix: str = "") -> dict[str, float]:
@@ -151,9 +164,10 @@ def flat(quality: dict, prefix: str = "") -> dict[str, float]:
     return rows
 
 
-def _forward(model, density_scores, image_shape: tuple):
+def _forward(model, density_scores, image_shape: tuple, split_scores=None):
     """A tf.function: images -> {"model": the model's own output [N, C], layer: [N, C] (each
-    layer's term of `density_scores`, a `density.TiedGaussianScores` or None)}.
+    layer's term of `density_scores`, a `density.TiedGaussianScores` or None), and
+    "<layer>/split": the split terms of `split_scores` if given}.
 
     The model's output comes from the same encoder pass, through its own head.
     """
@@ -164,6 +178,9 @@ def _forward(model, density_scores, image_shape: tuple):
         out = {MODEL_SCORE: tf.cast(model.logits_from_features(features), tf.float32)}
         if density_scores is not None:
             out.update(density_scores.layer_scores(features))
+        if split_scores is not None:
+            out.update({f"{k}/{density.SPLIT}": v
+                        for k, v in split_scores.layer_scores(features).items()})
         return out
 
     return forward

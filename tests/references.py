@@ -8,8 +8,12 @@ import sys
 import numpy as np
 
 
-def numpy_scores(features: dict, labels, queries: dict, num_classes: int, ridge: float):
-    """sum over layers of (d - squared Mahalanobis distance) / sqrt(2d), by the textbook."""
+def numpy_scores(features: dict, labels, queries: dict, num_classes: int, ridge: float,
+                 split: bool = False):
+    """sum over layers of (d - squared Mahalanobis distance) / sqrt(2d), by the textbook.
+    `split`: the distance's part b in the span of the class-mean differences M, by the
+    projection in the precision's metric, P^T M (M^T P M)^+ M^T P, and the rest m - b, each
+    standardised by its own degrees of freedom (C-1 and d-C+1)."""
     total = 0.0
     for name, x in features.items():
         x = x.astype(np.float64)
@@ -21,7 +25,16 @@ def numpy_scores(features: dict, labels, queries: dict, num_classes: int, ridge:
         q = queries[name].astype(np.float64)
         distances = np.stack([np.einsum("nd,de,ne->n", q - means[c], precision, q - means[c])
                               for c in range(num_classes)], 1)
-        total = total + (d - distances) / np.sqrt(2 * d)
+        if not split:
+            total = total + (d - distances) / np.sqrt(2 * d)
+            continue
+        m = (means - means.mean(0)).T  # [d, C], rank C-1
+        projection = precision @ m @ np.linalg.pinv(m.T @ precision @ m) @ m.T @ precision
+        between = np.stack([np.einsum("nd,de,ne->n", q - means[c], projection, q - means[c])
+                            for c in range(num_classes)], 1)
+        k = num_classes - 1
+        total = total + (k - between) / np.sqrt(2 * k) + (
+            d - k - (distances - between)) / np.sqrt(2 * (d - k))
     return total
 
 

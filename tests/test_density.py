@@ -103,3 +103,31 @@ def test_empty_batch_scores_without_running_the_network():
             assert fn(one).shape == (1, 3), name
     features = tf.function(lambda x: model.encoder.features(x, training=False))(empty)
     assert features["local2"].shape == (0, 16, 16, 64) and features["head"].shape == (0, 256)
+
+
+def test_split_terms_match_the_projection_in_the_precision_metric():
+    rng = np.random.default_rng(2)
+    model = sdim_tf.SDIM(3, (32, 32, 1), rep_dim=8)
+    images = rng.uniform(0, 1, (120, 32, 32, 1)).astype(np.float32)
+    images[:40] *= 0.3
+    images[80:] = np.clip(images[80:] + 0.5, 0, 1)
+    labels = np.repeat(np.arange(3), 40)
+    layers, ridge = ("stage1", "z"), 1e-3
+    scorer = density.FeatureDensity(model, 3, layers, split=True)
+    scorer.fit_features([(images, labels)], ridge=ridge)
+    features = {k: v.numpy() for k, v in model.encoder.features(images, training=False).items()
+                if k in layers}
+    queries = rng.uniform(0, 1, (7, 32, 32, 1)).astype(np.float32)
+    query_features = {k: v.numpy() for k, v in
+                      model.encoder.features(queries, training=False).items() if k in layers}
+    expected = _numpy_scores(features, labels, query_features, 3, ridge, split=True)
+    got = scorer.predict(queries, verbose=0)
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+    joint = _numpy_scores(features, labels, query_features, 3, ridge)
+    assert np.abs(got - joint).max() > 0.1 * np.abs(joint).max()  # a different score
+    # round trip through the saved parameters
+    fresh = density.FeatureDensity(model, 3, layers, split=True)
+    fresh.load_parameters(scorer.parameters())
+    np.testing.assert_allclose(fresh.predict(queries, verbose=0), got, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="split terms need layers of more than 2"):
+        density.TiedGaussianScores(3, {"tiny": 2}, split=True)

@@ -111,10 +111,11 @@ def test_every_figure_matches_numpy(budget, rule):
     model.class_conditional.embedding.assign(np.concatenate([means, log_scales], 1))
     outliers = {"noise": rng.uniform(0, 1, (40, 32, 32, 1)).astype(np.float32),
                 "dark": (0.05 * rng.uniform(0, 1, (40, 32, 32, 1))).astype(np.float32)}
-    layer_sets = (("head",), ("stage1", "z"))
+    layer_sets = (("head",), ("stage1", "z"), ("stage1", "z", density.SPLIT))
     quality = monitoring.rejection_quality(model, fit, held_out, outliers, budget=budget,
                                            layers=layer_sets, batch_size=25, rule=rule)
-    assert set(quality) == {"model", "density_head", "density_stage1_z", "seconds"}
+    assert set(quality) == {"model", "density_head", "density_stage1_z",
+                            "density_stage1_z_split", "seconds"}
     assert quality["seconds"] > 0
 
     features = {k: v.numpy() for k, v in model.encoder.features(fit[0], training=False).items()}
@@ -129,8 +130,10 @@ def test_every_figure_matches_numpy(budget, rule):
                     _expected(model_scores, held_out[1], budget, outliers, rule),
                     1e-5)
     for layers in layer_sets:
-        scores = {k: _numpy_scores({name: features[name] for name in layers}, fit[1], v,
-                                   CLASSES, 1e-6) for k, v in encoded.items()}
+        split = layers[-1] == density.SPLIT
+        named = layers[:len(layers) - split]
+        scores = {k: _numpy_scores({name: features[name] for name in named}, fit[1], v,
+                                   CLASSES, 1e-6, split) for k, v in encoded.items()}
         _assert_quality(quality[monitoring.score_name(layers)],
                         _expected(scores, held_out[1], budget, outliers, rule), 1e-3)
 
@@ -142,7 +145,7 @@ def test_every_figure_matches_numpy(budget, rule):
         "outlier_auroc"]["noise"]
     assert all(isinstance(v, float) for v in rows.values())
     per_score = 6 if rule == "percentile" else 5
-    assert len(rows) == 1 + 3 * (per_score + 2 * len(outliers))
+    assert len(rows) == 1 + 4 * (per_score + 2 * len(outliers))
 
 
 def test_final_measure_is_reported_apart():

@@ -45,6 +45,8 @@ flags.DEFINE_integer("calibration_images", None, "Limit the calibration benchmar
 flags.DEFINE_integer("serving_calls", 50, "Timed serving calls at batch 256 (x4 at batch 1).")
 flags.DEFINE_list("density_layers", list(density.DEFAULT_LAYERS), "serving: the density's "
                   "layers (the pipeline's default unless given).")
+flags.DEFINE_bool("density_split", density.DEFAULT_SPLIT, "serving: the density's split terms "
+                  "(the pipeline's default unless given).")
 flags.DEFINE_integer("intra_op_threads", 0, "TensorFlow's intra-op threads (0: its default, "
                      "one per core).")
 flags.DEFINE_integer("inter_op_threads", 0, "TensorFlow's inter-op threads (0: its default).")
@@ -132,7 +134,7 @@ def serving_speed(tmp: pathlib.Path) -> dict:
     same batches. Calls alternate between the two, so drift hits both alike."""
     model = untrained.model("sdim")
     rng = np.random.default_rng(0)
-    scorer = density.FeatureDensity(model, 10, FLAGS.density_layers)
+    scorer = density.FeatureDensity(model, 10, FLAGS.density_layers, FLAGS.density_split)
     fit = rng.random((512, 32, 32, 1), np.float32)
     scorer.fit_features([(fit, np.arange(512) % 10)])
     module = serving.RejectingClassifier(scorer, np.zeros(10), 1, (28, 28))
@@ -189,7 +191,7 @@ def serving_speed(tmp: pathlib.Path) -> dict:
         figures[name]["p50_latency_over_bare_forward"] = round(
             figures[name]["latency_ms_batch_1"]["p50"] / bare["latency_ms_batch_1"]["p50"], 3)
     return {"calls": FLAGS.serving_calls, "score": "feature_density " + ",".join(
-        FLAGS.density_layers), "threads": {
+        FLAGS.density_layers) + (" (split terms)" if FLAGS.density_split else ""), "threads": {
             "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
             "rows": figures}
@@ -212,6 +214,7 @@ def serving_threads(tmp: pathlib.Path) -> dict:
         subprocess.run([sys.executable, "-m", "bench.run", "--only=serving",
                         f"--serving_calls={FLAGS.serving_calls}",
                         f"--density_layers={','.join(FLAGS.density_layers)}",
+                        f"--{'' if FLAGS.density_split else 'no'}density_split",
                         f"--intra_op_threads={intra}",
                         f"--inter_op_threads={inter}", f"--out={out}"], check=True,
                        capture_output=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))

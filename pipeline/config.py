@@ -101,6 +101,7 @@ class PipelineConfig:
     validation_split: Optional[int] = None
     score: str = "feature_density"
     density_layers: tuple[str, ...] = density.DEFAULT_LAYERS
+    density_split: bool = density.DEFAULT_SPLIT  # two standardised terms per layer
     threshold_rule: Optional[str] = None  # shared for feature_density, else per_class
     export_dir: str = "saved_models"
     # What one request to the SavedModel may cost (sdim_tf.serving.Limits).
@@ -277,12 +278,14 @@ class PipelineConfig:
 
     def fields(self, names: tuple[str, ...]) -> dict:
         """The values of `names`, for a stage's config hash. An explicit precision hashes
-        as the boolean flag it replaced, and the outlier term when off is left out, so runs
-        made before either existed still resume."""
+        as the boolean flag it replaced, and the outlier term and split density terms when
+        off are left out, so runs made before any of them existed still resume."""
         values = {name: getattr(self, name) for name in names}
         if values.get("outlier_weight") == 0:  # the paper's objective: hashes as before
             values.pop("outlier_weight")
             values.pop("outlier_margin", None)
+        if values.get("density_split") is False:
+            values.pop("density_split")
         if values.get("mixed_precision") in LEGACY_PRECISION:
             values["mixed_precision"] = LEGACY_PRECISION[values["mixed_precision"]]
         return values

@@ -248,6 +248,9 @@ flags.DEFINE_enum("threshold_rule", None, THRESHOLD_RULES,
                   "shared for --score=feature_density, else per_class.")
 flags.DEFINE_list("density_layers", list(_D.density_layers),
                   f"Encoder layers of --score=feature_density, among {', '.join(density.LAYERS)}.")
+flags.DEFINE_bool("density_split", _D.density_split, "--score=feature_density: score each "
+                  "layer as two standardised terms, within the span of the class means and "
+                  "outside it (sdim_tf.density), instead of one.")
 flags.DEFINE_string("export_dir", _D.export_dir, "Where the export stage writes SavedModels.")
 flags.DEFINE_integer("max_image_side", _D.max_image_side, "Export: classify_encoded refuses "
                      "(reason too_large) an image whose header declares a longer side.")

@@ -284,7 +284,8 @@ class Calibration(Artifact):
         if self.score != "feature_density":
             return classifier
         scorer = density.FeatureDensity(classifier, len(self.saved["class_names"]),
-                                        self.saved["density_layers"])
+                                        self.saved["density_layers"],
+                                        bool(self.saved.get("density_split")))
         scorer.load_parameters(self.density_parameters())
         return scorer
 

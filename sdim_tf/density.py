@@ -29,7 +29,10 @@ LAYERS = ("stage1", "stage2", "stage3", "stage4", "quad1", "quad2", "quad3", "qu
 # default run (docs/results.md, "Quadrant features"); before: stage3,stage4,head (chosen on
 # epochs 1-25), and head alone.
 DEFAULT_LAYERS = ("quad3", "quad4", "head")
-# Marks a layer set scored with split terms (`score_name`, the monitor's layer sets).
+# Split terms: selected on held-out images and outliers built from them at epochs 10, 20 and
+# 50 of the default run (docs/results.md, "Why rejection decays").
+DEFAULT_SPLIT = True
+# Marks a layer set scored with split terms (the monitor's layer sets, their score names).
 SPLIT = "split"
 
 
@@ -184,7 +187,7 @@ class FeatureDensity(keras.Model):
     the argmax, the rejection score its value: the paper's decision rule applies unchanged."""
 
     def __init__(self, classifier, num_classes: int,
-                 layers: Sequence[str] = DEFAULT_LAYERS, split: bool = False, **kwargs):
+                 layers: Sequence[str] = DEFAULT_LAYERS, split: bool = DEFAULT_SPLIT, **kwargs):
         super().__init__(**kwargs)
         unknown = sorted(set(layers) - set(LAYERS))
         if unknown or not layers:

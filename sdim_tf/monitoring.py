@@ -27,6 +27,12 @@ MODEL_SCORE = "model"
 RULES = ("conformal", "percentile")
 
 
+def layer_set(layers: Sequence[str] = density.DEFAULT_LAYERS,
+              split: bool = density.DEFAULT_SPLIT) -> tuple[str, ...]:
+    """The monitor's layer set of a FeatureDensity(layers, split=split)."""
+    return (*layers, *[density.SPLIT] * bool(split))
+
+
 def score_name(layers: Sequence[str]) -> str:
     """"density_<layer>_<layer>..." (layer names hold no "_"; "+" is no valid summary tag);
     a set scored with split terms ends with density.SPLIT: "density_head_split"."""
@@ -36,7 +42,7 @@ def score_name(layers: Sequence[str]) -> str:
 def rejection_quality(model, fit: tuple[np.ndarray, np.ndarray],
                       held_out: tuple[np.ndarray, np.ndarray], outliers: Mapping[str, np.ndarray],
                       budget: float = 0.04,
-                      layers: Sequence[Sequence[str]] = (density.DEFAULT_LAYERS,),
+                      layers: Sequence[Sequence[str]] = (layer_set(),),
                       batch_size: int = 500, test: tuple[np.ndarray, np.ndarray] | None = None,
                       test_outliers: Mapping[str, np.ndarray] | None = None,
                       rule: str = "conformal", confidence: float | None = 0.95) -> dict:
@@ -78,7 +84,7 @@ class RejectionMonitor:
 
     def __init__(self, model, fit, held_out, outliers: Mapping[str, np.ndarray],
                  budget: float = 0.04,
-                 layers: Sequence[Sequence[str]] = (density.DEFAULT_LAYERS,),
+                 layers: Sequence[Sequence[str]] = (layer_set(),),
                  batch_size: int = 500, rule: str = "conformal",
                  confidence: float | None = 0.95):
         if rule not in RULES:
@@ -89,7 +95,8 @@ class RejectionMonitor:
         self.layer_sets = [tuple(s) for s in layers]
         needed = [name for name in density.LAYERS if any(name in s for s in self.layer_sets)]
         num_classes = int(model.config["num_classes"])
-        self._scorer = density.FeatureDensity(model, num_classes, needed) if needed else None
+        self._scorer = density.FeatureDensity(model, num_classes, needed, split=False) \
+            if needed else None
         self._encode = self._scorer.encode_function() if needed else None
         # A set's score is the sum of its layers' terms: one fit serves every set, the split
         # terms' too (copied after each fit).

@@ -47,7 +47,7 @@ def test_scores_match_numpy_and_have_chi_square_mean(cls, kwargs):
     images[80:] = np.clip(images[80:] + 0.5, 0, 1)
     labels = np.repeat(np.arange(3), 40)
     layers = ("stage1", "stage4", "z")
-    scorer = density.FeatureDensity(model, 3, layers)
+    scorer = density.FeatureDensity(model, 3, layers, split=False)
     ridge = 1e-3
     assert scorer.fit_features([(images[i:i + 50], labels[i:i + 50])
                                 for i in range(0, 120, 50)], ridge=ridge) == 120
@@ -62,7 +62,7 @@ def test_scores_match_numpy_and_have_chi_square_mean(cls, kwargs):
 
     # Without ridge the mean squared distance of the fit samples to their own class mean is
     # exactly d (trace of the inverse covariance times the covariance): mean score 0.
-    exact = density.FeatureDensity(model, 3, ("stage1",))
+    exact = density.FeatureDensity(model, 3, ("stage1",), split=False)
     exact.fit_features([(images, labels)], ridge=0.0)
     own = exact.predict(images, verbose=0)[np.arange(120), labels]
     assert abs(own.mean()) < 1e-3 * np.abs(own).max()
@@ -80,7 +80,7 @@ def test_scores_match_numpy_and_have_chi_square_mean(cls, kwargs):
     assert {id(v) for v in view.weights} <= {id(v) for v in scorer.weights}
 
     # Parameters round-trip into a fresh scorer.
-    fresh = density.FeatureDensity(model, 3, layers)
+    fresh = density.FeatureDensity(model, 3, layers, split=False)
     fresh.load_parameters(scorer.parameters())
     np.testing.assert_array_equal(fresh.predict(queries, verbose=0), got)
 

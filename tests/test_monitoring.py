@@ -158,7 +158,7 @@ def test_final_measure_is_reported_apart():
     plain = monitoring.rejection_quality(model, fit, held_out, outliers, budget=0.3)
     quality = monitoring.rejection_quality(model, fit, held_out, outliers, budget=0.3,
                                            test=test, test_outliers=test_outliers)
-    for name in ("model", monitoring.score_name(density.DEFAULT_LAYERS)):
+    for name in ("model", monitoring.score_name(monitoring.layer_set())):
         kept = {k: v for k, v in quality[name].items() if k != "final_measure"}
         assert kept == plain[name]
     logits = model(test[0], training=False).numpy()

@@ -14,7 +14,7 @@ from pipeline import artifacts, faults, run
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.run_dir import Run, TrainedModel
 from pipeline.stages import train
-from sdim_tf import density, monitoring
+from sdim_tf import monitoring
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_history_watches_rejection_on_held_out_images(tiny_run):
     assert abs(rows[-1]["test_accuracy_full"] - full) <= ties + 1e-9
     assert "test_accuracy_full" not in rows[0]  # only after the last epoch
     for row in rows:
-        for score in ("model", monitoring.score_name(density.DEFAULT_LAYERS)):
+        for score in ("model", monitoring.score_name(monitoring.layer_set())):
             assert 0 <= row[f"monitor/{score}/rejected"] <= 0.04  # the reject budget
             assert 0 <= row[f"monitor/{score}/mean_outlier_auroc"] <= 1
         assert row["monitor_seconds"] > 0 and row["test_seconds"] > 0
@@ -301,7 +301,7 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
     assert config.validation_split == 5000
     assert saved["source"] == "validation" and saved["examples"] == {
         "skip": 55000, "limit": 5000, "num_samples": 5000}
-    assert saved["score"] == "feature_density"  # the default
+    assert saved["score"] == "feature_density" and saved["density_split"] is True  # defaults
     # The fitted densities are numpy's class means and pooled covariance of the features
     # of the 1024 trained images (no augmentation).
     images, train_labels = run_view.examples.arrays("train", limit=1024)

@@ -69,6 +69,11 @@ def test_config_validates_and_keeps_old_run_hashes():
         "outlier_weight": 0.1, "outlier_margin": 10.0, "epochs": 50}
     with pytest.raises(ConfigError, match="--outlier_weight=0.1 needs --model=sdim"):
         PipelineConfig(outlier_weight=0.1, model="discriminative").resolve()
+    # Split density terms (the default) hash; off, they hash as before they existed, so a
+    # run calibrated then is recalibrated only under the new default.
+    fields = ("density_layers", "density_split")
+    assert PipelineConfig().resolve().fields(fields)["density_split"] is True
+    assert "density_split" not in PipelineConfig(density_split=False).resolve().fields(fields)
 
 
 def _bfloat16_nodes(saved_model_dir) -> list[str]:

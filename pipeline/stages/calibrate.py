@@ -27,7 +27,8 @@ from pipeline.run_dir import Calibration
 from sdim_tf import conformal, density, rejection
 
 FIELDS = ("percentiles", "validation_split", "train_limit", "score", "density_layers",
-          "reject_budget", "reject_confidence", "export_percentile", "threshold_rule")
+          "density_split", "reject_budget", "reject_confidence", "export_percentile",
+          "threshold_rule")
 GUARANTEED = "conformal"  # thresholds.json's key of the guaranteed thresholds
 
 
@@ -60,6 +61,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         "score": config.score,
         "density_layers": list(config.density_layers)
         if config.score == "feature_density" else None,
+        "density_split": config.density_split if config.score == "feature_density" else None,
         "threshold_rule": config.threshold_rule,
         "source": "validation" if config.validation_split else "train",
         "examples": {"skip": skip, "limit": limit, "num_samples": int(len(labels))},
@@ -109,9 +111,11 @@ def guaranteed(ll: np.ndarray, config, names) -> tuple[dict, dict]:
 def fit_density(model, config, examples, num_train: int) -> density.FeatureDensity:
     """--density_layers fitted on the trained images (no augmentation)."""
     skip, limit = config.train_examples(num_train)
-    scorer = density.FeatureDensity(model, examples.num_classes, config.density_layers)
-    logging.info("calibrate: fitting tied Gaussians on %s over %d training images",
-                 ", ".join(config.density_layers), limit)
+    scorer = density.FeatureDensity(model, examples.num_classes, config.density_layers,
+                                    config.density_split)
+    logging.info("calibrate: fitting tied Gaussians on %s%s over %d training images",
+                 ", ".join(config.density_layers), " (split terms)" if config.density_split
+                 else "", limit)
     bar = keras.utils.Progbar(limit, unit_name="image")
     fitted = scorer.fit_features(examples.dataset("train", skip, limit), progress=bar.update)
     dims = scorer.density_scores.dims

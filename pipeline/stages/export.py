@@ -50,7 +50,9 @@ SCORE_TEXT = {
     "model": lambda saved: "the predicted class's output of the model (SDIM: log p(x|c))",
     "feature_density": lambda saved: (
         "the predicted class's summed standardised tied-Gaussian score on the encoder layers "
-        f"{', '.join(saved['density_layers'])} (sdim_tf.density; output class_scores)"),
+        f"{', '.join(saved['density_layers'])}"
+        f"{' (split terms)' if saved.get('density_split') else ''} (sdim_tf.density; output "
+        "class_scores)"),
 }
 
 

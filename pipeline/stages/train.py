@@ -165,7 +165,8 @@ def monitor_data(config: PipelineConfig, examples, num_train: int) -> dict | Non
     built = {**outliers.proxy_outliers(sources[0], config.seed),
              **outliers.part_outliers(*sources, seed=config.seed)}
     return {"fit": fit, "held_out": held_out, "outliers": built,
-            "budget": config.reject_budget or 0.04, "layers": (tuple(config.density_layers),),
+            "budget": config.reject_budget or 0.04,
+            "layers": (monitoring.layer_set(config.density_layers, config.density_split),),
             "rule": "conformal", "confidence": config.reject_confidence or None}
 
 

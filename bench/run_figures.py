@@ -27,7 +27,10 @@ def figures(run_dir: str | pathlib.Path) -> dict:
     mnist = report["ood"].get("mnist")
     if mnist:
         out["mnist_rejected"] = 100 * mnist["decision_rejection_rate"][deployed]
-        out["mnist_auroc"] = 100 * mnist["separation"]["max_log_likelihood"]["auroc"]
+        # the top class score: named for SDIM's log-likelihoods, or for a discriminative
+        # model's outputs (its logits, or the same density's scores)
+        top = "max_log_likelihood" if "max_log_likelihood" in mnist["separation"] else "max_logit"
+        out["mnist_auroc"] = 100 * mnist["separation"][top]["auroc"]
     for name, ood in report["ood"].items():
         out[f"ood_rejected/{name}"] = 100 * ood["decision_rejection_rate"][deployed]
     shifts = report.get("shifts")

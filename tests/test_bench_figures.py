@@ -84,14 +84,17 @@ def test_ratios_of_a_run():
         "calibration.calibration_over_inference": 1.3}
 
 
-def _write_run(run_dir, accuracy, rejected, mnist_rejected, mnist_auroc):
+def _write_run(run_dir, accuracy, rejected, mnist_rejected, mnist_auroc, model="sdim"):
     (run_dir / "evaluate").mkdir(parents=True)
     (run_dir / "train").mkdir()
-    report = {"model": "sdim", "score": "feature_density", "accuracy": accuracy,
+    # the evaluate stage names the top class score after the model's outputs
+    top = {"sdim": "max_log_likelihood", "discriminative": "max_logit"}[model]
+    report = {"model": model, "score": "feature_density", "accuracy": accuracy,
               "deployed_percentile": "conformal",
               "selective": {"conformal": {"reject_rate": rejected, "accuracy_left": 0.95}},
               "ood": {"mnist": {"decision_rejection_rate": {"conformal": mnist_rejected},
-                                "separation": {"max_log_likelihood": {"auroc": mnist_auroc}}}}}
+                                "separation": {top: {"auroc": mnist_auroc},
+                                               "energy": {"auroc": 0.5}}}}}
     (run_dir / "evaluate" / "report.json").write_text(json.dumps(report))
     (run_dir / "train" / "state.json").write_text(json.dumps({"epoch": 10}))
 
@@ -100,10 +103,11 @@ def test_parity_of_a_run_against_the_spread_of_two(tmp_path):
     # percentage points: fp32 runs at 92.0 and 92.5 allow [91.7, 92.8] with 0.3 points.
     _write_run(tmp_path / "a", 0.920, 0.030, 0.95, 0.990)
     _write_run(tmp_path / "b", 0.925, 0.034, 0.96, 0.985)
-    _write_run(tmp_path / "c", 0.929, 0.036, 0.94, 0.9885)
+    _write_run(tmp_path / "c", 0.929, 0.036, 0.94, 0.9885, model="discriminative")
     by_run = {name: run_figures.figures(tmp_path / name) for name in "abc"}
     assert by_run["a"]["test_accuracy"] == pytest.approx(92.0)
     assert by_run["a"]["mnist_auroc"] == pytest.approx(99.0)
+    assert by_run["c"]["mnist_auroc"] == pytest.approx(98.85)  # max_logit, not energy
     checks = run_figures.parity(by_run, "c", 0.3)["checks"]
     assert checks["test_accuracy"]["allowed"] == pytest.approx([91.7, 92.8])
     assert not checks["test_accuracy"]["within"]  # 92.9 > 92.8

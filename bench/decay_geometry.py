@@ -34,7 +34,8 @@ from absl import app, flags
 
 from bench.checkpoints import epoch_of, finite, images_of, in_epoch_order
 from bench.machine import machine
-from sdim_tf import density, metrics, outliers
+from bench.whitened_parts import geometry
+from sdim_tf import density, outliers
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Glob of per-epoch .keras checkpoints (epoch_<k>).")
@@ -53,51 +54,6 @@ flags.DEFINE_integer("mnist_images", 2000, "MNIST test images (diagnosis only)."
 flags.DEFINE_float("top_share", 0.1, "The share of covariance directions of most variance.")
 flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
 flags.DEFINE_integer("seed", 0, "Outlier seed.")
-
-
-def geometry(fit_features: np.ndarray, fit_labels: np.ndarray, sets: dict,
-             num_classes: int, top_share: float = 0.1) -> dict:
-    """The per-layer figures of the module docstring. `sets` maps names to features [N, d];
-    its first entry is the in-distribution reference of the AUROCs."""
-    stats = density.TiedGaussianStats(num_classes, fit_features.shape[1])
-    stats.update(fit_features, fit_labels)
-    means, factor = stats.fit()
-    dim = means.shape[1]
-    precision = factor @ factor.T
-    inverse_variances, directions = np.linalg.eigh(precision)  # ascending: most variance first
-    variances = 1.0 / inverse_variances
-    top = max(1, int(round(top_share * dim)))
-    whitened_means = means @ factor
-    basis = np.linalg.svd(whitened_means - whitened_means.mean(0), full_matrices=False)[2]
-    basis = basis[:num_classes - 1]  # orthonormal rows spanning the class means' differences
-    parts = {}
-    for name, x in sets.items():
-        whitened = np.asarray(x, np.float64) @ factor
-        distances = ((whitened[:, None] - whitened_means[None]) ** 2).sum(-1)
-        nearest = distances.argmin(1)
-        deviation = np.asarray(x, np.float64) - means[nearest]
-        residual = deviation @ factor  # [N, d]; squared length = Mahalanobis distance
-        full = (residual ** 2).sum(1)
-        between = ((residual @ basis.T) ** 2).sum(1)
-        # along the covariance's eigenvectors (most variance first), in standard deviations
-        along = (deviation @ directions) * np.sqrt(inverse_variances)
-        k = len(basis)
-        # both parts standardised by their chi-square mean and spread, then summed
-        split = (between - k) / np.sqrt(2 * k) + (full - between - (dim - k)) / np.sqrt(
-            2 * (dim - k))
-        parts[name] = {"full": full, "between": between, "rest": full - between, "split": split,
-                       "most_variance": (along[:, :top] ** 2).sum(1) / top,
-                       "least_variance": (along[:, dim // 2:] ** 2).sum(1) / (dim - dim // 2)}
-    reference = next(iter(parts.values()))
-    return {
-        "dim": dim,
-        "effective_dim": float(variances.sum() ** 2 / (variances ** 2).sum()),
-        "class_mean_spread": float(((whitened_means - whitened_means.mean(0)) ** 2)
-                                   .sum(1).mean()),
-        "sets": {name: {**{f"median_{k}": float(np.median(v)) for k, v in p.items()},
-                        **({} if p is reference else {
-                            f"auroc_{k}": metrics.auroc(-reference[k], -p[k]) for k in p})}
-                 for name, p in parts.items()}}
 
 
 def features_of(encode, images: np.ndarray, batch_size: int) -> dict:

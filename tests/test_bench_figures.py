@@ -122,7 +122,7 @@ def test_parity_of_a_run_against_the_spread_of_two(tmp_path):
 
 
 def test_decay_geometry_against_hand_computed_parts():
-    from bench import decay_geometry
+    from bench import whitened_parts
     # Three classes in 5 dimensions: means 0, 10 e0, 10 e1; each class's samples are its
     # mean +- a_i e_i, so the pooled covariance is diag(sigma^2) (a_i = sigma_i sqrt(5)),
     # up to the fit's ridge of 1e-6.
@@ -133,7 +133,7 @@ def test_decay_geometry_against_hand_computed_parts():
     labels = np.repeat(np.arange(3), len(offsets))
     v = np.array([[0.4, -0.3, 1.0, 0.4, 0.2], [1.0, 0.5, -2.0, 1.6, 1.0],
                   [0.2, 0.1, 1.5, -0.2, 0.1]])
-    result = decay_geometry.geometry(fit, labels, {"held": v[2:] + means[0],
+    result = whitened_parts.geometry(fit, labels, {"held": v[2:] + means[0],
                                                    "probe": v[:2] + means[0]}, 3, top_share=0.2)
     variances = sigma ** 2
     assert result["dim"] == 5

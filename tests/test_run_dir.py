@@ -65,6 +65,32 @@ def test_density_parameters_are_checked_and_read_without_pickle(tmp_path):
         calibration.density_parameters()
 
 
+@pytest.mark.parametrize("changes, split", [({}, False), ({"density_split": False}, False),
+                                            ({"density_split": True}, True)])
+def test_the_scoring_model_follows_density_split(tmp_path, changes, split):
+    """A calibration written before split terms existed (no key) keeps the joint score."""
+    import sdim_tf
+    from sdim_tf import density
+
+    calibration = _calibration(tmp_path / "calibrate", **changes)
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(3, 8)).astype(np.float32)
+    factor = np.tril(rng.normal(size=(8, 8))) + 4 * np.eye(8)
+    calibration.write_density({"z/means": means, "z/precision_factor": factor.astype(np.float32)})
+    classifier = sdim_tf.SDIM(3, (32, 32, 1), rep_dim=8)
+    scorer = calibration.scoring_model(classifier)
+    assert scorer.split is split
+    images = rng.uniform(0, 1, (4, 32, 32, 1)).astype(np.float32)
+    z = classifier.encoder.features(images, training=False)["z"].numpy()
+    expected = density.standardized_scores(z.astype(np.float64), means.astype(np.float64),
+                                           factor.astype(np.float32).astype(np.float64))
+    got = scorer.predict(images, verbose=0)
+    if split:
+        assert not np.allclose(got, expected.numpy(), rtol=1e-3)
+    else:
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-3)
+
+
 def test_a_checkpoint_carrying_code_is_refused(tmp_path):
     """Keras safe mode: a Lambda layer's bytecode is never run on load."""
     inputs = keras.Input((3,))

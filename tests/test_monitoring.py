@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import pytest
 
@@ -100,6 +101,7 @@ def _assert_quality(got: dict, expected: dict, score_tolerance: float):
 @pytest.mark.parametrize("budget,rule", [(0.04, "percentile"), (0.3, "percentile"),
                                          (0.1, "conformal"), (0.3, "conformal")])
 def test_every_figure_matches_numpy(budget, rule):
+    keras.utils.set_random_seed(0)  # the same weights whatever ran before
     rng = np.random.default_rng(0)
     model = sdim_tf.SDIM(CLASSES, (32, 32, 1), rep_dim=8)
     fit, held_out = _images(rng, 60), _images(rng, 60)
@@ -111,11 +113,11 @@ def test_every_figure_matches_numpy(budget, rule):
     model.class_conditional.embedding.assign(np.concatenate([means, log_scales], 1))
     outliers = {"noise": rng.uniform(0, 1, (40, 32, 32, 1)).astype(np.float32),
                 "dark": (0.05 * rng.uniform(0, 1, (40, 32, 32, 1))).astype(np.float32)}
-    layer_sets = (("head",), ("stage1", "z"), ("stage1", "z", density.SPLIT))
+    layer_sets = (("head",), ("stage1", "z"), ("z", density.SPLIT))
     quality = monitoring.rejection_quality(model, fit, held_out, outliers, budget=budget,
                                            layers=layer_sets, batch_size=25, rule=rule)
     assert set(quality) == {"model", "density_head", "density_stage1_z",
-                            "density_stage1_z_split", "seconds"}
+                            "density_z_split", "seconds"}
     assert quality["seconds"] > 0
 
     features = {k: v.numpy() for k, v in model.encoder.features(fit[0], training=False).items()}

@@ -22,44 +22,34 @@ python -m bench.decay_geometry --checkpoints='/work/runs/fm-default/epochs/epoch
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 from absl import app, flags
 
-from bench.checkpoints import epoch_of, finite, images_of, in_epoch_order
+from bench.checkpoints import (
+    define_data_flags,
+    epoch_of,
+    finite,
+    held_out_data,
+    images_of,
+    in_epoch_order,
+)
 from bench.machine import machine
 from bench.whitened_parts import geometry
-from sdim_tf import density, outliers
+from sdim_tf import density, monitoring
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Glob of per-epoch .keras checkpoints (epoch_<k>).")
 flags.DEFINE_string("epochs", "", "Only these epochs, comma separated (default: all).")
 flags.DEFINE_string("layers", "head,quad3,quad4", "Layers to measure, comma separated.")
 flags.DEFINE_string("out", "bench/results/decay_geometry.json", "Where the JSON goes.")
-flags.DEFINE_string("data_dir", os.environ.get("SDIM_DATA_DIR"),
-                    "Folder holding fashion_mnist/ and mnist/ IDX files.")
-flags.DEFINE_integer("trained_images", 55000, "The run trained on the first N training "
-                     "images; the rest are held out.")
-flags.DEFINE_integer("fit_images", 5000, "Trained images the Gaussians are fitted on, "
-                     "evenly strided.")
-flags.DEFINE_integer("held_out_images", 2000, "Held-out images measured (from the first).")
-flags.DEFINE_integer("outlier_images", 1000, "Held-out images each outlier set is built from.")
+define_data_flags(held_out_images=2000)
 flags.DEFINE_integer("mnist_images", 2000, "MNIST test images (diagnosis only).")
 flags.DEFINE_float("top_share", 0.1, "The share of covariance directions of most variance.")
-flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
-flags.DEFINE_integer("seed", 0, "Outlier seed.")
-
-
-def features_of(encode, images: np.ndarray, batch_size: int) -> dict:
-    parts = [encode(tf.constant(images[i:i + batch_size]))
-             for i in range(0, len(images), batch_size)]
-    return {k: np.concatenate([p[k].numpy() for p in parts]) for k in parts[0]}
 
 
 def main(argv):
@@ -69,15 +59,8 @@ def main(argv):
     unknown = sorted(set(layers) - set(density.LAYERS))
     if unknown or not layers:
         sys.exit(f"error: --layers: unknown {unknown}; known: {', '.join(density.LAYERS)}")
-    trained = FLAGS.trained_images
-    fit_index = np.arange(FLAGS.fit_images) * (trained // FLAGS.fit_images)
-    fit = images_of("fashion_mnist", "train", fit_index, data_dir=FLAGS.data_dir)
-    held_out = images_of("fashion_mnist", "train",
-                         np.arange(trained, trained + FLAGS.held_out_images),
-                         data_dir=FLAGS.data_dir)
-    sources = tuple(a[:FLAGS.outlier_images] for a in held_out)
-    sets = {"held_out": held_out[0], **outliers.proxy_outliers(sources[0], FLAGS.seed),
-            **outliers.part_outliers(*sources, seed=FLAGS.seed),
+    fit, held_out, built = held_out_data()
+    sets = {"held_out": held_out[0], **built,
             "mnist (diagnosis only)": images_of("mnist", "test", np.arange(FLAGS.mnist_images),
                                                 data_dir=FLAGS.data_dir)[0]}
     record = {"command": " ".join(["python -m bench.decay_geometry", *sys.argv[1:]]),
@@ -94,8 +77,8 @@ def main(argv):
         model = keras.models.load_model(path, compile=False)
         scorer = density.FeatureDensity(model, model.config["num_classes"], layers)
         encode = scorer.encode_function()
-        fitted = features_of(encode, fit[0], FLAGS.batch_size)
-        measured = {name: features_of(encode, images, FLAGS.batch_size)
+        fitted = monitoring.batched(encode, fit[0], FLAGS.batch_size)
+        measured = {name: monitoring.batched(encode, images, FLAGS.batch_size)
                     for name, images in sets.items()}
         entry = {"epoch": epoch_of(path), "path": path, "layers": {
             layer: geometry(fitted[layer], fit[1], {n: m[layer] for n, m in measured.items()},

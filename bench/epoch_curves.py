@@ -25,9 +25,16 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from bench.checkpoints import epoch_of, finite, images_of, in_epoch_order
+from bench.checkpoints import (
+    define_data_flags,
+    epoch_of,
+    finite,
+    held_out_data,
+    images_of,
+    in_epoch_order,
+)
 from bench.machine import machine
-from sdim_tf import density, monitoring, outliers
+from sdim_tf import density, monitoring
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Glob of the per-epoch .keras checkpoints "
@@ -36,19 +43,9 @@ flags.DEFINE_string("out", "bench/results/epoch_curves.json", "Where the JSON go
 flags.DEFINE_enum("rule", "conformal", list(monitoring.RULES),
                   "The shared threshold: split conformal as deployed, or the budget percentile.")
 flags.DEFINE_float("reject_confidence", 0.95, "Confidence of the conformal threshold.")
-flags.DEFINE_string("data_dir", os.environ.get("SDIM_DATA_DIR"),
-                    "Folder holding fashion_mnist/ and mnist/ IDX files.")
-flags.DEFINE_integer("trained_images", 55000, "The run trained on the first N training "
-                     "images; the rest are held out.")
-flags.DEFINE_integer("held_out_images", 5000, "The last N training images: held out.")
-flags.DEFINE_integer("fit_images", 5000, "Trained images the tied Gaussians are fitted on, "
-                     "evenly strided over the first --trained_images.")
-flags.DEFINE_integer("outlier_images", 1000, "First N held-out images each outlier set is "
-                     "built from (proxy and part outliers).")
+define_data_flags(held_out_images=5000)
 flags.DEFINE_float("reject_budget", 0.04, "The shared threshold's budget: the share of "
                    "held-out-like images it may reject (see --rule).")
-flags.DEFINE_integer("seed", 0, "Outlier seed.")
-flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
 flags.DEFINE_integer("limit_checkpoints", 0, "Measure only the first N checkpoints (0: all).")
 
 flags.DEFINE_string("layer_sets", "head;stage3,stage4,head;quad3,stage4,head;quad3,quad4,head;"
@@ -92,20 +89,7 @@ def main(argv):
     paths = in_epoch_order(FLAGS.checkpoints, FLAGS.limit_checkpoints)
     sets = layer_sets()
     trained, held = FLAGS.trained_images, FLAGS.held_out_images
-    if not 0 < FLAGS.fit_images <= trained:
-        sys.exit(f"error: --fit_images must be in [1, {trained}], got {FLAGS.fit_images}")
-    if not 0 < FLAGS.outlier_images <= held:
-        sys.exit(f"error: --outlier_images must be in [1, {held}], got {FLAGS.outlier_images}")
-
-    fit_index = np.arange(FLAGS.fit_images) * (trained // FLAGS.fit_images)
-    fit = images_of("fashion_mnist", "train", fit_index, data_dir=FLAGS.data_dir)
-    held_out = images_of("fashion_mnist", "train", np.arange(trained, trained + held),
-                         data_dir=FLAGS.data_dir)
-    if len(held_out[1]) != held:
-        sys.exit(f"error: fewer than {trained + held} Fashion-MNIST training images")
-    sources = (held_out[0][:FLAGS.outlier_images], held_out[1][:FLAGS.outlier_images])
-    built = {**outliers.proxy_outliers(sources[0], FLAGS.seed),
-             **outliers.part_outliers(*sources, seed=FLAGS.seed)}
+    fit, held_out, built = held_out_data()
     test = images_of("fashion_mnist", "test", data_dir=FLAGS.data_dir)
     mnist = images_of("mnist", "test", data_dir=FLAGS.data_dir)[0]
 

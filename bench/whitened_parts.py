@@ -21,8 +21,7 @@ def geometry(fit_features: np.ndarray, fit_labels: np.ndarray, sets: dict,
     variances = 1.0 / inverse_variances
     top = max(1, int(round(top_share * dim)))
     whitened_means = means @ factor
-    basis = np.linalg.svd(whitened_means - whitened_means.mean(0), full_matrices=False)[2]
-    basis = basis[:num_classes - 1]  # orthonormal rows spanning the class means' differences
+    basis = density.span_basis(whitened_means).T  # [C-1, d]
     parts = {}
     for name, x in sets.items():
         whitened = np.asarray(x, np.float64) @ factor

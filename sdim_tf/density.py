@@ -126,8 +126,7 @@ class TiedGaussianScores(keras.layers.Layer):
         whitened_means = (means - center) @ factor
         self.whitened_means[name].assign(whitened_means.astype(np.float32))
         if self.split:
-            # orthonormal directions spanning the centred whitened class means
-            basis = np.linalg.svd(whitened_means, full_matrices=False)[2][:self.span_dim].T
+            basis = span_basis(whitened_means)
             self.span_bases[name].assign(basis.astype(np.float32))
             self.span_means[name].assign((whitened_means @ basis).astype(np.float32))
 
@@ -146,6 +145,13 @@ class TiedGaussianScores(keras.layers.Layer):
             terms[name] = _split_scores(*args, self.span_bases[name], self.span_means[name]) \
                 if self.split else _scores(*args)
         return terms
+
+
+def span_basis(whitened_means: np.ndarray) -> np.ndarray:
+    """[d, C-1]: orthonormal directions spanning the differences of the whitened class means
+    [C, d] (the span of the split terms)."""
+    centred = whitened_means - whitened_means.mean(axis=0)
+    return np.linalg.svd(centred, full_matrices=False)[2][:len(whitened_means) - 1].T
 
 
 def standardized_scores(features, means, precision_factor) -> tf.Tensor:

@@ -119,7 +119,7 @@ class RejectionMonitor:
         for name, images in (test_outliers or {}).items():
             image_sets[f"test_outlier/{name}"] = images
         # set name -> {"model" or layer: [N, C] float64}: one encoder pass per image set.
-        outputs = {name: _run(self._forward, images, self.batch_size)
+        outputs = {name: batched(self._forward, images, self.batch_size)
                    for name, images in image_sets.items()}
         scores = {MODEL_SCORE: {k: v[MODEL_SCORE] for k, v in outputs.items()}}
         for layer_set in self.layer_sets:
@@ -193,7 +193,9 @@ def _forward(model, density_scores, image_shape: tuple, split_scores=None):
     return forward
 
 
-def _run(forward, images: np.ndarray, batch_size: int) -> dict:
+def batched(forward, images: np.ndarray, batch_size: int) -> dict:
+    """{name: float64 [N, ...]}: `forward` (images -> {name: tensor}) over `images` in batches,
+    concatenated; an empty input runs one empty batch."""
     parts = [forward(tf.constant(images[i:i + batch_size], tf.float32))
              for i in range(0, len(images), batch_size)]
     if not parts:

@@ -469,26 +469,34 @@ def _pgd_program(scorer, norm: str, image_shape):
             return tf.clip_by_value(delta, -epsilon, epsilon)
         return delta * tf.minimum(1.0, epsilon / tf.maximum(_per_image_l2(delta), 1e-12))
 
-    @tf.function(input_signature=[images, images, ints, ints, floats, scalar, scalar,
-                                  tf.TensorSpec([], tf.int32), scalar], reduce_retracing=True)
+    # One compiled step, the loop in Python, so that images that succeed leave the batch
+    # (1.15-1.3x faster than the whole loop compiled, on a 10-epoch MNIST model).
+    @tf.function(input_signature=[images, images, ints, ints, floats, scalar, scalar, scalar],
+                 reduce_retracing=True)
+    def step(clean, x, labels, targets, thresholds, epsilon, step_size, margin):
+        """(margin loss at x, whether x is an undetected success, the next iterate)."""
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            scores = _scores(scorer, x)
+            loss = margin_loss(scores, labels, targets, thresholds, margin)
+        moved = x + step_size * direction(-tape.gradient(loss, x))
+        return (loss, _reached(scores, labels, targets, thresholds),
+                tf.clip_by_value(clean + project(moved - clean, epsilon), 0.0, 1.0))
+
     def attack(clean, x, labels, targets, thresholds, epsilon, step_size, steps, margin):
         """From `x`: the first undetected success, else the iterate of the lowest loss."""
-        best, best_loss = x, tf.fill(tf.shape(labels), np.inf)
-        found = tf.zeros(tf.shape(labels), bool)
-        for _ in tf.range(steps + 1):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                scores = _scores(scorer, x)
-                loss = margin_loss(scores, labels, targets, thresholds, margin)
-            hit = _reached(scores, labels, targets, thresholds)
-            keep = tf.logical_not(found) & (hit | (loss < best_loss))
-            best = tf.where(keep[:, None, None, None], x, best)
-            best_loss = tf.where(keep, loss, best_loss)
-            found = found | hit
-            if tf.reduce_all(found):
+        best, best_loss = x.copy(), np.full(len(x), np.inf, np.float32)
+        found, active = np.zeros(len(x), bool), np.arange(len(x))
+        for _ in range(steps + 1):
+            loss, hit, following = (t.numpy() for t in step(
+                clean[active], x, labels[active], targets[active], thresholds, epsilon,
+                step_size, margin))
+            keep = hit | (loss < best_loss[active])
+            best[active[keep]], best_loss[active[keep]] = x[keep], loss[keep]
+            found[active] = hit
+            x, active = following[~hit], active[~hit]
+            if not len(active):
                 break
-            step = step_size * direction(-tape.gradient(loss, x))
-            x = tf.clip_by_value(clean + project(x + step - clean, epsilon), 0.0, 1.0)
         return best, best_loss, found
 
     return attack
@@ -534,9 +542,8 @@ def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size
             left = np.flatnonzero(~found)
             for i in range(0, len(left), batch_size):
                 part = left[i:i + batch_size]
-                x, loss, hit = (t.numpy() for t in attack(
-                    images[part], starts[part], labels[part], targets[part], thresholds,
-                    epsilon, size, steps, margin))
+                x, loss, hit = attack(images[part], starts[part], labels[part], targets[part],
+                                      thresholds, epsilon, size, steps, margin)
                 keep = hit | (loss < best_loss[part])
                 best[part[keep]], best_loss[part[keep]] = x[keep], loss[keep]
                 found[part] |= hit
@@ -596,30 +603,36 @@ def pgd_accepted_curve(scorer, images, labels, thresholds, *, epsilons, norm: st
 def _carlini_program(scorer, image_shape):
     images, ints, floats, scalar = _specs(image_shape)
 
-    @tf.function(input_signature=[images, ints, floats, floats, tf.TensorSpec([], tf.int32),
+    # compiled step, loop in Python (see _pgd_program)
+    @tf.function(input_signature=[images, images, images, images, ints, floats, floats, scalar,
                                   scalar, scalar], reduce_retracing=True)
+    def step(clean, w, m, v, targets, thresholds, const, t, learning_rate, confidence):
+        """At w: (x, its squared L2 distance, whether it is an undetected success of the
+        target); then one Adam step: (w, m, v)."""
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            x = (tf.tanh(w) + 1) / 2
+            scores = _scores(scorer, x)
+            l2 = tf.reduce_sum(tf.square(x - clean), [1, 2, 3])
+            # the targets stand in for the labels, which a targeted loss does not use
+            loss = l2 + const * margin_loss(scores, targets, targets, thresholds, confidence)
+        g = tape.gradient(loss, w)
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * tf.square(g)
+        w -= learning_rate * m / (1 - 0.9 ** t) / (tf.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        return x, l2, _reached(scores, targets, targets, thresholds), w, m, v
+
     def attack(clean, targets, thresholds, const, steps, learning_rate, confidence):
         """Adam on ||x - clean||^2 + const * margin loss in tanh space; the closest
         undetected success of the target (squared L2 inf where none)."""
-        w = tf.atanh((2 * clean - 1) * 0.999999)
-        m, v = tf.zeros_like(w), tf.zeros_like(w)
-        best, best_l2 = clean, tf.fill(tf.shape(targets), np.inf)
-        for step in tf.range(1, steps + 1):
-            with tf.GradientTape() as tape:
-                tape.watch(w)
-                x = (tf.tanh(w) + 1) / 2
-                scores = _scores(scorer, x)
-                l2 = tf.reduce_sum(tf.square(x - clean), [1, 2, 3])
-                # the targets stand in for the labels, which a targeted loss does not use
-                loss = l2 + const * margin_loss(scores, targets, targets, thresholds,
-                                                confidence)
-            better = _reached(scores, targets, targets, thresholds) & (l2 < best_l2)
-            best = tf.where(better[:, None, None, None], x, best)
-            best_l2 = tf.where(better, l2, best_l2)
-            g = tape.gradient(loss, w)
-            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * tf.square(g)
-            t = tf.cast(step, tf.float32)
-            w -= learning_rate * m / (1 - 0.9 ** t) / (tf.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        w = np.arctanh((2 * clean - 1) * 0.999999).astype(np.float32)
+        m, v = np.zeros_like(w), np.zeros_like(w)
+        best, best_l2 = clean.copy(), np.full(len(targets), np.inf, np.float32)
+        for t in range(1, steps + 1):
+            x, l2, hit, w, m, v = step(clean, w, m, v, targets, thresholds, const, t,
+                                       learning_rate, confidence)
+            x, l2, hit = x.numpy(), l2.numpy(), hit.numpy()
+            better = hit & (l2 < best_l2)
+            best[better], best_l2[better] = x[better], l2[better]
         return best, best_l2
 
     return attack
@@ -640,8 +653,8 @@ def carlini_accepted(scorer, images, targets, thresholds, *, confidence: float =
         const = np.full(len(images[part]), initial_const, np.float32)
         lower, upper = np.zeros_like(const), np.full_like(const, np.inf)
         for _ in range(search_steps):
-            x, l2 = (t.numpy() for t in attack(images[part], targets[part], thresholds, const,
-                                               steps, learning_rate, confidence))
+            x, l2 = attack(images[part], targets[part], thresholds, const, steps,
+                           learning_rate, confidence)
             better = l2 < best_l2[part]
             best[part][better], best_l2[part][better] = x[better], l2[better]
             found = np.isfinite(l2)

@@ -219,7 +219,8 @@ def _worker(model_dir: str, expected_path: str, calls: int, seed: int, threads: 
     expected, request_digest = load_answers(expected_path, calls)
     if digest(made) != request_digest:
         raise SystemExit("error: the worker's requests differ from the parent's")
-    signatures = tf.saved_model.load(model_dir).signatures
+    loaded = tf.saved_model.load(model_dir)  # held: its signatures need its variables
+    signatures = loaded.signatures
     warm(signatures, made)
     figures = load(signatures, made, expected, threads)
     # The worker is what a TensorFlow-only server is.
@@ -235,7 +236,8 @@ def measure(model_dir: str | os.PathLike, calls: int, seed: int = 0, threads: in
     making every call."""
     model_dir = str(model_dir)
     made = requests(calls, seed)
-    signatures = tf.saved_model.load(model_dir).signatures
+    loaded = tf.saved_model.load(model_dir)  # held: its signatures need its variables
+    signatures = loaded.signatures
     warm(signatures, made)
     start = time.perf_counter()
     expected = [answer(signatures, r) for r in made]  # alone, one thread

@@ -172,14 +172,15 @@ def _adaptive_lines(report: dict) -> list[str]:
         epsilons = rows[0][2]["epsilons"]
         lines += [f"| {grid} attack | model | attacked | budget | "
                   + " | ".join(f"ε={e:g}" for e in epsilons)
-                  + " | median smallest ε (never) | seconds |",
+                  + " | median ‖δ‖ at the first undetected success: all / successes (never)"
+                  " | seconds |",
                   "|---|---|---|---|" + "---|" * len(epsilons) + "---|---|"]
         for attack, model, v in rows:
             budget = (f"{v['queries']} queries" if "queries" in v
                       else f"{v['steps']} steps x {v['restarts']}")
-            median = v.get("median_smallest_epsilon")
-            smallest = "—" if "never" not in v else \
-                f"{'—' if median is None else f'{median:g}'} ({v['never']})"
+            smallest = "—" if "never" not in v else (
+                f"{_round(v.get('median_distance'))} / "
+                f"{_round(v.get('median_distance_of_successes'))} ({v['never']})")
             lines.append(f"| {NAMES[attack]} | {model} | {v['attacked']} | {budget} | "
                          + " | ".join(_cell(u) for u in v["undetected_success"])
                          + f" | {smallest} | {v['seconds']} |")
@@ -222,13 +223,17 @@ def _replay_lines(report: dict) -> list[str]:
         return lines + [f"Skipped: {replay['skipped']}.", ""]
     lines.append(f"A sample of each adversarial set (`sets/`) through `serving_default` of "
                  f"{replay['saved_model']} (plain `tf.saved_model.load`) and the in-memory "
-                 f"deployable: {replay['compared']} images compared, {replay['mismatches']} "
-                 "with another class id or rejection."
+                 f"deployable: {replay['compared']} images compared (an even sample and "
+                 f"every undetected success, {replay.get('undetected_compared', 0)} of them), "
+                 f"{replay['mismatches']} with another class id or rejection. The attacks "
+                 "run on the in-memory model, the same weights and graph: the loaded "
+                 "SavedModel gives no input gradient."
                  + ("" if replay["export_is_current"] else " The export predates the current "
                     "train or calibrate stage."))
-    return lines + ["", "| set | compared | mismatches |", "|---|---|---|"] + [
-        f"| {name} | {v['compared']} | {v['mismatches']} |"
-        for name, v in replay["sets"].items()] + [""]
+    return lines + ["", "| set | compared | mismatches | undetected successes compared | "
+                    "their mismatches |", "|---|---|---|---|---|"] + [
+        f"| {name} | {v['compared']} | {v['mismatches']} | {v.get('undetected_compared', '—')} "
+        f"| {v.get('undetected_mismatches', '—')} |" for name, v in replay["sets"].items()] + [""]
 
 
 def _first_image_lines(report: dict, names) -> list[str]:

@@ -186,7 +186,9 @@ def test_sanity_numbers_are_recomputed_from_the_saved_sets(attacked, deployed):
     assert c["passed"] == all(square[e] - pgd_first[e] <= 0.02 + 1e-9 for e in (0.3, 0.5))
     d = sanity["d_adaptive_vs_non_adaptive"]  # 0.3: the only budget of both grids
     assert d["epsilons"] == [0.3] and d["non_adaptive"] == pytest.approx([art[0.3]])
-    assert d["passed"] == (pgd[0.3] >= art[0.3])
+    # "at every epsilon": 0.5 was not compared, so a pass is not claimed
+    assert d["not_compared_at"] == [0.5]
+    assert d["passed"] == (None if pgd[0.3] >= art[0.3] else False)
     md = (run_dir / "attack" / attack.REPORT_MD).read_text()
     assert all(name in md for name in sanity)
 
@@ -196,11 +198,35 @@ def test_saved_model_replay_agrees_with_the_in_memory_model(attacked, deployed):
     replay = deployed[2]["replay"]
     record = Run(run_dir).export.record()
     assert replay["saved_model"] == record["path"] and replay["export_is_current"]
-    sizes = {name: int(np.prod(a["adversarial"].shape[:-3])) for name, a in
-             _sets(run_dir).items()}
-    assert {k: v["compared"] for k, v in replay["sets"].items()} == {
-        k: min(5, n) for k, n in sizes.items()}
+    expected = {}
+    for name, arrays in _sets(run_dir).items():  # an even sample of 5 and every success
+        undetected = arrays["undetected"].reshape(-1)
+        sample = np.linspace(0, len(undetected) - 1, min(5, len(undetected))).round()
+        expected[name] = (len(set(sample.astype(int)) | set(np.flatnonzero(undetected))),
+                          int(undetected.sum()))
+    assert {k: (v["compared"], v["undetected_compared"]) for k, v in
+            replay["sets"].items()} == expected
     assert replay["compared"] > 0 and replay["mismatches"] == 0
+
+
+def test_perturbation_at_the_first_undetected_success(attacked, deployed):
+    _, run_dir = attacked
+    report, sets = deployed[2], _sets(run_dir)
+    for attack_name, norm in (("pgd_accepted_linf", np.inf), ("pgd_accepted_l2", 2)):
+        arrays = sets[f"{attack_name}_sdim"]
+        sizes = []
+        for i in range(len(arrays["label"])):  # by hand, image by image
+            hits = np.flatnonzero(arrays["undetected"][:, i])
+            delta = (arrays["adversarial"][hits[0], i] - arrays["original"][i]).ravel() \
+                if len(hits) else None
+            sizes.append(np.inf if delta is None else np.linalg.norm(delta, ord=norm))
+        summary = report["adaptive"][attack_name]["sdim"]
+        median = np.median(sizes)
+        assert summary["median_distance"] == (
+            pytest.approx(median) if np.isfinite(median) else None), attack_name
+        found = [x for x in sizes if np.isfinite(x)]
+        assert summary["median_distance_of_successes"] == (
+            pytest.approx(np.median(found)) if found else None), attack_name
 
 
 def test_cw_confidences_are_multiples_of_the_held_out_spread(attacked, deployed):

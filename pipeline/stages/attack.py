@@ -314,7 +314,24 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
             _arrays(chosen, target.thresholds, curve.adversarial, curve.scores, curve.success,
                     epsilons)
 
-    return _by_epsilon(*ctx.keep(name, key, compute))
+    summary, arrays = _by_epsilon(*ctx.keep(name, key, compute))
+    return {**summary, **_distance_at_success(arrays, norm)}, arrays
+
+
+def _distance_at_success(arrays: dict, norm: str) -> dict:
+    """Per image the norm of its perturbation at its first undetected success on the grid
+    (inf if none): the median over all attacked images (None when under half succeed) and
+    over those that succeed."""
+    undetected = np.asarray(arrays["undetected"])  # [E, N]
+    first = np.argmax(undetected, axis=0)
+    delta = (arrays["adversarial"][first, np.arange(undetected.shape[1])]
+             - arrays["original"]).reshape(undetected.shape[1], -1)
+    size = np.abs(delta).max(1) if norm == "inf" else np.linalg.norm(delta, axis=1)
+    size = np.where(undetected.any(0), size, np.inf)
+    median = float(np.median(size)) if size.size else None
+    found = size[np.isfinite(size)]
+    return {"median_distance": median if median is not None and np.isfinite(median) else None,
+            "median_distance_of_successes": float(np.median(found)) if found.size else None}
 
 
 def _square(ctx: Context, target: Target) -> tuple[dict, dict]:
@@ -370,8 +387,11 @@ def sanity(linf: dict, doubled: dict | None = None, square: dict | None = None,
     first images of the same set; non_adaptive: ART's PGD-Linf on the same images)."""
     at = _matching([LARGE_EPSILON], linf["epsilon"])[0]
     share = None if at is None else float(linf["undetected"][at].mean())
-    same_images = linf if square is None else {
-        "epsilon": linf["epsilon"], "undetected": linf["undetected"][:, :len(square["label"])]}
+    same_images = linf
+    if square is not None:  # on the images both attacked
+        count = min(linf["undetected"].shape[1], square["undetected"].shape[1])
+        same_images, square = ({"epsilon": v["epsilon"], "undetected": v["undetected"][:, :count]}
+                               for v in (linf, square))
     return {
         "a_large_budget": {
             "criterion": f"adaptive PGD-L∞ undetected success ≥ 95% at ε = {LARGE_EPSILON:g}",
@@ -402,7 +422,10 @@ def _compare(criterion: str, base: dict, other: dict | None, holds, names) -> di
     if not pairs:
         return {"criterion": criterion, "passed": None, "note": "no common ε"}
     eps, first, second = (np.asarray(v, float) for v in zip(*pairs, strict=True))
-    return {"criterion": criterion, "passed": bool(np.all(holds(first, second))),
+    missing = [float(e) for e, j in zip(base["epsilon"], where, strict=True) if j is None]
+    passed = bool(np.all(holds(first, second)))
+    return {"criterion": criterion, "passed": None if missing and passed else passed,
+            **({"not_compared_at": missing} if missing else {}),
             "images": int(base["undetected"].shape[1]), "epsilons": eps.tolist(),
             names[0]: first.tolist(), names[1]: second.tolist(),
             "differences_points": (100 * (second - first)).tolist()}
@@ -420,23 +443,29 @@ def _replay(export, made_of: dict, target: Target, sets: dict, settings) -> dict
     if not (path / "saved_model.pb").is_file():
         logging.info("attack: %s holds no SavedModel; the replay is skipped", path)
         return {"skipped": f"{path} holds no SavedModel"}
-    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    loaded = tf.saved_model.load(str(path))  # held: its signatures need its variables
+    signature = loaded.signatures["serving_default"]
     batch = min(settings.batch_size,
                 deployed.asset(path, "model_card.json")["limits"]["max_batch"])
     per_set = {}
     for name, arrays in sets.items():
         flat = arrays["adversarial"].reshape(-1, *arrays["original"].shape[1:])
-        rows = np.unique(np.linspace(0, len(flat) - 1, min(settings.replay_images, len(flat)))
-                         .round().astype(int)) if len(flat) else np.zeros(0, int)
+        undetected = np.asarray(arrays["undetected"]).reshape(-1)
+        sample = np.linspace(0, len(flat) - 1, min(settings.replay_images, len(flat)))
+        # the undetected successes all: there a differing decision would matter most
+        rows = np.union1d(sample.round().astype(int), np.flatnonzero(undetected))
         ours = _decisions(target.deployable.serving_default, flat[rows], batch)
         theirs = _decisions(lambda x: signature(images=x), flat[rows], batch)
-        per_set[name] = {"compared": int(len(rows)), "mismatches": int(
-            ((ours[0] != theirs[0]) | (ours[1] != theirs[1])).sum())}
+        differ = (ours[0] != theirs[0]) | (ours[1] != theirs[1])
+        per_set[name] = {"compared": int(len(rows)), "mismatches": int(differ.sum()),
+                         "undetected_compared": int(undetected[rows].sum()),
+                         "undetected_mismatches": int(differ[undetected[rows]].sum())}
     exported = export.manifest().get("inputs", {})
     current = artifacts.input_hashes({n: made_of[n].folder for n in ("train", "calibrate")})
     return {"saved_model": str(path), "version": record["version"],
             "compared": sum(v["compared"] for v in per_set.values()),
             "mismatches": sum(v["mismatches"] for v in per_set.values()),
+            "undetected_compared": sum(v["undetected_compared"] for v in per_set.values()),
             "export_is_current": all(exported.get(k) == v for k, v in current.items()),
             "sets": per_set}
 

@@ -177,7 +177,8 @@ def _adaptive_lines(report: dict) -> list[str]:
                   "|---|---|---|---|" + "---|" * len(epsilons) + "---|---|"]
         for attack, model, v in rows:
             budget = (f"{v['queries']} queries" if "queries" in v
-                      else f"{v['steps']} steps x {v['restarts']}")
+                      else f"{v['steps']} steps x {v['restarts']}, "
+                      f"{v.get('schedule', 'constant')} steps")
             smallest = "—" if "never" not in v else (
                 f"{_round(v.get('median_distance'))} / "
                 f"{_round(v.get('median_distance_of_successes'))} ({v['never']})")

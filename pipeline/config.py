@@ -141,6 +141,7 @@ class PipelineConfig:
     attack_accepted_l2_epsilons: tuple[float, ...] = _ATTACK.accepted_l2_epsilons
     attack_accepted_steps: int = _ATTACK.accepted_steps
     attack_accepted_restarts: int = _ATTACK.accepted_restarts
+    attack_accepted_schedule: str = _ATTACK.accepted_schedule
     attack_square_images: int = _ATTACK.square_images
     attack_square_queries: int = _ATTACK.square_queries
     attack_replay_images: int = _ATTACK.replay_images
@@ -242,6 +243,9 @@ class PipelineConfig:
                                if getattr(c, f) < 1) + " must be >= 1"),
             (c.attack_pgd_step_size > 0, f"--attack_pgd_step_size must be > 0, got "
              f"{c.attack_pgd_step_size}"),
+            (c.attack_accepted_schedule in adversarial.SCHEDULES,
+             f"--attack_accepted_schedule must be one of {', '.join(adversarial.SCHEDULES)}, "
+             f"got {c.attack_accepted_schedule!r}"),
             (all(k >= 0 for k in c.attack_cw_confidences or ()),
              f"--attack_cw_confidences must be >= 0, got {list(c.attack_cw_confidences or ())}"),
             (c.stages is None or not set(c.stages) - set(known_stages),

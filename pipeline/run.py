@@ -299,6 +299,8 @@ _ATTACK_FLAGS = {
     "accepted_l2_epsilons": "L2 budgets of the adaptive PGD curve pgd_accepted_l2.",
     "accepted_steps": "Steps of the adaptive attacks (PGD per restart; cw_accepted per "
                       "binary-search step).",
+    "accepted_schedule": "Step sizes of the adaptive PGD: cosine (from epsilon down to 0; more "
+                         "steps search longer) or constant (2.5 epsilon / steps, Madry et al.).",
     "accepted_restarts": "Starts of the adaptive PGD (the first from the image, the others at "
                          "random in the ball); the sanity check runs twice the steps and "
                          "restarts.",
@@ -310,7 +312,7 @@ _ATTACK_FLAGS = {
 for _name, _help in _ATTACK_FLAGS.items():
     _default = getattr(_D, "attack_" + _name)
     _define = {tuple: flags.DEFINE_list, int: flags.DEFINE_integer,
-               float: flags.DEFINE_float}[type(_default)]
+               float: flags.DEFINE_float, str: flags.DEFINE_string}[type(_default)]
     _define("attack_" + _name, [str(v) for v in _default] if isinstance(_default, tuple)
             else _default, _help)
 flags.DEFINE_list("attack_cw_confidences", None, "CW-L2 confidences kappa on the scale of the "

@@ -52,6 +52,9 @@ class AttackSettings:
     accepted_l2_epsilons: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
     accepted_steps: int = 100
     accepted_restarts: int = 1
+    # cosine: on a 10-epoch MNIST model, 400 steps found 82% at epsilon 0.1 where constant
+    # steps found 70% (constant gains nothing from more steps: its path length is fixed)
+    accepted_schedule: str = "cosine"
     square_images: int = 50
     square_queries: int = 1000
     replay_images: int = 100  # per adversarial set, replayed against the SavedModel
@@ -483,11 +486,12 @@ def _pgd_program(scorer, norm: str, image_shape):
         return (loss, _reached(scores, labels, targets, thresholds),
                 tf.clip_by_value(clean + project(moved - clean, epsilon), 0.0, 1.0))
 
-    def attack(clean, x, labels, targets, thresholds, epsilon, step_size, steps, margin):
-        """From `x`: the first undetected success, else the iterate of the lowest loss."""
+    def attack(clean, x, labels, targets, thresholds, epsilon, step_sizes, margin):
+        """From `x`, one step per entry of `step_sizes` (the last evaluates only): the first
+        undetected success, else the iterate of the lowest loss."""
         best, best_loss = x.copy(), np.full(len(x), np.inf, np.float32)
         found, active = np.zeros(len(x), bool), np.arange(len(x))
-        for _ in range(steps + 1):
+        for step_size in step_sizes:
             loss, hit, following = (t.numpy() for t in step(
                 clean[active], x, labels[active], targets[active], thresholds, epsilon,
                 step_size, margin))
@@ -514,8 +518,25 @@ def _random_starts(rng, images, epsilon, norm):
     return np.clip(images + delta, 0, 1).astype(np.float32)
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def step_sizes(epsilon: float, steps: int, schedule: str = "cosine",
+               step_size: float | None = None) -> np.ndarray:
+    """[steps + 1] PGD step sizes. constant: `step_size`, by default 2.5 * epsilon / steps
+    (Madry et al.; the path length stays 2.5 epsilon whatever the steps). cosine: from
+    `step_size`, by default epsilon, down to 0 along half a cosine, so that more steps
+    search longer and end finer."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "constant":
+        return np.full(steps + 1, 2.5 * epsilon / steps if step_size is None else step_size)
+    first = epsilon if step_size is None else step_size
+    return first * 0.5 * (1 + np.cos(np.pi * np.arange(steps + 1) / steps))
+
+
 def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size=None,
-         restarts=1, margin=0.0, targets=None, batch_size=100, seed=0):
+         schedule="cosine", restarts=1, margin=0.0, targets=None, batch_size=100, seed=0):
     """pgd_accepted's result for each epsilon, the compiled loop traced once for all. Over a
     growing grid the first start at each epsilon is the previous epsilon's result (inside the
     larger ball), so an image's success at one epsilon holds at every larger one. Each start
@@ -528,7 +549,7 @@ def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size
     previous_found = np.zeros(len(images), bool)
     for epsilon in epsilons:
         started, rng = time.time(), np.random.default_rng(seed)
-        size = 2.5 * epsilon / steps if step_size is None else step_size
+        sizes = step_sizes(epsilon, steps, schedule, step_size)
         best, best_loss = images.copy(), np.full(len(images), np.inf, np.float32)
         found = np.zeros(len(images), bool)
         if epsilon >= previous_epsilon:  # the previous successes lie inside this ball
@@ -543,7 +564,7 @@ def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size
             for i in range(0, len(left), batch_size):
                 part = left[i:i + batch_size]
                 x, loss, hit = attack(images[part], starts[part], labels[part], targets[part],
-                                      thresholds, epsilon, size, steps, margin)
+                                      thresholds, epsilon, sizes, margin)
                 keep = hit | (loss < best_loss[part])
                 best[part[keep]], best_loss[part[keep]] = x[keep], loss[keep]
                 found[part] |= hit
@@ -555,16 +576,16 @@ def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size
 
 
 def pgd_accepted(scorer, images, labels, thresholds, *, norm: str, epsilon: float,
-                 steps: int, step_size: float | None = None, restarts: int = 1,
-                 margin: float = 0.0, targets=None, batch_size: int = 100,
+                 steps: int, step_size: float | None = None, schedule: str = "cosine",
+                 restarts: int = 1, margin: float = 0.0, targets=None, batch_size: int = 100,
                  seed: int = 0) -> AttackResult:
     """PGD (L-inf or L2, `norm` "inf" or "2") on `margin_loss` inside the epsilon ball and
     [0, 1]: per image the first undetected success (of its target, given `targets`), else
     the iterate of the lowest loss. Restarts after the first start at random in the ball.
-    The default step size is 2.5 * epsilon / steps."""
+    Step sizes: `step_sizes` of the `schedule`."""
     return next(_pgd(scorer, images, labels, thresholds, (epsilon,), norm=norm, steps=steps,
-                     step_size=step_size, restarts=restarts, margin=margin, targets=targets,
-                     batch_size=batch_size, seed=seed))
+                     step_size=step_size, schedule=schedule, restarts=restarts,
+                     margin=margin, targets=targets, batch_size=batch_size, seed=seed))
 
 
 @dataclasses.dataclass(frozen=True)

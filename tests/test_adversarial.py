@@ -244,8 +244,23 @@ def _two_class_model(images):
     return tf.reshape(images, [-1, H * H]) @ WEIGHTS[:, :2]
 
 
+def test_step_sizes_by_hand():
+    # constant: 2.5 * 0.1 / 4 at each of the 5 evaluations; cosine: 0.1 * (1 + cos(pi k / 4)) / 2
+    np.testing.assert_allclose(adversarial.step_sizes(0.1, 4, "constant"), [0.0625] * 5)
+    np.testing.assert_allclose(adversarial.step_sizes(0.1, 4, "constant", step_size=0.01),
+                               [0.01] * 5)
+    half = 0.5 * (1 + np.sqrt(0.5))
+    np.testing.assert_allclose(adversarial.step_sizes(0.1, 4, "cosine"),
+                               [0.1, 0.1 * half, 0.05, 0.1 * (1 - half), 0.0], atol=1e-12)
+    np.testing.assert_allclose(adversarial.step_sizes(0.1, 2, "cosine", step_size=0.3),
+                               [0.3, 0.15, 0.0], atol=1e-12)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        adversarial.step_sizes(0.1, 4, "linear")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
 @pytest.mark.parametrize("norm", ["2", "inf"])
-def test_pgd_reaches_the_optimum_of_a_linear_loss(norm):
+def test_pgd_reaches_the_optimum_of_a_linear_loss(norm, schedule):
     # Thresholds out of reach and a huge margin keep both hinges active: the loss is
     # (t_1 - s_1 + m) + (s_0 - s_1 + m), whose descent direction is d = 2 w_1 - w_0.
     clean = (0.5 + np.random.default_rng(5).uniform(-0.1, 0.1, (1, H, H, 1))).astype(np.float32)
@@ -254,7 +269,8 @@ def test_pgd_reaches_the_optimum_of_a_linear_loss(norm):
     optimum = epsilon * (d / np.linalg.norm(d) if norm == "2" else np.sign(d))
     assert np.all(np.abs(optimum) < 0.3)  # clipping to [0, 1] never binds
     result = adversarial.pgd_accepted(_two_class_model, clean, [0], [1e6, 1e6], norm=norm,
-                                      epsilon=epsilon, steps=20, margin=1e6, targets=[1])
+                                      epsilon=epsilon, steps=20, margin=1e6, targets=[1],
+                                      schedule=schedule)
     np.testing.assert_allclose((result.adversarial - clean).reshape(-1), optimum, atol=1e-5)
     assert not result.success.any()
 

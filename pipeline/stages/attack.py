@@ -37,8 +37,9 @@ FIELDS = ("attacks", "attack_images", "attack_epsilons", "attack_pgd_steps",
           "attack_boundary_steps", "attack_local_search_images", "attack_local_search_rounds",
           "attack_cw_images", "attack_cw_confidences", "attack_cw_steps",
           "attack_cw_search_steps", "attack_accepted_epsilons", "attack_accepted_l2_epsilons",
-          "attack_accepted_steps", "attack_accepted_restarts", "attack_square_images",
-          "attack_square_queries", "attack_replay_images", "attack_baseline", "seed")
+          "attack_accepted_steps", "attack_accepted_restarts", "attack_accepted_schedule",
+          "attack_square_images", "attack_square_queries", "attack_replay_images",
+          "attack_baseline", "seed")
 REPORT_JSON, REPORT_MD = attack_report.REPORT_JSON, attack_report.REPORT_MD
 CURVES_PNG, UNDETECTED_PNG = attack_report.CURVES_PNG, attack_report.UNDETECTED_PNG
 EXAMPLES_PNG, EXAMPLES_NPZ = attack_report.EXAMPLES_PNG, "adversarial_examples.npz"
@@ -297,6 +298,8 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
     # warm_start: parts made before each epsilon started from the previous one's result
     key = {**target.key, "images": s.images, "epsilons": epsilons, "steps": steps,
            "restarts": restarts, "warm_start": True}
+    if s.accepted_schedule != "constant":  # parts made before schedules existed: constant
+        key["schedule"] = s.accepted_schedule
 
     def compute():
         logging.info("attack: %s on %d attacked images of %s", name, len(chosen["label"]),
@@ -304,10 +307,11 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
         curve = adversarial.pgd_accepted_curve(
             target.scorer, chosen["original"], chosen["label"], target.thresholds,
             epsilons=epsilons, norm=norm, steps=steps, restarts=restarts,
-            batch_size=s.batch_size, seed=s.seed)
+            schedule=s.accepted_schedule, batch_size=s.batch_size, seed=s.seed)
         smallest = curve.smallest_epsilon()
         median = float(np.median(smallest)) if len(smallest) else None
         return {"epsilons": list(epsilons), "steps": steps, "restarts": restarts,
+                "schedule": s.accepted_schedule,
                 "median_smallest_epsilon": median if median is not None
                 and np.isfinite(median) else None,
                 "never": int(np.isinf(smallest).sum()), "seconds": round(curve.seconds, 1)}, \

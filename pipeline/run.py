@@ -37,6 +37,8 @@ class Stage:
     # one-line error naming the file.
     rerun_on_change: bool = True
     uses: tuple[str, ...] = ()  # upstream stages it reads when they have run
+    # config -> {name: stage folder of another run it reads}; their reruns rerun it too
+    external: Callable[[PipelineConfig], dict] | None = None
 
 
 STAGES = (
@@ -47,7 +49,7 @@ STAGES = (
     Stage("explain", explain.FIELDS, ("ingest", "train", "calibrate"), explain.run),
     Stage("export", export.FIELDS, ("ingest", "train", "calibrate", "evaluate"), export.run),
     Stage("attack", attack.FIELDS, ("ingest", "train", "calibrate"), attack.run, default=False,
-          uses=("export",)),
+          uses=("export",), external=attack.external_inputs),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -164,6 +166,8 @@ def run(config: PipelineConfig) -> pathlib.Path:
         # an optional stage that has not run hashes as missing: running it reruns this one
         inputs = artifacts.input_hashes({name: store.artifact(name).folder
                                          for name in (*stage.needs, *stage.uses)})
+        if stage.external is not None:
+            inputs.update(artifacts.input_hashes(stage.external(config)))
         changed = artifacts.changed_outputs(stage_dir)
         if changed and not (config.force or stage.rerun_on_change):
             raise run_dirs.ArtifactError(

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import pathlib
 import shutil
 import types
 
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline import artifacts, run
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, PipelineConfig
 from pipeline.run_dir import Run
 from pipeline.stages import attack
 from sdim_tf import adversarial, rejection
@@ -285,3 +286,23 @@ def test_attack_baseline_must_be_a_discriminative_run(attacked, tmp_path):
                                     force=True))
     with pytest.raises(ConfigError, match=r"--attacks: unknown \['jsma'\]"):
         run.run(dataclasses.replace(config, attacks=("jsma",)))
+
+
+def test_the_baseline_run_is_an_input_of_the_attack_stage(tmp_path):
+    config = PipelineConfig(dataset="mnist", run_dir=str(tmp_path / "ours"))
+    assert attack.external_inputs(config) == {}
+    baseline = tmp_path / "baseline"
+    for stage in ("train", "calibrate"):
+        (baseline / stage).mkdir(parents=True)
+        (baseline / stage / artifacts.MANIFEST).write_text(f'{{"stage": "{stage}"}}')
+    config = dataclasses.replace(config, attack_baseline=str(baseline))
+    folders = attack.external_inputs(config)
+    assert {k: pathlib.Path(v) for k, v in folders.items()} == {
+        "baseline/train": baseline / "train", "baseline/calibrate": baseline / "calibrate"}
+    before = artifacts.input_hashes(folders)
+    (baseline / "calibrate" / artifacts.MANIFEST).write_text('{"stage": "calibrate", "n": 2}')
+    after = artifacts.input_hashes(folders)  # a recalibrated baseline: another input
+    assert before["baseline/train"] == after["baseline/train"]
+    assert before["baseline/calibrate"] != after["baseline/calibrate"]
+    stage, = (s for s in run.STAGES if s.name == "attack")
+    assert stage.external is attack.external_inputs

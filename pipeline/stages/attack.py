@@ -109,6 +109,16 @@ def _target(name: str, run: Run, images, labels, batch_size: int, key: dict) -> 
     return Target(name, deployable, classifier, thresholds, percentiles, clean, attacked, key)
 
 
+def external_inputs(config) -> dict:
+    """The --attack_baseline run's train and calibrate stages: retraining or recalibrating
+    it reruns this stage (its parts are keyed by them too)."""
+    if not config.attack_baseline:
+        return {}
+    baseline = Run(config.attack_baseline)
+    return {"baseline/train": baseline.model.folder,
+            "baseline/calibrate": baseline.calibration.folder}
+
+
 def _baseline_run(config) -> tuple[Run, dict] | None:
     """(run, its hashes) of --attack_baseline: a calibrated discriminative run of our dataset."""
     if not config.attack_baseline:

@@ -537,7 +537,7 @@ def step_sizes(epsilon: float, steps: int, schedule: str = "cosine",
 
 def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size=None,
          schedule="cosine", restarts=1, margin=0.0, targets=None, batch_size=100, seed=0):
-    """pgd_accepted's result for each epsilon, the compiled loop traced once for all. Over a
+    """pgd_accepted's result for each epsilon, the compiled step traced once for all. Over a
     growing grid the first start at each epsilon is the previous epsilon's result (inside the
     larger ball), so an image's success at one epsilon holds at every larger one. Each start
     attacks only the images without a success yet (a success is kept as found), which saves

@@ -226,6 +226,7 @@ def test_perturbation_at_the_first_undetected_success(attacked, deployed):
         assert summary["median_distance"] == (
             pytest.approx(median) if np.isfinite(median) else None), attack_name
         found = [x for x in sizes if np.isfinite(x)]
+        assert summary["never"] == len(sizes) - len(found), attack_name
         assert summary["median_distance_of_successes"] == (
             pytest.approx(np.median(found)) if found else None), attack_name
 

@@ -109,14 +109,18 @@ def _target(name: str, run: Run, images, labels, batch_size: int, key: dict) -> 
     return Target(name, deployable, classifier, thresholds, percentiles, clean, attacked, key)
 
 
+def _baseline_stages(baseline: Run) -> dict:
+    """{stage: folder} of the baseline run's stages the attack reads."""
+    return {"train": baseline.model.folder, "calibrate": baseline.calibration.folder}
+
+
 def external_inputs(config) -> dict:
     """The --attack_baseline run's train and calibrate stages: retraining or recalibrating
     it reruns this stage (its parts are keyed by them too)."""
     if not config.attack_baseline:
         return {}
-    baseline = Run(config.attack_baseline)
-    return {"baseline/train": baseline.model.folder,
-            "baseline/calibrate": baseline.calibration.folder}
+    return {f"baseline/{stage}": folder
+            for stage, folder in _baseline_stages(Run(config.attack_baseline)).items()}
 
 
 def _baseline_run(config) -> tuple[Run, dict] | None:
@@ -124,8 +128,9 @@ def _baseline_run(config) -> tuple[Run, dict] | None:
     if not config.attack_baseline:
         return None
     baseline = Run(config.attack_baseline)
-    for stage, view in (("train", baseline.model), ("calibrate", baseline.calibration)):
-        manifest = view.folder / artifacts.MANIFEST
+    stages = _baseline_stages(baseline)
+    for stage, folder in stages.items():
+        manifest = folder / artifacts.MANIFEST
         if not manifest.exists():
             raise ConfigError(f"--attack_baseline={baseline.root}: no finished {stage} stage "
                               f"in it ({manifest} missing); run it with --stages={stage}")
@@ -134,8 +139,7 @@ def _baseline_run(config) -> tuple[Run, dict] | None:
     if trained.get("model") != "discriminative" or dataset != config.dataset:
         raise ConfigError(f"--attack_baseline={baseline.root} holds a {trained.get('model')} "
                           f"model of {dataset}; expected discriminative on {config.dataset}")
-    return baseline, artifacts.input_hashes({"train": baseline.model.folder,
-                                             "calibrate": baseline.calibration.folder})
+    return baseline, artifacts.input_hashes(stages)
 
 
 def _clean(target: Target, labels) -> dict:
@@ -318,13 +322,8 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
             target.scorer, chosen["original"], chosen["label"], target.thresholds,
             epsilons=epsilons, norm=norm, steps=steps, restarts=restarts,
             schedule=s.accepted_schedule, batch_size=s.batch_size, seed=s.seed)
-        smallest = curve.smallest_epsilon()
-        median = float(np.median(smallest)) if len(smallest) else None
         return {"epsilons": list(epsilons), "steps": steps, "restarts": restarts,
-                "schedule": s.accepted_schedule,
-                "median_smallest_epsilon": median if median is not None
-                and np.isfinite(median) else None,
-                "never": int(np.isinf(smallest).sum()), "seconds": round(curve.seconds, 1)}, \
+                "schedule": s.accepted_schedule, "seconds": round(curve.seconds, 1)}, \
             _arrays(chosen, target.thresholds, curve.adversarial, curve.scores, curve.success,
                     epsilons)
 
@@ -335,7 +334,7 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
 def _distance_at_success(arrays: dict, norm: str) -> dict:
     """Per image the norm of its perturbation at its first undetected success on the grid
     (inf if none): the median over all attacked images (None when under half succeed) and
-    over those that succeed."""
+    over those that succeed, and how many never succeed."""
     undetected = np.asarray(arrays["undetected"])  # [E, N]
     first = np.argmax(undetected, axis=0)
     delta = (arrays["adversarial"][first, np.arange(undetected.shape[1])]
@@ -345,7 +344,8 @@ def _distance_at_success(arrays: dict, norm: str) -> dict:
     median = float(np.median(size)) if size.size else None
     found = size[np.isfinite(size)]
     return {"median_distance": median if median is not None and np.isfinite(median) else None,
-            "median_distance_of_successes": float(np.median(found)) if found.size else None}
+            "median_distance_of_successes": float(np.median(found)) if found.size else None,
+            "never": int(size.size - found.size)}
 
 
 def _square(ctx: Context, target: Target) -> tuple[dict, dict]:

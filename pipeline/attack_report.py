@@ -187,12 +187,12 @@ def _adaptive_lines(report: dict) -> list[str]:
                          + f" | {smallest} | {v['seconds']} |")
         lines.append("")
     if "cw_accepted" in adaptive:
-        (model, v), = adaptive["cw_accepted"].items()
         lines += ["| adaptive CW-L2 (κ=0) | attacks | target reached and accepted | "
-                  "undetected success | median L2 | seconds |", "|---|---|---|---|---|---|",
-                  f"| {model} | {v['attacked']} | {percent(v['success_rate'])} | "
+                  "undetected success | median L2 | seconds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {model} | {v['attacked']} | {percent(v['success_rate'])} | "
                   f"{percent(v['undetected_success'])} | {_round(v['median_l2'])} | "
-                  f"{v['seconds']} |", ""]
+                  f"{v['seconds']} |" for model, v in adaptive["cw_accepted"].items()]
+        lines.append("")
     return lines + [f"![undetected]({UNDETECTED_PNG})", ""]
 
 

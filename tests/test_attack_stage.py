@@ -307,3 +307,42 @@ def test_the_baseline_run_is_an_input_of_the_attack_stage(tmp_path):
     assert before["baseline/calibrate"] != after["baseline/calibrate"]
     stage, = (s for s in run.STAGES if s.name == "attack")
     assert stage.external is attack.external_inputs
+
+
+def test_the_baseline_is_attacked_adaptively_under_its_own_rule(attacked, tmp_path):
+    """--attack_baseline: a discriminative run with its own calibrate stage gets the adaptive
+    curve and CW-accepted against its own scoring model and thresholds (recomputed here from
+    its saved sets), and the main model's parts are kept."""
+    config, run_dir = attacked
+    baseline = tmp_path / "baseline"
+    baseline.mkdir()
+    shutil.copytree(run_dir / "ingest", baseline / "ingest")
+    run.run(dataclasses.replace(config, model="discriminative", run_dir=str(baseline), epochs=1,
+                                stages=("ingest", "train", "calibrate")))
+    ours = tmp_path / "ours"
+    shutil.copytree(run_dir, ours)
+    main_part = (ours / "attack" / attack.PARTS / "cw_accepted.json").read_bytes()
+    run.run(dataclasses.replace(config, run_dir=str(ours), attack_baseline=str(baseline),
+                                attacks=("pgd_accepted_linf", "cw_accepted"), force=True))
+    assert (ours / "attack" / attack.PARTS / "cw_accepted.json").read_bytes() == main_part
+    report = artifacts.read_json(ours / "attack" / attack.REPORT_JSON)
+    assert set(report["adaptive"]["pgd_accepted_linf"]) == {"sdim", "discriminative"}
+    assert set(report["adaptive"]["cw_accepted"]) == {"sdim", "discriminative"}
+    sets = _sets(ours)
+    deployable = Run(baseline).deployable()
+    thresholds = Run(baseline).calibration.deployed()[1]
+    images, labels = Run(ours).examples.arrays(
+        "test", limit=report["clean"]["discriminative"]["images"])
+    scores = deployable.model.predict(images, verbose=0)
+    accepted = ~rejection.decide(scores, thresholds).rejected.numpy()
+    expected = np.flatnonzero((scores.argmax(1) == labels) & accepted)
+    curve = sets["pgd_accepted_linf_discriminative"]
+    np.testing.assert_array_equal(curve["original"], images[expected[:4]])
+    undetected = _undetected(deployable, thresholds, curve["adversarial"], curve["label"])
+    assert report["adaptive"]["pgd_accepted_linf"]["discriminative"]["undetected_success"] == \
+        pytest.approx(undetected.mean(1).tolist())
+    cw = sets["cw_accepted_discriminative"]
+    np.testing.assert_array_equal(cw["original"], np.repeat(images[expected[:1]], 9, 0))
+    assert report["adaptive"]["cw_accepted"]["discriminative"]["undetected_success"] == \
+        pytest.approx(_undetected(deployable, thresholds, cw["adversarial"], cw["label"]).mean())
+    assert "| discriminative |" in (ours / "attack" / attack.REPORT_MD).read_text()

@@ -370,12 +370,13 @@ def _square(ctx: Context, target: Target) -> tuple[dict, dict]:
     return _by_epsilon(*ctx.keep("square_accepted", key, compute))
 
 
-def _cw_accepted(ctx: Context, target: Target) -> tuple[dict, dict]:
+def _cw_accepted(ctx: Context, target: Target, part: str) -> tuple[dict, dict]:
     """Targeted `carlini_accepted` at kappa 0 (the easiest undetected success) towards every
     other class; its success: the target, accepted."""
     s = ctx.settings
     chosen = _targeted(ctx, target, s.cw_images)
-    key = {"images": s.cw_images, "steps": s.accepted_steps, "search_steps": s.cw_search_steps}
+    key = {**target.key, "images": s.cw_images, "steps": s.accepted_steps,
+           "search_steps": s.cw_search_steps}
 
     def compute():
         logging.info("attack: cw_accepted, %d attacks", len(chosen["label"]))
@@ -385,7 +386,7 @@ def _cw_accepted(ctx: Context, target: Target) -> tuple[dict, dict]:
         arrays = _result_arrays(chosen, result, target.thresholds)
         return {**_summary(target, arrays, result.seconds), "kappa": 0.0}, arrays
 
-    return ctx.keep("cw_accepted", key, compute)
+    return ctx.keep(part, key, compute)
 
 
 def _matching(epsilons, grid) -> list[int | None]:
@@ -618,7 +619,8 @@ def _minimal(ctx: Context, main: Target, attacks: set, report: dict, sets: dict,
 
 def _adaptive(ctx: Context, targets: dict, main: Target, attacks: set, report: dict,
               sets: dict) -> None:
-    """The adaptive attacks (PGD curves on every target) and the sanity checks."""
+    """The adaptive attacks (PGD curves and CW-accepted on every target; the doubled curve
+    and Square on the main model) and the sanity checks."""
     adaptive = report["adaptive"]
     for norm in ("inf", "2"):
         attack = f"pgd_accepted_l{norm}"
@@ -637,8 +639,11 @@ def _adaptive(ctx: Context, targets: dict, main: Target, attacks: set, report: d
         summary, sets[main.name]["square_accepted"] = _square(ctx, main)
         adaptive["square_accepted"] = {main.name: summary}
     if "cw_accepted" in attacks:
-        summary, sets[main.name]["cw_accepted"] = _cw_accepted(ctx, main)
-        adaptive["cw_accepted"] = {main.name: summary}
+        for name, target in targets.items():
+            # the main model's part keeps its name from before baselines were attacked too
+            part = "cw_accepted" if target is main else f"cw_accepted_{name}"
+            summary, sets[name][part] = _cw_accepted(ctx, target, part)
+            adaptive.setdefault("cw_accepted", {})[name] = summary
     ours = sets[main.name]
     if "pgd_accepted_linf" in attacks:
         report["sanity"] = sanity(

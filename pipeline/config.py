@@ -19,6 +19,7 @@ from sdim_tf import (
 
 MODELS = ("sdim", "discriminative")
 DISTRIBUTE = ("auto", "one_device", "mirrored", "multi_worker")
+LR_SCHEDULES = ("constant", "cosine")  # cosine: from learning_rate to 0 over the run
 # model: the classifier's own output (log p(x|c) for SDIM, the paper's score; logits for the
 # discriminative model). feature_density: tied Gaussians fitted after training on encoder
 # layers (sdim_tf.density), the default after the issue-12 experiments (docs/results.md).
@@ -85,6 +86,7 @@ class PipelineConfig:
     epochs: int = 50
     batch_size: int = 128
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # the paper's Adam: constant
     seed: int = 0
     stages: Optional[tuple[str, ...]] = None  # None: every default stage
     train_limit: Optional[int] = None
@@ -196,6 +198,8 @@ class PipelineConfig:
             (c.n >= 1, f"--n must be >= 1, got {c.n}"),
             (c.rep_dim >= 1, f"--rep_dim must be >= 1, got {c.rep_dim}"),
             (c.learning_rate > 0, f"--learning_rate must be > 0, got {c.learning_rate}"),
+            (c.lr_schedule in LR_SCHEDULES, f"--lr_schedule must be one of "
+             f"{', '.join(LR_SCHEDULES)}, got {c.lr_schedule!r}"),
             # SDIM's negatives pair each image with another one of its batch.
             (c.batch_size >= (2 if c.model == "sdim" else 1),
              f"--batch_size must be >= 2 for SDIM, got {c.batch_size}"),
@@ -282,12 +286,15 @@ class PipelineConfig:
 
     def fields(self, names: tuple[str, ...]) -> dict:
         """The values of `names`, for a stage's config hash. An explicit precision hashes
-        as the boolean flag it replaced, and the outlier term and split density terms when
-        off are left out, so runs made before any of them existed still resume."""
+        as the boolean flag it replaced, and the outlier term, split density terms and a
+        learning-rate schedule when off are left out, so runs made before any of them
+        existed still resume."""
         values = {name: getattr(self, name) for name in names}
         if values.get("outlier_weight") == 0:  # the paper's objective: hashes as before
             values.pop("outlier_weight")
             values.pop("outlier_margin", None)
+        if values.get("lr_schedule") == "constant":
+            values.pop("lr_schedule")
         if values.get("density_split") is False:
             values.pop("density_split")
         if values.get("mixed_precision") in LEGACY_PRECISION:

@@ -373,3 +373,39 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
         import matplotlib.image
 
         assert matplotlib.image.imread(run_dir / "evaluate" / figure).shape[0] > 100
+
+
+def test_cosine_learning_rate_resumes_on_its_schedule(tmp_path, tiny_run):
+    """--lr_schedule=cosine: 0.5 lr (1 + cos(pi t / T)) after each epoch's t steps, carried
+    across a kill; a run of another length starts afresh on its own schedule."""
+    import shutil
+
+    _, run_dir = tiny_run
+    work = tmp_path / "run"
+    work.mkdir()
+    shutil.copytree(run_dir / "ingest", work / "ingest")
+    args = [f"--run_dir={work}", "--stages=ingest,train", "--train_limit=256",
+            "--batch_size=64", "--lr_schedule=cosine", "--learning_rate=0.002"]
+
+    def cosine(t, total):
+        return 0.5 * 0.002 * (1 + np.cos(np.pi * t / total))
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2",
+               **{faults.ENV: "train.epoch_done:1"})
+    killed = subprocess.run([sys.executable, "-m", "pipeline.run", *args, "--epochs=2"],
+                            cwd=tmp_path, env=env, capture_output=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    result = _cli([*args, "--epochs=2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming after epoch 1 of 2" in result.stderr
+    history = TrainedModel(work / "train").history()
+    assert [r["learning_rate"] for r in history] == pytest.approx(
+        [cosine(4, 8), cosine(8, 8)], abs=1e-9)
+    result = _cli([*args, "--epochs=3"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" not in result.stderr
+    history = TrainedModel(work / "train").history()
+    assert [r["learning_rate"] for r in history] == pytest.approx(
+        [cosine(4 * e, 12) for e in (1, 2, 3)], abs=1e-9)
+    final = keras.models.load_model(work / "train" / train.LAST)
+    assert int(final.optimizer.iterations) == 12

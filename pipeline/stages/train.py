@@ -34,8 +34,8 @@ from sdim_tf import data, monitoring, outliers, precision
 
 FIELDS = ("model", "critic", "mi_bound", "n", "rep_dim", "alpha", "beta", "gamma", "margin",
           "log_scale_floor", "outlier_weight", "outlier_margin", "epochs", "batch_size",
-          "learning_rate", "seed", "train_limit", "mixed_precision", "deterministic",
-          "validation_split")
+          "learning_rate", "lr_schedule", "seed", "train_limit", "mixed_precision",
+          "deterministic", "validation_split")
 BEST, LAST, STATE, HISTORY = (TrainedModel.BEST, TrainedModel.LAST, TrainedModel.STATE,
                               TrainedModel.HISTORY)
 
@@ -79,8 +79,20 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         and "chief" not in resolver.cluster_spec().as_dict())
 
 
-def build_model(config: PipelineConfig, num_classes: int, channels: int) -> keras.Model:
-    """The model a config asks for, compiled with Adam(learning_rate) and XLA off."""
+def learning_rate(config: PipelineConfig, steps_per_epoch: int | None):
+    """Adam's learning rate: the constant, or a cosine decay from it to 0 over the run's
+    steps (the optimizer's step count, checkpointed with it, carries it across resumes)."""
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    if not steps_per_epoch:
+        raise ValueError(f"--lr_schedule={config.lr_schedule} needs the steps per epoch")
+    return keras.optimizers.schedules.CosineDecay(
+        config.learning_rate, decay_steps=max(config.epochs * steps_per_epoch, 1))
+
+
+def build_model(config: PipelineConfig, num_classes: int, channels: int,
+                steps_per_epoch: int | None = None) -> keras.Model:
+    """The model a config asks for, compiled with Adam (`learning_rate`) and XLA off."""
     input_shape = (data.IMAGE_SIZE, data.IMAGE_SIZE, channels)
     if config.model == "sdim":
         model = sdim_tf.SDIM(
@@ -91,7 +103,7 @@ def build_model(config: PipelineConfig, num_classes: int, channels: int) -> kera
             outlier_margin=config.outlier_margin)
     else:
         model = sdim_tf.DiscriminativeClassifier(num_classes, input_shape, n=config.n)
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch)))
     return model
 
 
@@ -273,8 +285,10 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
         tf.config.experimental.enable_op_determinism()
     strategy = make_strategy(config.distribute)
     chief = is_chief(strategy)
+    # more epochs resume a run, unless its learning rate was scheduled over its length
     resume_hash = artifacts.config_hash(
-        {k: v for k, v in config.fields(FIELDS).items() if k != "epochs"} | {
+        {k: v for k, v in config.fields(FIELDS).items()
+         if k != "epochs" or config.lr_schedule != "constant"} | {
             "ingest": artifacts.input_hashes({"ingest": examples.folder})})
     state = _resume_state(trained, resume_hash, config.force)
     if state is not None and state["epoch"] > config.epochs:
@@ -287,6 +301,8 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
         for name in (STATE, HISTORY):
             (stage_dir / name).unlink(missing_ok=True)
     (stage_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    _, num_train = config.train_examples(examples.num_examples("train"))
+    steps = num_train // config.batch_size
     hardware = precision.Hardware.detect()
     chosen, why = _precision(config, state, hardware)
     keras.mixed_precision.set_global_policy(precision.POLICIES[chosen])
@@ -301,7 +317,8 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
                 raise TrainingError(str(e)) from None
             logging.info("train: resuming after epoch %d of %d", state["epoch"], config.epochs)
         else:
-            model = build_model(config, examples.num_classes, examples.image_shape[-1])
+            model = build_model(config, examples.num_classes, examples.image_shape[-1],
+                                steps)
             state = {"resume_hash": resume_hash, "epoch": 0, "best_loss": None,
                      "best_epoch": None, "history": []}
     state.setdefault("precision", chosen)
@@ -310,8 +327,6 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
                  type(model).__name__, model.trainable_parameter_count(),
                  type(strategy).__name__, strategy.num_replicas_in_sync)
 
-    _, num_train = config.train_examples(examples.num_examples("train"))
-    steps = num_train // config.batch_size
     test_ds = examples.dataset("test", limit=TEST_SUBSET)
     watched = monitor_data(config, examples, num_train) if chief else None
     monitor = monitoring.RejectionMonitor(model, **watched) if watched else None
@@ -345,6 +360,8 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
                 f"training diverged in epoch {epoch} (loss {logs.get('loss')}); the last good "
                 f"checkpoint (epoch {state['epoch']}) is kept in {stage_dir / LAST}")
         row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()}}
+        if config.lr_schedule != "constant":  # the rate the next step would take
+            row["learning_rate"] = float(model.optimizer.learning_rate)
         started = time.time()
         row["test_accuracy"] = round(test_accuracy(predict, test_ds), 6)
         if epoch == config.epochs:

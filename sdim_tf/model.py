@@ -91,8 +91,8 @@ class SDIM(_Classifier):
     supervised terms on the per-dimension log-likelihood log p(z|c) / d. With
     `outlier_weight` > 0 (not in the paper; off by default) it adds that weight times
     `losses.outlier_margin_loss` on 2x2 mosaics of a quarter of each batch
-    (`outliers.batch_mosaics`), encoded with the batch-norm moving statistics so that they
-    do not enter the batch's own.
+    (`outliers.batch_mosaics`), encoded in the same pass as the batch (its batch-norm
+    statistics include them).
     """
 
     loss_names = ("loss", "mi_loss", "nll_loss", "lm_loss")
@@ -150,7 +150,16 @@ class SDIM(_Classifier):
 
     def _loss_terms(self, images, labels, training):
         c = self.config
-        local, z = self.encoder(images, training=training)
+        n = tf.shape(images)[0]
+        count = tf.maximum(n // 4, 1)
+        batch = images
+        if c["outlier_weight"]:
+            # One pass with the batch, so the mosaics share its normalisation: encoded apart
+            # (moving statistics) they teach the encoder that inference-mode features are
+            # outliers, and clean test images fall with them.
+            batch = tf.concat([images, outliers.batch_mosaics(images, count)], axis=0)
+        local, encoded = self.encoder(batch, training=training)
+        local, z = local[:n], encoded[:n]
         ll = self.class_conditional(z)
         per_dim_ll = ll / c["rep_dim"]
         if isinstance(self.critic, mutual_info.DotCritic):
@@ -163,10 +172,8 @@ class SDIM(_Classifier):
         total = c["alpha"] * mi + c["beta"] * nll + c["gamma"] * lm
         terms = {"mi_loss": mi, "nll_loss": nll, "lm_loss": lm}
         if c["outlier_weight"]:
-            count = tf.maximum(tf.shape(images)[0] // 4, 1)
-            _, z_out = self.encoder(outliers.batch_mosaics(images, count), training=False)
             terms["om_loss"] = losses.outlier_margin_loss(
-                self.class_conditional(z_out) / c["rep_dim"],
+                self.class_conditional(encoded[n:]) / c["rep_dim"],
                 losses.true_class(per_dim_ll[:count], labels[:count]), c["outlier_margin"])
             total += c["outlier_weight"] * terms["om_loss"]
         return {"loss": total, **terms}, ll

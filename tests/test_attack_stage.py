@@ -338,11 +338,22 @@ def test_the_baseline_is_attacked_adaptively_under_its_own_rule(attacked, tmp_pa
     expected = np.flatnonzero((scores.argmax(1) == labels) & accepted)
     curve = sets["pgd_accepted_linf_discriminative"]
     np.testing.assert_array_equal(curve["original"], images[expected[:4]])
+    # the scores saved with its sets are the baseline's own, not the main model's
+    adv = curve["adversarial"].reshape(-1, *images.shape[1:])
+    np.testing.assert_allclose(curve["scores"].reshape(len(adv), -1),
+                               deployable.model.predict(adv, verbose=0), rtol=1e-4, atol=1e-3)
     undetected = _undetected(deployable, thresholds, curve["adversarial"], curve["label"])
     assert report["adaptive"]["pgd_accepted_linf"]["discriminative"]["undetected_success"] == \
         pytest.approx(undetected.mean(1).tolist())
     cw = sets["cw_accepted_discriminative"]
     np.testing.assert_array_equal(cw["original"], np.repeat(images[expected[:1]], 9, 0))
-    assert report["adaptive"]["cw_accepted"]["discriminative"]["undetected_success"] == \
+    reported = report["adaptive"]["cw_accepted"]["discriminative"]
+    assert reported["undetected_success"] == \
         pytest.approx(_undetected(deployable, thresholds, cw["adversarial"], cw["label"]).mean())
-    assert "| discriminative |" in (ours / "attack" / attack.REPORT_MD).read_text()
+    cw_scores = deployable.model.predict(cw["adversarial"], verbose=0)
+    reached = (cw_scores.argmax(1) == cw["target"]) & ~rejection.decide(
+        cw_scores, thresholds).rejected.numpy()
+    assert reported["success_rate"] == pytest.approx(reached.mean())
+    rows = [line for line in (ours / "attack" / attack.REPORT_MD).read_text().splitlines()
+            if line.startswith("| discriminative | 9 |")]
+    assert len(rows) == 1  # the baseline's row of the CW-accepted table

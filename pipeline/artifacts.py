@@ -161,6 +161,11 @@ class Parts:
                    {"key": self._key(settings), "settings": settings, "summary": summary})
         return self.get(name, settings)
 
+    def drop(self, name: str) -> None:
+        """Removes a part (its JSON first: arrays without it are never read)."""
+        for suffix in (".json", ".npz"):
+            (self.folder / f"{name}{suffix}").unlink(missing_ok=True)
+
 
 MANIFEST = "manifest.json"
 

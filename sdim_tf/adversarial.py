@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -536,17 +536,22 @@ def step_sizes(epsilon: float, steps: int, schedule: str = "cosine",
 
 
 def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size=None,
-         schedule="cosine", restarts=1, margin=0.0, targets=None, batch_size=100, seed=0):
+         schedule="cosine", restarts=1, margin=0.0, targets=None, batch_size=100, seed=0,
+         after=None):
     """pgd_accepted's result for each epsilon, the compiled step traced once for all. Over a
     growing grid the first start at each epsilon is the previous epsilon's result (inside the
     larger ball), so an image's success at one epsilon holds at every larger one. Each start
     attacks only the images without a success yet (a success is kept as found), which saves
-    most of the work at large epsilons and changes no image's result."""
+    most of the work at large epsilons and changes no image's result. `after`: (epsilon,
+    result) of the grid point before the first, when a curve resumes."""
     images, labels, targets, thresholds = _attack_inputs(images, labels, targets, thresholds)
     attack = _pgd_program(scorer, norm, images.shape[1:])
     evaluate = _evaluator(scorer, images.shape[1:])
     previous, previous_epsilon = images, -np.inf
     previous_found = np.zeros(len(images), bool)
+    if after is not None:
+        previous_epsilon, previous, previous_found = after[0], after[1].adversarial, \
+            after[1].success
     for epsilon in epsilons:
         started, rng = time.time(), np.random.default_rng(seed)
         sizes = step_sizes(epsilon, steps, schedule, step_size)
@@ -610,11 +615,20 @@ class AcceptedCurve:
 
 
 def pgd_accepted_curve(scorer, images, labels, thresholds, *, epsilons, norm: str,
-                       steps: int, **options) -> AcceptedCurve:
+                       steps: int, done: Sequence[AttackResult] = (),
+                       on_result: Callable[[int, AttackResult], None] | None = None,
+                       **options) -> AcceptedCurve:
     """`pgd_accepted` (same `options`) for each epsilon; along a growing grid each epsilon
-    starts from the last one's result (see `_pgd`)."""
-    results = list(_pgd(scorer, images, labels, thresholds, tuple(epsilons), norm=norm,
-                        steps=steps, **options))
+    starts from the last one's result (see `_pgd`). `on_result(i, result)` hears of each
+    epsilon as it finishes; given those results of the first epsilons as `done`, a curve
+    that was stopped goes on where it stopped, with the same result as if it had not."""
+    epsilons, results = tuple(epsilons), list(done)
+    after = (epsilons[len(done) - 1], done[-1]) if done else None
+    for result in _pgd(scorer, images, labels, thresholds, epsilons[len(done):], norm=norm,
+                       steps=steps, after=after, **options):
+        if on_result is not None:
+            on_result(len(results), result)
+        results.append(result)
     return AcceptedCurve(tuple(epsilons), np.stack([r.success for r in results]),
                          np.stack([r.adversarial for r in results]),
                          np.stack([r.logits for r in results]),

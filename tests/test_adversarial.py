@@ -353,6 +353,18 @@ def test_pgd_accepted_curve_and_smallest_epsilon(feasibility_case):
     hit = grown.success[0]
     assert hit.any()  # and those images are returned unchanged: the start already succeeds
     np.testing.assert_array_equal(grown.adversarial[1][hit], grown.adversarial[0][hit])
+    # a curve stopped after its first epsilons goes on with the same result, restarts too
+    grid, heard = (0.0, 0.03, epsilon, 2 * epsilon), []
+    whole = adversarial.pgd_accepted_curve(
+        linear_model, images, labels, thresholds, epsilons=grid, norm="inf", steps=20,
+        restarts=2, on_result=lambda i, r: heard.append((i, r)))
+    assert [i for i, _ in heard] == [0, 1, 2, 3]
+    resumed = adversarial.pgd_accepted_curve(
+        linear_model, images, labels, thresholds, epsilons=grid, norm="inf", steps=20,
+        restarts=2, done=[r for _, r in heard[:2]])
+    np.testing.assert_array_equal(resumed.success, whole.success)
+    np.testing.assert_array_equal(resumed.adversarial, whole.adversarial)
+    assert whole.success[-1].any() and not whole.success[0].any()  # not trivial
     # random restarts repeat with the seed; no images, no work
     runs = [adversarial.pgd_accepted(linear_model, images, labels, thresholds, norm="2",
                                      epsilon=0.5, steps=5, restarts=3, seed=7)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import artifacts, run
+from pipeline import artifacts, faults, run
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.run_dir import Run
 from pipeline.stages import attack
@@ -271,6 +271,43 @@ def test_attack_stage_resumes_from_finished_attacks(attacked):
     assert changed["boundary.json"] != after["boundary.json"]
     assert {k: v for k, v in changed.items() if k != "boundary.json"} == {
         k: v for k, v in after.items() if k != "boundary.json"}
+
+
+def test_an_adaptive_curve_resumes_after_its_last_kept_epsilon(attacked, tmp_path,
+                                                               monkeypatch):
+    """Killed after the first epsilon of a PGD curve, the stage goes on from the kept epsilon
+    and ends with the curve of an uninterrupted run; the epsilons' parts are then dropped."""
+    config, run_dir = attacked
+    ours = tmp_path / "run"
+    shutil.copytree(run_dir, ours)
+    parts, name = ours / "attack" / attack.PARTS, "pgd_accepted_linf_sdim"
+    with np.load(parts / f"{name}.npz") as kept:
+        before = {k: kept[k] for k in kept.files}
+    for suffix in (".json", ".npz"):
+        (parts / f"{name}{suffix}").unlink()
+
+    class Killed(Exception):
+        pass
+
+    def kill(point, detail=None):
+        if point == attack.EPSILON_DONE and detail == name:
+            raise Killed
+
+    config = dataclasses.replace(config, run_dir=str(ours), force=True)
+    monkeypatch.setattr(faults, "point", kill)
+    with pytest.raises(Killed):
+        run.run(config)
+    assert sorted(p.name for p in parts.glob(f"{name}*")) == [f"{name}.eps0.json",
+                                                              f"{name}.eps0.npz"]
+    reached = []
+    monkeypatch.setattr(faults, "point", lambda point, detail=None: reached.append(
+        (point, detail)))
+    run.run(config)
+    assert reached.count((attack.EPSILON_DONE, name)) == 1  # only the second epsilon ran
+    with np.load(parts / f"{name}.npz") as kept:
+        np.testing.assert_array_equal(kept["success"], before["success"])
+        np.testing.assert_allclose(kept["adversarial"], before["adversarial"], atol=1e-6)
+    assert not list(parts.glob(f"{name}.eps*"))
 
 
 def test_attack_baseline_must_be_a_discriminative_run(attacked, tmp_path):

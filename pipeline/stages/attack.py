@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pipeline import artifacts, attack_report, deployed
+from pipeline import artifacts, attack_report, deployed, faults
 from pipeline.config import ConfigError
 from pipeline.run_dir import Run
 from sdim_tf import adversarial, plots, rejection
@@ -48,6 +48,7 @@ UPSTREAM = ("ingest", "train", "calibrate")  # what the attacked model is made o
 # In every part's key: parts made before the attacked set was "correct and accepted" are
 # not reused.
 ATTACKED_SET = "correct_and_accepted"
+EPSILON_DONE = "attack.epsilon_done"  # faults point: an adaptive curve's epsilon is kept
 PAPER_KAPPAS = (0.0, 500.0, 1000.0)  # on log p(x|c), the paper's score
 STD_MULTIPLES = (0.0, 1.0, 2.0, 4.0)  # of the held-out top scores, for other scores
 LARGE_EPSILON, POINTS = 0.5, 0.02  # the sanity checks' budget and tolerance (2 points)
@@ -316,18 +317,40 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
         key["schedule"] = s.accepted_schedule
 
     def compute():
-        logging.info("attack: %s on %d attacked images of %s", name, len(chosen["label"]),
-                     target.name)
+        # each epsilon is kept as it finishes (<name>.eps<i>), so a killed stage goes on
+        # from the last one: a doubled curve takes hours on a 2-core CPU
+        step_key = {"set": ATTACKED_SET, "seed": s.seed, **key}
+        done = []
+        for i in range(len(epsilons)):
+            kept = ctx.parts.get(f"{name}.eps{i}", step_key)
+            if kept is None:
+                break
+            done.append(adversarial.AttackResult(
+                f"pgd_accepted_l{norm}", kept[1]["adversarial"], kept[1]["logits"],
+                kept[1]["success"], kept[0]["seconds"]))
+        logging.info("attack: %s on %d attacked images of %s%s", name, len(chosen["label"]),
+                     target.name, f", resumed after ε={epsilons[len(done) - 1]:g}"
+                     if done else "")
+
+        def keep_epsilon(i, result):
+            ctx.parts.put(f"{name}.eps{i}", step_key, {"seconds": result.seconds},
+                          {"adversarial": result.adversarial, "logits": result.logits,
+                           "success": result.success})
+            faults.point(EPSILON_DONE, name)
+
         curve = adversarial.pgd_accepted_curve(
             target.scorer, chosen["original"], chosen["label"], target.thresholds,
             epsilons=epsilons, norm=norm, steps=steps, restarts=restarts,
-            schedule=s.accepted_schedule, batch_size=s.batch_size, seed=s.seed)
+            schedule=s.accepted_schedule, batch_size=s.batch_size, seed=s.seed, done=done,
+            on_result=keep_epsilon)
         return {"epsilons": list(epsilons), "steps": steps, "restarts": restarts,
                 "schedule": s.accepted_schedule, "seconds": round(curve.seconds, 1)}, \
             _arrays(chosen, target.thresholds, curve.adversarial, curve.scores, curve.success,
                     epsilons)
 
     summary, arrays = _by_epsilon(*ctx.keep(name, key, compute))
+    for i in range(len(epsilons)):  # the whole curve is kept: its epsilons are not needed
+        ctx.parts.drop(f"{name}.eps{i}")
     return {**summary, **_distance_at_success(arrays, norm)}, arrays
 
 

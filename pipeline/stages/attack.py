@@ -79,10 +79,14 @@ class Context:
     images: np.ndarray  # the first test images
     labels: np.ndarray
 
+    def key(self, key: dict) -> dict:
+        """A part's full key: its own settings, the attacked set's definition, the seed."""
+        return {"set": ATTACKED_SET, "seed": self.settings.seed, **key}
+
     def keep(self, part: str, key: dict, compute: Callable[[], tuple[dict, dict]]
              ) -> tuple[dict, dict]:
         """(summary, arrays) of `part`, kept by an earlier run under `key`, else computed."""
-        key = {"set": ATTACKED_SET, "seed": self.settings.seed, **key}
+        key = self.key(key)
         done = self.parts.get(part, key)
         if done is not None:
             logging.info("attack: %s kept from an earlier run", part)
@@ -319,7 +323,7 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
     def compute():
         # each epsilon is kept as it finishes (<name>.eps<i>), so a killed stage goes on
         # from the last one: a doubled curve takes hours on a 2-core CPU
-        step_key = {"set": ATTACKED_SET, "seed": s.seed, **key}
+        step_key = ctx.key(key)
         done = []
         for i in range(len(epsilons)):
             kept = ctx.parts.get(f"{name}.eps{i}", step_key)

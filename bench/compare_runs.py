@@ -6,7 +6,9 @@ python -m bench.compare_runs --parity=bf16 \
 
 Each run's figures come from its own artifacts (evaluate/report.json, train/state.json): test
 accuracy, the deployed rule's test rejection, the share of MNIST it rejects and the AUROC,
-the shift suite's silent errors. With --parity=NAME, NAME's figures must lie within the
+the shift suite's silent errors, and when the attack stage ran (attack/attack_report.json)
+the undetected success of the adaptive attacks per model and budget and Carlini et al.'s
+checks. With --parity=NAME, NAME's figures must lie within the
 spread of the other runs widened by --parity_margin points (issue: bf16 costs no quality).
 """
 

@@ -1,5 +1,6 @@
 """A finished pipeline run's deployed figures, from its own artifacts (evaluate/report.json,
-train/state.json), and the parity check of one run against the spread of others."""
+train/state.json, attack/attack_report.json when the attack stage ran), and the parity check
+of one run against the spread of others."""
 
 from __future__ import annotations
 
@@ -39,7 +40,33 @@ def figures(run_dir: str | pathlib.Path) -> dict:
         out["shift_mean_silent_error_middle"] = 100 * shifts["mean_silent_error_middle"]
         out["aurc_clean"] = shifts["aurc"]["clean"]
         out["aurc_shifted_middle"] = shifts["aurc"]["shifted_middle"]
+    attack_path = run_dir / "attack" / "attack_report.json"
+    if attack_path.exists():
+        out.update(attack_figures(json.loads(attack_path.read_text())))
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def attack_figures(report: dict) -> dict:
+    """Per attacked model (the run's own and any baseline): the clean rejection of the attack
+    stage's images, undetected success of the adaptive attacks at each budget, CW-accepted,
+    and whether each of Carlini et al.'s checks passed (None: not decided), in percent."""
+    out = {}
+    adaptive = report.get("adaptive", {})
+    for model, clean in report.get("clean", {}).items():
+        out[f"attack/{model}/clean_rejected"] = 100 * clean["rejected"]
+    for name, label in (("pgd_accepted_linf", "pgd_linf"), ("pgd_accepted_l2", "pgd_l2")):
+        for model, curve in adaptive.get(name, {}).items():
+            for epsilon, share in zip(curve["epsilons"], curve["undetected_success"],
+                                      strict=True):
+                out[f"attack/{model}/{label}_undetected@{epsilon:g}"] = 100 * share
+            if label == "pgd_l2":
+                out[f"attack/{model}/pgd_l2_median_distance"] = (
+                    curve["median_distance_of_successes"])
+    for model, cw in adaptive.get("cw_accepted", {}).items():
+        out[f"attack/{model}/cw_accepted_undetected"] = 100 * cw["undetected_success"]
+    for check, result in report.get("sanity", {}).items():
+        out[f"attack/sanity/{check}"] = result["passed"]
+    return out
 
 
 def parity(by_run: dict, name: str, margin: float) -> dict:

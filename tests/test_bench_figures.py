@@ -121,6 +121,37 @@ def test_parity_of_a_run_against_the_spread_of_two(tmp_path):
         run_figures.figures(tmp_path / "missing")
 
 
+def test_attack_figures_of_a_run_with_an_attacked_baseline(tmp_path):
+    _write_run(tmp_path, 0.99, 0.05, 0.98, 0.995)
+    report = {
+        "clean": {"sdim": {"rejected": 0.054}, "discriminative": {"rejected": 0.031}},
+        "adaptive": {
+            "pgd_accepted_linf": {
+                "sdim": {"epsilons": [0.05, 0.1], "undetected_success": [0.295, 0.79]},
+                "discriminative": {"epsilons": [0.05, 0.1], "undetected_success": [0.5, 1.0]}},
+            "pgd_accepted_l2": {"sdim": {
+                "epsilons": [0.5, 1.0], "undetected_success": [0.025, 0.63],
+                "median_distance_of_successes": 0.9963}},
+            "cw_accepted": {"sdim": {"undetected_success": 154 / 180}}},
+        "sanity": {"a_large_budget": {"passed": True},
+                   "b_more_steps_and_restarts": {"passed": None}}}
+    (tmp_path / "attack").mkdir()
+    (tmp_path / "attack" / "attack_report.json").write_text(json.dumps(report))
+    figures = run_figures.figures(tmp_path)
+    assert figures["test_accuracy"] == pytest.approx(99.0)
+    attack = {k: v for k, v in figures.items() if k.startswith("attack/")}
+    assert attack == pytest.approx({
+        "attack/sdim/clean_rejected": 5.4, "attack/discriminative/clean_rejected": 3.1,
+        "attack/sdim/pgd_linf_undetected@0.05": 29.5, "attack/sdim/pgd_linf_undetected@0.1": 79.0,
+        "attack/discriminative/pgd_linf_undetected@0.05": 50.0,
+        "attack/discriminative/pgd_linf_undetected@0.1": 100.0,
+        "attack/sdim/pgd_l2_undetected@0.5": 2.5, "attack/sdim/pgd_l2_undetected@1": 63.0,
+        "attack/sdim/pgd_l2_median_distance": 0.9963,
+        "attack/sdim/cw_accepted_undetected": 85.5556,
+        "attack/sanity/a_large_budget": True, "attack/sanity/b_more_steps_and_restarts": None})
+    assert figures["attack/sanity/a_large_budget"] is True
+
+
 def test_decay_geometry_against_hand_computed_parts():
     from bench import whitened_parts
     # Three classes in 5 dimensions: means 0, 10 e0, 10 e1; each class's samples are its

@@ -171,6 +171,40 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tiny_run, monkeypatch):
     assert not (copy / "train" / artifacts.MANIFEST).exists()
 
 
+def test_collapse_guard_stops_a_finite_divergence(tiny_run, monkeypatch):
+    """Session 9's outlier-term run: accuracy 0.90 in epoch 9, 0.19 in epoch 10, loss 1e8."""
+    import dataclasses
+    import shutil
+
+    config, run_dir = tiny_run
+    copy = run_dir.parent / "collapse"
+    shutil.copytree(run_dir, copy)
+    epochs = iter([{"loss": 4.77, "accuracy": 0.9022}, {"loss": 1.1e8, "accuracy": 0.1896}])
+    monkeypatch.setattr(train, "run_epoch", lambda *a, **k: next(epochs))
+    with pytest.raises(train.TrainingError,
+                       match=r"diverged in epoch 4 \(train accuracy 0\.190 against 0\.902 in "
+                             r"epoch 3 .*last good checkpoint \(epoch 3\)"):
+        run.run(dataclasses.replace(config, run_dir=str(copy), epochs=4))
+    assert artifacts.read_json(copy / "train" / train.STATE)["epoch"] == 3
+
+
+@pytest.mark.parametrize("accuracies, now, diverged", [
+    ([0.68, 0.81, 0.90], 0.19, True),    # the diverged run: to twice chance (0.2) or below
+    ([0.68, 0.81, 0.90], 0.21, False),   # above twice chance: a bad epoch, not a collapse
+    ([0.25, 0.30], 0.12, False),         # never learned (a smoke run): nothing to lose
+    ([0.50], 0.20, True),                # the edges: learned at 0.5, at 2/C
+    ([], 0.05, False),                   # the first epoch
+])
+def test_collapse_by_hand(accuracies, now, diverged):
+    history = [{"epoch": e + 1, "accuracy": a} for e, a in enumerate(accuracies)]
+    why = train.collapse(history, {"loss": 1.0, "accuracy": now}, num_classes=10)
+    assert (why is not None) == diverged
+    if diverged:
+        best = max(accuracies)
+        assert why.startswith(f"train accuracy {now:.3f} against {best:.3f} in epoch "
+                              f"{accuracies.index(best) + 1}")
+
+
 def test_zero_epochs_keep_the_untrained_network(tiny_run):
     """--epochs=0: the seed's initial weights are the model, and calibrate takes them."""
     import dataclasses

@@ -182,6 +182,20 @@ def monitor_data(config: PipelineConfig, examples, num_train: int) -> dict | Non
             "rule": "conformal", "confidence": config.reject_confidence or None}
 
 
+def collapse(history: list[dict], logs: dict, num_classes: int) -> str | None:
+    """Why training diverged though its loss stayed finite, or None: a model that had learned
+    (train accuracy >= 0.5 in some epoch) falling to at most twice chance in this one."""
+    if "accuracy" not in logs:
+        return None
+    best = max(history, key=lambda row: row.get("accuracy", 0.0), default=None)
+    if best is None or best.get("accuracy", 0.0) < 0.5:
+        return None
+    if logs["accuracy"] > 2.0 / num_classes:
+        return None
+    return (f"train accuracy {logs['accuracy']:.3f} against {best['accuracy']:.3f} in epoch "
+            f"{best['epoch']} (loss {logs.get('loss')})")
+
+
 def _watch(monitor: monitoring.RejectionMonitor | None) -> dict:
     """history.csv columns of this epoch's rejection quality ("monitor/<score>/<figure>")."""
     if monitor is None:
@@ -355,10 +369,14 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
         step_seconds = []
         logs = run_epoch(step, model, strategy, train_ds, steps, step_seconds=step_seconds)
         train_seconds = time.time() - start
-        if not all(math.isfinite(v) for v in logs.values()):
+        why = (f"loss {logs.get('loss')}" if not all(math.isfinite(v) for v in logs.values())
+               else collapse(state["history"], logs, examples.num_classes))
+        if why:
             raise TrainingError(
-                f"training diverged in epoch {epoch} (loss {logs.get('loss')}); the last good "
-                f"checkpoint (epoch {state['epoch']}) is kept in {stage_dir / LAST}")
+                f"training diverged in epoch {epoch} ({why}); the last good checkpoint (epoch "
+                f"{state['epoch']}) is kept in {stage_dir / LAST}; the same command resumes "
+                "from it and may diverge again, a lower --learning_rate (or --outlier_weight) "
+                "starts afresh")
         row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()}}
         if config.lr_schedule != "constant":  # the rate the next step would take
             row["learning_rate"] = float(model.optimizer.learning_rate)

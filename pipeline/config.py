@@ -234,6 +234,9 @@ class PipelineConfig:
             (not set(c.attacks) - set(adversarial.ATTACKS),
              f"--attacks: unknown {sorted(set(c.attacks) - set(adversarial.ATTACKS))}; "
              f"known: {', '.join(adversarial.ATTACKS)}"),
+            ("pgd_accepted_linf_doubled" not in c.attacks or "pgd_accepted_linf" in c.attacks,
+             "--attacks: pgd_accepted_linf_doubled checks the pgd_accepted_linf curve; "
+             "select both"),
             (all(0 <= e <= 1 for e in c.attack_epsilons) and len(c.attack_epsilons) > 0,
              f"--attack_epsilons must lie in [0, 1], got {list(c.attack_epsilons)}"),
             (all(0 < e <= 1 for e in c.attack_accepted_epsilons)

@@ -310,8 +310,8 @@ _ATTACK_FLAGS = {
     "accepted_schedule": "Step sizes of the adaptive PGD: cosine (from epsilon down to 0; more "
                          "steps search longer) or constant (2.5 epsilon / steps, Madry et al.).",
     "accepted_restarts": "Starts of the adaptive PGD (the first from the image, the others at "
-                         "random in the ball); the sanity check runs twice the steps and "
-                         "restarts.",
+                         "random in the ball); pgd_accepted_linf_doubled runs twice the steps "
+                         "and restarts.",
     "square_images": "square_accepted (gradient-free, a sanity check) attacks the first N "
                      "attacked images.",
     "square_queries": "Queries per image of square_accepted.",

@@ -21,7 +21,10 @@ from sdim_tf import rejection
 CURVE_ATTACKS = ("fgsm", "pgd")
 UNTARGETED_ATTACKS = ("deepfool", "boundary", "local_search")
 # attacks that know the rejection rule and aim at an accepted wrong class
-ADAPTIVE_ATTACKS = ("pgd_accepted_linf", "pgd_accepted_l2", "square_accepted", "cw_accepted")
+# (pgd_accepted_linf_doubled: its curve at twice the steps and restarts, Carlini et al.'s
+# convergence check; about 4x the curve's time)
+ADAPTIVE_ATTACKS = ("pgd_accepted_linf", "pgd_accepted_linf_doubled", "pgd_accepted_l2",
+                    "square_accepted", "cw_accepted")
 ATTACKS = (*CURVE_ATTACKS, *UNTARGETED_ATTACKS, "cw_l2", *ADAPTIVE_ATTACKS)
 
 

@@ -326,6 +326,26 @@ def test_attack_baseline_must_be_a_discriminative_run(attacked, tmp_path):
         run.run(dataclasses.replace(config, attacks=("jsma",)))
 
 
+def test_the_doubled_curve_is_an_attack_of_its_own(attacked, tmp_path):
+    config, run_dir = attacked
+    with pytest.raises(ConfigError, match="pgd_accepted_linf_doubled checks"):
+        run.run(dataclasses.replace(config, attacks=("pgd_accepted_linf_doubled",)))
+    before = artifacts.read_json(run_dir / "attack" / attack.REPORT_JSON)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    run.run(dataclasses.replace(config, run_dir=str(copy), attacks=("pgd", "pgd_accepted_linf"),
+                                force=True))
+    report = artifacts.read_json(copy / "attack" / attack.REPORT_JSON)
+    assert set(report["adaptive"]) == {"pgd_accepted_linf"}
+    assert report["adaptive"]["pgd_accepted_linf"] == before["adaptive"]["pgd_accepted_linf"]
+    assert not (copy / "attack" / attack.SETS / "pgd_accepted_linf_doubled.npz").exists()
+    sanity = report["sanity"]
+    assert sanity["b_more_steps_and_restarts"]["passed"] is None
+    assert sanity["b_more_steps_and_restarts"]["note"] == "not run"
+    for check in ("a_large_budget", "d_adaptive_vs_non_adaptive"):
+        assert sanity[check] == before["sanity"][check]
+
+
 def test_the_baseline_run_is_an_input_of_the_attack_stage(tmp_path):
     config = PipelineConfig(dataset="mnist", run_dir=str(tmp_path / "ours"))
     assert attack.external_inputs(config) == {}

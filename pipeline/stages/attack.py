@@ -658,7 +658,7 @@ def _adaptive(ctx: Context, targets: dict, main: Target, attacks: set, report: d
             adaptive.setdefault(attack, {})[name] = summary
             logging.info("attack: %s of %s: undetected %s", attack, name,
                          summary["undetected_success"])
-    if "pgd_accepted_linf" in attacks:
+    if "pgd_accepted_linf_doubled" in attacks:
         summary, sets[main.name]["pgd_accepted_linf_doubled"] = _accepted_curve(
             ctx, main, "inf", doubled=True)
         adaptive["pgd_accepted_linf_doubled"] = {main.name: summary}
@@ -674,7 +674,7 @@ def _adaptive(ctx: Context, targets: dict, main: Target, attacks: set, report: d
     ours = sets[main.name]
     if "pgd_accepted_linf" in attacks:
         report["sanity"] = sanity(
-            ours[f"pgd_accepted_linf_{main.name}"], ours["pgd_accepted_linf_doubled"],
+            ours[f"pgd_accepted_linf_{main.name}"], ours.get("pgd_accepted_linf_doubled"),
             ours.get("square_accepted"), ours.get(f"pgd_{main.name}"))
         logging.info("attack: sanity checks %s",
                      {k: v["passed"] for k, v in report["sanity"].items()})

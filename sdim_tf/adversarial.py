@@ -295,6 +295,7 @@ def local_search(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray
                  d: int = 5, t: int = 5, k: int = 1, initial_fraction: float = 0.1,
                  max_candidates: int = 128,
                  bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0,
+                 progress: Callable[[int, int], None] | None = None,
                  ) -> tuple[np.ndarray, np.ndarray]:
     """LocalSearch (Narodytska & Kasiviswanathan 2016, Algorithm 3), untargeted, black-box.
 
@@ -304,8 +305,9 @@ def local_search(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray
     candidates from the (2d+1)^2 neighbourhoods of the perturbed pixels. The score is the
     log-softmax of the true class: the paper's probability, without float ties at 1.0.
     As in Foolbox, each round scores a random subset of at most `max_candidates` pixels.
-    `predict` maps images [B, H, W, C] to logits [B, classes]. Returns (adversarial,
-    success); a failed image comes back unchanged.
+    `predict` maps images [B, H, W, C] to logits [B, classes]. `progress(round, unfooled)`,
+    if given, is called after every round. Returns (adversarial, success); a failed image
+    comes back unchanged.
     """
     low, high = bounds
     centre, scale = (low + high) / 2, high - low
@@ -330,7 +332,7 @@ def local_search(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray
     offsets = np.arange(-d, d + 1)
     window = np.stack(np.meshgrid(offsets, offsets, indexing="ij"), -1)  # [2d+1, 2d+1, 2]
     active = list(range(n))
-    for _ in range(rounds):
+    for done in range(1, rounds + 1):
         if not active:
             break
         probes = []
@@ -366,13 +368,17 @@ def local_search(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray
             candidates[i] = np.unique(near[inside], axis=0)
             still.append(i)
         active = still
+        if progress is not None:
+            progress(done, len(active))
     return adversarial, success
 
 
-def local_search_attack(classifier, images, labels, settings: AttackSettings) -> AttackResult:
+def local_search_attack(classifier, images, labels, settings: AttackSettings,
+                        progress: Callable[[int, int], None] | None = None) -> AttackResult:
     started = time.time()
     adversarial, _ = local_search(classifier.predict, images, labels,
-                                  rounds=settings.local_search_rounds, seed=settings.seed)
+                                  rounds=settings.local_search_rounds, seed=settings.seed,
+                                  progress=progress)
     return _result("local_search", classifier, adversarial,
                    lambda lg: untargeted_success(lg, labels), started)
 

@@ -166,6 +166,19 @@ def test_local_search_gives_up_and_returns_the_original():
     assert success.tolist() == [False, True]
 
 
+def test_local_search_reports_each_round_and_the_images_left():
+    images = np.full((3, 6, 6, 1), 0.5, np.float32)
+    images[0, 4, 1, 0] = 0.8  # fooled in round 1
+    images[1, 4, 1, 0] = 0.7  # fooled in round 2
+    # image 2: the pixel sits at 0.5, so p * sign(0) leaves it there: never fooled
+    calls = []
+    _, success = adversarial.local_search(_pixel_model(4, 1), images, np.array([0, 0, 0]),
+                                          rounds=4, initial_fraction=1.0, t=3, d=1,
+                                          progress=lambda *a: calls.append(a))
+    assert success.tolist() == [True, True, False]
+    assert calls == [(1, 2), (2, 1), (3, 1), (4, 1)]
+
+
 def test_targeted_success_needs_the_confidence_margin():
     logits = np.array([[5.0, 4.0, 0.0], [1.0, 9.0, 8.5], [2.0, 2.0, 0.0], [0.0, 10.0, 0.0]])
     targets = np.array([0, 1, 1, 1])

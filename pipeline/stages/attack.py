@@ -247,11 +247,24 @@ def _untargeted(ctx: Context, target: Target, attack: str) -> tuple[dict, dict]:
 
     def compute():
         logging.info("attack: %s on %d attacked images", attack, len(chosen["label"]))
-        result = fn(target.classifier, chosen["original"], chosen["label"], s)
+        extra = {"progress": _rounds_logger(attack, len(chosen["label"]), s.local_search_rounds)
+                 } if attack == "local_search" else {}
+        result = fn(target.classifier, chosen["original"], chosen["label"], s, **extra)
         arrays = _result_arrays(chosen, result, target.thresholds)
         return _summary(target, arrays, result.seconds), arrays
 
     return ctx.keep(attack, key, compute)
+
+
+def _rounds_logger(attack: str, images: int, rounds: int, every: int = 10):
+    """A progress callback that logs every `every` rounds: LocalSearch runs for minutes."""
+    started = time.time()
+
+    def progress(done: int, unfooled: int) -> None:
+        if done % every == 0 or done == rounds or unfooled == 0:
+            logging.info("attack: %s round %d/%d, %d of %d images not yet fooled (%.0f s)",
+                         attack, done, rounds, unfooled, images, time.time() - started)
+    return progress
 
 
 def _targeted(ctx: Context, target: Target, count: int) -> dict:

@@ -353,6 +353,9 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
             ctx.parts.put(f"{name}.eps{i}", step_key, {"seconds": result.seconds},
                           {"adversarial": result.adversarial, "logits": result.logits,
                            "success": result.success})
+            logging.info("attack: %s ε=%g (%d of %d): %.1f%% undetected so far (%.0f s)", name,
+                         epsilons[i], i + 1, len(epsilons), 100 * np.mean(result.success),
+                         result.seconds)
             faults.point(EPSILON_DONE, name)
 
         curve = adversarial.pgd_accepted_curve(

@@ -247,8 +247,9 @@ def _untargeted(ctx: Context, target: Target, attack: str) -> tuple[dict, dict]:
 
     def compute():
         logging.info("attack: %s on %d attacked images", attack, len(chosen["label"]))
-        extra = {"progress": _rounds_logger(attack, len(chosen["label"]), s.local_search_rounds)
-                 } if attack == "local_search" else {}
+        extra = {}
+        if attack == "local_search":  # ours, so it can report its rounds; ART's cannot
+            extra["progress"] = _rounds_logger(attack, len(chosen["label"]), key["steps"])
         result = fn(target.classifier, chosen["original"], chosen["label"], s, **extra)
         arrays = _result_arrays(chosen, result, target.thresholds)
         return _summary(target, arrays, result.seconds), arrays

@@ -83,15 +83,10 @@ def part_outliers(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict
                          f"{np.shape(labels)}")
     partners = part_partners(labels, seed)
     a, b, c, d = (images[partners[:, k]] for k in range(4))
-    h, w = images.shape[1] // 2, images.shape[2] // 2
     halves = a.copy()
-    halves[:, h:] = b[:, h:]
-    quadrants = a.copy()
-    quadrants[:, :h, w:] = b[:, :h, w:]
-    quadrants[:, h:, :w] = c[:, h:, :w]
-    quadrants[:, h:, w:] = d[:, h:, w:]
-    result = {"halves": halves, "quadrants": quadrants, "blend": 0.5 * a + 0.5 * b,
-              "overlay": np.maximum(a, b)}
+    halves[:, images.shape[1] // 2:] = b[:, images.shape[1] // 2:]
+    result = {"halves": halves, "quadrants": quadrant_mosaics(a, b, c, d).numpy(),
+              "blend": 0.5 * a + 0.5 * b, "overlay": np.maximum(a, b)}
     return {name: np.clip(result[name], 0.0, 1.0).astype(np.float32) for name in PART_OUTLIERS}
 
 
@@ -100,8 +95,13 @@ def batch_mosaics(images: tf.Tensor, count) -> tf.Tensor:
     quadrant from image i and the top-right, bottom-left and bottom-right ones from images
     i+1, i+2, i+3 of the batch (cyclically) -- the `quadrants` part outliers with the batch's
     neighbours as partners (their classes may repeat)."""
-    h, w = images.shape[1] // 2, images.shape[2] // 2
-    a, b, c, d = (tf.roll(images, -k, axis=0)[:count] for k in range(4))
+    return quadrant_mosaics(*(tf.roll(images, -k, axis=0)[:count] for k in range(4)))
+
+
+def quadrant_mosaics(a, b, c, d) -> tf.Tensor:
+    """2x2 mosaics [N, H, W, C]: top-left of a, top-right of b, bottom-left of c,
+    bottom-right of d, split at H // 2 and W // 2."""
+    h, w = a.shape[1] // 2, a.shape[2] // 2
     top = tf.concat([a[:, :h, :w], b[:, :h, w:]], axis=2)
     bottom = tf.concat([c[:, h:, :w], d[:, h:, w:]], axis=2)
     return tf.concat([top, bottom], axis=1)

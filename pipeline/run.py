@@ -224,9 +224,9 @@ flags.DEFINE_integer("epochs", _D.epochs, "Training epochs (paper: 500; 50 reach
                      "accuracy; 0: the untrained network, a baseline).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
-flags.DEFINE_enum("lr_schedule", _D.lr_schedule, configs.LR_SCHEDULES, "constant: the paper's; "
-                  "cosine: decays the learning rate to 0 over --epochs (a run of another "
-                  "length then starts afresh).")
+flags.DEFINE_enum("lr_schedule", _D.lr_schedule, configs.LR_SCHEDULES, "cosine: decays the "
+                  "learning rate to 0 over --epochs (so a finished run cannot be extended); "
+                  "constant: the paper's.")
 flags.DEFINE_integer("seed", _D.seed, "Random seed (weights, shuffling, augmentation).")
 flags.DEFINE_list("stages", None, "Stages to run (default: all of "
                   f"{','.join(s.name for s in STAGES if s.default)}).")

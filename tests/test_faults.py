@@ -43,6 +43,7 @@ def _args(root: pathlib.Path, epochs: int, stages: str, data_dir: pathlib.Path) 
     return [f"--run_dir={root / 'run'}", f"--export_dir={root / 'saved_models'}",
             f"--epochs={epochs}", "--train_limit=256", "--batch_size=64",
             "--validation_split=0", "--reject_budget=0", "--shift_images=0",
+            "--lr_schedule=constant",  # so the 2-epoch run can be taken to 3
             f"--stages={stages}", f"--data_dir={data_dir}"]
 
 

@@ -411,7 +411,8 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
 
 def test_cosine_learning_rate_resumes_on_its_schedule(tmp_path, tiny_run):
     """--lr_schedule=cosine: 0.5 lr (1 + cos(pi t / T)) after each epoch's t steps, carried
-    across a kill; a run of another length starts afresh on its own schedule."""
+    across a kill; another --epochs is refused, killed or finished, with the model kept;
+    --force starts afresh on the new length's schedule."""
     import shutil
 
     _, run_dir = tiny_run
@@ -429,13 +430,21 @@ def test_cosine_learning_rate_resumes_on_its_schedule(tmp_path, tiny_run):
     killed = subprocess.run([sys.executable, "-m", "pipeline.run", *args, "--epochs=2"],
                             cwd=tmp_path, env=env, capture_output=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    refused = _cli([*args, "--epochs=3"], tmp_path)
+    assert refused.returncode == 1
+    assert ("holds 1 of 2 epochs trained with --lr_schedule=cosine" in refused.stderr
+            and "rerun with --epochs=2 to resume it" in refused.stderr), refused.stderr[-3000:]
     result = _cli([*args, "--epochs=2"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming after epoch 1 of 2" in result.stderr
     history = TrainedModel(work / "train").history()
     assert [r["learning_rate"] for r in history] == pytest.approx(
         [cosine(4, 8), cosine(8, 8)], abs=1e-9)
-    result = _cli([*args, "--epochs=3"], tmp_path)
+    trained = (work / "train" / train.LAST).read_bytes()
+    refused = _cli([*args, "--epochs=3"], tmp_path)
+    assert refused.returncode == 1 and "holds 2 of 2 epochs" in refused.stderr
+    assert (work / "train" / train.LAST).read_bytes() == trained
+    result = _cli([*args, "--epochs=3", "--stages=train", "--force"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" not in result.stderr
     history = TrainedModel(work / "train").history()

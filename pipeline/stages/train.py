@@ -20,6 +20,7 @@ import pathlib
 import shutil
 import sys
 import time
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -256,18 +257,31 @@ def _write_history(path: pathlib.Path, rows: list[dict]) -> None:
     artifacts.write_text(path, out.getvalue())
 
 
-def _resume_state(trained: TrainedModel, resume_hash: str, force: bool) -> dict | None:
+def _resume_state(trained: TrainedModel, config: PipelineConfig,
+                  resume_hash: Callable[[int], str]) -> dict | None:
+    """The state to resume from, or None to start afresh. `resume_hash(epochs)`: the
+    configuration's hash had it asked for `epochs`."""
     state_path = trained.folder / STATE
-    if force or not state_path.exists():
+    if config.force or not state_path.exists():
         return None
     try:
         state = trained.state()
     except ArtifactError:
         raise TrainingError(f"{state_path} is corrupt; rerun with --force") from None
-    if state.get("resume_hash") != resume_hash:
-        logging.info("train: configuration changed, starting afresh")
-        return None
-    return state
+    if state.get("resume_hash") == resume_hash(config.epochs):
+        return state
+    # Asking more epochs is how one trains on; under a schedule it cannot continue the run,
+    # and starting afresh would delete the trained model, so say so instead.
+    for planned in {state.get("epochs"), state.get("epoch")} - {None, config.epochs}:
+        if state.get("resume_hash") == resume_hash(planned):
+            raise TrainingError(
+                f"{trained.folder} holds {state['epoch']} of {planned} epochs trained with "
+                f"--lr_schedule={config.lr_schedule}, whose learning rate decays over the "
+                f"run's planned length, so --epochs={config.epochs} cannot continue it: rerun "
+                f"with --epochs={planned} to resume it, --force to start afresh, or train "
+                f"into another --run_dir (--lr_schedule=constant runs can be extended)")
+    logging.info("train: configuration changed, starting afresh")
+    return None
 
 
 def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
@@ -299,12 +313,16 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
         tf.config.experimental.enable_op_determinism()
     strategy = make_strategy(config.distribute)
     chief = is_chief(strategy)
-    # more epochs resume a run, unless its learning rate was scheduled over its length
-    resume_hash = artifacts.config_hash(
-        {k: v for k, v in config.fields(FIELDS).items()
-         if k != "epochs" or config.lr_schedule != "constant"} | {
-            "ingest": artifacts.input_hashes({"ingest": examples.folder})})
-    state = _resume_state(trained, resume_hash, config.force)
+    ingest_hash = artifacts.input_hashes({"ingest": examples.folder})
+
+    def resume_hash(epochs: int) -> str:
+        # more epochs resume a run, unless its learning rate was scheduled over its length
+        fields = config.fields(FIELDS) | {"epochs": epochs}
+        return artifacts.config_hash(
+            {k: v for k, v in fields.items()
+             if k != "epochs" or config.lr_schedule != "constant"} | {"ingest": ingest_hash})
+
+    state = _resume_state(trained, config, resume_hash)
     if state is not None and state["epoch"] > config.epochs:
         logging.info("train: %d epochs done, %d asked: starting afresh", state["epoch"],
                      config.epochs)
@@ -333,8 +351,9 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
         else:
             model = build_model(config, examples.num_classes, examples.image_shape[-1],
                                 steps)
-            state = {"resume_hash": resume_hash, "epoch": 0, "best_loss": None,
-                     "best_epoch": None, "history": []}
+            state = {"resume_hash": resume_hash(config.epochs), "epoch": 0,
+                     "best_loss": None, "best_epoch": None, "history": []}
+    state["epochs"] = config.epochs  # planned: names the length a scheduled run needs
     state.setdefault("precision", chosen)
     state.setdefault("precision_reason", why)
     logging.info("train: %s, %d trainable parameters, strategy %s with %d replica(s)",

@@ -409,6 +409,30 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
         assert matplotlib.image.imread(run_dir / "evaluate" / figure).shape[0] > 100
 
 
+def test_a_run_of_the_former_constant_default_is_refused_not_wiped(tmp_path, tiny_run):
+    """The default became cosine: the old default's command, rerun, names the flag that
+    resumes its run instead of deleting the trained model to start afresh."""
+    import shutil
+
+    _, run_dir = tiny_run
+    work = tmp_path / "run"
+    work.mkdir()
+    shutil.copytree(run_dir / "ingest", work / "ingest")
+    args = [f"--run_dir={work}", "--stages=ingest,train", "--epochs=1", "--train_limit=256",
+            "--batch_size=64"]
+    result = _cli([*args, "--lr_schedule=constant"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = (work / "train" / train.LAST).read_bytes()
+    refused = _cli(args, tmp_path)
+    assert refused.returncode == 1
+    assert ("holds 1 epoch(s) trained with --lr_schedule=constant (the default before cosine): "
+            "rerun with --lr_schedule=constant" in refused.stderr), refused.stderr[-3000:]
+    assert (work / "train" / train.LAST).read_bytes() == trained
+    result = _cli([*args, "--lr_schedule=constant", "--epochs=2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming after epoch 1 of 2" in result.stderr
+
+
 def test_cosine_learning_rate_resumes_on_its_schedule(tmp_path, tiny_run):
     """--lr_schedule=cosine: 0.5 lr (1 + cos(pi t / T)) after each epoch's t steps, carried
     across a kill; another --epochs is refused, killed or finished, with the model kept;

@@ -12,6 +12,7 @@ MultiWorkerMirroredStrategy has an open bug, keras-team/keras#20585).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -258,9 +259,9 @@ def _write_history(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def _resume_state(trained: TrainedModel, config: PipelineConfig,
-                  resume_hash: Callable[[int], str]) -> dict | None:
-    """The state to resume from, or None to start afresh. `resume_hash(epochs)`: the
-    configuration's hash had it asked for `epochs`."""
+                  resume_hash: Callable[..., str]) -> dict | None:
+    """The state to resume from, or None to start afresh. `resume_hash(**changes)`: the
+    hash of the configuration with `changes` (PipelineConfig fields)."""
     state_path = trained.folder / STATE
     if config.force or not state_path.exists():
         return None
@@ -268,18 +269,25 @@ def _resume_state(trained: TrainedModel, config: PipelineConfig,
         state = trained.state()
     except ArtifactError:
         raise TrainingError(f"{state_path} is corrupt; rerun with --force") from None
-    if state.get("resume_hash") == resume_hash(config.epochs):
+    if state.get("resume_hash") == resume_hash():
         return state
-    # Asking more epochs is how one trains on; under a schedule it cannot continue the run,
-    # and starting afresh would delete the trained model, so say so instead.
+    # Starting afresh deletes the trained model: where a run cannot go on only because of
+    # the schedule (its length, or the default before cosine), say so instead.
     for planned in {state.get("epochs"), state.get("epoch")} - {None, config.epochs}:
-        if state.get("resume_hash") == resume_hash(planned):
+        if state.get("resume_hash") == resume_hash(epochs=planned):
             raise TrainingError(
                 f"{trained.folder} holds {state['epoch']} of {planned} epochs trained with "
                 f"--lr_schedule={config.lr_schedule}, whose learning rate decays over the "
-                f"run's planned length, so --epochs={config.epochs} cannot continue it: rerun "
-                f"with --epochs={planned} to resume it, --force to start afresh, or train "
-                f"into another --run_dir (--lr_schedule=constant runs can be extended)")
+                f"run's planned length, so --epochs={config.epochs} cannot continue it: "
+                f"rerun with --epochs={planned} to resume it, --force to start afresh, or "
+                f"train into another --run_dir (--lr_schedule=constant runs can be extended)")
+    if config.lr_schedule != "constant" and state.get("resume_hash") == resume_hash(
+            lr_schedule="constant"):
+        raise TrainingError(
+            f"{trained.folder} holds {state['epoch']} epoch(s) trained with "
+            f"--lr_schedule=constant (the default before cosine): rerun with "
+            f"--lr_schedule=constant to resume or use it, --force to start afresh, or train "
+            f"into another --run_dir")
     logging.info("train: configuration changed, starting afresh")
     return None
 
@@ -315,12 +323,12 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
     chief = is_chief(strategy)
     ingest_hash = artifacts.input_hashes({"ingest": examples.folder})
 
-    def resume_hash(epochs: int) -> str:
+    def resume_hash(**changes) -> str:
+        changed = dataclasses.replace(config, **changes)
         # more epochs resume a run, unless its learning rate was scheduled over its length
-        fields = config.fields(FIELDS) | {"epochs": epochs}
         return artifacts.config_hash(
-            {k: v for k, v in fields.items()
-             if k != "epochs" or config.lr_schedule != "constant"} | {"ingest": ingest_hash})
+            {k: v for k, v in changed.fields(FIELDS).items()
+             if k != "epochs" or changed.lr_schedule != "constant"} | {"ingest": ingest_hash})
 
     state = _resume_state(trained, config, resume_hash)
     if state is not None and state["epoch"] > config.epochs:
@@ -351,7 +359,7 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
         else:
             model = build_model(config, examples.num_classes, examples.image_shape[-1],
                                 steps)
-            state = {"resume_hash": resume_hash(config.epochs), "epoch": 0,
+            state = {"resume_hash": resume_hash(), "epoch": 0,
                      "best_loss": None, "best_epoch": None, "history": []}
     state["epochs"] = config.epochs  # planned: names the length a scheduled run needs
     state.setdefault("precision", chosen)

@@ -42,8 +42,10 @@ def main(argv):
                                 seed=FLAGS.seed)
     test = examples.dataset("test")
     config = PipelineConfig(dataset=FLAGS.dataset, model=FLAGS.model, critic=FLAGS.critic,
-                            batch_size=FLAGS.batch_size, seed=FLAGS.seed).resolve()
-    model = train.build_model(config, examples.num_classes, examples.image_shape[-1])
+                            epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+                            seed=FLAGS.seed).resolve()
+    model = train.build_model(config, examples.num_classes, examples.image_shape[-1],
+                              examples.num_examples("train") // FLAGS.batch_size)
     name = f"train_curve_{FLAGS.model}_{FLAGS.critic if FLAGS.model == 'sdim' else 'none'}"
     if FLAGS.mixed_precision:
         name += f"_{FLAGS.mixed_precision}"

@@ -18,7 +18,7 @@ from sdim_tf import data, serving
 
 
 def model(kind: str = "sdim", critic: str = "concat"):
-    config = PipelineConfig(model=kind, critic=critic).resolve()
+    config = PipelineConfig(model=kind, critic=critic, epochs=0).resolve()
     return train.build_model(config, num_classes=10, channels=1)
 
 

@@ -295,7 +295,8 @@ def _copy(downstream, tmp_path) -> tuple[pathlib.Path, PipelineConfig]:
     run_dir = tmp_path / "root" / "run"
     return run_dir, PipelineConfig(
         dataset="fashion_mnist", epochs=3, train_limit=256, batch_size=64,
-        validation_split=0, reject_budget=0, shift_images=0, run_dir=str(run_dir),
+        validation_split=0, reject_budget=0, shift_images=0, lr_schedule="constant",
+        run_dir=str(run_dir),
         export_dir=str(tmp_path / "root" / "saved_models"))
 
 

@@ -289,7 +289,8 @@ def test_cli_user_errors_are_one_line(tmp_path, tiny_run, data_dir):
     broken = tmp_path / "broken"
     shutil.copytree(run_dir, broken)
     (broken / "train" / train.LAST).write_bytes(b"garbage")
-    args = [f"--run_dir={broken}", "--epochs=3", "--train_limit=1024", f"--data_dir={data_dir}"]
+    args = [f"--run_dir={broken}", "--epochs=3", "--train_limit=1024", f"--data_dir={data_dir}",
+            "--lr_schedule=constant"]
     _assert_one_line_error(_cli(args, tmp_path), "last.keras changed since train wrote it")
     (broken / "train" / artifacts.MANIFEST).unlink()
     _assert_one_line_error(_cli(args, tmp_path), "last.keras changed since train wrote it "

@@ -84,7 +84,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 def learning_rate(config: PipelineConfig, steps_per_epoch: int | None):
     """Adam's learning rate: the constant, or a cosine decay from it to 0 over the run's
     steps (the optimizer's step count, checkpointed with it, carries it across resumes)."""
-    if config.lr_schedule == "constant":
+    if config.lr_schedule == "constant" or config.epochs == 0:  # 0: never a step
         return config.learning_rate
     if not steps_per_epoch:
         raise ValueError(f"--lr_schedule={config.lr_schedule} needs the steps per epoch")

@@ -83,8 +83,9 @@ def part_outliers(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict
                          f"{np.shape(labels)}")
     partners = part_partners(labels, seed)
     a, b, c, d = (images[partners[:, k]] for k in range(4))
+    h = images.shape[1] // 2
     halves = a.copy()
-    halves[:, images.shape[1] // 2:] = b[:, images.shape[1] // 2:]
+    halves[:, h:] = b[:, h:]
     result = {"halves": halves, "quadrants": quadrant_mosaics(a, b, c, d).numpy(),
               "blend": 0.5 * a + 0.5 * b, "overlay": np.maximum(a, b)}
     return {name: np.clip(result[name], 0.0, 1.0).astype(np.float32) for name in PART_OUTLIERS}

@@ -8,7 +8,7 @@ shared by all classes, by default split conformal on the held-out images' top sc
 (`sdim_tf.conformal`, what the calibrate stage deploys), else ("percentile") the largest
 percentile of the correct ones rejecting at most `budget` of the held-out images; then the
 share of each outlier set it rejects and the AUROC held-out vs outliers.
-The outliers must be built from training or held-out images (`sdim_tf.outliers`); test sets
+The outliers must be built from training or held-out images (`sdim_tf.outlier_proxies`); test sets
 may only come in as the final measure (`test`, `test_outliers`), never for selection.
 """
 

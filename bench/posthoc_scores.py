@@ -27,7 +27,7 @@ from absl import app, flags
 from pipeline import artifacts
 from pipeline.config import PipelineConfig
 from pipeline.run_dir import Run
-from sdim_tf import data, density, metrics, outliers, rejection
+from sdim_tf import data, density, metrics, ood_data, outlier_proxies, rejection
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "A run with ingest and train done and a validation split.")
@@ -149,8 +149,8 @@ def main(argv):
         sets[name], labels[name] = features(model, run.examples.dataset("train", skip, limit))
     sets["test"], labels["test"] = features(model, run.examples.dataset("test"))
     val_images, _ = run.examples.arrays("train", limit=val_range[1], skip=val_range[0])
-    proxies = outliers.proxy_outliers(val_images[:FLAGS.proxy_images], seed=config.seed)
-    oods, _ = outliers.ood_sets(config.dataset, run.examples.image_shape, seed=config.seed)
+    proxies = outlier_proxies.proxy_outliers(val_images[:FLAGS.proxy_images], seed=config.seed)
+    oods, _ = ood_data.ood_sets(config.dataset, run.examples.image_shape, seed=config.seed)
     for name, images in {**proxies, **oods}.items():
         sets[name], labels[name] = features(model, data.image_batches(images))
     scorers = layer_scores(sets["fit"], labels["fit"], run.examples.num_classes)

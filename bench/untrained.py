@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.config import PipelineConfig
 from pipeline.stages import train
-from sdim_tf import data, serving
+from sdim_tf import data, publish, serving
 
 
 def model(kind: str = "sdim", critic: str = "concat"):
@@ -31,4 +31,4 @@ def export(export_dir: str | os.PathLike, name: str, raw: np.ndarray | None = No
     if raw is not None:
         scores = module.serving_default(data.preprocess(raw))["score"].numpy()
         module.thresholds.assign(np.full(10, np.median(scores), np.float32))
-    return serving.export(module, export_dir, name), module
+    return publish.export(module, export_dir, name), module

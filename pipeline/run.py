@@ -18,12 +18,12 @@ from collections.abc import Callable, Iterator
 import tensorflow as tf
 from absl import app, flags, logging
 
-from pipeline import artifacts, faults
+from pipeline import artifacts
 from pipeline import config as configs
 from pipeline import run_dir as run_dirs
 from pipeline.config import DISTRIBUTE, MODELS, SCORES, THRESHOLD_RULES, ConfigError, PipelineConfig
 from pipeline.stages import attack, calibrate, evaluate, explain, export, ingest, train
-from sdim_tf import data, density, mutual_info, precision, serving
+from sdim_tf import data, density, mutual_info, precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +64,6 @@ USER_ERRORS = (ConfigError, data.DataError, train.TrainingError, run_dirs.Artifa
 # ENOSPC, EFBIG (a file size limit), EDQUOT. TensorFlow's C++ writers report them as an
 # OpError (ResourceExhausted, OutOfRange) whose message carries the C library's text.
 _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-
-# sdim_tf does not import pipeline: its SavedModel export reaches the fault point this way.
-serving.before_rename = lambda folder: faults.point("serving.before_rename")
 
 
 @contextlib.contextmanager

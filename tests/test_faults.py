@@ -29,7 +29,7 @@ from pipeline import artifacts, faults, run
 from pipeline.config import PipelineConfig
 from pipeline.run_dir import ArtifactError, Calibration, TrainedModel
 from pipeline.stages import evaluate, export, train
-from sdim_tf import serving
+from sdim_tf import publish
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 256 // 64  # training steps per epoch
@@ -243,7 +243,7 @@ def _assert_versions_complete(model_dir: pathlib.Path) -> None:
         assert out["class_ids"].shape == (2,) and out["reason"].shape == (2,)
     assert all(p.name.startswith(".export-tmp-") for p in model_dir.iterdir()
                if not p.name.isdigit())
-    assert serving.next_version(model_dir) == max(versions, default=0) + 1
+    assert publish.next_version(model_dir) == max(versions, default=0) + 1
 
 
 def _one_line_error(result: subprocess.CompletedProcess) -> str:

@@ -106,7 +106,7 @@ def test_bfloat16_training_exports_a_float32_model(tmp_path, data_dir):
 
     from pipeline import run
     from pipeline.run_dir import Run, load_checkpoint
-    from sdim_tf import serving
+    from sdim_tf import publish, serving
 
     config = PipelineConfig(dataset="fashion_mnist", epochs=1, train_limit=256, batch_size=64,
                             validation_split=0, reject_budget=0, shift_images=0,
@@ -122,6 +122,6 @@ def test_bfloat16_training_exports_a_float32_model(tmp_path, data_dir):
     assert _bfloat16_nodes(exported) == []
     as_saved = load_checkpoint(Run(run_dir).model.best_path)
     assert as_saved.dtype_policy.name == "mixed_bfloat16"
-    control = serving.export(serving.RejectingClassifier(as_saved, np.zeros(10), 1, (28, 28)),
+    control = publish.export(serving.RejectingClassifier(as_saved, np.zeros(10), 1, (28, 28)),
                              tmp_path / "control", "bf16")
     assert _bfloat16_nodes(control)  # the scan finds them where they are

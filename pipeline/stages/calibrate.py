@@ -24,7 +24,7 @@ from absl import logging
 
 from pipeline.config import ConfigError
 from pipeline.run_dir import Calibration
-from sdim_tf import conformal, density, rejection
+from sdim_tf import budget_rules, conformal, density, rejection
 
 FIELDS = ("percentiles", "validation_split", "train_limit", "score", "density_layers",
           "density_split", "reject_budget", "reject_confidence", "export_percentile",
@@ -77,35 +77,30 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
 
 
 def guaranteed(ll: np.ndarray, config, names) -> tuple[dict, dict]:
-    """Split-conformal thresholds on the held-out top scores: ({"thresholds", "counts"},
-    the thresholds.json "deployed" entry with the promise in words)."""
+    """Split-conformal thresholds on the held-out top scores (`sdim_tf.budget_rules`):
+    ({"thresholds", "counts"}, the thresholds.json "deployed" entry with the promise in
+    words)."""
     alpha, confidence = config.reject_budget, config.reject_confidence or None
-    top, predicted = ll.max(1), ll.argmax(1)
-    needed = conformal.minimum_samples(alpha, confidence)
-    if config.threshold_rule == "shared":
-        if len(top) < needed:
-            raise ConfigError(f"--reject_budget={alpha:g} needs at least {needed} held-out "
-                              f"images for its guarantee; --validation_split={len(top)}")
-        groups = [top]
-    else:  # Mondrian: a guarantee per predicted class
-        groups = [top[predicted == c] for c in range(ll.shape[1])]
-        few = [f"{names[c]} ({len(g)})" for c, g in enumerate(groups) if len(g) < needed]
-        if few:
-            raise ConfigError(
-                f"--threshold_rule=per_class: too few held-out images predicted as {few} for "
-                f"a {100 * alpha:g}% guarantee (each class needs {needed}); use "
-                "--threshold_rule=shared or a larger --validation_split")
-    thresholds = [conformal.threshold(g, alpha, confidence) for g in groups]
-    if len(thresholds) == 1:
-        thresholds = thresholds * ll.shape[1]
-    counts = [int(len(g)) for g in groups] * (ll.shape[1] // len(groups))
-    promise = conformal.promise(alpha, confidence, len(top))
-    if config.threshold_rule == "per_class":
+    per_class = config.threshold_rule == "per_class"  # Mondrian: a guarantee per class
+    chosen = budget_rules.budget_thresholds(ll, alpha, rule="conformal", confidence=confidence,
+                                            per_class=per_class)
+    needed, n = conformal.minimum_samples(alpha, confidence), len(ll)
+    if not per_class and n < needed:
+        raise ConfigError(f"--reject_budget={alpha:g} needs at least {needed} held-out "
+                          f"images for its guarantee; --validation_split={n}")
+    few = [f"{names[c]} ({k})" for c, k in enumerate(chosen.counts) if k < needed]
+    if per_class and few:
+        raise ConfigError(
+            f"--threshold_rule=per_class: too few held-out images predicted as {few} for "
+            f"a {100 * alpha:g}% guarantee (each class needs {needed}); use "
+            "--threshold_rule=shared or a larger --validation_split")
+    promise = conformal.promise(alpha, confidence, n)
+    if per_class:
         promise += "; for each predicted class"
-    return ({"thresholds": np.asarray(thresholds), "counts": counts},
+    return ({"thresholds": chosen.thresholds, "counts": chosen.counts},
             {"percentile": GUARANTEED, "rule": "split conformal on the held-out images' top "
              "scores (sdim_tf.conformal)", "guarantee": promise, "alpha": alpha,
-             "confidence": confidence, "n": int(len(top))})
+             "confidence": confidence, "n": int(n)})
 
 
 def fit_density(model, config, examples, num_train: int) -> density.FeatureDensity:

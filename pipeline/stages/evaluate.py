@@ -20,7 +20,7 @@ from absl import logging
 from pipeline import artifacts, faults
 from pipeline.markdown import percent
 from pipeline.run_dir import Evaluation, Run
-from sdim_tf import data, metrics, outliers, plots, shifts
+from sdim_tf import data, metrics, ood_data, plots, shifts
 
 FIELDS = ("percentiles", "seed", "shift_images")
 REPORT_JSON, REPORT_MD = Evaluation.REPORT_JSON, Evaluation.REPORT_MD
@@ -80,7 +80,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
               "selective": {str(p): metrics.selective(test_ll, test_labels, v["thresholds"])
                             for p, v in percentiles.items()},
               "ood": {}}
-    sets, missing = outliers.ood_sets(config.dataset, examples.image_shape, config.data_dir,
+    sets, missing = ood_data.ood_sets(config.dataset, examples.image_shape, config.data_dir,
                                       config.seed)
     report["ood_unavailable"] = missing
     figures = []
@@ -96,7 +96,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                 str(p): metrics.decision_rejection_rate(ood_ll, v["thresholds"])
                 for p, v in percentiles.items()},
             "separation": metrics.separation(test_ll, ood_ll, kinds)}
-        if name in outliers.OOD_PAIRS.get(config.dataset, []) or name == "uniform_noise":
+        if name in ood_data.OOD_PAIRS.get(config.dataset, []) or name == "uniform_noise":
             figure = f"histograms_{name}.png"
             first = next(iter(percentiles.values()))["thresholds"]
             plots.class_histograms(test_ll, test_labels, ood_ll, first, examples.class_names,

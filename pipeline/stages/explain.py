@@ -15,7 +15,7 @@ from absl import logging
 
 from pipeline import artifacts
 from pipeline.run_dir import Run
-from sdim_tf import data, explain, outliers, plots
+from sdim_tf import data, explain, ood_data, plots
 
 FIELDS = ("seed",)
 EXPLAIN_MD = "explain.md"
@@ -43,9 +43,9 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     logits = model.predict(images, batch_size=500, verbose=0).astype(np.float64)
     rejected = deployable.decide(logits).rejected.numpy()
 
-    sets, _ = outliers.ood_sets(config.dataset, examples.image_shape, config.data_dir,
+    sets, _ = ood_data.ood_sets(config.dataset, examples.image_shape, config.data_dir,
                                 config.seed)
-    paired = [n for n in outliers.OOD_PAIRS.get(config.dataset, []) if n in sets]
+    paired = [n for n in ood_data.OOD_PAIRS.get(config.dataset, []) if n in sets]
     ood_name = paired[0] if paired else "uniform_noise"
     ood = sets[ood_name][:OOD_IMAGES]
     ood = ood if ood.dtype == np.float32 else \

@@ -16,9 +16,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pipeline import artifacts
+from pipeline import artifacts, faults
 from pipeline.run_dir import ExportRecord, Run
-from sdim_tf import data, serving
+from sdim_tf import data, publish, serving
 
 # The deployed percentile is calibrate's choice.
 FIELDS = ("export_dir", "max_image_side", "max_image_bytes", "max_request_bytes",
@@ -86,12 +86,13 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         "versions": artifacts.package_versions(),
     }
     sample = next(iter(examples.dataset("test", limit=4, batch_size=4)))[0].numpy()
-    path = serving.export(  # real test images for the warmup requests
+    path = publish.export(  # real test images for the warmup requests
         module, config.export_dir, name,
-        extra_assets={"thresholds.json": serving.json_bytes(saved),
-                      "model_card.json": serving.json_bytes(card)},
-        assets_extra={"model_card.json": serving.json_bytes(card),
-                      WARMUP_FILE: warmup_records(name, sample)})
+        extra_assets={"thresholds.json": publish.json_bytes(saved),
+                      "model_card.json": publish.json_bytes(card)},
+        assets_extra={"model_card.json": publish.json_bytes(card),
+                      WARMUP_FILE: warmup_records(name, sample)},
+        before_rename=lambda folder: faults.point("serving.before_rename"))
     logging.info("export: wrote %s", path)
     ExportRecord(stage_dir).write_record(path, name)
     return [ExportRecord.EXPORT_JSON]

@@ -32,7 +32,7 @@ import sdim_tf
 from pipeline import artifacts, faults
 from pipeline.config import PipelineConfig
 from pipeline.run_dir import ArtifactError, TrainedModel, load_checkpoint
-from sdim_tf import data, monitoring, outliers, precision
+from sdim_tf import data, monitoring, outlier_proxies, precision
 
 FIELDS = ("model", "critic", "mi_bound", "n", "rep_dim", "alpha", "beta", "gamma", "margin",
           "log_scale_floor", "outlier_weight", "outlier_margin", "epochs", "batch_size",
@@ -176,8 +176,8 @@ def monitor_data(config: PipelineConfig, examples, num_train: int) -> dict | Non
                                - config.validation_split,
                                limit=min(MONITOR_HELD_OUT, config.validation_split))
     sources = held_out[0][:MONITOR_OUTLIERS], held_out[1][:MONITOR_OUTLIERS]
-    built = {**outliers.proxy_outliers(sources[0], config.seed),
-             **outliers.part_outliers(*sources, seed=config.seed)}
+    built = {**outlier_proxies.proxy_outliers(sources[0], config.seed),
+             **outlier_proxies.part_outliers(*sources, seed=config.seed)}
     return {"fit": fit, "held_out": held_out, "outliers": built,
             "budget": config.reject_budget or 0.04,
             "layers": (monitoring.layer_set(config.density_layers, config.density_split),),

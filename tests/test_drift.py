@@ -264,9 +264,9 @@ def test_cli_inputs_and_errors(tmp_path, model):
     report = monitor.run(str(model), 1, None, 2.0, 10_000, [str(csv)])
     assert report["alarm"] is False and report["first_alarm"] is None
     assert "alarm: no" in monitor.summary(report)
-    # --alpha overrides the model, or replaces it
+    # --reject_budget overrides the model, or replaces it
     report = monitor.run(str(model), None, 0.01, 2.0, 10_000, [str(csv), str(csv)])
-    assert report["alpha"] == 0.01 and report["alpha_source"] == "--alpha"
+    assert report["alpha"] == 0.01 and report["alpha_source"] == "--reject_budget"
     assert report["requests"] == 1000 and report["model"] == str(model / "2")
     assert monitor.run(None, None, 0.04, 3.0, 500, [str(csv)])["design"]["shift"] == 3.0
     # a version folder directly
@@ -282,7 +282,7 @@ def test_cli_inputs_and_errors(tmp_path, model):
         ((str(model), 1, None, 2.0, 1e4, [str(bad_value)]), "line 3: rejected='maybe'"),
         ((str(model), 1, None, 2.0, 1e4, [str(empty)]), "no rows"),
         ((str(model), 1, None, 2.0, 1e4, [str(tmp_path / "none.csv")]), "cannot read"),
-        ((str(model), None, None, 2.0, 1e4, [str(csv)]), "no guarantee.*--alpha"),
+        ((str(model), None, None, 2.0, 1e4, [str(csv)]), "no guarantee.*--reject_budget"),
         ((None, None, None, 2.0, 1e4, [str(csv)]), "--model is required"),
         ((str(model), 3, None, 2.0, 1e4, [str(csv)]), "no version 3; found 1, 2"),
         ((str(tmp_path / "nowhere"), None, None, 2.0, 1e4, [str(csv)]), "no such folder"),

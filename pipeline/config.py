@@ -12,15 +12,7 @@ import os
 from typing import Optional
 
 from pipeline import sections
-from pipeline.sections import (  # noqa: F401 (ConfigError: the pipeline's, from here)
-    ConfigError,
-    Section,
-    check,
-    derived,
-    library,
-    option,
-    section,
-)
+from pipeline.sections import ConfigError, Section, check, derived, library, option, section
 from sdim_tf import (
     adversarial,
     conformal,

@@ -21,14 +21,14 @@ class ConfigError(ValueError):
     """An invalid flag or flag combination; the message names it."""
 
 
-def option(default, help: str, choices=None, key: bool = True):  # noqa: A002
+def option(default, help: str, choices=None, key: bool = True):
     """A flag of the field's name; `key`: a change reruns the stage (else it says only how
     to compute, e.g. on which devices)."""
     return dataclasses.field(default=default, metadata={"flag": True, "help": help,
                                                          "choices": choices, "key": key})
 
 
-def derived(factory, help: str):  # noqa: A002
+def derived(factory, help: str):
     """Filled in by the config's `resolve` from other flags: no flag, no cache key."""
     return dataclasses.field(default_factory=factory, metadata={"help": help})
 

@@ -287,10 +287,29 @@ def _assert_one_line_error(result, *words):
         assert word in last, last
 
 
+def test_help_lists_the_flags_by_stage_and_the_attack_flags_under_helpfull(tmp_path):
+    short = _cli(["--help"], tmp_path).stdout
+    titles = ("Data", "Model", "Training", "Rejection", "Evaluation", "Export", "Run")
+    where = [short.index(f"\n{title}:\n") for title in titles]
+    assert where == sorted(where)
+    flags = ("--dataset:", "--model:", "--epochs:", "--score:", "--shift_images:",
+             "--max_batch:", "--force:")  # one of each group, in its group
+    assert [short.index(f) for f in flags] == sorted(short.index(f) for f in flags)
+    assert all(where[i] < short.index(f) < (where + [len(short)])[i + 1]
+               for i, f in enumerate(flags))
+    assert "--attack" not in short.replace("--attack*", "")
+    full = _cli(["--helpfull"], tmp_path).stdout
+    assert "--attack_images: The curves" in full and "(default: '200')" in full
+
+
 def test_cli_user_errors_are_one_line(tmp_path, tiny_run, data_dir):
     _, run_dir = tiny_run
     _assert_one_line_error(_cli(["--dataset=imagenet"], tmp_path), "unknown dataset")
     _assert_one_line_error(_cli(["--train_limit=10"], tmp_path), "--train_limit")
+    _assert_one_line_error(_cli(["--percentiles=1,x"], tmp_path),
+                           "--percentiles must be numbers, got ['1', 'x']")
+    _assert_one_line_error(_cli(["--attack_images=0", "--attack_cw_steps=0"], tmp_path),
+                           "--attack_images=0 --attack_cw_steps=0 must be >= 1")
     (tmp_path / "file").write_text("")
     _assert_one_line_error(_cli([f"--run_dir={tmp_path / 'file' / 'run'}"], tmp_path),
                            "not writable")

@@ -12,7 +12,7 @@ import os
 from typing import Optional
 
 from pipeline import sections
-from pipeline.sections import ConfigError, Section, check, derived, library, option, section
+from pipeline.sections import ConfigError, Section, check, derived, library, option
 from sdim_tf import (
     adversarial,
     conformal,
@@ -289,13 +289,13 @@ class AttackConfig(Section):
 class PipelineConfig(Section):
     """One pipeline run. `resolve()` fills the per-dataset presets and validates."""
 
-    data: DataConfig = section(DataConfig)
-    model: ModelConfig = section(ModelConfig)
-    train: TrainConfig = section(TrainConfig)
-    calibrate: CalibrateConfig = section(CalibrateConfig)
-    evaluate: EvaluateConfig = section(EvaluateConfig)
-    export: ExportConfig = section(ExportConfig)
-    attack: AttackConfig = section(AttackConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    calibrate: CalibrateConfig = dataclasses.field(default_factory=CalibrateConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
     run_dir: Optional[str] = option(None, "Where stages write; default runs/<dataset>-<model>.")
     stages: Optional[tuple[str, ...]] = option(None, "Stages to run (default: all but the "
                                                "opt-in attack).")

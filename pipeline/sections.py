@@ -1,7 +1,7 @@
 """Nested dataclass configs whose fields are absl flags: the machinery of `pipeline.config`.
 
-A config is a frozen dataclass of sections (`section`), each a `Section` whose fields are
-flags (`option`: default, help, choices) or a library's settings dataclass taken as it is
+A config is a frozen dataclass of sections, each a `Section` dataclass whose fields are flags
+(`option`: default, help, choices) or a library's settings dataclass taken as it is
 (`library`). Flag names are the field names, unique across sections; `leaves` lists them
 with where they live, `define_flags` makes the absl flags and `Section.replace` takes them by
 name.
@@ -37,10 +37,6 @@ def library(cls, helps: dict, prefix: str = ""):
     """A library's settings dataclass as it is: its fields named in `helps` ({name: help, or
     (help, choices)}) are the flags `prefix + name`; the others keep the library's values."""
     return dataclasses.field(default_factory=cls, metadata={"helps": helps, "prefix": prefix})
-
-
-def section(cls):
-    return dataclasses.field(default_factory=cls, metadata={"section": True})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +82,7 @@ def leaves(cls) -> tuple[Leaf, ...]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             meta, where = f.metadata, (*path, f.name)
-            if "helps" in meta or "section" in meta:
+            if "helps" in meta or Section in getattr(hints[f.name], "__mro__", ()):
                 yield from walk(hints[f.name], where, meta.get("helps"), meta.get("prefix", ""))
             elif helps is not None and f.name in helps:
                 text, choices = (helps[f.name], None) if isinstance(helps[f.name], str) \

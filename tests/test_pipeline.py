@@ -10,8 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import artifacts, faults, run
-from pipeline import config as configs
+from pipeline import artifacts, faults, run, sections
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.run_dir import Run, TrainedModel
 from pipeline.stages import train
@@ -268,7 +267,7 @@ def test_each_flag_keys_the_stages_that_read_it():
     for stage in run.STAGES:
         for name in run.stage_settings(stage, config):
             owners.setdefault(name, []).append(stage.name)
-    flags = {leaf.name for leaf in configs.leaves(PipelineConfig)}
+    flags = {leaf.name for leaf in sections.leaves(PipelineConfig)}
     assert set(owners) == flags - {"run_dir", "stages", "force", "jit_compile", "distribute"}
     assert owners["dataset"] == owners["data_dir"] == ["ingest", "evaluate", "explain"]
     assert owners["margin"] == owners["seed"] == owners["validation_split"] == ["train"]
@@ -443,9 +442,9 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
         assert matplotlib.image.imread(run_dir / "evaluate" / figure).shape[0] > 100
 
 
-def test_a_run_of_the_former_constant_default_is_refused_not_wiped(tmp_path, tiny_run):
-    """The default became cosine: the old default's command, rerun, names the flag that
-    resumes its run instead of deleting the trained model to start afresh."""
+def test_a_constant_rate_run_rerun_without_the_flag_is_refused_not_wiped(tmp_path, tiny_run):
+    """A --lr_schedule=constant run, rerun under the default cosine schedule, names the flag
+    that resumes it instead of deleting the trained model to start afresh."""
     import shutil
 
     _, run_dir = tiny_run
@@ -459,8 +458,8 @@ def test_a_run_of_the_former_constant_default_is_refused_not_wiped(tmp_path, tin
     trained = (work / "train" / TrainedModel.LAST).read_bytes()
     refused = _cli(args, tmp_path)
     assert refused.returncode == 1
-    assert ("holds 1 epoch(s) trained with --lr_schedule=constant (the default before cosine): "
-            "rerun with --lr_schedule=constant" in refused.stderr), refused.stderr[-3000:]
+    assert ("holds 1 epoch(s) trained with --lr_schedule=constant: rerun with "
+            "--lr_schedule=constant" in refused.stderr), refused.stderr[-3000:]
     assert (work / "train" / TrainedModel.LAST).read_bytes() == trained
     result = _cli([*args, "--lr_schedule=constant", "--epochs=2"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

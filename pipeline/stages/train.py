@@ -234,18 +234,6 @@ def _resume(training: TrainConfig, trained: TrainedModel, resume_hash, chief: bo
     return state
 
 
-def _model(model_config: ModelConfig, training: TrainConfig, trained: TrainedModel, examples,
-           state: dict | None, new_state: dict, steps: int) -> tuple[keras.Model, dict]:
-    """(model, state): the last committed epoch's, else a new model and `new_state`. Called in
-    the strategy's scope."""
-    if state is not None:
-        model = checkpoints.load_last(trained, state)
-        logging.info("train: resuming after epoch %d of %d", state["epoch"], training.epochs)
-        return model, state
-    return build_model(model_config, training, examples.num_classes, examples.image_shape[-1],
-                       steps), new_state
-
-
 @dataclasses.dataclass
 class _Loop:
     """What every epoch uses, built once."""
@@ -365,9 +353,15 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
     keras.mixed_precision.set_global_policy(precision.POLICIES[chosen])
     logging.info("train: computing in %s (%s)", chosen, why)
     with strategy.scope():
-        model, state = _model(model_config, training, trained, examples, state, {
-            "resume_hash": resume_hash(), "epoch": 0, "best_loss": None, "best_epoch": None,
-            "history": [], "precision": chosen, "precision_reason": why}, steps)
+        if state is not None:
+            model = checkpoints.load_last(trained, state)
+            logging.info("train: resuming after epoch %d of %d", state["epoch"], training.epochs)
+        else:
+            model = build_model(model_config, training, examples.num_classes,
+                                examples.image_shape[-1], steps)
+            state = {"resume_hash": resume_hash(), "epoch": 0, "best_loss": None,
+                     "best_epoch": None, "history": [], "precision": chosen,
+                     "precision_reason": why}
     held_out = training.held_out(num_examples)
     state["examples"] = {"trained": [0, num_train], "held_out": held_out and list(held_out)}
     state["epochs"] = training.epochs  # planned: names the length a scheduled run needs

@@ -60,10 +60,10 @@ def _steps(view: Run) -> int | None:
     if not (view.model.folder / artifacts.MANIFEST).exists():
         return None
     trained = view.model.manifest()["config"]
-    config = PipelineConfig(**{k: trained[k] for k in (
-        "validation_split", "train_limit", "batch_size")})
-    _, limit = config.train_examples(view.examples.num_examples("train"))
-    return limit // config.batch_size
+    training = PipelineConfig.from_flat(**{k: trained[k] for k in (
+        "validation_split", "train_limit", "batch_size")}).train
+    _, limit = training.train_examples(view.examples.num_examples("train"))
+    return limit // training.batch_size
 
 
 def main(argv):

@@ -18,8 +18,8 @@ from sdim_tf import data, publish, serving
 
 
 def model(kind: str = "sdim", critic: str = "concat"):
-    config = PipelineConfig(model=kind, critic=critic, epochs=0).resolve()
-    return train.build_model(config, num_classes=10, channels=1)
+    config = PipelineConfig.from_flat(model=kind, critic=critic, epochs=0).resolve()
+    return train.build_model(config.model, config.train, num_classes=10, channels=1)
 
 
 def export(export_dir: str | os.PathLike, name: str, raw: np.ndarray | None = None

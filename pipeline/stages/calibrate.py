@@ -26,22 +26,21 @@ from pipeline.config import ConfigError
 from pipeline.run_dir import Calibration
 from sdim_tf import budget_rules, conformal, density, rejection
 
-FIELDS = ("percentiles", "validation_split", "train_limit", "score", "density_layers",
-          "density_split", "reject_budget", "reject_confidence", "export_percentile",
-          "threshold_rule")
 GUARANTEED = "conformal"  # thresholds.json's key of the guaranteed thresholds
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
+    config, trained = config.calibrate, upstream["train"]  # the stage's one section
     examples, calibration = upstream["ingest"], Calibration(stage_dir)
-    num_train = examples.num_examples("train")
-    model = upstream["train"].best()
+    model = trained.best()
     outputs = [Calibration.THRESHOLDS]
     if config.score == "feature_density":
-        model = fit_density(model, config, examples, num_train)
+        model = fit_density(model, config, examples, trained.examples("trained"))
         calibration.write_density(model.parameters())
         outputs.append(Calibration.DENSITY)
-    skip, limit = config.calibration_examples(num_train)
+    # the held-out images when train held some out, else the trained ones (the paper's)
+    held_out = trained.examples("held_out")
+    skip, limit = held_out or trained.examples("trained")
     ll, labels = rejection.class_scores(model, examples.dataset("train", skip, limit))
     shared = config.threshold_rule == "shared"
     names = examples.class_names
@@ -63,7 +62,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         if config.score == "feature_density" else None,
         "density_split": config.density_split if config.score == "feature_density" else None,
         "threshold_rule": config.threshold_rule,
-        "source": "validation" if config.validation_split else "train",
+        "source": "validation" if held_out else "train",
         "examples": {"skip": skip, "limit": limit, "num_samples": int(len(labels))},
         "accuracy": float((ll.argmax(1) == labels).mean()),
         "rejected": {str(p): float(rejection.decide(ll, v["thresholds"]).rejected.numpy().mean())
@@ -103,9 +102,9 @@ def guaranteed(ll: np.ndarray, config, names) -> tuple[dict, dict]:
              "confidence": confidence, "n": int(n)})
 
 
-def fit_density(model, config, examples, num_train: int) -> density.FeatureDensity:
-    """--density_layers fitted on the trained images (no augmentation)."""
-    skip, limit = config.train_examples(num_train)
+def fit_density(model, config, examples, trained: tuple[int, int]) -> density.FeatureDensity:
+    """--density_layers fitted on the `trained` (skip, limit) images (no augmentation)."""
+    skip, limit = trained
     scorer = density.FeatureDensity(model, examples.num_classes, config.density_layers,
                                     config.density_split)
     logging.info("calibrate: fitting tied Gaussians on %s%s over %d training images",

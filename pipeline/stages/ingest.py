@@ -102,8 +102,8 @@ def ingest(dataset: str, output_dir: str | os.PathLike,
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    """Pipeline entry: ingest `config.dataset` into `stage_dir`."""
+    """Pipeline entry: ingest --dataset into `stage_dir`."""
     del upstream
-    metadata = ingest(config.dataset, stage_dir, config.data_dir)
+    metadata = ingest(config.data.dataset, stage_dir, config.data.data_dir)
     shards = (f for split in metadata["splits"].values() for f in split["files"])
     return [Examples.METADATA, *shards]

@@ -22,7 +22,7 @@ DISTRIBUTE = ("auto", "one_device", "mirrored", "multi_worker")
 LR_SCHEDULES = ("constant", "cosine")  # cosine: from learning_rate to 0 over the run
 # model: the classifier's own output (log p(x|c) for SDIM, the paper's score; logits for the
 # discriminative model). feature_density: tied Gaussians fitted after training on encoder
-# layers (sdim_tf.density), the default after the issue-12 experiments (docs/results.md).
+# layers (sdim_tf.density), the default: it rejects more outliers (docs/results.md).
 SCORES = ("model", "feature_density")
 # per_class: the paper's percentile per class; shared: one percentile over all classes, the
 # default for feature_density (it rejects more proxy outliers at the same validation reject

@@ -2,9 +2,9 @@
 every epoch): the steps against their own median step, the per-epoch test accuracy, the
 rejection monitor and the checkpoints.
 
-    python -m bench.epoch_profile --run_dir=runs/fashion_mnist
+    python -m bench.epoch_profile --run_dir=runs/fashion_mnist-sdim
 
-Targets (issue: speed on whatever machine): epoch <= 1.10 x steps x median step; test
+Targets (speed on whatever machine): epoch <= 1.10 x steps x median step; test
 accuracy and monitoring together <= 5% of the epoch. Writes
 bench/results/<machine kind>/epoch_profile_<run name>.json.
 """

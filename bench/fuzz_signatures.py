@@ -1,4 +1,4 @@
-"""Signature fuzzing (issue 20): generated requests against an exported SavedModel, answered
+"""Signature fuzzing: generated requests against an exported SavedModel, answered
 by a process that imports TensorFlow only, as a downstream server would load it.
 
     python -m bench.fuzz_signatures MODEL_DIR SPEC.json IMAGES.npz --cases=10000 --seed=0

@@ -1,4 +1,4 @@
-"""Screening of rejection scores on a trained run (issue 12; docs/results.md).
+"""Screening of rejection scores on a trained run (docs/results.md, "The threshold rule").
 
 For each candidate score -- the model's own log p(x|c) (the paper's) or tied Gaussians
 (sdim_tf.density) on a set of encoder layers -- fitted on the trained images:

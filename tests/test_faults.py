@@ -1,4 +1,4 @@
-"""Kills in every stage, a full disk, corrupted artifacts (issue 20): the rerun of the same
+"""Kills in every stage, a full disk, corrupted artifacts: the rerun of the same
 command finishes, and nothing a run trusts is partial, repeated or silently damaged.
 
 The runs are the smoke configuration of the kill test in test_pipeline.py (256 images in

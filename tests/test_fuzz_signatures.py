@@ -1,4 +1,4 @@
-"""Signature fuzzing (issue 20): hypothesis-generated requests, from a fixed seed, against a
+"""Signature fuzzing: hypothesis-generated requests, from a fixed seed, against a
 SavedModel exported from an untrained SDIM (the real architecture, thresholds at the median
 score so that rows are both accepted and rejected), answered by a TensorFlow-only process
 (bench/fuzz_signatures.py). The oracle and the property checker are tested first, on

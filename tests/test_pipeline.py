@@ -169,7 +169,7 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tiny_run, monkeypatch):
 
 
 def test_collapse_guard_stops_a_finite_divergence(tiny_run, monkeypatch):
-    """Session 9's outlier-term run: accuracy 0.90 in epoch 9, 0.19 in epoch 10, loss 1e8."""
+    """An outlier-term run at weight 1: accuracy 0.90 in epoch 9, 0.19 in epoch 10, loss 1e8."""
     import shutil
 
     config, run_dir = tiny_run

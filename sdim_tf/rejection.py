@@ -2,6 +2,7 @@
 
 Paper section 3.2 (equation 9) and section 5, "Choice of thresholds": for each class c, the
 p-th percentile of log p(x|y=c) over the correctly classified training samples of class c.
+`decide` also applies the second refusal of `rules.ambiguous` when given its threshold.
 """
 
 from __future__ import annotations

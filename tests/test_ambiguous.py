@@ -131,8 +131,9 @@ def test_rule_on_class_scores_counts_only_images_that_pass():
     assert result.record["n"] == passed.sum()
     assert result.record["accepted"] == expected["accepted"]
     json.dumps(result.record)  # JSON-able as it is
-    assert result.promise.startswith("at most 10% of the answers it gives are wrong, with 90% "
-                                     f"confidence, for images drawn like the {passed.sum()}")
+    assert result.promise.startswith(
+        "at most 10% of the answers it gives are wrong, with 90% confidence, for images drawn "
+        f"like the calibration images ({passed.sum()} that passed the unfamiliar threshold")
     # what it promises, on a large fresh draw of the same population
     labels = rng.integers(0, c, 200000)
     fresh = rng.normal(size=(200000, c))

@@ -73,9 +73,10 @@ class Ambiguous:
 
     def promise(self, n: int) -> str:
         return (f"at most {percent(self.max_error)} of the answers it gives are wrong, with "
-                f"{percent(self.confidence)} confidence, for images drawn like the {n} "
-                "calibration images (selective classification with guaranteed risk); it "
-                "promises nothing for a shifted population")
+                f"{percent(self.confidence)} confidence, for images drawn like the "
+                f"calibration images ({n} that passed the unfamiliar threshold; selective "
+                "classification with guaranteed risk); it promises nothing for a shifted "
+                "population")
 
 
 def upper_bound(errors: int, n: int, delta: float) -> float:

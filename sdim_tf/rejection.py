@@ -116,8 +116,8 @@ AMBIGUOUS = "ambiguous"  # its gap is below the selective-risk threshold
 
 class Decision(NamedTuple):
     """Equation 9, per sample, and the second refusal: the predicted class, its score and
-    threshold, its gap (`gap`) and the gap's threshold, why a valid input is refused, and
-    whether the answer is refused."""
+    threshold, its gap and the gap's threshold, why a valid input is refused, and whether
+    the answer is refused."""
 
     class_ids: tf.Tensor  # int64 [N]
     score: tf.Tensor  # [N], the dtype of the scores
@@ -159,7 +159,7 @@ def decide(class_scores, thresholds, valid=None, min_gap=None) -> Decision:
     scores = tf.convert_to_tensor(class_scores)
     if scores.dtype not in (tf.float32, tf.float64):
         scores = tf.cast(scores, tf.float32)
-    thresholds = _as(thresholds, scores.dtype)
+    thresholds = _cast_thresholds(thresholds, scores.dtype)
     class_ids = tf.argmax(scores, axis=1)
     score = tf.reduce_max(scores, axis=1)
     threshold = tf.gather(thresholds, class_ids)
@@ -169,7 +169,7 @@ def decide(class_scores, thresholds, valid=None, min_gap=None) -> Decision:
         least = tf.fill(tf.shape(score), tf.constant(-np.inf, scores.dtype))
         ambiguous = tf.zeros_like(unfamiliar)
     else:
-        least = tf.broadcast_to(_as(min_gap, scores.dtype), tf.shape(score))
+        least = tf.broadcast_to(_cast_thresholds(min_gap, scores.dtype), tf.shape(score))
         ambiguous = tf.logical_not(unfamiliar) & tf.logical_not(gaps >= least)
     rejected = unfamiliar | ambiguous
     if valid is not None:
@@ -179,7 +179,7 @@ def decide(class_scores, thresholds, valid=None, min_gap=None) -> Decision:
     return Decision(class_ids, score, threshold, rejected, gaps, least, unfamiliar, ambiguous)
 
 
-def _as(thresholds, dtype) -> tf.Tensor:
+def _cast_thresholds(thresholds, dtype) -> tf.Tensor:
     if not (tf.is_tensor(thresholds) or isinstance(thresholds, tf.Variable)):
         thresholds = np.asarray(thresholds, np.float64)  # not through float32
     return tf.cast(thresholds, dtype)

@@ -3,14 +3,15 @@ with a guaranteed error rate).
 
 The unfamiliar thresholds keep their promise on false rejections; they promise nothing on
 how often an accepted answer is wrong. `Ambiguous` adds one threshold on a confidence
-score, the gap (`rejection.gap`: the best class score minus the second best), such that, among the
-images both refusals accept, at most `max_error` are misclassified, with probability
-`confidence` over the draw of the calibration images: SGR (Geifman & El-Yaniv 2017,
-"Selective classification for deep neural networks", algorithm 1). A binary search over
-the calibration gaps tests at most k = ceil(log2(m + 1)) thresholds; each gets the
-Clopper-Pearson upper bound of its error rate at level delta / k (delta = 1 - confidence;
-the union bound over the tests), and the lowest threshold whose bound is at most
-`max_error` is kept.
+score, the gap (`rejection.gap`: the best class score minus the second best), such that,
+among the images both refusals accept, at most `max_error` are misclassified, with
+probability `confidence` over the draw of the calibration images: SGR (Geifman & El-Yaniv
+2017, "Selective classification for deep neural networks", algorithm 1). A binary search
+over the calibration gaps tests at most k = ceil(log2(m + 1)) of them as thresholds; each
+gets the Clopper-Pearson upper bound of its error rate at level delta / k (delta =
+1 - confidence; the union bound over the tests), and the lowest tested threshold whose
+bound is at most `max_error` is kept, so that the promise is `max_error` itself.
+tests/test_ambiguous.py checks it over repeated draws.
 
 Which images: only those the unfamiliar thresholds accept, since the promise is about the
 answers given; and not the images that chose those thresholds, so that given them the

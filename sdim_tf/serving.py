@@ -27,7 +27,9 @@ PREPROCESS_SIGNATURE = "preprocess_encoded"
 # Every answer's `reason`: empty when accepted, else why the row was refused.
 REASONS = {
     "": "accepted",
-    "below_threshold": "a valid input whose score is below its class's threshold",
+    rejection.UNFAMILIAR: "a valid input whose score is below its class's threshold",
+    rejection.AMBIGUOUS: "a valid input above its threshold whose gap between the two best "
+                         "class scores is below the ambiguity threshold (min_gap)",
     "non_finite": "a pixel is NaN or infinite (float signature)",
     "out_of_range": "a pixel lies outside [0, 1] (float signature)",
     "not_png_or_jpeg": "the bytes start with neither the PNG nor the JPEG signature (GIF, "
@@ -64,11 +66,14 @@ class RejectingClassifier(tf.Module):
 
     `model` maps float32 images [N, 32, 32, C] to class scores [N, C] and has
     `scores_and_logits` (a trained classifier, or its fitted `density.FeatureDensity`).
+    `min_gap` (see `rules.ambiguous`): also refuse, as ambiguous, the inputs whose gap
+    between the two best class scores is below it; None: no input is ambiguous.
     """
 
     def __init__(self, model, thresholds: Sequence[float], channels: int,
                  source_size: Sequence[int], class_names: Sequence[str] | None = None,
-                 limits: Limits | None = None, name: str = "rejecting_classifier"):
+                 limits: Limits | None = None, min_gap: float | None = None,
+                 name: str = "rejecting_classifier"):
         super().__init__(name=name)
         self.model = model
         self.limits = limits or Limits()
@@ -79,6 +84,8 @@ class RejectingClassifier(tf.Module):
         # +inf (a class never correctly classified in calibration) stays +inf: always rejected.
         self.thresholds = tf.Variable(np.asarray(thresholds, np.float32), trainable=False,
                                       name="thresholds")
+        self.min_gap = None if min_gap is None else tf.Variable(
+            np.float32(min_gap), trainable=False, name="min_gap")
         # Unknown rank in the signatures, so that every shape mistake reaches our checks
         # and gets a message naming the expected shape.
         self.serving_default = tf.function(self._serving_default, input_signature=[
@@ -145,15 +152,15 @@ class RejectingClassifier(tf.Module):
         invalid = tf.fill(tf.shape(ll), -np.inf)
         scores = tf.where(valid[:, None], tf.cast(scores, tf.float32), invalid)
         ll = tf.where(valid[:, None], tf.cast(ll, tf.float32), invalid)
-        decision = rejection.decide(scores, self.thresholds, valid)
+        decision = rejection.decide(scores, self.thresholds, valid, self.min_gap)
         probabilities = tf.where(valid[:, None], tf.nn.softmax(ll), tf.zeros_like(ll))
         reason = tf.where(tf.not_equal(refused, ""), refused,
                           tf.where(~finite, "non_finite",
-                                   tf.where(~in_range, "out_of_range",
-                                            tf.where(decision.rejected, "below_threshold", ""))))
+                                   tf.where(~in_range, "out_of_range", decision.reasons())))
         return {"class_scores": scores, "log_likelihoods": ll,
                 "class_ids": decision.class_ids, "max_log_likelihood": tf.reduce_max(ll, axis=1),
                 "score": decision.score, "threshold": decision.threshold,
+                "gap": decision.gap, "min_gap": decision.min_gap,
                 "rejected": decision.rejected, "reason": reason,
                 "probabilities": probabilities}
 
@@ -163,7 +170,7 @@ class RejectingClassifier(tf.Module):
 
     def decide(self, scores) -> rejection.Decision:
         """The deployed rule on class scores from `class_scores`."""
-        return rejection.decide(scores, self.thresholds)
+        return rejection.decide(scores, self.thresholds, min_gap=self.min_gap)
 
     def _serving_default(self, images):
         images = self._check_shape(images, data.IMAGE_SIZE, data.IMAGE_SIZE, "serving_default")
@@ -253,7 +260,7 @@ class RejectingClassifier(tf.Module):
 
         archive = keras.export.ExportArchive()
         archive.track(self.model)
-        archive.track(self)  # the thresholds variable
+        archive.track(self)  # the thresholds (and min_gap) variables
         for name in (*SIGNATURES, PREPROCESS_SIGNATURE):
             function = getattr(self, name)
             archive.add_endpoint(name, function.python_function, function.input_signature)

@@ -198,7 +198,7 @@ def model(tmp_path) -> pathlib.Path:
 def _write_csv(path: pathlib.Path, flags, spelling=("false", "true"), column="rejected"):
     rows = ["path,class_name,score,threshold,margin," + column + ",reason"]
     rows += [f"img{i:05d}.png,shirt,1.5,1.0,0.5,{spelling[int(f)]},"
-             f"{'below_threshold' if f else ''}" for i, f in enumerate(flags)]
+             f"{'unfamiliar' if f else ''}" for i, f in enumerate(flags)]
     path.write_text("\n".join(rows) + "\n")
     return path
 

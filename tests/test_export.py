@@ -171,7 +171,7 @@ def test_illegal_pixels_are_rejected_rows(exported):
     assert out["reason"].numpy()[1:5].tolist() == [b"non_finite", b"non_finite",
                                                   b"out_of_range", b"out_of_range"]
     for row in (0, 5):  # a valid row's reason is the rule's
-        assert out["reason"].numpy()[row] == (b"below_threshold" if clean["rejected"][row]
+        assert out["reason"].numpy()[row] == (b"unfamiliar" if clean["rejected"][row]
                                               else b"")
     for row in (0, 5):  # the legal rows are answered as before
         np.testing.assert_array_equal(out["log_likelihoods"][row], clean["log_likelihoods"][row])
@@ -227,7 +227,7 @@ def test_bad_elements_are_rejected_rows_and_the_rest_answered(exported):
         b"too_large", b"bad_header", b"bad_header", b"too_large"]
     alone = module.classify_encoded(tf.constant(png))
     for row, own in ((1, 0), (6, 1)):
-        assert out["reason"].numpy()[row] in (b"", b"below_threshold")
+        assert out["reason"].numpy()[row] in (b"", b"unfamiliar")
         for key in ("class_ids", "rejected", "reason"):
             assert out[key].numpy()[row] == alone[key].numpy()[own], key
         np.testing.assert_allclose(out["class_scores"].numpy()[row],

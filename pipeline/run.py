@@ -23,7 +23,7 @@ from pipeline import config as configs
 from pipeline import run_dir as run_dirs
 from pipeline.config import DISTRIBUTE, MODELS, SCORES, THRESHOLD_RULES, ConfigError, PipelineConfig
 from pipeline.stages import attack, calibrate, evaluate, explain, export, ingest, train
-from sdim_tf import data, density, mutual_info, precision, serving
+from sdim_tf import data, density, mutual_info, precision, robust, serving
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +220,22 @@ flags.DEFINE_float("outlier_weight", _D.outlier_weight, "Weight of the outlier-m
                    "on 2x2 mosaics of training images (not in the paper; 0: off).")
 flags.DEFINE_float("outlier_margin", _D.outlier_margin, "Margin K per dimension of the "
                    "outlier-margin term, below the true class of the mosaic's first image.")
+# Adversarial training (sdim_tf.robust), off unless --robust_epsilon > 0.
+flags.DEFINE_float("robust_epsilon", _D.robust_epsilon, "Adversarial training: L-inf budget "
+                   "of the examples each training step makes against the model's class scores "
+                   "(not in the paper; 0: off).")
+flags.DEFINE_enum("robust_attack", _D.robust_attack, list(robust.ATTACKS), "pgd: PGD from a "
+                  "random start; fgsm: one step of 1.25 epsilon from a random start (fast).")
+flags.DEFINE_integer("robust_steps", _D.robust_steps, "PGD steps of --robust_attack=pgd.")
+flags.DEFINE_float("robust_step_size", None, "Step of the training attack; default 2.5 "
+                   "epsilon / steps (pgd), 1.25 epsilon (fgsm).")
+flags.DEFINE_enum("robust_mode", _D.robust_mode, list(robust.MODES), "classify: the "
+                  "supervised losses on the adversarial examples; reject: their best class "
+                  "score --robust_margin per dimension below the clean true class, so the "
+                  "threshold refuses them; both.")
+flags.DEFINE_float("robust_weight", _D.robust_weight, "Weight of the adversarial terms.")
+flags.DEFINE_float("robust_margin", _D.robust_margin, "Margin K per dimension of the reject "
+                   "term.")
 flags.DEFINE_integer("epochs", _D.epochs, "Training epochs (paper: 500; 50 reach its "
                      "accuracy; 0: the untrained network, a baseline).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.")

@@ -30,14 +30,14 @@ from absl import logging
 
 import sdim_tf
 from pipeline import artifacts, faults
-from pipeline.config import PipelineConfig
+from pipeline.config import ROBUST_FIELDS, PipelineConfig
 from pipeline.run_dir import ArtifactError, TrainedModel, load_checkpoint
 from sdim_tf import data, monitoring, outliers, precision
 
 FIELDS = ("model", "critic", "mi_bound", "n", "rep_dim", "alpha", "beta", "gamma", "margin",
           "log_scale_floor", "outlier_weight", "outlier_margin", "epochs", "batch_size",
           "learning_rate", "lr_schedule", "seed", "train_limit", "mixed_precision",
-          "deterministic", "validation_split")
+          "deterministic", "validation_split", *ROBUST_FIELDS)
 BEST, LAST, STATE, HISTORY = (TrainedModel.BEST, TrainedModel.LAST, TrainedModel.STATE,
                               TrainedModel.HISTORY)
 
@@ -102,7 +102,7 @@ def build_model(config: PipelineConfig, num_classes: int, channels: int,
             critic=config.critic, alpha=config.alpha, beta=config.beta, gamma=config.gamma,
             margin=config.margin, mi_bound=config.mi_bound,
             log_scale_floor=config.log_scale_floor, outlier_weight=config.outlier_weight,
-            outlier_margin=config.outlier_margin)
+            outlier_margin=config.outlier_margin, robust=config.robust_training().to_config())
     else:
         model = sdim_tf.DiscriminativeClassifier(num_classes, input_shape, n=config.n)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch)))
@@ -364,6 +364,8 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
     state["epochs"] = config.epochs  # planned: names the length a scheduled run needs
     state.setdefault("precision", chosen)
     state.setdefault("precision_reason", why)
+    if config.robust_epsilon:
+        state["robust"] = config.robust_training().to_config()
     logging.info("train: %s, %d trainable parameters, strategy %s with %d replica(s)",
                  type(model).__name__, model.trainable_parameter_count(),
                  type(strategy).__name__, strategy.num_replicas_in_sync)

@@ -32,7 +32,7 @@ import sdim_tf
 from pipeline import artifacts, faults
 from pipeline.config import ROBUST_FIELDS, PipelineConfig
 from pipeline.run_dir import ArtifactError, TrainedModel, load_checkpoint
-from sdim_tf import data, monitoring, outliers, precision
+from sdim_tf import data, monitoring, outliers, overfitting_guard, precision
 
 FIELDS = ("model", "critic", "mi_bound", "n", "rep_dim", "alpha", "beta", "gamma", "margin",
           "log_scale_floor", "outlier_weight", "outlier_margin", "epochs", "batch_size",
@@ -47,6 +47,9 @@ BEST, LAST, STATE, HISTORY = (TrainedModel.BEST, TrainedModel.LAST, TrainedModel
 # the deployed-style rejection quality (sdim_tf.monitoring) on held-out images.
 TEST_SUBSET = 1000
 MONITOR_FIT, MONITOR_HELD_OUT, MONITOR_OUTLIERS = 2000, 1000, 250
+# With adversarial training: FGSM and PGD-10 accuracy on the first GUARD_IMAGES held-out
+# images each epoch (sdim_tf.overfitting_guard), about 2% of an MNIST epoch.
+GUARD_IMAGES, GUARD_COLUMNS = 256, ("robust/fgsm_accuracy", "robust/pgd_accuracy")
 
 
 class TrainingError(RuntimeError):
@@ -205,6 +208,40 @@ def _watch(monitor: monitoring.RejectionMonitor | None) -> dict:
     quality = monitor()
     return {f"monitor/{k}": round(v, 6) for k, v in monitoring.flat(quality).items()
             if "/outlier_" not in k and k != "seconds"}
+
+
+def _guard(config: PipelineConfig, model, watched: dict | None, history: list[dict]
+           ) -> overfitting_guard.OverfittingGuard | None:
+    """The catastrophic-overfitting guard of an adversarially trained run with held-out
+    images (None otherwise), its history carried over from the epochs already trained."""
+    settings = config.robust_training()
+    if not settings.enabled or watched is None:
+        return None
+    images, labels = (a[:GUARD_IMAGES] for a in watched["held_out"])
+    guard = overfitting_guard.OverfittingGuard(model, images, labels, settings.epsilon,
+                                               seed=config.seed)
+    guard.history = [overfitting_guard.Measurement(*(row[k] for k in GUARD_COLUMNS))
+                     for row in history if all(k in row for k in GUARD_COLUMNS)]
+    return guard
+
+
+def _check_guard(guard, config: PipelineConfig, epoch: int, stage_dir: pathlib.Path) -> dict:
+    """This epoch's guard columns; raises TrainingError on a collapse where the adversarial
+    examples are to be classified (--robust_mode=reject only logs it: there they need not
+    be)."""
+    if guard is None:
+        return {}
+    measured, why = guard.check()
+    if why and config.robust_training().classifies:
+        raise TrainingError(
+            f"catastrophic overfitting in epoch {epoch} ({why}, epsilon "
+            f"{config.robust_epsilon:g}); the last good checkpoint (epoch {epoch - 1}) is kept "
+            f"in {stage_dir / LAST}; train afresh (--force) with --robust_attack=pgd, or "
+            "a smaller --robust_step_size")
+    if why:
+        logging.warning("train: epoch %d: %s", epoch, why)
+    return dict(zip(GUARD_COLUMNS, (round(measured.fgsm_accuracy, 6),
+                                    round(measured.pgd_accuracy, 6)), strict=True))
 
 
 def _next(path: pathlib.Path) -> pathlib.Path:
@@ -374,6 +411,7 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
     watched = monitor_data(config, examples, num_train) if chief else None
     monitor = monitoring.RejectionMonitor(model, **watched) if watched else None
     predict = class_predictor(model)
+    guard = _guard(config, model, watched, state["history"])
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     step = make_train_step(model, strategy,
@@ -407,6 +445,7 @@ def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> l
                 "from it and may diverge again, a lower --learning_rate (or --outlier_weight) "
                 "starts afresh")
         row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()}}
+        row.update(_check_guard(guard, config, epoch, stage_dir))
         if config.lr_schedule != "constant":  # the rate the next step would take
             row["learning_rate"] = float(model.optimizer.learning_rate)
         started = time.time()

@@ -93,6 +93,7 @@ class PipelineConfig:
     robust_mode: str = "classify"
     robust_weight: float = 1.0
     robust_margin: float = 10.0
+    robust_clean: bool = True
     # The paper trains 500 epochs; the authors' code reaches its 95.1% on Fashion-MNIST
     # within 50 (design.md), a tenth of the cost.
     epochs: int = 50

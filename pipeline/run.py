@@ -236,6 +236,9 @@ flags.DEFINE_enum("robust_mode", _D.robust_mode, list(robust.MODES), "classify: 
 flags.DEFINE_float("robust_weight", _D.robust_weight, "Weight of the adversarial terms.")
 flags.DEFINE_float("robust_margin", _D.robust_margin, "Margin K per dimension of the reject "
                    "term.")
+flags.DEFINE_bool("robust_clean", _D.robust_clean, "Keep the clean batch in the loss beside "
+                  "its adversarial examples; --norobust_clean: these alone in its place "
+                  "(Madry et al.; about one pass cheaper; --robust_mode=classify only).")
 flags.DEFINE_integer("epochs", _D.epochs, "Training epochs (paper: 500; 50 reach its "
                      "accuracy; 0: the untrained network, a baseline).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.")

@@ -57,8 +57,7 @@ class _Classifier(keras.Model):
     def train_step(self, data):
         images, labels = data[:2]
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        extra = {"adversarial": _robust.adversarial_examples(self.robust, self, images, labels)
-                 } if self.robust.enabled else {}
+        images, extra = _robust.training_inputs(self.robust, self, images, labels)
         with tf.GradientTape() as tape:
             terms, logits = self._loss_terms(images, labels, training=True, **extra)
             scaled = terms["loss"] / replicas

@@ -110,9 +110,30 @@ def test_settings_validate_and_name_their_terms():
                          (dict(attack="cw"), "attack must be one of pgd, fgsm"),
                          (dict(mode="x"), "mode must be one of classify, reject, both"),
                          (dict(steps=0), "steps must be >= 1"),
-                         (dict(weight=0), "weight must be > 0")]:
+                         (dict(weight=0), "weight must be > 0"),
+                         (dict(clean=False, mode="both"), "clean=False .* needs mode classify")]:
         with pytest.raises(ValueError, match=message):
             robust.RobustTraining(**bad)
+
+
+def test_training_inputs_beside_or_in_place_of_the_batch():
+    """Off: the batch alone. On: the batch and its adversarial examples (the PGD corner of a
+    linear model), or with clean=False these in place of the batch."""
+    images, labels, weights = _two_classes(seed=7)
+    model = _linear(weights, np.zeros(2, np.float32), "float32")
+    off = robust.RobustTraining()
+    x, extra = robust.training_inputs(off, model, images, labels)
+    assert x is images and extra == {}
+    corner = images + 0.1 * (np.where(labels[:, None] == 0, 1.0, -1.0)
+                             * np.sign(weights[:, 1])).reshape(-1, 4, 4, 1)
+    beside = robust.RobustTraining(epsilon=0.1, steps=4)
+    x, extra = robust.training_inputs(beside, model, images, labels)
+    assert x is images and set(extra) == {"adversarial"}
+    np.testing.assert_allclose(extra["adversarial"], corner, atol=1e-6)
+    instead = robust.RobustTraining(epsilon=0.1, steps=4, clean=False)
+    x, extra = robust.training_inputs(instead, model, images, labels)
+    assert extra == {} and instead.loss_names == ()
+    np.testing.assert_allclose(x, corner, atol=1e-6)
 
 
 def test_loss_terms_against_numpy():

@@ -316,9 +316,9 @@ class PipelineConfig:
 
     def fields(self, names: tuple[str, ...]) -> dict:
         """The values of `names`, for a stage's config hash. An explicit precision hashes
-        as the boolean flag it replaced, and the outlier term, split density terms and a
-        learning-rate schedule when off are left out, so runs made before any of them
-        existed still resume."""
+        as the boolean flag it replaced, and the outlier term, split density terms,
+        adversarial training (and its default robust_clean) and a learning-rate schedule when
+        off are left out, so runs made before any of them existed still resume."""
         values = {name: getattr(self, name) for name in names}
         if values.get("outlier_weight") == 0:  # the paper's objective: hashes as before
             values.pop("outlier_weight")
@@ -328,6 +328,8 @@ class PipelineConfig:
         if values.get("robust_epsilon") == 0:
             for name in ROBUST_FIELDS:
                 values.pop(name)
+        elif values.get("robust_clean") is True:  # the default, left out like the others
+            values.pop("robust_clean")
         if values.get("density_split") is False:
             values.pop("density_split")
         if values.get("mixed_precision") in LEGACY_PRECISION:

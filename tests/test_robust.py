@@ -265,6 +265,9 @@ def test_flags_validate_and_leave_other_runs_hashes_alone():
     assert not any(k.startswith("robust") for k in plain.fields(train.FIELDS))
     on = PipelineConfig(dataset="mnist", robust_epsilon=0.1, robust_mode="both").resolve()
     assert on.fields(train.FIELDS)["robust_mode"] == "both"
+    assert "robust_clean" not in on.fields(train.FIELDS)  # the default
+    in_place = PipelineConfig(dataset="mnist", robust_epsilon=0.1, robust_clean=False)
+    assert in_place.resolve().fields(train.FIELDS)["robust_clean"] is False
     assert on.robust_training() == robust.RobustTraining(epsilon=0.1, mode="both")
     for bad, message in [(dict(robust_epsilon=-1.0), "--robust_epsilon must be >= 0"),
                          (dict(robust_epsilon=0.1, robust_steps=0), "--robust_steps must be"),

@@ -97,7 +97,7 @@ class SDIM(_Classifier):
     (`outliers.batch_mosaics`), encoded in the same pass as the batch (its batch-norm
     statistics include them). With `robust` (`sdim_tf.robust.RobustTraining` or its config;
     off by default) each training step adds terms on adversarial examples of the batch,
-    encoded in the same pass.
+    encoded in the same pass, or (`clean=False`) trains on them in place of the batch.
     """
 
     loss_names = ("loss", "mi_loss", "nll_loss", "lm_loss")

@@ -275,3 +275,21 @@ def test_flags_validate_and_leave_other_runs_hashes_alone():
                           "--robust_epsilon=0.1 needs --model=sdim")]:
         with pytest.raises(ConfigError, match=message):
             PipelineConfig(dataset="mnist", **bad).resolve()
+
+
+def test_train_stage_guard_resumes_its_history():
+    """A resumed run's guard compares with the epochs already trained (history.csv rows);
+    without adversarial training or held-out images there is none."""
+    from pipeline.config import PipelineConfig
+
+    images, labels, weights = _two_classes(seed=8, n=300)
+    model = _linear(weights, np.zeros(2, np.float32), "float32")
+    watched = {"held_out": (images, labels)}
+    rows = [{"epoch": 1, "robust/fgsm_accuracy": 0.7, "robust/pgd_accuracy": 0.6},
+            {"epoch": 2, "loss": 1.0}]
+    config = PipelineConfig(dataset="mnist", robust_epsilon=0.1)
+    guard = train._guard(config, model, watched, rows)
+    assert guard.history == [overfitting_guard.Measurement(0.7, 0.6)]
+    assert guard.images.shape[0] == train.GUARD_IMAGES and guard.epsilon == 0.1
+    assert train._guard(config, model, None, rows) is None
+    assert train._guard(PipelineConfig(dataset="mnist"), model, watched, rows) is None

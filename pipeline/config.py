@@ -21,6 +21,7 @@ from sdim_tf import (
     mutual_info,
     precision,
     rejection,
+    robust,
     serving,
 )
 
@@ -69,6 +70,22 @@ class ModelConfig(Section):
                                    "training images (not in the paper; 0: off).")
     outlier_margin: float = option(10.0, "Margin K per dimension of the outlier-margin term, "
                                    "below the true class of the mosaic's first image.")
+    robust: robust.RobustTraining = library(robust.RobustTraining, {
+        "epsilon": "Adversarial training: L-inf budget of the examples each training step makes "
+                   "against the model's class scores (not in the paper; 0: off).",
+        "attack": ("pgd: PGD from a random start; fgsm: one step of 1.25 epsilon from a random "
+                   "start (fast).", robust.ATTACKS),
+        "steps": "PGD steps of --robust_attack=pgd.",
+        "step_size": "Step of the training attack; default 2.5 epsilon / steps (pgd), 1.25 "
+                     "epsilon (fgsm).",
+        "mode": ("classify: the supervised losses on the adversarial examples; reject: their "
+                 "best class score --robust_margin per dimension below the clean true class, so "
+                 "the threshold refuses them; both.", robust.MODES),
+        "weight": "Weight of the adversarial terms.",
+        "margin": "Margin K per dimension of the reject term.",
+        "clean": "Keep the clean batch in the loss beside its adversarial examples; "
+                 "--norobust_clean: these alone in its place (Madry et al.; about one pass "
+                 "cheaper; --robust_mode=classify only)."}, prefix="robust_")
 
     def checks(self) -> list:
         return [(self.n >= 1, f"--n must be >= 1, got {self.n}"),
@@ -77,7 +94,10 @@ class ModelConfig(Section):
                  f"--outlier_weight must be >= 0, got {self.outlier_weight}"),
                 (self.outlier_weight == 0 or self.model == "sdim",
                  f"--outlier_weight={self.outlier_weight:g} needs --model=sdim (the term is on "
-                 "its class-conditional log-likelihoods)")]
+                 "its class-conditional log-likelihoods)"),
+                (not self.robust.enabled or self.model == "sdim",
+                 f"--robust_epsilon={self.robust.epsilon:g} needs --model=sdim (its terms are on "
+                 "the class-conditional log-likelihoods)")]
 
 
 @dataclasses.dataclass(frozen=True)

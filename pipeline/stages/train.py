@@ -27,13 +27,16 @@ from pipeline import artifacts, checkpoints, faults
 from pipeline.checkpoints import TrainingError
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.run_dir import TrainedModel
-from sdim_tf import data, monitoring, outlier_proxies, precision
+from sdim_tf import data, monitoring, outlier_proxies, overfitting_guard, precision, robust
 
 # Per-epoch watching, within ~5% of an epoch (history.csv: test_seconds, monitor_seconds):
 # test accuracy on the first TEST_SUBSET test images (all of them after the last epoch), and
 # the deployed-style rejection quality (sdim_tf.monitoring) on held-out images.
 TEST_SUBSET = 1000
 MONITOR_FIT, MONITOR_HELD_OUT, MONITOR_OUTLIERS = 2000, 1000, 250
+# With adversarial training: FGSM and PGD-10 accuracy on the first GUARD_IMAGES held-out
+# images each epoch (sdim_tf.overfitting_guard), about 2% of an MNIST epoch.
+GUARD_IMAGES, GUARD_COLUMNS = 256, ("robust/fgsm_accuracy", "robust/pgd_accuracy")
 
 
 def make_strategy(kind: str) -> tf.distribute.Strategy:
@@ -85,7 +88,7 @@ def build_model(config: ModelConfig, training: TrainConfig, num_classes: int, ch
             critic=config.critic, alpha=config.alpha, beta=config.beta, gamma=config.gamma,
             margin=config.margin, mi_bound=config.mi_bound,
             log_scale_floor=config.log_scale_floor, outlier_weight=config.outlier_weight,
-            outlier_margin=config.outlier_margin)
+            outlier_margin=config.outlier_margin, robust=config.robust.to_config())
     else:
         model = sdim_tf.DiscriminativeClassifier(num_classes, input_shape, n=config.n)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(training, steps_per_epoch)))
@@ -190,6 +193,40 @@ def _watch(monitor: monitoring.RejectionMonitor | None) -> dict:
             if "/outlier_" not in k and k != "seconds"}
 
 
+def _guard(settings: robust.RobustTraining, seed: int, model, watched: dict | None,
+           history: list[dict]) -> overfitting_guard.OverfittingGuard | None:
+    """The catastrophic-overfitting guard of an adversarially trained run with held-out
+    images (None otherwise), its history carried over from the epochs already trained."""
+    if not settings.enabled or watched is None:
+        return None
+    images, labels = (a[:GUARD_IMAGES] for a in watched["held_out"])
+    guard = overfitting_guard.OverfittingGuard(model, images, labels, settings.epsilon,
+                                               seed=seed)
+    guard.history = [overfitting_guard.Measurement(*(row[k] for k in GUARD_COLUMNS))
+                     for row in history if all(k in row for k in GUARD_COLUMNS)]
+    return guard
+
+
+def _check_guard(guard, settings: robust.RobustTraining, epoch: int,
+                 trained: TrainedModel) -> dict:
+    """This epoch's guard columns; raises TrainingError on a collapse where the adversarial
+    examples are to be classified (--robust_mode=reject only logs it: there they need not
+    be)."""
+    if guard is None:
+        return {}
+    measured, why = guard.check()
+    if why and settings.classifies:
+        raise TrainingError(
+            f"catastrophic overfitting in epoch {epoch} ({why}, epsilon "
+            f"{settings.epsilon:g}); the last good checkpoint (epoch {epoch - 1}) is kept "
+            f"in {trained.last_path}; train afresh (--force) with --robust_attack=pgd, or "
+            "a smaller --robust_step_size")
+    if why:
+        logging.warning("train: epoch %d: %s", epoch, why)
+    return dict(zip(GUARD_COLUMNS, (round(measured.fgsm_accuracy, 6),
+                                    round(measured.pgd_accuracy, 6)), strict=True))
+
+
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     """Trains to --epochs, resuming from `stage_dir` when a compatible run stopped. The dtype
     policy of training is set for training only: later stages compute in float32."""
@@ -248,6 +285,7 @@ class _Loop:
     num_train: int
     steps: int
     hardware: precision.Hardware
+    robust: robust.RobustTraining
 
     def __post_init__(self):
         self.test_ds = self.examples.dataset("test", limit=TEST_SUBSET)
@@ -255,6 +293,8 @@ class _Loop:
             if self.chief else None
         self.monitor = monitoring.RejectionMonitor(self.model, **watched) if watched else None
         self.predict = class_predictor(self.model)
+        self.guard = _guard(self.robust, self.training.seed, self.model, watched,
+                            self.state["history"])
         self.options = tf.data.Options()
         self.options.experimental_distribute.auto_shard_policy = \
             tf.data.experimental.AutoShardPolicy.DATA
@@ -291,6 +331,7 @@ class _Loop:
                 "resumes from it and may diverge again, a lower --learning_rate (or "
                 "--outlier_weight) starts afresh")
         row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()}}
+        row.update(_check_guard(self.guard, self.robust, epoch, self.trained))
         if self.training.lr_schedule != "constant":  # the rate the next step would take
             row["learning_rate"] = float(self.model.optimizer.learning_rate)
         self.measure(epoch, row)
@@ -365,11 +406,13 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
     held_out = training.held_out(num_examples)
     state["examples"] = {"trained": [0, num_train], "held_out": held_out and list(held_out)}
     state["epochs"] = training.epochs  # planned: names the length a scheduled run needs
+    if model_config.robust.enabled:
+        state["robust"] = model_config.robust.to_config()
     logging.info("train: %s, %d trainable parameters, strategy %s with %d replica(s)",
                  type(model).__name__, model.trainable_parameter_count(),
                  type(strategy).__name__, strategy.num_replicas_in_sync)
     loop = _Loop(training, trained, examples, model, strategy, state, chief, num_train, steps,
-                 hardware)
+                 hardware, model_config.robust)
     if training.epochs == 0 and chief and state["epoch"] == 0:
         loop.untrained()
     for epoch in range(state["epoch"] + 1, training.epochs + 1):

@@ -48,8 +48,8 @@ flags.DEFINE_enum("precision", "auto", list(precision.PRECISIONS), "As --mixed_p
 
 
 def _step(flags_of_variant: dict, dataset):
-    config = PipelineConfig(dataset="mnist", epochs=0, **flags_of_variant).resolve()
-    model = train.build_model(config, num_classes=10, channels=1)
+    config = PipelineConfig.from_flat(dataset="mnist", epochs=0, **flags_of_variant).resolve()
+    model = train.build_model(config.model, config.train, num_classes=10, channels=1)
     step = train.make_train_step(model, tf.distribute.get_strategy())
     iterator = iter(dataset)
     for _ in range(FLAGS.warmup):

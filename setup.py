@@ -30,7 +30,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "Pillow", "adversarial-robustness-toolbox>=1.18",
-                 "hypothesis>=6.100"],  # bench/fuzz_signatures.py
+                 "hypothesis>=6.100",  # bench/fuzz_signatures.py
+                 "apache-beam[tfrecord]>=2.78", "google-crc32c"],  # tests/test_ingest_beam.py
         "attacks": ["adversarial-robustness-toolbox>=1.18"],
         # The Beam ingest driver (sdim_tf.data.beam); [tfrecord] brings the CRC32C library
         # WriteToTFRecord needs, google-crc32c its fast implementation.

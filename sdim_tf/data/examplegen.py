@@ -91,9 +91,10 @@ def encoded_items(items: Sequence[Item], policy: ImagePolicy, progress: str = ""
                 item = items[int(index)]
                 yield item, encoder.finish(raw, image, item.label)
                 expected = int(index) + 1
-            bar.update(len(indices))
+            bar.update(expected - bar.n)
         for failed in range(expected, len(items)):
             yield items[failed], encoder.encode(items[failed].path, items[failed].label)
+        bar.update(len(items) - bar.n)
 
 
 class _Split:

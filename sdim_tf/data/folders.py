@@ -44,39 +44,40 @@ def flag(name: str) -> str:
     return f"--{name}"
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
+def _option(default, text: str):
+    """A field with its --help text (the pipeline makes its flags from these)."""
+    return dataclasses.field(default=default, metadata={"help": text})
 
 
 @dataclasses.dataclass
 class FolderOptions:
     """How a folder of your own images becomes examples (dataset `image_folder`)."""
 
-    image_size: int = dataclasses.field(default=32, metadata=_help(
+    image_size: int = _option(32, (
         "Side of the square the images are brought to (the model's input is 32x32)."))
-    channels: Optional[int] = dataclasses.field(default=None, metadata=_help(
+    channels: Optional[int] = _option(None, (
         "1 (grey) or 3 (colour); default: what most images of the folder hold."))
-    resize: str = dataclasses.field(default="stretch", metadata=_help(
+    resize: str = _option("stretch", (
         "stretch: to the square whatever the aspect ratio (as the exported model resizes); "
         "pad: fit the longer side, black bands; crop: the centred square, then resize."))
-    test_split: float = dataclasses.field(default=0.2, metadata=_help(
+    test_split: float = _option(0.2, (
         "Without a test/ folder (or a split column): the share of each class's images "
         "held out as the test split."))
-    split_seed: int = dataclasses.field(default=0, metadata=_help(
+    split_seed: int = _option(0, (
         "Seed of that per-class draw."))
-    manifest: Optional[str] = dataclasses.field(default=None, metadata=_help(
+    manifest: Optional[str] = _option(None, (
         "CSV (path,label[,split]) or JSON lines listing the images instead of class "
         "folders; paths relative to the manifest's folder."))
-    on_bad_file: str = dataclasses.field(default="skip", metadata=_help(
+    on_bad_file: str = _option("skip", (
         "skip: list undecodable, unreadable, empty, hidden and outside-pointing files in "
         "ingest/skipped.csv and go on; fail: stop at the first one."))
-    max_image_side: int = dataclasses.field(default=4096, metadata=_help(
+    max_image_side: int = _option(4096, (
         "Images with a longer side (from the header) are skipped, never decoded; the "
         "exported model refuses them too."))
-    driver: str = dataclasses.field(default="local", metadata=_help(
+    driver: str = _option("local", (
         "local: decode in parallel in this process; beam: an Apache Beam pipeline "
         "(pip install sdim-tf[beam])."))
-    beam_pipeline_args: tuple[str, ...] = dataclasses.field(default=(), metadata=_help(
+    beam_pipeline_args: tuple[str, ...] = _option((), (
         "Options of the Beam pipeline (--runner=..., --direct_num_workers=...); default "
         "the in-process DirectRunner."))
 

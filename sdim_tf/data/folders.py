@@ -157,10 +157,12 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def check_file(path: str, root_real: str, real_dir=os.path.realpath) -> str:
+def check_file(path: str, root_real: str, real_dir=os.path.realpath, walked: bool = False
+               ) -> str:
     """Why `path` cannot be an example before it is read ("" when it may): missing,
     symlink_outside, broken_symlink, outside, not_a_file, empty, too_large. `real_dir`:
-    os.path.realpath of a folder (a cache of it: resolving every file is slow)."""
+    os.path.realpath of a folder (a cache of it: resolving every file is slow); `walked`:
+    found by walking the root without following symlinks, so under it unless a symlink."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -175,7 +177,7 @@ def check_file(path: str, root_real: str, real_dir=os.path.realpath) -> str:
             info = os.stat(path)
         except OSError:
             return f"broken_symlink: points to {real}, which does not exist"
-    else:
+    elif not walked:
         real = os.path.join(real_dir(os.path.dirname(path)), os.path.basename(path))
         if not _inside(real, root_real):
             return f"outside: {real} is not under {root_real}"
@@ -207,10 +209,10 @@ class _Collector:
             raise bad_file(path, reason)
         self.skipped.append(Skipped(split, path, reason))
 
-    def accept(self, split: str, path: str) -> bool:
+    def accept(self, split: str, path: str, walked: bool = False) -> bool:
         """Whether `path` may be decoded: a file under the root whose header (when it is an
         image the header reader knows) declares what the decoder reads, within max_side."""
-        reason = check_file(path, self.root_real, self.real_dir)
+        reason = check_file(path, self.root_real, self.real_dir, walked)
         if not reason:
             header = sniff(path)
             if header is not None:
@@ -242,7 +244,7 @@ class _Collector:
                 path = os.path.join(parent, name)
                 if name.startswith("."):
                     self.skip(split, path, "hidden: a file whose name starts with '.'")
-                elif self.accept(split, path):
+                elif self.accept(split, path, walked=True):
                     found.append(path)
         return found
 

@@ -174,17 +174,23 @@ def sniff(path: str | os.PathLike) -> Optional[Header]:
     """The header of an image file (PNG and JPEG read directly, other formats by Pillow);
     None when it is no image recognised. Reads only the header."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(26)
-            if head[:8] == encoded.PNG_MAGIC and head[12:16] == b"IHDR" and len(head) == 26:
-                # IHDR: width, height, bit depth, colour type (0 grey, 4 grey + alpha)
-                return Header(int.from_bytes(head[20:24], "big"),
-                              int.from_bytes(head[16:20], "big"), 1 if head[25] in (0, 4) else 3)
-            if head[:3] == encoded.JPEG_MAGIC:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # os.open: a third of open()'s cost
+    except OSError:
+        return None
+    try:
+        head = os.read(fd, 26)
+        if head[:8] == encoded.PNG_MAGIC and head[12:16] == b"IHDR" and len(head) == 26:
+            # IHDR: width, height, bit depth, colour type (0 grey, 4 grey + alpha)
+            return Header(int.from_bytes(head[20:24], "big"),
+                          int.from_bytes(head[16:20], "big"), 1 if head[25] in (0, 4) else 3)
+        if head[:3] == encoded.JPEG_MAGIC:
+            with os.fdopen(fd, "rb", closefd=False) as f:
                 f.seek(2)
                 return _jpeg_header(f)
     except OSError:
         return None
+    finally:
+        os.close(fd)
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -33,8 +33,8 @@ _WORK = ".beam-work"  # side outputs read back by the launcher, then removed
 
 
 class _Encode(beam.DoFn):
-    """(split, path, label) -> (split, path, label, sha256, example bytes, SplitStats), or a
-    skipped CSV row on the tagged output."""
+    """A JSON line [split, path, label] -> (split, path, label, sha256, example bytes,
+    SplitStats), or a skipped CSV row on the tagged output."""
 
     def __init__(self, policy: ImagePolicy, num_classes: int):
         self.policy, self.num_classes = policy, num_classes
@@ -44,7 +44,7 @@ class _Encode(beam.DoFn):
         self.encoder = ImageEncoder(self.policy)
 
     def process(self, element):
-        split, path, label = element
+        split, path, label = json.loads(element)
         outcome = self.encoder.encode(path, label)
         if outcome.reason:
             yield beam.pvalue.TaggedOutput(_SKIPPED, csv_line((split, path, outcome.reason)))
@@ -103,12 +103,15 @@ def write_beam(listing: Listing, policy: ImagePolicy, folder: str | os.PathLike,
     work = folder / _WORK
     work.mkdir()
     num_classes = len(listing.class_names)
-    items = [(split, item.path, item.label) for split in SPLITS
-             for item in listing.items[split]]
+    # The listing goes to the workers as a file (a large in-pipeline Create would not), in
+    # JSON lines: one line per file whatever characters its path holds
+    with open(work / "items.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps([split, item.path, item.label]) + "\n" for split in SPLITS
+                     for item in listing.items[split])
     options = PipelineOptions(list(pipeline_args) or ["--runner=DirectRunner"])
     try:
         with beam.Pipeline(options=options) as pipeline:
-            encoded = (pipeline | "List" >> beam.Create(items)
+            encoded = (pipeline | "List" >> beam.io.ReadFromText(str(work / "items.jsonl"))
                        | "Spread" >> beam.Reshuffle()
                        | "Encode" >> beam.ParDo(_Encode(policy, num_classes)).with_outputs(
                            _SKIPPED, main="examples"))
@@ -140,8 +143,11 @@ def write_beam(listing: Listing, policy: ImagePolicy, folder: str | os.PathLike,
             entry = json.loads(line)
             split = entry.pop("split")
             stats[split] = SplitStats(num_classes, **entry)
-        skipped = sorted((Skipped(*row) for row in csv.reader(_lines(work / "skipped.csv"))),
-                         key=lambda s: (SPLITS.index(s.split), s.path))
+        skipped = []
+        if (work / "skipped.csv").exists():
+            with open(work / "skipped.csv", newline="", encoding="utf-8") as f:
+                skipped = sorted((Skipped(*row) for row in csv.reader(f)),  # quoted newlines
+                                 key=lambda s: (SPLITS.index(s.split), s.path))
         duplicates = sorted((json.loads(line) for line in _lines(work / "duplicates.jsonl")),
                             key=lambda pair: pair["test"])
     finally:

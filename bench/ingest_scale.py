@@ -173,6 +173,7 @@ def main(argv):
                                             str(work / "images"), options, progress=False),
         }
         runs = {name: [] for name in phases}
+        load_start = os.getloadavg()[0]
         rss = {}
         for _ in range(FLAGS.repeats):
             for name, run in phases.items():
@@ -186,7 +187,9 @@ def main(argv):
                     metadata = result
         figures = {"machine": machine.machine(), "images": FLAGS.images,
                    "sides": [FLAGS.min_side, FLAGS.max_side], "driver": FLAGS.driver,
-                   "repeats": FLAGS.repeats, "write_seconds": round(written, 1)}
+                   "repeats": FLAGS.repeats, "write_seconds": round(written, 1),
+                   # other processes' load: the runs' spread, and why the best counts
+                   "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}}
         for name in phases:
             wall, cpu = min(runs[name])
             figures[name] = {

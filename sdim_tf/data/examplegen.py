@@ -18,6 +18,7 @@ import dataclasses
 import io
 import os
 import pathlib
+import tempfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -64,37 +65,47 @@ def duplicate_pairs(sha256: str, train_paths: Sequence[str], test_paths: Sequenc
     return [{"sha256": sha256, "train": first, "test": path} for path in sorted(test_paths)]
 
 
+def _paths_file(items: Sequence[Item], folder: str) -> str:
+    """The items' paths as TFRecords: tf.data streams them (a tensor of every path would
+    hold them all in memory), whatever bytes a path holds."""
+    path = os.path.join(folder, "paths.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        for item in items:
+            writer.write(os.fsencode(item.path))
+    return path
+
+
 def encoded_items(items: Sequence[Item], policy: ImagePolicy, progress: str = ""
                   ) -> Iterator[tuple[Item, Encoded]]:
     """(item, outcome) in `items`' order. Reading, decoding and resizing run in parallel in
     tf.data; a file that fails there is encoded again alone, which gives its reason."""
     encoder = ImageEncoder(policy)
-    paths = [item.path for item in items]
 
     @tf.autograph.experimental.do_not_convert  # no tensor-dependent Python control flow
     def load(index, path):
         raw = tf.io.read_file(path)
         return index, raw, encoder.image(raw)
 
-    ds = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64),
-                                             tf.constant(paths, tf.string)))
-    ds = (ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-          .ignore_errors().batch(BATCH).prefetch(2))
-    bar = tqdm(total=len(items), desc=progress, unit="img", disable=not progress,
-               mininterval=1.0)
-    expected = 0
-    with bar:
-        for indices, raws, decoded in ds.as_numpy_iterator():
-            for index, raw, image in zip(indices, raws, decoded, strict=True):
-                for failed in range(expected, int(index)):  # dropped by ignore_errors
-                    yield items[failed], encoder.encode(items[failed].path, items[failed].label)
-                item = items[int(index)]
-                yield item, encoder.finish(raw, image, item.label)
-                expected = int(index) + 1
-            bar.update(expected - bar.n)
-        for failed in range(expected, len(items)):
-            yield items[failed], encoder.encode(items[failed].path, items[failed].label)
-        bar.update(len(items) - bar.n)
+    with tempfile.TemporaryDirectory(prefix="sdim-ingest-") as work:
+        ds = tf.data.TFRecordDataset(_paths_file(items, work)).enumerate()
+        ds = (ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+              .ignore_errors().batch(BATCH).prefetch(2))
+        bar = tqdm(total=len(items), desc=progress, unit="img", disable=not progress,
+                   mininterval=1.0)
+        expected = 0
+        with bar:
+            for indices, raws, decoded in ds.as_numpy_iterator():
+                for index, raw, image in zip(indices, raws, decoded, strict=True):
+                    for failed in range(expected, int(index)):  # dropped by ignore_errors
+                        yield items[failed], encoder.encode(items[failed].path,
+                                                            items[failed].label)
+                    item = items[int(index)]
+                    yield item, encoder.finish(raw, image, item.label)
+                    expected = int(index) + 1
+                bar.update(expected - bar.n)
+            for failed in range(expected, len(items)):
+                yield items[failed], encoder.encode(items[failed].path, items[failed].label)
+            bar.update(len(items) - bar.n)
 
 
 class _Split:
@@ -128,16 +139,17 @@ def write_local(listing: Listing, policy: ImagePolicy, folder: str | os.PathLike
     pipeline over both splits)."""
     folder = pathlib.Path(folder)
     splits = {split: _Split(folder, split, len(listing.class_names)) for split in SPLITS}
-    order = [split for split in SPLITS for _ in listing.items[split]]
+    num_train = len(listing.items["train"])
     skipped: list[Skipped] = []
-    train_hashes: dict[str, str] = {}  # sha256 -> first training path
-    test_hashes: dict[str, list[str]] = {}
+    train_hashes: dict[bytes, str] = {}  # sha256 digest (half a hex string's memory) -> path
+    duplicates: list[dict] = []
     with open(folder / FILES, "w", newline="", encoding="utf-8") as f:
         rows = csv.writer(f)
         rows.writerow(FILES_HEADER)
         outcomes = encoded_items([item for split in SPLITS for item in listing.items[split]],
                                  policy, "ingest" if progress else "")
-        for split, (item, outcome) in zip(order, outcomes, strict=True):
+        for position, (item, outcome) in enumerate(outcomes):
+            split = "train" if position < num_train else "test"
             if outcome.reason:
                 if on_bad_file == "fail":
                     raise bad_file(item.path, outcome.reason)
@@ -145,13 +157,12 @@ def write_local(listing: Listing, policy: ImagePolicy, folder: str | os.PathLike
                 continue
             splits[split].add(outcome, item.label)
             rows.writerow((split, item.path, item.label, outcome.sha256))
+            digest = bytes.fromhex(outcome.sha256)
             if split == "train":
-                first = train_hashes.get(outcome.sha256, item.path)
-                train_hashes[outcome.sha256] = min(first, item.path)
-            else:
-                test_hashes.setdefault(outcome.sha256, []).append(item.path)
+                train_hashes[digest] = min(train_hashes.get(digest, item.path), item.path)
+            elif digest in train_hashes:  # every training file came first
+                duplicates += duplicate_pairs(outcome.sha256, [train_hashes[digest]],
+                                              [item.path])
     files = {split: part.close() for split, part in splits.items()}
-    duplicates = [pair for sha256, paths in test_hashes.items() if sha256 in train_hashes
-                  for pair in duplicate_pairs(sha256, [train_hashes[sha256]], paths)]
     return Written(files, {split: part.stats for split, part in splits.items()}, skipped,
                    sorted(duplicates, key=lambda pair: pair["test"]))

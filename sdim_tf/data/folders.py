@@ -102,7 +102,7 @@ class FolderOptions:
         return self
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # one per file: slots halve its memory
 class Item:
     """One image file to ingest."""
 

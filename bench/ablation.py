@@ -28,7 +28,7 @@ from absl import app, flags
 from bench import run_figures
 from bench.machine import machine
 from pipeline.config import PipelineConfig
-from pipeline.run_dir import Examples
+from pipeline.run_dir import Examples, TrainedModel
 from pipeline.stages import train
 from sdim_tf import monitoring
 
@@ -67,11 +67,12 @@ def held_out_figures(run_dir: pathlib.Path) -> dict:
     """The deployed rule on held-out images and the proxy outliers, for the run's best
     checkpoint (what the train stage's monitor records after each epoch). The outliers are
     built with the first seed for every run, so that all runs face the same images."""
-    config = PipelineConfig(dataset=FLAGS.dataset, seed=int(FLAGS.seeds[0])).resolve()
+    training = PipelineConfig.from_flat(dataset=FLAGS.dataset,
+                                        seed=int(FLAGS.seeds[0])).resolve().train
     examples = Examples(run_dir / "ingest")
-    _, num_train = config.train_examples(examples.num_examples("train"))
-    model = keras.models.load_model(run_dir / "train" / train.BEST, compile=False)
-    quality = monitoring.rejection_quality(model, **train.monitor_data(config, examples,
+    _, num_train = training.train_examples(examples.num_examples("train"))
+    model = keras.models.load_model(run_dir / "train" / TrainedModel.BEST, compile=False)
+    quality = monitoring.rejection_quality(model, **train.monitor_data(training, examples,
                                                                           num_train))
     keras.backend.clear_session()
     return {k: round(v, 6) for k, v in monitoring.flat(quality).items() if k != "seconds"}

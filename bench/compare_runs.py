@@ -9,7 +9,7 @@ accuracy, the deployed rule's test rejection, the share of MNIST it rejects and 
 the shift suite's silent errors, and when the attack stage ran (attack/attack_report.json)
 the undetected success of the adaptive attacks per model and budget and Carlini et al.'s
 checks. With --parity=NAME, NAME's figures must lie within the
-spread of the other runs widened by --parity_margin points (issue: bf16 costs no quality).
+spread of the other runs widened by --parity_margin points (bf16 costs no quality).
 """
 
 from __future__ import annotations

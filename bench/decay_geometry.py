@@ -12,7 +12,7 @@ is split two ways:
   within-class variance.
 Reported per set: median squared lengths, and each part's AUROC against held-out images.
 Sets: held-out images (the last 5000 training images), the outliers built from them
-(`sdim_tf.outliers`), and MNIST test as a diagnosis of the decay measured there (reported,
+(`sdim_tf.outlier_proxies`), and MNIST test as a diagnosis of the decay measured there (reported,
 never used to choose anything).
 
 python -m bench.decay_geometry --checkpoints='/work/runs/fm-default/epochs/epoch_*.keras' \

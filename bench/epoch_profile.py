@@ -2,9 +2,9 @@
 every epoch): the steps against their own median step, the per-epoch test accuracy, the
 rejection monitor and the checkpoints.
 
-    python -m bench.epoch_profile --run_dir=runs/fashion_mnist
+    python -m bench.epoch_profile --run_dir=runs/fashion_mnist-sdim
 
-Targets (issue: speed on whatever machine): epoch <= 1.10 x steps x median step; test
+Targets (speed on whatever machine): epoch <= 1.10 x steps x median step; test
 accuracy and monitoring together <= 5% of the epoch. Writes
 bench/results/<machine kind>/epoch_profile_<run name>.json.
 """
@@ -60,10 +60,10 @@ def _steps(view: Run) -> int | None:
     if not (view.model.folder / artifacts.MANIFEST).exists():
         return None
     trained = view.model.manifest()["config"]
-    config = PipelineConfig(**{k: trained[k] for k in (
-        "validation_split", "train_limit", "batch_size")})
-    _, limit = config.train_examples(view.examples.num_examples("train"))
-    return limit // config.batch_size
+    training = PipelineConfig.from_flat(**{k: trained[k] for k in (
+        "validation_split", "train_limit", "batch_size")}).train
+    _, limit = training.train_examples(view.examples.num_examples("train"))
+    return limit // training.batch_size
 
 
 def main(argv):

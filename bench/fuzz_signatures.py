@@ -1,4 +1,4 @@
-"""Signature fuzzing (issue 20): generated requests against an exported SavedModel, answered
+"""Signature fuzzing: generated requests against an exported SavedModel, answered
 by a process that imports TensorFlow only, as a downstream server would load it.
 
     python -m bench.fuzz_signatures MODEL_DIR SPEC.json IMAGES.npz --cases=10000 --seed=0
@@ -9,11 +9,11 @@ signature, rows by reason, refusals by message class, worst latency, resident me
 the failures with a reproducer, and the gRPC-shaped hazards of `tensor_proto_hazards`.
 
 The property (`check`): every request is either answered, with the README's outputs (shapes,
-dtypes, `rejected == ~(score >= threshold) | invalid`, a reason on exactly the rejected rows,
-the reason an independent reading of the input predicts), or refused with an
-InvalidArgumentError whose message names the problem (a TypeError/ValueError of the Python
-call, before the graph, also counts); never another exception, never an abort; no request
-of at most 64 images takes over 2 s (of wall and of CPU time: `Outcome.cost`); the peak
+dtypes, `rejected == ~(score >= threshold) | ~(gap >= min_gap) | invalid`, a reason on
+exactly the rejected rows, the reason an independent reading of the input predicts), or
+refused with an InvalidArgumentError whose message names the problem (a TypeError/ValueError
+of the Python call, before the graph, also counts); never another exception, never an abort;
+no request of at most 64 images takes over 2 s (of wall and of CPU time: `Outcome.cost`); the peak
 resident memory stays within 512 MiB of what the process held after loading. (At a
 max_batch of 1024, the default before, it did not: one such request holds ~0.4 GiB of
 activations, and every new batch size leaves cached kernels behind; see
@@ -61,13 +61,14 @@ from bench.header_bombs import peak_mib, png_header
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIGNATURES = ("serving_default", "classify_raw", "classify_encoded")
-VALID = frozenset({"", "below_threshold"})  # a row decided on its content
+VALID = frozenset({"", "unfamiliar", "ambiguous"})  # a row decided on its content
 MAX_SECONDS, LATENCY_BATCH = 2.0, 64  # no request of at most 64 images may take longer
 RSS_BUDGET_MIB = 512
 # README, "Serving the exported model": output -> (rank, dtype); rank 2 is [N, C].
 OUTPUTS = {"class_scores": (2, np.float32), "log_likelihoods": (2, np.float32),
            "probabilities": (2, np.float32), "class_ids": (1, np.int64),
            "score": (1, np.float32), "threshold": (1, np.float32),
+           "gap": (1, np.float32), "min_gap": (1, np.float32),
            "max_log_likelihood": (1, np.float32), "rejected": (1, np.bool_),
            "reason": (1, np.object_)}
 # A refusal's message class: the first pattern its text (without the "[Op:...]" suffix,
@@ -281,10 +282,15 @@ def check(request: Request, outcome: Outcome, spec: Spec) -> list[str]:
     if unknown:
         problems.append(f"reasons {sorted(unknown)} not among the documented ones")
     invalid = ~np.isin(reason, list(VALID))
-    rule = ~(out["score"] >= out["threshold"]) | invalid
+    unfamiliar = ~(out["score"] >= out["threshold"]) & ~invalid
+    ambiguous = ~(out["gap"] >= out["min_gap"]) & ~unfamiliar & ~invalid
+    rule = unfamiliar | ambiguous | invalid
     if not np.array_equal(out["rejected"], rule):
-        problems.append(f"rejected != ~(score >= threshold) | invalid at rows "
-                        f"{np.flatnonzero(out['rejected'] != rule)[:8].tolist()}")
+        problems.append(f"rejected != ~(score >= threshold) | ~(gap >= min_gap) | invalid at "
+                        f"rows {np.flatnonzero(out['rejected'] != rule)[:8].tolist()}")
+    if not (np.array_equal(reason == "unfamiliar", unfamiliar)
+            and np.array_equal(reason == "ambiguous", ambiguous)):
+        problems.append("unfamiliar/ambiguous on rows other than the threshold's/gap's")
     if not np.array_equal(reason != "", out["rejected"]):
         problems.append(f"a reason on rows not rejected (or none on rejected ones): "
                         f"{np.flatnonzero((reason != '') != out['rejected'])[:8].tolist()}")
@@ -297,6 +303,7 @@ def check(request: Request, outcome: Outcome, spec: Spec) -> list[str]:
     if invalid.any():  # README: refused rows come back with scores and log-likelihoods -inf
         refused = (np.isneginf(scores[invalid]).all() and np.isneginf(out["score"][invalid]).all()
                    and np.isneginf(out["log_likelihoods"][invalid]).all()
+                   and np.isneginf(out["gap"][invalid]).all()
                    and not out["probabilities"][invalid].any())
         if not refused:
             problems.append("an invalid row's scores are not -inf (or probabilities not 0)")
@@ -310,9 +317,11 @@ def check(request: Request, outcome: Outcome, spec: Spec) -> list[str]:
             problems.append(f"class_ids {sorted(set(ids.tolist()))} outside [0, {c})")
         elif not (np.array_equal(ids, scores[valid].argmax(1))
                   and np.array_equal(out["score"][valid], scores[valid].max(1))
-                  and np.array_equal(out["threshold"][valid], thresholds[ids])):
-            problems.append("class_ids/score/threshold disagree with class_scores and the "
-                            "deployed thresholds")
+                  and np.array_equal(out["threshold"][valid], thresholds[ids])
+                  and (c < 2 or np.array_equal(out["gap"][valid], np.diff(
+                      np.sort(scores[valid], 1)[:, -2:], axis=1)[:, 0]))):
+            problems.append("class_ids/score/threshold/gap disagree with class_scores and "
+                            "the deployed thresholds")
         if not np.allclose(out["probabilities"][valid].sum(1), 1.0, atol=1e-4):
             problems.append("a valid row's probabilities do not sum to 1")
     return problems

@@ -40,9 +40,9 @@ def main(model_dir: str) -> dict:
         figures[name] = {"seconds": round(time.perf_counter() - start, 4),
                          "peak_rss_growth_mib": round(peak_mib() - baseline, 1),
                          "reasons": [r.decode() for r in out["reason"].numpy()],
-                         # rows decided on their content (accepted or below threshold)
+                         # rows decided on their content: accepted, unfamiliar, ambiguous
                          "answered": int(np.isin(out["reason"].numpy(),
-                                                 [b"", b"below_threshold"]).sum())}
+                                                 [b"", b"unfamiliar", b"ambiguous"]).sum())}
     figures["post_load_peak_rss_mib"] = round(baseline, 1)
     assert "sdim_tf" not in sys.modules
     return figures

@@ -158,7 +158,7 @@ def main(argv):
                              (FLAGS.min_side, FLAGS.max_side))
         written = time.perf_counter() - started
         _read_all(paths)
-        options = data.FolderOptions(driver=FLAGS.driver)
+        options = data.FolderOptions(ingest_driver=FLAGS.driver)
 
         def fresh(name: str) -> pathlib.Path:
             shutil.rmtree(work / name, ignore_errors=True)

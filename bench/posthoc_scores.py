@@ -1,4 +1,4 @@
-"""Screening of rejection scores on a trained run (issue 12; docs/results.md).
+"""Screening of rejection scores on a trained run (docs/results.md, "The threshold rule").
 
 For each candidate score -- the model's own log p(x|c) (the paper's) or tied Gaussians
 (sdim_tf.density) on a set of encoder layers -- fitted on the trained images:
@@ -25,9 +25,8 @@ import tensorflow as tf
 from absl import app, flags
 
 from pipeline import artifacts
-from pipeline.config import PipelineConfig
 from pipeline.run_dir import Run
-from sdim_tf import data, density, metrics, outliers, rejection
+from sdim_tf import data, density, metrics, ood_data, outlier_proxies, rejection
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "A run with ingest and train done and a validation split.")
@@ -130,13 +129,10 @@ def main(argv):
     run = Run(FLAGS.run_dir)
     run_dir = run.root
     started = time.time()
-    trained = run.model.manifest()["config"]
-    config = PipelineConfig(**{k: v for k, v in trained.items()
-                               if k in ("dataset", "validation_split", "train_limit",
-                                        "batch_size")}).resolve()
+    trained, seed = run.model.settings, run.model.seed
     num_train = run.examples.num_examples("train")
-    fit_range, val_range = config.train_examples(num_train), config.calibration_examples(num_train)
-    held_out = bool(config.validation_split)
+    fit_range, val_range = run.model.examples("trained"), run.model.examples("held_out")
+    held_out = val_range is not None
     if not held_out:
         if not FLAGS.trained_validation:
             sys.exit(f"error: {run_dir} was trained without --validation_split; selection "
@@ -149,8 +145,8 @@ def main(argv):
         sets[name], labels[name] = features(model, run.examples.dataset("train", skip, limit))
     sets["test"], labels["test"] = features(model, run.examples.dataset("test"))
     val_images, _ = run.examples.arrays("train", limit=val_range[1], skip=val_range[0])
-    proxies = outliers.proxy_outliers(val_images[:FLAGS.proxy_images], seed=config.seed)
-    oods, _ = outliers.ood_sets(config.dataset, run.examples.image_shape, seed=config.seed)
+    proxies = outlier_proxies.proxy_outliers(val_images[:FLAGS.proxy_images], seed=seed)
+    oods, _ = ood_data.ood_sets(run.examples.dataset_name, run.examples.image_shape, seed=seed)
     for name, images in {**proxies, **oods}.items():
         sets[name], labels[name] = features(model, data.image_batches(images))
     scorers = layer_scores(sets["fit"], labels["fit"], run.examples.num_classes)

@@ -29,7 +29,7 @@ from bench.machine import RESULTS, machine, results_path
 from pipeline import artifacts
 from pipeline.run_dir import Examples
 from pipeline.stages import ingest, train
-from sdim_tf import data, density, rejection, serving
+from sdim_tf import data, density, publish, rejection, serving
 
 BENCHMARKS = ("training", "input_pipeline", "serving", "serving_threads", "calibration",
               "memory", "reliability", "concurrency")
@@ -138,7 +138,7 @@ def serving_speed(tmp: pathlib.Path) -> dict:
     fit = rng.random((512, 32, 32, 1), np.float32)
     scorer.fit_features([(fit, np.arange(512) % 10)])
     module = serving.RejectingClassifier(scorer, np.zeros(10), 1, (28, 28))
-    loaded = tf.saved_model.load(str(serving.export(module, tmp / "saved_models", "bench")))
+    loaded = tf.saved_model.load(str(publish.export(module, tmp / "saved_models", "bench")))
     raw = rng.integers(0, 256, (256, 28, 28, 1), np.uint8)
 
     def floats(n):

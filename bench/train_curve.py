@@ -41,10 +41,11 @@ def main(argv):
     train_ds = examples.dataset("train", batch_size=FLAGS.batch_size, training=True,
                                 seed=FLAGS.seed)
     test = examples.dataset("test")
-    config = PipelineConfig(dataset=FLAGS.dataset, model=FLAGS.model, critic=FLAGS.critic,
-                            epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-                            seed=FLAGS.seed).resolve()
-    model = train.build_model(config, examples.num_classes, examples.image_shape[-1],
+    config = PipelineConfig.from_flat(dataset=FLAGS.dataset, model=FLAGS.model,
+                                      critic=FLAGS.critic, epochs=FLAGS.epochs,
+                                      batch_size=FLAGS.batch_size, seed=FLAGS.seed).resolve()
+    model = train.build_model(config.model, config.train, examples.num_classes,
+                              examples.image_shape[-1],
                               examples.num_examples("train") // FLAGS.batch_size)
     name = f"train_curve_{FLAGS.model}_{FLAGS.critic if FLAGS.model == 'sdim' else 'none'}"
     if FLAGS.mixed_precision:

@@ -14,12 +14,12 @@ import numpy as np
 
 from pipeline.config import PipelineConfig
 from pipeline.stages import train
-from sdim_tf import data, serving
+from sdim_tf import data, publish, serving
 
 
 def model(kind: str = "sdim", critic: str = "concat"):
-    config = PipelineConfig(model=kind, critic=critic, epochs=0).resolve()
-    return train.build_model(config, num_classes=10, channels=1)
+    config = PipelineConfig.from_flat(model=kind, critic=critic, epochs=0).resolve()
+    return train.build_model(config.model, config.train, num_classes=10, channels=1)
 
 
 def export(export_dir: str | os.PathLike, name: str, raw: np.ndarray | None = None
@@ -31,4 +31,4 @@ def export(export_dir: str | os.PathLike, name: str, raw: np.ndarray | None = No
     if raw is not None:
         scores = module.serving_default(data.preprocess(raw))["score"].numpy()
         module.thresholds.assign(np.full(10, np.median(scores), np.float32))
-    return serving.export(module, export_dir, name), module
+    return publish.export(module, export_dir, name), module

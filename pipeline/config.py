@@ -1,4 +1,9 @@
-"""PipelineConfig: what a run does. The absl flags of `pipeline.run` map onto it one to one."""
+"""What a run does: one dataclass per concern; each stage receives only its own sections.
+
+A field's help is its flag's: `pipeline.run` makes the absl flags from the fields (names are
+unique across sections, pipeline.sections), and `PipelineConfig.from_flat(dataset="mnist",
+epochs=2)` takes the same names.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import dataclasses
 import os
 from typing import Optional
 
+from pipeline import sections
+from pipeline.sections import ConfigError, Section, check, derived, library, option
 from sdim_tf import (
     adversarial,
     conformal,
@@ -14,256 +21,134 @@ from sdim_tf import (
     mutual_info,
     precision,
     rejection,
+    robust,
     serving,
 )
 
 MODELS = ("sdim", "discriminative")
 DISTRIBUTE = ("auto", "one_device", "mirrored", "multi_worker")
-LR_SCHEDULES = ("constant", "cosine")  # cosine: from learning_rate to 0 over the run
-# model: the classifier's own output (log p(x|c) for SDIM, the paper's score; logits for the
-# discriminative model). feature_density: tied Gaussians fitted after training on encoder
-# layers (sdim_tf.density), the default after the issue-12 experiments (docs/results.md).
+LR_SCHEDULES = ("constant", "cosine")
 SCORES = ("model", "feature_density")
-# per_class: the paper's percentile per class; shared: one percentile over all classes, the
-# default for feature_density (it rejects more proxy outliers at the same validation reject
-# rate, docs/results.md).
 THRESHOLD_RULES = ("per_class", "shared")
-
-# The paper's settings per dataset (section 5, appendix B.2): ResNet10 on MNIST and
-# Fashion-MNIST, ResNet26 on CIFAR10/SVHN.
-# validation_split: held-out images for the thresholds and the reject budget
-# (docs/results.md); 0 for image folders, whose size is unknown.
-PRESETS = {
-    "mnist": {"n": 1, "validation_split": 5000, "reject_budget": 0.04},
-    "fashion_mnist": {"n": 1, "validation_split": 5000, "reject_budget": 0.04},
-    "cifar10": {"n": 3, "validation_split": 5000, "reject_budget": 0.04},
-    "svhn_cropped": {"n": 3, "validation_split": 5000, "reject_budget": 0.04},
-    "image_folder": {"n": 1, "validation_split": 0, "reject_budget": 0},
-}
+# The paper's ResNet10 on MNIST and Fashion-MNIST, ResNet26 on CIFAR10/SVHN (section 5);
+# image folders' size is unknown: nothing held out, no budget.
+PRESETS = {name: {"n": n, "validation_split": 5000, "reject_budget": 0.04} for name, n in (
+    ("mnist", 1), ("fashion_mnist", 1), ("cifar10", 3), ("svhn_cropped", 3))}
+PRESETS["image_folder"] = {"n": 1, "validation_split": 0, "reject_budget": 0}
 
 
-_ATTACK = adversarial.AttackSettings()
-_LIMITS = serving.Limits()
-ATTACK_COUNTS = ("attack_images", "attack_pgd_steps", "attack_deepfool_steps",
-                 "attack_boundary_images", "attack_boundary_steps",
-                 "attack_local_search_images", "attack_local_search_rounds",
-                 "attack_cw_images", "attack_cw_steps", "attack_cw_search_steps",
-                 "attack_accepted_steps", "attack_accepted_restarts", "attack_square_images",
-                 "attack_square_queries", "attack_replay_images")
-ATTACK_BUDGETS = ("attack_epsilons", "attack_accepted_epsilons", "attack_accepted_l2_epsilons")
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Section):
+    dataset: str = option("fashion_mnist", f"Dataset: {', '.join(data.DATASETS)}.")
+    data_dir: Optional[str] = option(None, "Folder holding <dataset>/train-images-idx3-ubyte.gz "
+                                     "etc. (or <dataset>/train/<class>/ images); default: "
+                                     "$SDIM_DATA_DIR, then tfds.")
 
-
-LEGACY_PRECISION = {"float32": False, "bfloat16": True}
-LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(serving.Limits))
-
-
-class ConfigError(ValueError):
-    """An invalid flag or flag combination; the message names it."""
-
-
-@dataclasses.dataclass
-class PipelineConfig:
-    """One pipeline run. `resolve()` fills the per-dataset presets and validates."""
-
-    dataset: str = "fashion_mnist"
-    data_dir: Optional[str] = None
-    run_dir: Optional[str] = None  # default runs/<dataset>-<model>
-    model: str = "sdim"
-    critic: str = "concat"
-    mi_bound: str = "jsd"
-    n: Optional[int] = None  # ResNet depth 8n+2; default from PRESETS
-    rep_dim: int = 64
-    alpha: float = 1.0
-    beta: float = 1.0
-    gamma: float = 1.0
-    margin: float = 10.0
-    log_scale_floor: Optional[float] = None
-    # Not in the paper (off): a margin term on 2x2 mosaics of training images (sdim_tf.SDIM)
-    outlier_weight: float = 0.0
-    outlier_margin: float = 10.0
-    # The paper trains 500 epochs; the authors' code reaches its 95.1% on Fashion-MNIST
-    # within 50 (design.md), a tenth of the cost.
-    epochs: int = 50
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    # Not the paper's constant rate: chosen on held-out data at 50 epochs (docs/results.md)
-    lr_schedule: str = "cosine"
-    seed: int = 0
-    stages: Optional[tuple[str, ...]] = None  # None: every default stage
-    train_limit: Optional[int] = None
-    distribute: str = "auto"
-    # auto: bfloat16 where the hardware computes it natively (sdim_tf.precision), else
-    # float32; the train stage records what it chose. Exports always compute in float32.
-    mixed_precision: str = "auto"
-    jit_compile: str = "auto"  # XLA: on with GPUs, off on CPUs (slower there)
-    deterministic: bool = False
-    # Calibration (paper: 1st and 2nd percentiles on the training set). validation_split > 0
-    # holds out the last N training images: never trained on, used for the thresholds.
-    # Default from PRESETS.
-    percentiles: tuple[float, ...] = (1, 2, 3)
-    validation_split: Optional[int] = None
-    score: str = "feature_density"
-    density_layers: tuple[str, ...] = density.DEFAULT_LAYERS
-    density_split: bool = density.DEFAULT_SPLIT  # two standardised terms per layer
-    threshold_rule: Optional[str] = None  # shared for feature_density, else per_class
-    export_dir: str = "saved_models"
-    # What one request to the SavedModel may cost (sdim_tf.serving.Limits).
-    max_image_side: int = _LIMITS.max_image_side
-    max_image_bytes: int = _LIMITS.max_image_bytes
-    max_request_bytes: int = _LIMITS.max_request_bytes
-    max_request_pixels: int = _LIMITS.max_request_pixels
-    max_batch: int = _LIMITS.max_batch
-    export_percentile: float = 1  # whose thresholds the SavedModel applies, without a budget
-    # > 0 (needs --validation_split): deploy split-conformal thresholds that reject at most
-    # this share of images drawn like the held-out ones (0.04: the paper's Fashion-MNIST
-    # rate 4.63% with room to spare), with confidence reject_confidence (0: on average).
-    # 0: --export_percentile, no guarantee. Default from PRESETS.
-    reject_budget: Optional[float] = None
-    reject_confidence: float = 0.95
-    # The evaluate stage's shift suite (sdim_tf.shifts) runs on the first N test images.
-    shift_images: int = 2000
-    force: bool = False
-    # The opt-in attack stage (paper section 5.3); caps sized for a 2-core CPU.
-    attacks: tuple[str, ...] = adversarial.ATTACKS
-    attack_images: int = _ATTACK.images
-    attack_epsilons: tuple[float, ...] = _ATTACK.epsilons
-    attack_pgd_steps: int = _ATTACK.pgd_steps
-    attack_pgd_step_size: float = _ATTACK.pgd_step_size
-    attack_deepfool_steps: int = _ATTACK.deepfool_steps
-    attack_boundary_images: int = _ATTACK.boundary_images
-    attack_boundary_steps: int = _ATTACK.boundary_steps
-    attack_local_search_images: int = _ATTACK.local_search_images
-    attack_local_search_rounds: int = _ATTACK.local_search_rounds
-    attack_cw_images: int = _ATTACK.cw_images
-    # None: per --score (0,500,1000 for model; 0,1,2,4 x the std of the held-out images' top
-    # scores for feature_density), resolved by the attack stage
-    attack_cw_confidences: Optional[tuple[float, ...]] = _ATTACK.cw_confidences
-    attack_cw_steps: int = _ATTACK.cw_steps
-    attack_cw_search_steps: int = _ATTACK.cw_search_steps
-    attack_accepted_epsilons: tuple[float, ...] = _ATTACK.accepted_epsilons
-    attack_accepted_l2_epsilons: tuple[float, ...] = _ATTACK.accepted_l2_epsilons
-    attack_accepted_steps: int = _ATTACK.accepted_steps
-    attack_accepted_restarts: int = _ATTACK.accepted_restarts
-    attack_accepted_schedule: str = _ATTACK.accepted_schedule
-    attack_square_images: int = _ATTACK.square_images
-    attack_square_queries: int = _ATTACK.square_queries
-    attack_replay_images: int = _ATTACK.replay_images
-    # run_dir of a calibrated discriminative run: its curves beside ours
-    attack_baseline: Optional[str] = None
-
-    def resolve(self, known_stages: tuple[str, ...] = ()) -> PipelineConfig:
-        """Returns a copy with presets and defaults filled in; raises ConfigError."""
+    def validate(self) -> None:
         try:
             data.get_spec(self.dataset)
         except data.DataError as e:
             raise ConfigError(f"--dataset: {e}") from None
-        c = dataclasses.replace(self)
-        for name in ("n", "validation_split", "reject_budget"):
-            if getattr(c, name) is None:
-                setattr(c, name, PRESETS[c.dataset][name])
-        if c.run_dir is None:
-            c.run_dir = os.path.join("runs", f"{c.dataset}-{c.model}")
-        if c.stages is not None:
-            c.stages = tuple(c.stages)
-        c.attacks = tuple(c.attacks)
-        if isinstance(c.mixed_precision, bool):  # the flag's meaning before "auto"
-            c.mixed_precision = "bfloat16" if c.mixed_precision else "float32"
-        c.density_layers = tuple(c.density_layers)
-        if c.threshold_rule is None:
-            c.threshold_rule = "shared" if c.score == "feature_density" else "per_class"
-        for name in ATTACK_BUDGETS:
-            setattr(c, name, tuple(float(e) for e in getattr(c, name)))
-        if c.attack_cw_confidences is not None:
-            c.attack_cw_confidences = tuple(float(k) for k in c.attack_cw_confidences)
-        c.percentiles = tuple(rejection.percentile_key(p) for p in c.percentiles)
-        checks = [
-            (c.model in MODELS, f"--model must be one of {', '.join(MODELS)}, got {c.model!r}"),
-            (c.critic in mutual_info.CRITICS,
-             f"--critic must be one of {', '.join(mutual_info.CRITICS)}, got {c.critic!r}"),
-            (c.mi_bound in mutual_info.BOUNDS,
-             f"--mi_bound must be one of {', '.join(mutual_info.BOUNDS)}, got {c.mi_bound!r}"),
-            (c.score in SCORES, f"--score must be one of {', '.join(SCORES)}, got {c.score!r}"),
-            (c.threshold_rule in THRESHOLD_RULES, f"--threshold_rule must be one of "
-             f"{', '.join(THRESHOLD_RULES)}, got {c.threshold_rule!r}"),
-            (len(c.density_layers) > 0 and not set(c.density_layers) - set(density.LAYERS),
-             f"--density_layers must be a non-empty subset of {', '.join(density.LAYERS)}, "
-             f"got {list(c.density_layers)}"),
-            (c.mixed_precision in precision.PRECISIONS, f"--mixed_precision must be one of "
-             f"{', '.join(precision.PRECISIONS)}, got {c.mixed_precision!r}"),
-            (c.jit_compile in precision.JIT_COMPILE, f"--jit_compile must be one of "
-             f"{', '.join(precision.JIT_COMPILE)}, got {c.jit_compile!r}"),
-            (c.distribute in DISTRIBUTE,
-             f"--distribute must be one of {', '.join(DISTRIBUTE)}, got {c.distribute!r}"),
-            (c.epochs >= 0, f"--epochs must be >= 0 (0: the untrained network), got "
-             f"{c.epochs}"),
-            (c.n >= 1, f"--n must be >= 1, got {c.n}"),
-            (c.rep_dim >= 1, f"--rep_dim must be >= 1, got {c.rep_dim}"),
-            (c.learning_rate > 0, f"--learning_rate must be > 0, got {c.learning_rate}"),
-            (c.lr_schedule in LR_SCHEDULES, f"--lr_schedule must be one of "
-             f"{', '.join(LR_SCHEDULES)}, got {c.lr_schedule!r}"),
-            # SDIM's negatives pair each image with another one of its batch.
-            (c.batch_size >= (2 if c.model == "sdim" else 1),
-             f"--batch_size must be >= 2 for SDIM, got {c.batch_size}"),
-            (c.train_limit is None or c.train_limit >= c.batch_size,
-             f"--train_limit={c.train_limit} is smaller than one batch "
-             f"(--batch_size={c.batch_size})"),
-            (c.validation_split >= 0, f"--validation_split must be >= 0, got "
-             f"{c.validation_split}"),
-            (c.outlier_weight >= 0, f"--outlier_weight must be >= 0, got {c.outlier_weight}"),
-            (c.outlier_weight == 0 or c.model == "sdim",
-             f"--outlier_weight={c.outlier_weight:g} needs --model=sdim (the term is on its "
-             f"class-conditional log-likelihoods)"),
-            (all(0 <= p < 100 for p in c.percentiles) and len(c.percentiles) > 0,
-             f"--percentiles must lie in [0, 100), got {list(c.percentiles)}"),
-            (0 <= c.reject_budget < 1, f"--reject_budget must lie in [0, 1), got "
-             f"{c.reject_budget}"),
-            (0 <= c.reject_confidence < 1, f"--reject_confidence must lie in [0, 1), got "
-             f"{c.reject_confidence}"),
-            (not c.reject_budget or c.validation_split > 0,
-             f"--reject_budget={c.reject_budget:g} promises its rate on held-out images: pass "
-             f"--validation_split=N (at least "
-             f"{conformal.minimum_samples(c.reject_budget, c.reject_confidence or None)} "
-             f"images) or --reject_budget=0 (--export_percentile, no guarantee)"
-             if 0 < c.reject_budget < 1 and 0 <= c.reject_confidence < 1 else ""),
-            (c.shift_images >= 0, f"--shift_images must be >= 0, got {c.shift_images}"),
-            (all(getattr(c, f) >= 1 for f in LIMIT_FIELDS),
-             "--" + " --".join(f"{f}={getattr(c, f)}" for f in LIMIT_FIELDS
-                               if getattr(c, f) < 1) + " must be >= 1"),
-            (c.reject_budget > 0 or c.export_percentile in c.percentiles,
-             f"--export_percentile={c.export_percentile} is not among --percentiles "
-             f"{list(c.percentiles)}"),
-            (not set(c.attacks) - set(adversarial.ATTACKS),
-             f"--attacks: unknown {sorted(set(c.attacks) - set(adversarial.ATTACKS))}; "
-             f"known: {', '.join(adversarial.ATTACKS)}"),
-            ("pgd_accepted_linf_doubled" not in c.attacks or "pgd_accepted_linf" in c.attacks,
-             "--attacks: pgd_accepted_linf_doubled checks the pgd_accepted_linf curve; "
-             "select both"),
-            (all(0 <= e <= 1 for e in c.attack_epsilons) and len(c.attack_epsilons) > 0,
-             f"--attack_epsilons must lie in [0, 1], got {list(c.attack_epsilons)}"),
-            (all(0 < e <= 1 for e in c.attack_accepted_epsilons)
-             and len(c.attack_accepted_epsilons) > 0, f"--attack_accepted_epsilons must lie "
-             f"in (0, 1], got {list(c.attack_accepted_epsilons)}"),
-            (all(e > 0 for e in c.attack_accepted_l2_epsilons)
-             and len(c.attack_accepted_l2_epsilons) > 0, f"--attack_accepted_l2_epsilons "
-             f"must be > 0, got {list(c.attack_accepted_l2_epsilons)}"),
-            (all(getattr(c, f) >= 1 for f in ATTACK_COUNTS),
-             "--" + " --".join(f"{f}={getattr(c, f)}" for f in ATTACK_COUNTS
-                               if getattr(c, f) < 1) + " must be >= 1"),
-            (c.attack_pgd_step_size > 0, f"--attack_pgd_step_size must be > 0, got "
-             f"{c.attack_pgd_step_size}"),
-            (c.attack_accepted_schedule in adversarial.SCHEDULES,
-             f"--attack_accepted_schedule must be one of {', '.join(adversarial.SCHEDULES)}, "
-             f"got {c.attack_accepted_schedule!r}"),
-            (all(k >= 0 for k in c.attack_cw_confidences or ()),
-             f"--attack_cw_confidences must be >= 0, got {list(c.attack_cw_confidences or ())}"),
-            (c.stages is None or not set(c.stages) - set(known_stages),
-             f"--stages: unknown {sorted(set(c.stages or ()) - set(known_stages))}; "
-             f"known: {', '.join(known_stages)}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        return c
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Section):
+    model: str = option("sdim", "SDIM or its discriminative counterpart.", MODELS)
+    critic: str = option("concat", "Local-MI critic: concat (the paper's, 4x4 map) or dot (the "
+                         "authors' code's, 16x16 map).", tuple(mutual_info.CRITICS))
+    mi_bound: str = option("jsd", "MI lower bound.", mutual_info.BOUNDS)
+    n: Optional[int] = option(None, "ResNet depth 8n+2; default per dataset (1, or 3 for "
+                              "CIFAR10/SVHN).")
+    rep_dim: int = option(64, "Representation size d.")
+    alpha: float = option(1.0, "Weight of the MI loss.")
+    beta: float = option(1.0, "Weight of the NLL loss.")
+    gamma: float = option(1.0, "Weight of the likelihood-margin loss.")
+    margin: float = option(10.0, "Margin K per dimension of the likelihood-margin loss.")
+    log_scale_floor: Optional[float] = option(None, "Floor on the class log-scales (off by "
+                                              "default).")
+    outlier_weight: float = option(0.0, "Weight of the outlier-margin term on 2x2 mosaics of "
+                                   "training images (not in the paper; 0: off).")
+    outlier_margin: float = option(10.0, "Margin K per dimension of the outlier-margin term, "
+                                   "below the true class of the mosaic's first image.")
+    robust: robust.RobustTraining = library(robust.RobustTraining, {
+        "epsilon": "Adversarial training: L-inf budget of the examples each training step makes "
+                   "against the model's class scores (not in the paper; 0: off).",
+        "attack": ("pgd: PGD from a random start; fgsm: one step of 1.25 epsilon from a random "
+                   "start (fast).", robust.ATTACKS),
+        "steps": "PGD steps of --robust_attack=pgd.",
+        "step_size": "Step of the training attack; default 2.5 epsilon / steps (pgd), 1.25 "
+                     "epsilon (fgsm).",
+        "mode": ("classify: the supervised losses on the adversarial examples; reject: their "
+                 "best class score --robust_margin per dimension below the clean true class, so "
+                 "the threshold refuses them; both.", robust.MODES),
+        "weight": "Weight of the adversarial terms.",
+        "margin": "Margin K per dimension of the reject term.",
+        "clean": "Keep the clean batch in the loss beside its adversarial examples; "
+                 "--norobust_clean: these alone in its place (Madry et al.; about one pass "
+                 "cheaper; --robust_mode=classify only)."}, prefix="robust_")
+
+    def checks(self) -> list:
+        return [(self.n >= 1, f"--n must be >= 1, got {self.n}"),
+                (self.rep_dim >= 1, f"--rep_dim must be >= 1, got {self.rep_dim}"),
+                (self.outlier_weight >= 0,
+                 f"--outlier_weight must be >= 0, got {self.outlier_weight}"),
+                (self.outlier_weight == 0 or self.model == "sdim",
+                 f"--outlier_weight={self.outlier_weight:g} needs --model=sdim (the term is on "
+                 "its class-conditional log-likelihoods)"),
+                (not self.robust.enabled or self.model == "sdim",
+                 f"--robust_epsilon={self.robust.epsilon:g} needs --model=sdim (its terms are on "
+                 "the class-conditional log-likelihoods)")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Watch:
+    """The deployed-style rejection the train stage watches each epoch (calibrate's flags)."""
+
+    budget: float = 0.04
+    confidence: Optional[float] = 0.95
+    layers: tuple[str, ...] = density.DEFAULT_LAYERS
+    split: bool = density.DEFAULT_SPLIT
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
+    epochs: int = option(50, "Training epochs (paper: 500; 50 reach its accuracy; 0: the "
+                         "untrained network, a baseline).")
+    batch_size: int = option(128, "Global batch size.")
+    learning_rate: float = option(1e-3, "Adam learning rate.")
+    lr_schedule: str = option("cosine", "cosine: decays the learning rate to 0 over --epochs "
+                              "(so a finished run cannot be extended; chosen on held-out data, "
+                              "docs/results.md); constant: the paper's.", LR_SCHEDULES)
+    seed: int = option(0, "Random seed (weights, shuffling, augmentation; the later stages' "
+                       "outliers, maps and attacks).")
+    train_limit: Optional[int] = option(None, "Train on the first N training examples (smoke "
+                                        "runs).")
+    validation_split: Optional[int] = option(
+        None, "Hold out the last N training images for calibration; default per dataset "
+        "(5000; 0 for image_folder). 0: calibrate on the training images, as the paper.")
+    distribute: str = option("auto", "auto: MirroredStrategy on >1 GPU, "
+                             "MultiWorkerMirroredStrategy when TF_CONFIG names several workers, "
+                             "else the default strategy.", DISTRIBUTE, key=False)
+    mixed_precision: str = option(
+        "auto", "Training compute dtype: auto = bfloat16 where the hardware has it natively "
+        "(CPU avx512_bf16/amx_bf16, GPU compute capability >= 8.0), else float32 (losses stay "
+        "float32; exports always compute in float32).", precision.PRECISIONS)
+    jit_compile: str = option("auto", "XLA for the training step: auto = on with GPUs, off on "
+                              "CPUs.", precision.JIT_COMPILE, key=False)
+    deterministic: bool = option(False, "Deterministic TF ops (slower).")
+    watch: Watch = derived(Watch, "The rejection watched each epoch (history.csv monitor/*).")
+    fresh: bool = derived(bool, "--force: start afresh instead of resuming.")
+
+    def checks(self) -> list:
+        return [(self.epochs >= 0,
+                 f"--epochs must be >= 0 (0: the untrained network), got {self.epochs}"),
+                (self.learning_rate > 0,
+                 f"--learning_rate must be > 0, got {self.learning_rate}"),
+                (self.train_limit is None or self.train_limit >= self.batch_size,
+                 f"--train_limit={self.train_limit} is smaller than one batch "
+                 f"(--batch_size={self.batch_size})"),
+                (self.validation_split >= 0,
+                 f"--validation_split must be >= 0, got {self.validation_split}")]
 
     def train_examples(self, num_train: int) -> tuple[int, int]:
         """(skip, limit) of the training examples the model trains on."""
@@ -273,34 +158,199 @@ class PipelineConfig:
                               f"training images, less than one batch")
         return 0, min(available, self.train_limit or available)
 
-    def calibration_examples(self, num_train: int) -> tuple[int, int]:
-        """(skip, limit): the held-out validation images, else the trained ones."""
-        if self.validation_split:
-            return num_train - self.validation_split, self.validation_split
-        return self.train_examples(num_train)
+    def held_out(self, num_train: int) -> tuple[int, int] | None:
+        """(skip, limit) of the held-out images, None without --validation_split."""
+        v = self.validation_split
+        return (num_train - v, v) if v else None
 
-    def limits(self) -> serving.Limits:
-        return serving.Limits(**self.fields(LIMIT_FIELDS))
 
-    def attack_settings(self) -> adversarial.AttackSettings:
-        return adversarial.AttackSettings(seed=self.seed, **{
-            f.name: getattr(self, "attack_" + f.name)
-            for f in dataclasses.fields(adversarial.AttackSettings)
-            if hasattr(self, "attack_" + f.name)})
+@dataclasses.dataclass(frozen=True)
+class CalibrateConfig(Section):
+    score: str = option("feature_density", "Rejection score: the model's own output (SDIM: "
+                        "log p(x|c), the paper's) or feature_density (tied Gaussians on encoder "
+                        "layers, fitted after training; see docs/results.md).", SCORES)
+    density_layers: tuple[str, ...] = option(
+        density.DEFAULT_LAYERS, f"Encoder layers of --score=feature_density, among "
+        f"{', '.join(density.LAYERS)}.")
+    density_split: bool = option(density.DEFAULT_SPLIT, "--score=feature_density: score each "
+                                 "layer as two standardised terms, within the span of the class "
+                                 "means and outside it (sdim_tf.density), instead of one.")
+    threshold_rule: Optional[str] = option(
+        None, "Thresholds per class (the paper's) or one shared by all classes; default shared "
+        "for --score=feature_density, else per_class.", THRESHOLD_RULES)
+    percentiles: tuple[float, ...] = option((1, 2, 3), "Threshold percentiles of the "
+                                            "calibration scores (paper: 1,2).")
+    reject_budget: Optional[float] = option(
+        None, "Deploy thresholds that reject at most this share of new images drawn like the "
+        "held-out ones (split conformal; needs --validation_split); default 0.04, 0 for "
+        "image_folder. 0: use --export_percentile, no guarantee.")
+    reject_confidence: float = option(0.95, "Confidence of the --reject_budget guarantee over "
+                                      "the draw of the held-out images (0: on average only).")
+    export_percentile: float = option(1, "The calibrated percentile whose thresholds the "
+                                      "SavedModel applies when --reject_budget=0.")
 
-    def fields(self, names: tuple[str, ...]) -> dict:
-        """The values of `names`, for a stage's config hash. An explicit precision hashes
-        as the boolean flag it replaced, and the outlier term, split density terms and a
-        learning-rate schedule when off are left out, so runs made before any of them
-        existed still resume."""
-        values = {name: getattr(self, name) for name in names}
-        if values.get("outlier_weight") == 0:  # the paper's objective: hashes as before
-            values.pop("outlier_weight")
-            values.pop("outlier_margin", None)
-        if values.get("lr_schedule") == "constant":
-            values.pop("lr_schedule")
-        if values.get("density_split") is False:
-            values.pop("density_split")
-        if values.get("mixed_precision") in LEGACY_PRECISION:
-            values["mixed_precision"] = LEGACY_PRECISION[values["mixed_precision"]]
-        return values
+    def checks(self) -> list:
+        return [(len(self.density_layers) > 0 and not set(self.density_layers) - set(
+                    density.LAYERS), f"--density_layers must be a non-empty subset of "
+                 f"{', '.join(density.LAYERS)}, got {list(self.density_layers)}"),
+                (all(0 <= p < 100 for p in self.percentiles) and len(self.percentiles) > 0,
+                 f"--percentiles must lie in [0, 100), got {list(self.percentiles)}"),
+                (0 <= self.reject_budget < 1,
+                 f"--reject_budget must lie in [0, 1), got {self.reject_budget}"),
+                (0 <= self.reject_confidence < 1,
+                 f"--reject_confidence must lie in [0, 1), got {self.reject_confidence}"),
+                (self.reject_budget > 0 or self.export_percentile in self.percentiles,
+                 f"--export_percentile={self.export_percentile:g} is not among --percentiles "
+                 f"{list(self.percentiles)}")]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig(Section):
+    shift_images: int = option(2000, "Test images of the evaluate stage's shift suite (11 "
+                               "corruptions x 5 severities; 0: none).")
+
+    def checks(self) -> list:
+        return [(self.shift_images >= 0, f"--shift_images must be >= 0, got {self.shift_images}")]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig(Section):
+    export_dir: str = option("saved_models", "Where the export stage writes SavedModels.")
+    limits: serving.Limits = library(serving.Limits, {
+        "max_image_side": "Export: classify_encoded refuses (reason too_large) an image whose "
+                          "header declares a longer side.",
+        "max_image_bytes": "Export: ... or more bytes.",
+        "max_request_bytes": "Export: classify_encoded refuses a request of more bytes "
+                             "(InvalidArgument).",
+        "max_request_pixels": "Export: classify_encoded refuses a request whose images' headers "
+                              "declare more pixels in all (InvalidArgument; decoding time grows "
+                              "with them).",
+        "max_batch": "Export: every signature refuses a request of more images "
+                     "(InvalidArgument)."})
+
+    def checks(self) -> list:
+        return [self.counts()]
+
+
+ATTACK_HELP = {
+    "images": "The curves (FGSM, PGD, adaptive PGD) and DeepFool attack the first N test images "
+              "the deployed model classifies correctly and accepts (paper: 1000).",
+    "epsilons": "L-inf budgets of the FGSM and PGD curves in the model's input space (32x32 "
+                "images in [0, 1]; paper Figures 4 and 5: 0 to 0.5).",
+    "pgd_steps": "PGD iterations (cleverhans' default, as in the paper).",
+    "pgd_step_size": "PGD step, capped at each epsilon.",
+    "deepfool_steps": "DeepFool iterations.",
+    "boundary_images": "Boundary attacks the first N attacked images.",
+    "boundary_steps": "Boundary attack iterations (ART's default 5000 takes hours per image "
+                      "on 2 cores).",
+    "local_search_images": "LocalSearch attacks the first N attacked images.",
+    "local_search_rounds": "LocalSearch rounds (Narodytska & Kasiviswanathan: 150).",
+    "cw_images": "Targeted CW-L2 (and cw_accepted) attack the first N attacked images towards "
+                 "every other class.",
+    "cw_confidences": "CW-L2 confidences kappa on the scale of the attacked score; default per "
+                      "--score: 0,500,1000 for model (the paper's), 0,1,2,4 times the standard "
+                      "deviation of the held-out images' top scores for feature_density.",
+    "cw_steps": "CW-L2 gradient steps per binary-search step.",
+    "cw_search_steps": "CW-L2 (and cw_accepted) binary-search steps over the constant c.",
+    "accepted_epsilons": "L-inf budgets of the adaptive PGD curve (pgd_accepted_linf) and "
+                         "square_accepted.",
+    "accepted_l2_epsilons": "L2 budgets of the adaptive PGD curve pgd_accepted_l2.",
+    "accepted_steps": "Steps of the adaptive attacks (PGD per restart; cw_accepted per "
+                      "binary-search step).",
+    "accepted_restarts": "Starts of the adaptive PGD (the first from the image, the others at "
+                         "random in the ball); pgd_accepted_linf_doubled runs twice the steps "
+                         "and restarts.",
+    "accepted_schedule": ("Step sizes of the adaptive PGD: cosine (from epsilon down to 0; more "
+                          "steps search longer) or constant (2.5 epsilon / steps, Madry et "
+                          "al.).", adversarial.SCHEDULES),
+    "square_images": "square_accepted (gradient-free, a sanity check) attacks the first N "
+                     "attacked images.",
+    "square_queries": "Queries per image of square_accepted.",
+    "replay_images": "Adversarial images per attack replayed against the exported SavedModel.",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig(Section):
+    """The opt-in attack stage (paper section 5.3): adversarial.AttackSettings, capped for a
+    2-core CPU."""
+
+    attacks: tuple[str, ...] = option(adversarial.ATTACKS, "Attacks of the attack stage "
+                                      "(opt-in: --stages=attack, after a run).")
+    settings: adversarial.AttackSettings = library(adversarial.AttackSettings, ATTACK_HELP,
+                                                   prefix="attack_")
+    attack_baseline: Optional[str] = option(
+        None, "run_dir of a --model=discriminative run of the same dataset with its own "
+        "calibrate stage: its curves (FGSM, PGD and the adaptive PGD) are drawn beside ours.")
+
+    def checks(self) -> list:
+        s, unknown = self.settings, sorted(set(self.attacks) - set(adversarial.ATTACKS))
+        return [(not unknown, f"--attacks: unknown {unknown}; known: "
+                 f"{', '.join(adversarial.ATTACKS)}"),
+                ("pgd_accepted_linf_doubled" not in self.attacks
+                 or "pgd_accepted_linf" in self.attacks, "--attacks: pgd_accepted_linf_doubled "
+                 "checks the pgd_accepted_linf curve; select both"),
+                (all(0 <= e <= 1 for e in s.epsilons) and len(s.epsilons) > 0,
+                 f"--attack_epsilons must lie in [0, 1], got {list(s.epsilons)}"),
+                (all(0 < e <= 1 for e in s.accepted_epsilons) and len(s.accepted_epsilons) > 0,
+                 f"--attack_accepted_epsilons must lie in (0, 1], got "
+                 f"{list(s.accepted_epsilons)}"),
+                (all(e > 0 for e in s.accepted_l2_epsilons) and len(s.accepted_l2_epsilons) > 0,
+                 f"--attack_accepted_l2_epsilons must be > 0, got "
+                 f"{list(s.accepted_l2_epsilons)}"),
+                self.counts(),
+                (s.pgd_step_size > 0, f"--attack_pgd_step_size must be > 0, got "
+                 f"{s.pgd_step_size}"),
+                (all(k >= 0 for k in s.cw_confidences or ()),
+                 f"--attack_cw_confidences must be >= 0, got {list(s.cw_confidences or ())}")]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig(Section):
+    """One pipeline run. `resolve()` fills the per-dataset presets and validates."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    calibrate: CalibrateConfig = dataclasses.field(default_factory=CalibrateConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
+    run_dir: Optional[str] = option(None, "Where stages write; default runs/<dataset>-<model>.")
+    stages: Optional[tuple[str, ...]] = option(None, "Stages to run (default: all but the "
+                                               "opt-in attack).")
+    force: bool = option(False, "Rerun stages even when unchanged.")
+
+    def resolve(self, known_stages: tuple[str, ...] = ()) -> PipelineConfig:
+        """A copy with presets and defaults filled in; raises ConfigError."""
+        c = self.replace(**self.flat())
+        c.data.validate()
+        c = c.replace(**{k: v for k, v in PRESETS[c.data.dataset].items() if c.flat()[k] is None})
+        cal = c.calibrate
+        cal = dataclasses.replace(cal, percentiles=tuple(map(rejection.percentile_key,
+                                                             cal.percentiles)),
+                                  threshold_rule=cal.threshold_rule or (
+                                      "shared" if cal.score == "feature_density" else "per_class"))
+        watch = Watch(cal.reject_budget or 0.04, cal.reject_confidence or None,
+                      cal.density_layers, cal.density_split)
+        c = dataclasses.replace(c, calibrate=cal, run_dir=c.run_dir or os.path.join(
+            "runs", f"{c.data.dataset}-{c.model.model}"),
+            train=dataclasses.replace(c.train, watch=watch, fresh=c.force))
+        for name in ("model", "train", "calibrate", "evaluate", "export", "attack"):
+            getattr(c, name).validate()
+        t, budget, confidence = c.train, cal.reject_budget, cal.reject_confidence
+        check([(t.batch_size >= (2 if c.model.model == "sdim" else 1),  # negatives pair images
+                 f"--batch_size must be >= 2 for SDIM, got {t.batch_size}"),
+                (not budget or t.validation_split > 0, f"--reject_budget={budget:g} promises its "
+                 f"rate on held-out images: pass --validation_split=N (at least "
+                 f"{conformal.minimum_samples(budget, confidence or None) if budget else 0} "
+                 f"images) or --reject_budget=0 (--export_percentile, no guarantee)"),
+                (c.stages is None or not set(c.stages) - set(known_stages),
+                 f"--stages: unknown {sorted(set(c.stages or ()) - set(known_stages))}; "
+                 f"known: {', '.join(known_stages)}")])
+        return c
+
+
+def define_attack_flags() -> None:
+    """The attack stage's flags, defined here so that absl's --help leaves them out."""
+    sections.define_flags(PipelineConfig, ("attack",), module_name=__name__)

@@ -21,9 +21,9 @@ The points (tests/test_faults.py kills a run at each kind and reruns it):
 - `attack.epsilon_done`: after each epsilon of an adaptive PGD curve is kept in
   attack/parts/ (`attack.epsilon_done/<curve>`, e.g. `pgd_accepted_linf_sdim`;
   tests/test_attack_stage.py stops a curve there).
-- `serving.before_rename`: in `sdim_tf.serving.export`, the SavedModel complete in its
-  temporary folder, before the rename that publishes the version (sdim_tf does not import
-  pipeline: `pipeline.run` sets `serving.before_rename` to this point).
+- `serving.before_rename`: in `sdim_tf.publish.export`, the SavedModel complete in its
+  temporary folder, before the rename that publishes the version (the export stage passes
+  this point as its `before_rename`).
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
 """Watch a deployed model's rejections for drift: `python -m pipeline.monitor`.
 
     python -m pipeline.monitor --model=saved_models/sdim_fashion_mnist [--version=N] \
-        [--alpha=A] [--shift=2] [--arl0=10000] [--out=monitor.json] PREDICTIONS.csv ...
+        [--reject_budget=A] [--shift=2] [--arl0=10000] [--out=monitor.json] PREDICTIONS.csv ...
 
 Reads the `rejected` column of the CSV files (one stream, in argument order, each file's
 rows in arrival order: true/false, True/False or 1/0) and runs the CUSUM of
 `sdim_tf.drift` against the rate the model guarantees: `alpha` of the `deployed` entry of
 `assets/thresholds.json` in the version folder (`--model` is a folder of numbered versions,
 the newest by default, or one version). Only that asset is read, so a copy of the assets
-without the SavedModel will do. `--alpha` overrides it, and is needed for a model exported
-without a guarantee (`--reject_budget=0`).
+without the SavedModel will do. `--reject_budget` (the rate the deployment promises, as the
+pipeline's flag of that name) overrides it, and is needed for a model exported without a
+guarantee (pipeline.run --reject_budget=0).
 
 The CSV of `pipeline.predict` (path, class_name, score, threshold, margin, rejected, reason)
 lists files in sorted path order: arrival order only when the names sort by arrival (e.g.
@@ -44,8 +45,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("model", None, "Folder of numbered SavedModel versions, or one version "
                         "(only assets/thresholds.json is read).")
     flags.DEFINE_integer("version", None, "Version to read (default: the newest).")
-    flags.DEFINE_float("alpha", None, "The guaranteed rejection rate to watch; default: the "
-                       "model's (thresholds.json, deployed.alpha).")
+    flags.DEFINE_float("reject_budget", None, "The guaranteed rejection rate alpha to watch; "
+                       "default: the model's (thresholds.json, deployed.alpha).")
     flags.DEFINE_float("shift", drift.DEFAULT_SHIFT, "The rise the alarm is tuned to: "
                        "rejection rate shift * alpha.")
     flags.DEFINE_float("arl0", drift.DEFAULT_ARL0, "Least mean number of requests to a false "
@@ -136,13 +137,13 @@ def summary(report: dict) -> str:
     alpha, design = report["alpha"], report["design"]
     lines = []
     if report.get("model"):
-        source = ("--alpha" if report["alpha_source"] == "--alpha"
+        source = ("--reject_budget" if report["alpha_source"] == "--reject_budget"
                   else "assets/thresholds.json")
         lines.append(f"model: {report['model']} (alpha {100 * alpha:g}% from {source})")
         if report.get("guarantee"):
             lines.append(f"guarantee: {report['guarantee']}")
     else:
-        lines.append(f"alpha: {100 * alpha:g}% (--alpha)")
+        lines.append(f"alpha: {100 * alpha:g}% (--reject_budget)")
     lines.append(f"requests: {report['requests']:,}; rejected {report['rejections']:,} "
                  f"({100 * report['rejection_rate']:.2f}%; guaranteed at most {100 * alpha:g}%)")
     first = report["first_alarm"]
@@ -174,7 +175,7 @@ def run(model: str | None, version: int | None, alpha: float | None, shift: floa
         raise MonitorError("give the CSV file(s) of rejections (a `rejected` column)")
     if model is None and alpha is None:
         raise MonitorError("--model is required (a folder of SavedModel versions), or give "
-                           "the rate to watch with --alpha")
+                           "the rate to watch with --reject_budget")
     if model is None and version is not None:
         raise MonitorError("--version needs --model")
     promised = {"alpha": None, "confidence": None, "n": None, "guarantee": None}
@@ -182,14 +183,14 @@ def run(model: str | None, version: int | None, alpha: float | None, shift: floa
     if model is not None:
         path = version_dir(model, version, marker="assets/thresholds.json")
         promised = guarantee(path)
-    source = "--alpha" if alpha is not None else "model"
+    source = "--reject_budget" if alpha is not None else "model"
     if alpha is None:
         alpha = promised["alpha"]
         if alpha is None:
             raise MonitorError(
                 f"{path / 'assets' / 'thresholds.json'}: the deployed thresholds carry no "
                 "guarantee (exported with --reject_budget=0), so there is no promised rate to "
-                "watch; give one with --alpha (e.g. --alpha=0.04)")
+                "watch; give one with --reject_budget (e.g. --reject_budget=0.04)")
     report = monitor(read_rejected(csv_paths), alpha, shift, arl0)
     report.update(model=str(path) if path else None, csv=list(csv_paths),
                   alpha_source=source,
@@ -204,7 +205,7 @@ def run(model: str | None, version: int | None, alpha: float | None, shift: floa
 
 def main(argv):
     try:
-        report = run(FLAGS.model, FLAGS.version, FLAGS.alpha, FLAGS.shift, FLAGS.arl0,
+        report = run(FLAGS.model, FLAGS.version, FLAGS.reject_budget, FLAGS.shift, FLAGS.arl0,
                      argv[1:])
     except ValueError as e:  # MonitorError, DeployedModelError, drift's checks of the flags
         sys.exit(f"error: {e}")

@@ -54,7 +54,7 @@ def define_flags() -> None:
 
 PREDICTION_COLUMNS = ("path", "class_name", "score", "threshold", "margin", "rejected", "reason")
 ERROR_COLUMNS = ("path", "reason")
-ANSWERED = ("", "below_threshold")  # reasons of rows the model classified
+ANSWERED = ("", "unfamiliar", "ambiguous")  # reasons of rows the model classified
 
 
 @dataclasses.dataclass

@@ -11,6 +11,8 @@ writes is an edit here and in that stage, nowhere else.
     run.model.best()                      # train
     run.calibration.deployed()            # calibrate
     run.deployable()                      # what export serves: scorer + thresholds + rule
+
+A stage gets the same views, for its declared inputs only, from the runner (`upstream`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import tensorflow as tf
 from pipeline import artifacts
 from sdim_tf import data, density, rejection, serving
 
-# Of the artifacts below, recorded in every stage's manifest; a reader refuses another one.
-SCHEMA_VERSION = 1
+# Of the artifacts below, recorded in every stage's manifest and in train's state.json; a
+# reader refuses another one.
+SCHEMA_VERSION = 2
 
 
 class ArtifactError(ValueError):
@@ -47,6 +50,15 @@ def _read_json(path: pathlib.Path) -> dict:
     if not isinstance(obj, dict):
         raise ArtifactError(f"{path}: expected a JSON object")
     return obj
+
+
+def _schema_version(path: pathlib.Path) -> int:
+    """The schema a manifest or state.json was written under (1 before it was recorded); an
+    absent or unreadable file counts as current: its stage reruns or names it."""
+    try:
+        return artifacts.read_json(path).get("schema_version", 1)
+    except (OSError, ValueError, AttributeError):
+        return SCHEMA_VERSION
 
 
 class Artifact:
@@ -90,6 +102,10 @@ class Examples(Artifact):
     def write_metadata(self, metadata: dict, folder: pathlib.Path | None = None) -> None:
         """Into `folder` (ingest's temporary folder) or the artifact's own."""
         artifacts.write_json((folder or self.folder) / self.METADATA, metadata)
+
+    @property
+    def dataset_name(self) -> str:
+        return self.metadata["dataset"]
 
     @property
     def num_classes(self) -> int:
@@ -156,7 +172,28 @@ class TrainedModel(Artifact):
         return _read_json(self.folder / self.STATE)
 
     def write_state(self, state: dict) -> None:
-        artifacts.write_json(self.folder / self.STATE, state)
+        artifacts.write_json(self.folder / self.STATE, {**state, "schema_version": SCHEMA_VERSION})
+
+    @property
+    def settings(self) -> dict:
+        """The flags the model was trained with (the train manifest's config)."""
+        return self.manifest()["config"]
+
+    @property
+    def kind(self) -> str:
+        """sdim or discriminative."""
+        return self.settings["model"]
+
+    @property
+    def seed(self) -> int:
+        """The run's seed, which later stages' random choices follow too."""
+        return int(self.settings["seed"])
+
+    def examples(self, split: str) -> tuple[int, int] | None:
+        """(skip, limit) of the training images the model trained on (`split="trained"`), or
+        of those held out (`"held_out"`, None when nothing was held out)."""
+        ranges = self.state()["examples"]
+        return None if ranges[split] is None else tuple(ranges[split])
 
     def history(self) -> list[dict]:
         """The per-epoch rows of history.csv as dicts of floats."""
@@ -337,13 +374,32 @@ class Run:
         """The typed view of `stage`'s outputs (a plain Artifact for stages nobody reads)."""
         return VIEWS.get(stage, Artifact)(self.root / stage)
 
+    def views(self, stages: tuple[str, ...], prefix: str) -> dict[str, Artifact]:
+        """{"<prefix>/<stage>": view}: another run's stages as inputs of a stage of this one."""
+        return {f"{prefix}/{stage}": self.artifact(stage) for stage in stages}
+
+    def schema_problem(self) -> str | None:
+        """What to do with a run directory written under another schema, or None."""
+        written = [*self.root.glob(f"*/{artifacts.MANIFEST}"), self.model.folder / self.model.STATE]
+        old = sorted({v for v in map(_schema_version, written) if v != SCHEMA_VERSION})
+        if not old:
+            return None
+        return (f"{self.root} was written under run-directory schema {old[0]}, this code reads "
+                f"{SCHEMA_VERSION}: rerun with --force to rebuild it (train starts afresh), or "
+                "pass a new --run_dir")
+
     def scoring_model(self) -> keras.Model:
         return self.calibration.scoring_model(self.model.best())
 
     def deployable(self, limits: serving.Limits | None = None) -> serving.RejectingClassifier:
-        """What the run deploys, in one object: the scoring model, the deployed thresholds and
-        the decision rule, for the run's input size and classes."""
-        shape = self.examples.image_shape
-        return serving.RejectingClassifier(
-            self.scoring_model(), self.calibration.deployed()[1], shape[-1], shape[:2],
-            class_names=self.examples.class_names, limits=limits)
+        return rejecting_classifier(self.examples, self.model, self.calibration, limits)
+
+
+def rejecting_classifier(examples: Examples, model: TrainedModel, calibration: Calibration,
+               limits: serving.Limits | None = None) -> serving.RejectingClassifier:
+    """What a run deploys, in one object: the scoring model, the deployed thresholds and the
+    decision rule, for the run's input size and classes."""
+    shape = examples.image_shape
+    return serving.RejectingClassifier(
+        calibration.scoring_model(model.best()), calibration.deployed()[1], shape[-1],
+        shape[:2], class_names=examples.class_names, limits=limits)

@@ -3,12 +3,12 @@
 Rejection decays with training (docs/results.md: 98.4% of MNIST rejected by a Fashion-MNIST
 model at 8 epochs, 82% at 50) while accuracy keeps rising, so it has to be watched like a
 loss. `rejection_quality` measures, for the model's own log p(x|c) and for tied Gaussians
-(`sdim_tf.density.FeatureDensity`) on sets of encoder layers, the deployed rule: one threshold
-shared by all classes, by default split conformal on the held-out images' top scores
-(`sdim_tf.conformal`, what the calibrate stage deploys), else ("percentile") the largest
-percentile of the correct ones rejecting at most `budget` of the held-out images; then the
-share of each outlier set it rejects and the AUROC held-out vs outliers.
-The outliers must be built from training or held-out images (`sdim_tf.outliers`); test sets
+(`sdim_tf.density.FeatureDensity`) on sets of encoder layers, the deployed rule
+(`sdim_tf.budget_rules`, what the calibrate stage deploys): one threshold shared by all
+classes, by default split conformal on the held-out images' top scores, else ("percentile")
+the largest percentile of the correct ones rejecting at most `budget` of the held-out images;
+then the share of each outlier set it rejects and the AUROC held-out vs outliers.
+The outliers must be built from training or held-out images (`sdim_tf.outlier_proxies`); test sets
 may only come in as the final measure (`test`, `test_outliers`), never for selection.
 """
 
@@ -21,10 +21,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from sdim_tf import conformal, density, metrics, rejection
+from sdim_tf import budget_rules, density, metrics, rejection
 
 MODEL_SCORE = "model"
-RULES = ("conformal", "percentile")
 
 
 def layer_set(layers: Sequence[str] = density.DEFAULT_LAYERS,
@@ -87,8 +86,7 @@ class RejectionMonitor:
                  layers: Sequence[Sequence[str]] = (layer_set(),),
                  batch_size: int = 500, rule: str = "conformal",
                  confidence: float | None = 0.95):
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+        budget_rules.check_rule(rule)
         self.fit, self.held_out, self.outliers = fit, held_out, dict(outliers)
         self.budget, self.batch_size = budget, batch_size
         self.rule, self.confidence = rule, confidence
@@ -137,14 +135,10 @@ class RejectionMonitor:
 
     def _threshold(self, log_likelihoods: np.ndarray) -> tuple[float | None, float]:
         """(percentile or None, the shared threshold) on the held-out scores."""
-        labels = np.asarray(self.held_out[1]).reshape(-1)
-        if self.rule == "conformal":
-            return None, conformal.threshold(log_likelihoods.max(axis=1), self.budget,
-                                             self.confidence)
-        percentile = rejection.budget_percentile(log_likelihoods, labels, self.budget,
-                                                 shared=True)
-        return percentile, float(rejection.calibrate(
-            log_likelihoods, labels, (percentile,), shared=True)[percentile]["thresholds"][0])
+        chosen = budget_rules.budget_thresholds(log_likelihoods, self.budget, rule=self.rule,
+                                                labels=self.held_out[1],
+                                                confidence=self.confidence)
+        return chosen.percentile, float(chosen.thresholds[0])
 
     def _refit(self) -> None:
         images, labels = self.fit

@@ -1,7 +1,8 @@
 """What a run deploys, as one object: a scoring model, its thresholds and the decision rule.
 
-`RejectingClassifier` is used in memory (evaluation, explanations, attacks) and exported as
-a SavedModel with three signatures that classify and reject, with input validation:
+`RejectingClassifier` is used in memory (evaluation, explanations, attacks) and exported
+(`sdim_tf.publish`) as a SavedModel with three signatures that classify and reject, with
+input validation:
 
 `serving_default` takes float32 images [N, 32, 32, C] in [0, 1]; `classify_raw` takes uint8
 images at the dataset's source size and preprocesses them with `data.preprocess` (the
@@ -12,14 +13,7 @@ Inf or pixels outside [0, 1] are answered as rejected; the rest of the batch is 
 from __future__ import annotations
 
 import dataclasses
-import errno
-import json
-import os
-import pathlib
-import shutil
-import socket
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -33,7 +27,9 @@ PREPROCESS_SIGNATURE = "preprocess_encoded"
 # Every answer's `reason`: empty when accepted, else why the row was refused.
 REASONS = {
     "": "accepted",
-    "below_threshold": "a valid input whose score is below its class's threshold",
+    rejection.UNFAMILIAR: "a valid input whose score is below its class's threshold",
+    rejection.AMBIGUOUS: "a valid input above its threshold whose gap between the two best "
+                         "class scores is below the ambiguity threshold (min_gap)",
     "non_finite": "a pixel is NaN or infinite (float signature)",
     "out_of_range": "a pixel lies outside [0, 1] (float signature)",
     "not_png_or_jpeg": "the bytes start with neither the PNG nor the JPEG signature (GIF, "
@@ -70,11 +66,14 @@ class RejectingClassifier(tf.Module):
 
     `model` maps float32 images [N, 32, 32, C] to class scores [N, C] and has
     `scores_and_logits` (a trained classifier, or its fitted `density.FeatureDensity`).
+    `min_gap` (see `rules.ambiguous`): also refuse, as ambiguous, the inputs whose gap
+    between the two best class scores is below it; None: no input is ambiguous.
     """
 
     def __init__(self, model, thresholds: Sequence[float], channels: int,
                  source_size: Sequence[int], class_names: Sequence[str] | None = None,
-                 limits: Limits | None = None, name: str = "rejecting_classifier"):
+                 limits: Limits | None = None, min_gap: float | None = None,
+                 name: str = "rejecting_classifier"):
         super().__init__(name=name)
         self.model = model
         self.limits = limits or Limits()
@@ -85,6 +84,8 @@ class RejectingClassifier(tf.Module):
         # +inf (a class never correctly classified in calibration) stays +inf: always rejected.
         self.thresholds = tf.Variable(np.asarray(thresholds, np.float32), trainable=False,
                                       name="thresholds")
+        self.min_gap = None if min_gap is None else tf.Variable(
+            np.float32(min_gap), trainable=False, name="min_gap")
         # Unknown rank in the signatures, so that every shape mistake reaches our checks
         # and gets a message naming the expected shape.
         self.serving_default = tf.function(self._serving_default, input_signature=[
@@ -151,15 +152,15 @@ class RejectingClassifier(tf.Module):
         invalid = tf.fill(tf.shape(ll), -np.inf)
         scores = tf.where(valid[:, None], tf.cast(scores, tf.float32), invalid)
         ll = tf.where(valid[:, None], tf.cast(ll, tf.float32), invalid)
-        decision = rejection.decide(scores, self.thresholds, valid)
+        decision = rejection.decide(scores, self.thresholds, valid, self.min_gap)
         probabilities = tf.where(valid[:, None], tf.nn.softmax(ll), tf.zeros_like(ll))
         reason = tf.where(tf.not_equal(refused, ""), refused,
                           tf.where(~finite, "non_finite",
-                                   tf.where(~in_range, "out_of_range",
-                                            tf.where(decision.rejected, "below_threshold", ""))))
+                                   tf.where(~in_range, "out_of_range", decision.reasons())))
         return {"class_scores": scores, "log_likelihoods": ll,
                 "class_ids": decision.class_ids, "max_log_likelihood": tf.reduce_max(ll, axis=1),
                 "score": decision.score, "threshold": decision.threshold,
+                "gap": decision.gap, "min_gap": decision.min_gap,
                 "rejected": decision.rejected, "reason": reason,
                 "probabilities": probabilities}
 
@@ -169,7 +170,7 @@ class RejectingClassifier(tf.Module):
 
     def decide(self, scores) -> rejection.Decision:
         """The deployed rule on class scores from `class_scores`."""
-        return rejection.decide(scores, self.thresholds)
+        return rejection.decide(scores, self.thresholds, min_gap=self.min_gap)
 
     def _serving_default(self, images):
         images = self._check_shape(images, data.IMAGE_SIZE, data.IMAGE_SIZE, "serving_default")
@@ -259,89 +260,8 @@ class RejectingClassifier(tf.Module):
 
         archive = keras.export.ExportArchive()
         archive.track(self.model)
-        archive.track(self)  # the thresholds variable
+        archive.track(self)  # the thresholds (and min_gap) variables
         for name in (*SIGNATURES, PREPROCESS_SIGNATURE):
             function = getattr(self, name)
             archive.add_endpoint(name, function.python_function, function.input_signature)
         return archive
-
-
-def next_version(model_dir: pathlib.Path) -> int:
-    versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] \
-        if model_dir.exists() else []
-    return max(versions, default=0) + 1
-
-
-# Called with the temporary folder once the SavedModel in it is complete, before the rename
-# that publishes the version; None does nothing. pipeline.run points it at the fault point
-# `serving.before_rename` (pipeline.faults) so that tests can kill an export there.
-before_rename: Callable[[pathlib.Path], None] | None = None
-
-
-# An export writes into `.export-tmp-<pid>-<host>-<random>/` (never a version: not a
-# number); a kill -9 before the rename leaves it, and a later export removes it once that
-# process is gone. Another host's (a shared model folder) is left alone: its pids are not ours.
-TEMP_PREFIX = ".export-tmp-"
-
-
-def _temp_prefix() -> str:
-    return f"{TEMP_PREFIX}{os.getpid()}-{socket.gethostname()}-"
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only whether the process exists
-    except OSError as e:
-        return e.errno != errno.ESRCH  # EPERM: another user's, alive
-    return True
-
-
-def remove_stale_temps(model_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Removes the temporary folders of exports into `model_dir` killed on this host;
-    returns them."""
-    removed = []
-    for folder in model_dir.glob(TEMP_PREFIX + "*"):
-        pid, _, rest = folder.name[len(TEMP_PREFIX):].partition("-")
-        host = rest.rpartition("-")[0]  # mkdtemp's random part holds no "-"
-        if pid.isdigit() and host == socket.gethostname() and not _running(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
-def export(module: RejectingClassifier, export_dir: str | os.PathLike, model_name: str,
-           extra_assets: dict[str, bytes] | None = None,
-           assets_extra: dict[str, bytes] | None = None) -> pathlib.Path:
-    """Saves `module` as `<export_dir>/<model_name>/<next version>/` (TF Serving layout).
-
-    Written into a temporary folder and renamed into place, so a polling server never sees
-    a partial version; an existing version is never overwritten. Temporary folders of
-    killed exports are removed first (`remove_stale_temps`).
-    """
-    model_dir = pathlib.Path(export_dir) / model_name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(model_dir)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=model_dir))
-    try:
-        module.archive().write_out(str(tmp), verbose=False)
-        for folder, files in (("assets", extra_assets), ("assets.extra", assets_extra)):
-            (tmp / folder).mkdir(exist_ok=True)
-            for name, content in (files or {}).items():
-                (tmp / folder / name).write_bytes(content)
-        if before_rename is not None:
-            before_rename(tmp)
-        while True:
-            final = model_dir / str(next_version(model_dir))
-            try:
-                os.rename(tmp, final)  # fails if another export took this version
-                return final
-            except OSError:
-                if not final.exists():
-                    raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()

@@ -48,6 +48,6 @@ def tiny_run(tmp_path_factory, data_dir):
     from pipeline.config import PipelineConfig
 
     base = tmp_path_factory.mktemp("tiny_run")
-    config = PipelineConfig(**TINY, data_dir=str(data_dir), run_dir=str(base / "run"),
-                            export_dir=str(base / "saved_models"))
+    config = PipelineConfig.from_flat(**TINY, data_dir=str(data_dir), run_dir=str(base / "run"),
+                                      export_dir=str(base / "saved_models"))
     return config, run.run(config)

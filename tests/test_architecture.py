@@ -1,5 +1,6 @@
-"""The house's arrows, read from the source: sdim_tf <- pipeline <- bench, no cycles, and
-no stage importing another stage (function-local imports included)."""
+"""The house's arrows, read from the source: sdim_tf <- pipeline <- bench, no cycles, no
+stage importing another stage (function-local imports included), and no stage reading past
+the inputs the runner hands it."""
 
 import ast
 import pathlib
@@ -7,6 +8,10 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("sdim_tf", "pipeline", "bench")
 LAYER = {"sdim_tf": 0, "pipeline": 1, "bench": 2}
+# A stage gets its inputs as views (`upstream`): it opens no run directory (`Run`), climbs out
+# of its own folder (`.parent`, `.parents`, `.root`) or names the run directory (`run_dir`).
+REACH_AROUNDS = {"Run", "run_dir"}
+CLIMBS = {"parent", "parents", "root"}  # as attributes: `mkdir(parents=True)` climbs nowhere
 
 
 def _module_name(path: pathlib.Path, root: pathlib.Path) -> str:
@@ -92,3 +97,32 @@ def test_the_checks_catch_violations(tmp_path):
     assert graph["pipeline.stages.a"] == {"pipeline.stages.b"}
     assert "pipeline.stages.a" in graph["pipeline.stages.b"]
     assert ["pipeline.stages.a", "pipeline.stages.b", "pipeline.stages.a"] in cycles(graph)
+
+
+def reach_arounds(source: str) -> list[str]:
+    """"line N: name" for each name, argument or import of REACH_AROUNDS and attribute of
+    either set."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        name = (node.id if isinstance(node, ast.Name) else
+                node.attr if isinstance(node, ast.Attribute) else
+                node.arg if isinstance(node, (ast.arg, ast.keyword)) else
+                (node.asname or node.name) if isinstance(node, ast.alias) else None)
+        if name in REACH_AROUNDS or (isinstance(node, ast.Attribute) and name in CLIMBS):
+            found.append((node.lineno, name))
+    return [f"line {line}: {name}" for line, name in sorted(found)]
+
+
+def test_stages_read_only_their_declared_inputs():
+    found = {p.name: reach_arounds(p.read_text())
+             for p in sorted((ROOT / "pipeline" / "stages").glob("*.py"))}
+    assert {name: lines for name, lines in found.items() if lines} == {}
+
+
+def test_the_input_check_catches_a_reach_around():
+    planted = ("from pipeline.run_dir import Run\n"
+               "def run(config, stage_dir, upstream):\n"
+               "    sibling = Run(stage_dir.parent.parent / 'other')\n"
+               "    return helper(run_dir=upstream['ingest'].folder.parents[1])\n")
+    assert reach_arounds(planted) == ["line 1: Run", "line 3: Run", "line 3: parent",
+                                      "line 3: parent", "line 4: parents", "line 4: run_dir"]

@@ -1,8 +1,6 @@
 """The opt-in attack stage on the tiny run's SDIM: outputs checked against the model itself."""
 
-import dataclasses
 import os
-import pathlib
 import shutil
 import types
 
@@ -29,7 +27,7 @@ def attacked(tiny_run, tmp_path_factory):
     config, run_dir = tiny_run
     copy = tmp_path_factory.mktemp("attack") / "run"
     shutil.copytree(run_dir, copy)
-    config = dataclasses.replace(config, run_dir=str(copy), stages=("attack",), **SMALL)
+    config = config.replace(run_dir=str(copy), stages=("attack",), **SMALL)
     run.run(config)
     return config, copy
 
@@ -237,10 +235,10 @@ def test_cw_confidences_are_multiples_of_the_held_out_spread(attacked, deployed)
     # calibrate's held-out images: the last --validation_split training images
     resolved = config.resolve(run.STAGE_NAMES)
     num_train = Run(run_dir).examples.num_examples("train")
-    skip, limit = num_train - resolved.validation_split, resolved.validation_split
+    skip, limit = num_train - resolved.train.validation_split, resolved.train.validation_split
     images, _ = Run(run_dir).examples.arrays("train", limit=limit, skip=skip)
     top = deployable.model.predict(images, verbose=0).astype(np.float64).max(1)
-    assert len(top) == 5000 and resolved.score == "feature_density"
+    assert len(top) == 5000 and resolved.calibrate.score == "feature_density"
     expected = [m * np.std(top) for m in (0, 1, 2, 4)]
     assert report["settings"]["cw_confidences"] == pytest.approx(expected, rel=1e-4)
     # report.json keeps its keys sorted as text ("16228.9" before "4057.23"): compare sorted
@@ -258,7 +256,7 @@ def test_attack_stage_resumes_from_finished_attacks(attacked):
     kept = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.json")}
     (parts / "boundary.json").unlink()
     report = artifacts.read_json(run_dir / "attack" / attack.REPORT_JSON)
-    run.run(dataclasses.replace(config, force=True))
+    run.run(config.replace(force=True))
     after = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.json")}
     assert after["boundary.json"] != kept["boundary.json"]
     assert {k: v for k, v in after.items() if k != "boundary.json"} == {
@@ -266,7 +264,7 @@ def test_attack_stage_resumes_from_finished_attacks(attacked):
     again = artifacts.read_json(run_dir / "attack" / attack.REPORT_JSON)
     assert again["untargeted"]["deepfool"] == report["untargeted"]["deepfool"]
     # a changed cap reruns only the attack it belongs to
-    run.run(dataclasses.replace(config, attack_boundary_steps=6))
+    run.run(config.replace(attack_boundary_steps=6))
     changed = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.json")}
     assert changed["boundary.json"] != after["boundary.json"]
     assert {k: v for k, v in changed.items() if k != "boundary.json"} == {
@@ -293,7 +291,7 @@ def test_an_adaptive_curve_resumes_after_its_last_kept_epsilon(attacked, tmp_pat
         if point == attack.EPSILON_DONE and detail == name:
             raise Killed
 
-    config = dataclasses.replace(config, run_dir=str(ours), force=True)
+    config = config.replace(run_dir=str(ours), force=True)
     monkeypatch.setattr(faults, "point", kill)
     with pytest.raises(Killed):
         run.run(config)
@@ -316,25 +314,23 @@ def test_attack_baseline_must_be_a_discriminative_run(attacked, tmp_path):
     (trained_only / "train").mkdir(parents=True)
     shutil.copy(run_dir / "train" / artifacts.MANIFEST, trained_only / "train")
     with pytest.raises(ConfigError, match="no finished calibrate stage"):
-        run.run(dataclasses.replace(config, attack_baseline=str(trained_only), force=True))
+        run.run(config.replace(attack_baseline=str(trained_only), force=True))
     with pytest.raises(ConfigError, match="expected discriminative"):
-        run.run(dataclasses.replace(config, attack_baseline=str(run_dir), force=True))
+        run.run(config.replace(attack_baseline=str(run_dir), force=True))
     with pytest.raises(ConfigError, match="no finished train stage"):
-        run.run(dataclasses.replace(config, attack_baseline=os.fspath(run_dir / "nothing"),
-                                    force=True))
+        run.run(config.replace(attack_baseline=os.fspath(run_dir / "nothing"), force=True))
     with pytest.raises(ConfigError, match=r"--attacks: unknown \['jsma'\]"):
-        run.run(dataclasses.replace(config, attacks=("jsma",)))
+        run.run(config.replace(attacks=("jsma",)))
 
 
 def test_the_doubled_curve_is_an_attack_of_its_own(attacked, tmp_path):
     config, run_dir = attacked
     with pytest.raises(ConfigError, match="pgd_accepted_linf_doubled checks"):
-        run.run(dataclasses.replace(config, attacks=("pgd_accepted_linf_doubled",)))
+        run.run(config.replace(attacks=("pgd_accepted_linf_doubled",)))
     before = artifacts.read_json(run_dir / "attack" / attack.REPORT_JSON)
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    run.run(dataclasses.replace(config, run_dir=str(copy), attacks=("pgd", "pgd_accepted_linf"),
-                                force=True))
+    run.run(config.replace(run_dir=str(copy), attacks=("pgd", "pgd_accepted_linf"), force=True))
     report = artifacts.read_json(copy / "attack" / attack.REPORT_JSON)
     assert set(report["adaptive"]) == {"pgd_accepted_linf"}
     assert report["adaptive"]["pgd_accepted_linf"] == before["adaptive"]["pgd_accepted_linf"]
@@ -347,23 +343,23 @@ def test_the_doubled_curve_is_an_attack_of_its_own(attacked, tmp_path):
 
 
 def test_the_baseline_run_is_an_input_of_the_attack_stage(tmp_path):
-    config = PipelineConfig(dataset="mnist", run_dir=str(tmp_path / "ours"))
-    assert attack.external_inputs(config) == {}
+    stage, = (s for s in run.STAGES if s.name == "attack")
+    config = PipelineConfig.from_flat(dataset="mnist", run_dir=str(tmp_path / "ours"))
+    assert stage.external(config) == {}
     baseline = tmp_path / "baseline"
-    for stage in ("train", "calibrate"):
-        (baseline / stage).mkdir(parents=True)
-        (baseline / stage / artifacts.MANIFEST).write_text(f'{{"stage": "{stage}"}}')
-    config = dataclasses.replace(config, attack_baseline=str(baseline))
-    folders = attack.external_inputs(config)
-    assert {k: pathlib.Path(v) for k, v in folders.items()} == {
-        "baseline/train": baseline / "train", "baseline/calibrate": baseline / "calibrate"}
+    for name in attack.BASELINE_STAGES:
+        (baseline / name).mkdir(parents=True)
+        (baseline / name / artifacts.MANIFEST).write_text(f'{{"stage": "{name}"}}')
+    views = stage.external(config.replace(attack_baseline=str(baseline)))
+    folders = {k: v.folder for k, v in views.items()}
+    assert folders == {"baseline/train": baseline / "train",
+                       "baseline/calibrate": baseline / "calibrate",
+                       "baseline/ingest": baseline / "ingest"}
     before = artifacts.input_hashes(folders)
     (baseline / "calibrate" / artifacts.MANIFEST).write_text('{"stage": "calibrate", "n": 2}')
     after = artifacts.input_hashes(folders)  # a recalibrated baseline: another input
     assert before["baseline/train"] == after["baseline/train"]
     assert before["baseline/calibrate"] != after["baseline/calibrate"]
-    stage, = (s for s in run.STAGES if s.name == "attack")
-    assert stage.external is attack.external_inputs
 
 
 def test_the_baseline_is_attacked_adaptively_under_its_own_rule(attacked, tmp_path):
@@ -374,14 +370,19 @@ def test_the_baseline_is_attacked_adaptively_under_its_own_rule(attacked, tmp_pa
     baseline = tmp_path / "baseline"
     baseline.mkdir()
     shutil.copytree(run_dir / "ingest", baseline / "ingest")
-    run.run(dataclasses.replace(config, model="discriminative", run_dir=str(baseline), epochs=1,
-                                stages=("ingest", "train", "calibrate")))
+    run.run(config.replace(model="discriminative", run_dir=str(baseline), epochs=1,
+                           stages=("ingest", "train", "calibrate")))
     ours = tmp_path / "ours"
     shutil.copytree(run_dir, ours)
     main_part = (ours / "attack" / attack.PARTS / "cw_accepted.json").read_bytes()
-    run.run(dataclasses.replace(config, run_dir=str(ours), attack_baseline=str(baseline),
-                                attacks=("pgd_accepted_linf", "cw_accepted"), force=True))
+    run.run(config.replace(run_dir=str(ours), attack_baseline=str(baseline),
+                           attacks=("pgd_accepted_linf", "cw_accepted"), force=True))
     assert (ours / "attack" / attack.PARTS / "cw_accepted.json").read_bytes() == main_part
+    # the baseline's stages are inputs of the stage: their manifests' hashes in its own
+    inputs = artifacts.read_json(ours / "attack" / artifacts.MANIFEST)["inputs"]
+    assert {k: v for k, v in inputs.items() if k.startswith("baseline/")} == {
+        f"baseline/{s}": artifacts.sha256_file(baseline / s / artifacts.MANIFEST)
+        for s in ("ingest", "train", "calibrate")}
     report = artifacts.read_json(ours / "attack" / attack.REPORT_JSON)
     assert set(report["adaptive"]["pgd_accepted_linf"]) == {"sdim", "discriminative"}
     assert set(report["adaptive"]["cw_accepted"]) == {"sdim", "discriminative"}

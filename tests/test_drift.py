@@ -198,7 +198,7 @@ def model(tmp_path) -> pathlib.Path:
 def _write_csv(path: pathlib.Path, flags, spelling=("false", "true"), column="rejected"):
     rows = ["path,class_name,score,threshold,margin," + column + ",reason"]
     rows += [f"img{i:05d}.png,shirt,1.5,1.0,0.5,{spelling[int(f)]},"
-             f"{'below_threshold' if f else ''}" for i, f in enumerate(flags)]
+             f"{'unfamiliar' if f else ''}" for i, f in enumerate(flags)]
     path.write_text("\n".join(rows) + "\n")
     return path
 
@@ -241,13 +241,14 @@ def test_cli_errors_are_one_line_and_exit_code_1(tmp_path, model, monkeypatch, c
             (model, csv, "no guarantee (exported with --reject_budget=0)"),  # newest: v2
             (model / "1", no_column, "no `rejected` column (columns: path, class_name")):
         monkeypatch.setattr(monitor, "FLAGS", types.SimpleNamespace(
-            model=str(model_flag), version=None, alpha=None, shift=2.0, arl0=1e4, out=None))
+            model=str(model_flag), version=None, reject_budget=None, shift=2.0, arl0=1e4,
+            out=None))
         with pytest.raises(SystemExit) as exited:
             monitor.main(["monitor", str(path)])
         text = str(exited.value.code)  # a string: Python prints it to stderr, exit code 1
         assert text.startswith("error: ") and message in text and "\n" not in text
     monkeypatch.setattr(monitor, "FLAGS", types.SimpleNamespace(
-        model=str(model), version=None, alpha=0.04, shift=2.0, arl0=1e4,
+        model=str(model), version=None, reject_budget=0.04, shift=2.0, arl0=1e4,
         out=str(tmp_path / "o.json")))
     monitor.main(["monitor", str(csv)])  # no alarm: returns, exit code 0
     assert "alarm: no" in capsys.readouterr().out
@@ -264,9 +265,9 @@ def test_cli_inputs_and_errors(tmp_path, model):
     report = monitor.run(str(model), 1, None, 2.0, 10_000, [str(csv)])
     assert report["alarm"] is False and report["first_alarm"] is None
     assert "alarm: no" in monitor.summary(report)
-    # --alpha overrides the model, or replaces it
+    # --reject_budget overrides the model, or replaces it
     report = monitor.run(str(model), None, 0.01, 2.0, 10_000, [str(csv), str(csv)])
-    assert report["alpha"] == 0.01 and report["alpha_source"] == "--alpha"
+    assert report["alpha"] == 0.01 and report["alpha_source"] == "--reject_budget"
     assert report["requests"] == 1000 and report["model"] == str(model / "2")
     assert monitor.run(None, None, 0.04, 3.0, 500, [str(csv)])["design"]["shift"] == 3.0
     # a version folder directly
@@ -282,7 +283,7 @@ def test_cli_inputs_and_errors(tmp_path, model):
         ((str(model), 1, None, 2.0, 1e4, [str(bad_value)]), "line 3: rejected='maybe'"),
         ((str(model), 1, None, 2.0, 1e4, [str(empty)]), "no rows"),
         ((str(model), 1, None, 2.0, 1e4, [str(tmp_path / "none.csv")]), "cannot read"),
-        ((str(model), None, None, 2.0, 1e4, [str(csv)]), "no guarantee.*--alpha"),
+        ((str(model), None, None, 2.0, 1e4, [str(csv)]), "no guarantee.*--reject_budget"),
         ((None, None, None, 2.0, 1e4, [str(csv)]), "--model is required"),
         ((str(model), 3, None, 2.0, 1e4, [str(csv)]), "no version 3; found 1, 2"),
         ((str(tmp_path / "nowhere"), None, None, 2.0, 1e4, [str(csv)]), "no such folder"),

@@ -20,7 +20,7 @@ from bench.header_bombs import png_header
 from pipeline import artifacts, deployed
 from pipeline.run_dir import Run
 from pipeline.stages import export
-from sdim_tf import data, serving
+from sdim_tf import data, publish, serving
 from tests.references import saved_model_cli_answers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_illegal_pixels_are_rejected_rows(exported):
     assert out["reason"].numpy()[1:5].tolist() == [b"non_finite", b"non_finite",
                                                   b"out_of_range", b"out_of_range"]
     for row in (0, 5):  # a valid row's reason is the rule's
-        assert out["reason"].numpy()[row] == (b"below_threshold" if clean["rejected"][row]
+        assert out["reason"].numpy()[row] == (b"unfamiliar" if clean["rejected"][row]
                                               else b"")
     for row in (0, 5):  # the legal rows are answered as before
         np.testing.assert_array_equal(out["log_likelihoods"][row], clean["log_likelihoods"][row])
@@ -227,7 +227,7 @@ def test_bad_elements_are_rejected_rows_and_the_rest_answered(exported):
         b"too_large", b"bad_header", b"bad_header", b"too_large"]
     alone = module.classify_encoded(tf.constant(png))
     for row, own in ((1, 0), (6, 1)):
-        assert out["reason"].numpy()[row] in (b"", b"below_threshold")
+        assert out["reason"].numpy()[row] in (b"", b"unfamiliar")
         for key in ("class_ids", "rejected", "reason"):
             assert out[key].numpy()[row] == alone[key].numpy()[own], key
         np.testing.assert_allclose(out["class_scores"].numpy()[row],
@@ -305,9 +305,9 @@ def test_second_export_is_a_new_version(exported, tmp_path):
         return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    first = serving.export(module, tmp_path, "m")
+    first = publish.export(module, tmp_path, "m")
     before = digest(first)
-    second = serving.export(module, tmp_path, "m")
+    second = publish.export(module, tmp_path, "m")
     assert (first.name, second.name) == ("1", "2")
     assert digest(first) == before
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]  # no temp left
@@ -321,26 +321,25 @@ def _tf_serving_versions(model_dir: pathlib.Path) -> list[int]:
 
 
 def test_an_export_removes_the_temporary_folders_of_killed_exports_only(
-        untrained_module, tmp_path, monkeypatch):
+        untrained_module, tmp_path):
     model_dir = tmp_path / "m"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
     host = socket.gethostname()
-    stale = model_dir / f"{serving.TEMP_PREFIX}{dead}-{host}-a1b2c3d4"
-    kept = [model_dir / f"{serving.TEMP_PREFIX}{os.getpid()}-{host}-e5f6g7h8",  # writing
-            model_dir / f"{serving.TEMP_PREFIX}{dead}-elsewhere.example-i9j0k1l2",  # another host
-            model_dir / f"{serving.TEMP_PREFIX}m3n4o5p6"]  # no writer recorded
+    stale = model_dir / f"{publish.TEMP_PREFIX}{dead}-{host}-a1b2c3d4"
+    kept = [model_dir / f"{publish.TEMP_PREFIX}{os.getpid()}-{host}-e5f6g7h8",  # writing
+            model_dir / f"{publish.TEMP_PREFIX}{dead}-elsewhere.example-i9j0k1l2",  # another host
+            model_dir / f"{publish.TEMP_PREFIX}m3n4o5p6"]  # no writer recorded
     for folder in (stale, *kept):
         (folder / "variables").mkdir(parents=True)
     written = []
-    monkeypatch.setattr(serving, "before_rename", written.append)
-    path = serving.export(untrained_module, tmp_path, "m")
+    path = publish.export(untrained_module, tmp_path, "m", before_rename=written.append)
     assert path == model_dir / "1" and (path / "saved_model.pb").is_file()
     assert not stale.exists() and all(folder.exists() for folder in kept)
     # this export's own folder named its writer, for the next export to judge
-    assert written[0].name.startswith(f"{serving.TEMP_PREFIX}{os.getpid()}-{host}-")
+    assert written[0].name.startswith(f"{publish.TEMP_PREFIX}{os.getpid()}-{host}-")
     # a complete SavedModel in a temporary folder is no version to any reader
     shutil.copytree(path, kept[0], dirs_exist_ok=True)
     assert _tf_serving_versions(model_dir) == [1]
     assert deployed.version_dir(str(model_dir)) == path
-    assert serving.next_version(model_dir) == 2
+    assert publish.next_version(model_dir) == 2

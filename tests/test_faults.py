@@ -1,4 +1,4 @@
-"""Kills in every stage, a full disk, corrupted artifacts (issue 20): the rerun of the same
+"""Kills in every stage, a full disk, corrupted artifacts: the rerun of the same
 command finishes, and nothing a run trusts is partial, repeated or silently damaged.
 
 The runs are the smoke configuration of the kill test in test_pipeline.py (256 images in
@@ -25,11 +25,11 @@ import keras
 import pytest
 import tensorflow as tf
 
-from pipeline import artifacts, faults, run
+from pipeline import artifacts, checkpoints, faults, run
 from pipeline.config import PipelineConfig
 from pipeline.run_dir import ArtifactError, Calibration, TrainedModel
 from pipeline.stages import evaluate, export, train
-from sdim_tf import serving
+from sdim_tf import publish
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 256 // 64  # training steps per epoch
@@ -83,7 +83,7 @@ def _facts(root: pathlib.Path, model: bool = False) -> dict:
         "export_temps": sorted(p.name for p in model_dir.iterdir() if not p.name.isdigit())
         if model_dir.exists() else []}
     trained = TrainedModel(run_dir / "train")
-    if (trained.folder / train.STATE).exists():
+    if (trained.folder / TrainedModel.STATE).exists():
         facts["state_epoch"] = trained.state()["epoch"]
         facts["history"] = [int(r["epoch"]) for r in trained.history()]
     if model and trained.last_path.exists():
@@ -132,7 +132,7 @@ def trained(tmp_path_factory, data_dir) -> dict:
     mid_epoch = _trial(root, _args(root, 2, "ingest,train", data_dir),
                        f"train.step:{STEPS + 2}", model=True)  # epoch 2, step 2 of 4
     checkpoint = _trial(root, _args(root, 3, "ingest,train", data_dir),
-                        f"{artifacts.BEFORE_RENAME}/{pathlib.Path(train.LAST).name}:1",
+                        f"{artifacts.BEFORE_RENAME}/{pathlib.Path(TrainedModel.LAST).name}:1",
                         model=True)
     return {"root": root, "mid_epoch": mid_epoch, "checkpoint": checkpoint}
 
@@ -243,7 +243,7 @@ def _assert_versions_complete(model_dir: pathlib.Path) -> None:
         assert out["class_ids"].shape == (2,) and out["reason"].shape == (2,)
     assert all(p.name.startswith(".export-tmp-") for p in model_dir.iterdir()
                if not p.name.isdigit())
-    assert serving.next_version(model_dir) == max(versions, default=0) + 1
+    assert publish.next_version(model_dir) == max(versions, default=0) + 1
 
 
 def _one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -293,7 +293,7 @@ def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_last_epoch(trained,
 def _copy(downstream, tmp_path) -> tuple[pathlib.Path, PipelineConfig]:
     shutil.copytree(downstream["root"], tmp_path / "root")
     run_dir = tmp_path / "root" / "run"
-    return run_dir, PipelineConfig(
+    return run_dir, PipelineConfig.from_flat(
         dataset="fashion_mnist", epochs=3, train_limit=256, batch_size=64,
         validation_split=0, reject_budget=0, shift_images=0, lr_schedule="constant",
         run_dir=str(run_dir),
@@ -335,7 +335,7 @@ def test_an_edited_thresholds_file_is_named_downstream_and_not_exported(downstre
     ("calibrate", lambda d: _truncate(sorted((d / "ingest").glob("train-*.tfrecord"))[0]),
      r"ingest/train-00000-of-00003\.tfrecord changed since ingest wrote it"),
     # a flipped byte in the best checkpoint read by export
-    ("export", lambda d: _flip(d / "train" / train.BEST, 1000),
+    ("export", lambda d: _flip(d / "train" / TrainedModel.BEST, 1000),
      r"train/checkpoints/best\.keras changed since train wrote it"),
     # the fitted density read by evaluate
     ("evaluate", lambda d: _flip(d / "calibrate" / Calibration.DENSITY, 2000),
@@ -345,7 +345,7 @@ def test_a_corrupted_upstream_artifact_is_named(downstream, tmp_path, stage, cor
     run_dir, config = _copy(downstream, tmp_path)
     corrupt(run_dir)
     with pytest.raises(ArtifactError, match=message):
-        run.run(dataclasses.replace(config, stages=(stage,)))
+        run.run(config.replace(stages=(stage,)))
     assert (run_dir / stage / artifacts.MANIFEST).exists()  # refused before running
 
 
@@ -359,13 +359,13 @@ def test_a_flipped_checkpoint_byte_is_named_when_resuming(downstream, tmp_path):
     nothing (it loads the model)."""
     run_dir, config = _copy(downstream, tmp_path)
     (run_dir / "train" / artifacts.MANIFEST).unlink()  # as a kill leaves it
-    last = run_dir / "train" / train.LAST
+    last = run_dir / "train" / TrainedModel.LAST
     _flip(last, _zip_directory_time(last))
     keras.models.load_model(last)  # the damage goes unnoticed by the loader
     with pytest.raises(train.TrainingError, match=r"checkpoint .*last\.keras changed since "
                        r"train wrote it \(sha256 differs from .*state\.json\)"):
-        run.run(dataclasses.replace(config, stages=("train",), epochs=4))
-    assert artifacts.read_json(run_dir / "train" / train.STATE)["epoch"] == 3
+        run.run(config.replace(stages=("train",), epochs=4))
+    assert artifacts.read_json(run_dir / "train" / TrainedModel.STATE)["epoch"] == 3
 
 
 # The pieces, without a run.
@@ -387,21 +387,22 @@ def test_a_fault_point_counts_its_name_or_its_detail(monkeypatch):
 
 
 def test_settling_checkpoints_rolls_a_committed_one_forward(tmp_path):
-    checkpoints = tmp_path / "checkpoints"
-    checkpoints.mkdir()
-    (checkpoints / "last.keras").write_bytes(b"epoch 1")
-    (checkpoints / "best.keras").write_bytes(b"epoch 1")
-    (checkpoints / "last.keras.next").write_bytes(b"epoch 2")  # committed below
-    (checkpoints / "best.keras.next").write_bytes(b"epoch 3")  # not committed
-    digest = {p.name: artifacts.sha256_file(p) for p in checkpoints.iterdir()}
-    committed = {train.LAST: digest["last.keras.next"], train.BEST: digest["best.keras"]}
-    train._settle_checkpoints(tmp_path, committed)
-    assert (checkpoints / "last.keras").read_bytes() == b"epoch 2"
-    assert (checkpoints / "best.keras").read_bytes() == b"epoch 1"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.keras", "last.keras"]
-    (checkpoints / "best.keras").write_bytes(b"epoch 1, edited")
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.keras").write_bytes(b"epoch 1")
+    (folder / "best.keras").write_bytes(b"epoch 1")
+    (folder / "last.keras.next").write_bytes(b"epoch 2")  # committed below
+    (folder / "best.keras.next").write_bytes(b"epoch 3")  # not committed
+    digest = {p.name: artifacts.sha256_file(p) for p in folder.iterdir()}
+    committed = {checkpoints.LAST: digest["last.keras.next"],
+                 checkpoints.BEST: digest["best.keras"]}
+    checkpoints.settle(tmp_path, committed)
+    assert (folder / "last.keras").read_bytes() == b"epoch 2"
+    assert (folder / "best.keras").read_bytes() == b"epoch 1"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.keras", "last.keras"]
+    (folder / "best.keras").write_bytes(b"epoch 1, edited")
     with pytest.raises(train.TrainingError, match=r"best\.keras changed since train wrote"):
-        train._settle_checkpoints(tmp_path, committed)
+        checkpoints.settle(tmp_path, committed)
 
 
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):

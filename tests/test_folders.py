@@ -1,6 +1,7 @@
 """Your own images (sdim_tf.data.folders, images): layouts, the split, the image policy
 against numpy/Pillow references, the files that are skipped and the one-line refusals."""
 
+import dataclasses
 import os
 import pathlib
 
@@ -195,22 +196,26 @@ def test_test_folder_without_train(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"resize": "squash"}, r"--resize='squash': must be one of stretch, pad, crop"),
-    ({"channels": 2}, r"--channels=2: must be 1 or 3"),
-    ({"test_split": 1.0}, r"--test_split=1\.0: must be in \[0, 1\)"),
-    ({"on_bad_file": "ignore"}, r"--on_bad_file='ignore'"),
-    ({"driver": "spark"}, r"--driver='spark': must be one of local, beam"),
+    ({"resize": "squash"}, r"^resize must be one of stretch, pad, crop, got 'squash'$"),
+    ({"channels": 2}, r"^channels must be 1 or 3, got 2$"),
+    ({"test_split": 1.0}, r"^test_split must be in \[0, 1\), got 1\.0$"),
+    ({"on_bad_file": "ignore"}, r"^on_bad_file must be one of skip, fail, got 'ignore'$"),
+    ({"ingest_driver": "spark"}, r"^ingest_driver must be one of local, beam, got 'spark'$"),
+    ({"image_size": 0, "max_source_side": 0},
+     r"^image_size must be >= 1, got 0; max_source_side must be >= 1, got 0$"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(data.DataError, match=message):
-        data.FolderOptions(**options).validate()
+        data.FolderOptions(**options)
 
 
-def test_every_option_has_help():
-    import dataclasses
-
-    for field in dataclasses.fields(data.FolderOptions):
-        assert len(field.metadata.get("help", "")) > 20, field.name
+def test_every_option_has_help_and_choices_for_flags():
+    helps = data.FolderOptions.helps()
+    assert set(helps) == {f.name for f in dataclasses.fields(data.FolderOptions)}
+    assert helps["resize"][1] == ("stretch", "pad", "crop")
+    assert helps["ingest_driver"][1] == ("local", "beam")
+    for name, text in helps.items():
+        assert len(text if isinstance(text, str) else text[0]) > 20, name
 
 
 # -------------------------------------------------------------------- skipped files
@@ -247,19 +252,19 @@ def test_bad_entries_are_skipped_with_their_reason(tmp_path):
     reasons = {s.path: s.reason for s in listing.skipped}
     assert reasons[str(tmp_path / "train/dog/outside.png")] == (
         f"symlink_outside: points to /etc/hostname, outside {tmp_path}")
-    assert "5000x20 pixels, a side over max_image_side=4096" in reasons[
+    assert "5000x20 pixels, a side over max_source_side=4096" in reasons[
         str(tmp_path / "train/dog/huge.png")]
     assert listing.counts("train") == [4, 5]  # dog/again.png, a symlink inside, is kept
     assert listing.channel_votes == {"1": 0, "3": 4 + 5 + 4}
 
 
-def test_max_image_side_is_an_option(tmp_path):
+def test_max_source_side_is_an_option(tmp_path):
     image_files.class_folders(tmp_path, {"train": {"a": 2, "b": 2}, "test": {"a": 2, "b": 2}},
                               sides=(30, 31))
     image_files.write(tmp_path / "train" / "a" / "big.png", np.zeros((50, 20, 3), np.uint8))
-    skipped = _listing(tmp_path, max_image_side=40).skipped
+    skipped = _listing(tmp_path, max_source_side=40).skipped
     assert [(pathlib.Path(s.path).name, s.reason) for s in skipped] == [
-        ("big.png", "too_large: 20x50 pixels, a side over max_image_side=40")]
+        ("big.png", "too_large: 20x50 pixels, a side over max_source_side=40")]
 
 
 def test_on_bad_file_fail_refuses_the_first_one(tmp_path):

@@ -1,4 +1,4 @@
-"""Signature fuzzing (issue 20): hypothesis-generated requests, from a fixed seed, against a
+"""Signature fuzzing: hypothesis-generated requests, from a fixed seed, against a
 SavedModel exported from an untrained SDIM (the real architecture, thresholds at the median
 score so that rows are both accepted and rejected), answered by a TensorFlow-only process
 (bench/fuzz_signatures.py). The oracle and the property checker are tested first, on
@@ -147,7 +147,8 @@ def test_float_rows_get_their_reason():
     images[3, 0, 0, 0] = -0.0
     images[4, 5, 5, 0] = -np.inf
     rows = fs.float_row_reasons(images)
-    assert rows == [{"non_finite"}, {"out_of_range"}, {"out_of_range", "", "below_threshold"},
+    assert rows == [{"non_finite"}, {"out_of_range"}, {"out_of_range", "", "unfamiliar",
+                                                       "ambiguous"},
                     fs.VALID, {"non_finite"}, fs.VALID]
     assert fs.float_row_reasons(np.zeros((0, 32, 32, 1), np.float32)) == []
 
@@ -155,26 +156,30 @@ def test_float_rows_get_their_reason():
 # --- the property checker ---------------------------------------------------------------------
 
 def _answer() -> dict[str, np.ndarray]:
-    """A correct answer to 3 rows: accepted, below threshold, non-finite input."""
-    scores = np.array([[1.0, 3.0], [2.0, 0.5], [-np.inf, -np.inf]], np.float32)
+    """A correct answer to 4 rows: accepted, below threshold, non-finite input, and above
+    threshold with a gap of 0.5 below min_gap 1."""
+    scores = np.array([[1.0, 3.0], [2.0, 0.5], [-np.inf, -np.inf], [2.5, 3.0]], np.float32)
     return {"class_scores": scores, "log_likelihoods": scores.copy(),
-            "probabilities": np.array([[0.1, 0.9], [0.8, 0.2], [0, 0]], np.float32),
-            "class_ids": np.array([1, 0, 0]), "score": np.array([3.0, 2.0, -np.inf], np.float32),
-            "threshold": np.array([2.5, 2.5, 2.5], np.float32),
-            "max_log_likelihood": np.array([3.0, 2.0, -np.inf], np.float32),
-            "rejected": np.array([False, True, True]),
-            "reason": np.array([b"", b"below_threshold", b"non_finite"], object)}
+            "probabilities": np.array([[0.1, 0.9], [0.8, 0.2], [0, 0], [0.4, 0.6]], np.float32),
+            "class_ids": np.array([1, 0, 0, 1]),
+            "score": np.array([3.0, 2.0, -np.inf, 3.0], np.float32),
+            "threshold": np.array([2.5, 2.5, 2.5, 2.5], np.float32),
+            "gap": np.array([2.0, 1.5, -np.inf, 0.5], np.float32),
+            "min_gap": np.array([1.0, 1.0, 1.0, 1.0], np.float32),
+            "max_log_likelihood": np.array([3.0, 2.0, -np.inf, 3.0], np.float32),
+            "rejected": np.array([False, True, True, True]),
+            "reason": np.array([b"", b"unfamiliar", b"non_finite", b"ambiguous"], object)}
 
 
 def _answered(outputs, seconds=0.01, cpu_seconds=0.01) -> fs.Outcome:
     return fs.Outcome(outputs, None, "", seconds, cpu_seconds)
 
 
-ROWS = [fs.VALID, fs.VALID, frozenset({"non_finite"})]
+ROWS = [fs.VALID, fs.VALID, frozenset({"non_finite"}), fs.VALID]
 
 
 def _request(rows=ROWS, refusals=frozenset()) -> fs.Request:
-    return fs.Request("serving_default", np.zeros((3, 32, 32, 1), np.float32), "by hand", rows,
+    return fs.Request("serving_default", np.zeros((4, 32, 32, 1), np.float32), "by hand", rows,
                       refusals)
 
 
@@ -193,6 +198,11 @@ VIOLATIONS = {
     "invalid row with a score": (lambda o: o["class_scores"].__setitem__((2, 0), 1.0),
                                  "not -inf"),
     "threshold not deployed": (lambda o: o["threshold"].__setitem__(0, 2.0), "disagree"),
+    "gap not the two best scores": (lambda o: o["gap"].__setitem__(0, 1.0), "disagree"),
+    "ambiguous row accepted": (lambda o: o["rejected"].__setitem__(3, False), "rejected !="),
+    "ambiguous called unfamiliar": (lambda o: o["reason"].__setitem__(3, b"unfamiliar"),
+                                    "unfamiliar/ambiguous"),
+    "invalid row with a gap": (lambda o: o["gap"].__setitem__(2, 0.0), "not -inf"),
     "wrong reason for the row": (lambda o: o["reason"].__setitem__(2, b"out_of_range"),
                                  "unexpected reason"),
 }
@@ -294,7 +304,7 @@ def test_the_run_covers_every_signature_and_outcome(fuzzed):
     assert outcomes["classify_encoded"]["refused:max_request_pixels"] > 0
     rows = figures["rows_by_reason"]
     for name in fs.SIGNATURES:  # the median thresholds accept and reject real rows
-        assert rows[name][""] > 0 and rows[name]["below_threshold"] > 0, rows[name]
+        assert rows[name][""] > 0 and rows[name]["unfamiliar"] > 0, rows[name]
     assert rows["serving_default"]["non_finite"] > 0
     assert rows["serving_default"]["out_of_range"] > 0
     for reason in ("not_png_or_jpeg", "bad_header", "too_large", "unsupported_jpeg"):

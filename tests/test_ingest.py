@@ -287,8 +287,9 @@ def test_run_takes_the_folder_options_from_the_config(tmp_path):
 
     image_files.class_folders(tmp_path / "src", {"train": {"a": 2, "b": 2},
                                                  "test": {"a": 2, "b": 2}})
-    config = types.SimpleNamespace(dataset="image_folder", data_dir=str(tmp_path / "src"),
-                                   folder=data.FolderOptions(image_size=8, channels=1))
+    section = types.SimpleNamespace(dataset="image_folder", data_dir=str(tmp_path / "src"),
+                                    folder=data.FolderOptions(image_size=8, channels=1))
+    config = types.SimpleNamespace(data=section)
     outputs = ingest.run(config, tmp_path / "out", {})
     assert "files.csv" in outputs and "skipped.csv" in outputs
     assert Examples(tmp_path / "out").image_shape == [8, 8, 1]

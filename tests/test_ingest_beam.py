@@ -67,7 +67,7 @@ def _same_output(local_out, local_meta, beam_out, beam_meta):
 def test_beam_writes_the_examples_of_the_local_driver(folder, local, tmp_path, args):
     local_out, local_meta = local
     assert local_meta["folder"]["skipped"] == 1 and local_meta["duplicates"]["train_test"] == 1
-    options = data.FolderOptions(driver="beam", beam_pipeline_args=args)
+    options = data.FolderOptions(ingest_driver="beam", beam_pipeline_args=args)
     beam_meta = ingest.ingest("image_folder", tmp_path / "out", str(folder), options)
     _same_output(local_out, local_meta, tmp_path / "out", beam_meta)
     assert list(beam_meta["folder"]["options"]["beam_pipeline_args"]) == list(args)
@@ -76,13 +76,14 @@ def test_beam_writes_the_examples_of_the_local_driver(folder, local, tmp_path, a
 
 
 def test_beam_on_bad_file_fail(folder, tmp_path):
-    options = data.FolderOptions(driver="beam", on_bad_file="fail")
+    options = data.FolderOptions(ingest_driver="beam", on_bad_file="fail")
     with pytest.raises(data.DataError, match=r"broken\.png: undecodable: .*on_bad_file=skip"):
         ingest.ingest("image_folder", tmp_path / "out", str(folder), options)
     assert not (tmp_path / "out").exists()
 
 
 def test_beam_pipeline_args_reach_beam(folder, tmp_path):
-    options = data.FolderOptions(driver="beam", beam_pipeline_args=("--runner=NoSuchRunner",))
+    options = data.FolderOptions(ingest_driver="beam",
+                                 beam_pipeline_args=("--runner=NoSuchRunner",))
     with pytest.raises(ValueError, match="NoSuchRunner"):
         ingest.ingest("image_folder", tmp_path / "out", str(folder), options)

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import artifacts, faults, run
+from pipeline import artifacts, faults, run, sections
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.run_dir import Run, TrainedModel
 from pipeline.stages import train
@@ -109,13 +109,12 @@ def test_unchanged_stage_is_skipped_and_changed_flag_reruns(tiny_run):
     after = {s: artifacts.read_json(run_dir / s / artifacts.MANIFEST)["finished"]
              for s in ("ingest", "train")}
     assert after == before
-    import dataclasses
 
-    other = dataclasses.replace(config, run_dir=str(run_dir.parent / "other"))
+    other = config.replace(run_dir=str(run_dir.parent / "other"))
     import shutil
 
     shutil.copytree(run_dir, other.run_dir)
-    changed = dataclasses.replace(other, margin=5.0, epochs=1, stages=("ingest", "train"))
+    changed = other.replace(margin=5.0, epochs=1, stages=("ingest", "train"))
     run.run(changed)
     manifests = {s: artifacts.read_json(pathlib.Path(other.run_dir) / s / artifacts.MANIFEST)
                  for s in ("ingest", "train")}
@@ -127,7 +126,6 @@ def test_unchanged_stage_is_skipped_and_changed_flag_reruns(tiny_run):
 def test_changed_outputs_are_rerun_or_named(tiny_run, tmp_path):
     """Manifests record each output's sha256: an edited thresholds.json is recomputed, a
     changed checkpoint or a truncated shard is a one-line error naming the file."""
-    import dataclasses
     import shutil
 
     from pipeline.run_dir import ArtifactError
@@ -135,45 +133,43 @@ def test_changed_outputs_are_rerun_or_named(tiny_run, tmp_path):
     config, run_dir = tiny_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    config = dataclasses.replace(config, run_dir=str(copy), stages=("calibrate",))
+    config = config.replace(run_dir=str(copy), stages=("calibrate",))
     thresholds = copy / "calibrate" / "thresholds.json"
     original = thresholds.read_text()
     thresholds.write_text(original.replace('"threshold_rule"', '"edited": 1, "threshold_rule"'))
     run.run(config)
     assert thresholds.read_text() == original  # rerun, not trusted
-    best = copy / "train" / train.BEST
+    best = copy / "train" / TrainedModel.BEST
     content = bytearray(best.read_bytes())
     content[len(content) // 2] ^= 0xFF
     best.write_bytes(bytes(content))
     with pytest.raises(ArtifactError, match=r"best\.keras changed since train wrote it"):
         run.run(config)  # calibrate reads the checkpoint: named, never used
     with pytest.raises(ArtifactError, match=r"best\.keras changed since train wrote it"):
-        run.run(dataclasses.replace(config, stages=("train",)))  # not silently retrained
+        run.run(config.replace(stages=("train",)))  # not silently retrained
     shard = sorted((copy / "ingest").glob("test-*.tfrecord"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ArtifactError, match=shard.name):
-        run.run(dataclasses.replace(config, stages=("train",)))
+        run.run(config.replace(stages=("train",)))
 
 
 def test_nan_guard_keeps_the_last_good_checkpoint(tiny_run, monkeypatch):
-    import dataclasses
     import shutil
 
     config, run_dir = tiny_run
     copy = run_dir.parent / "nan"
     shutil.copytree(run_dir, copy)
-    good = (copy / "train" / train.LAST).read_bytes()
+    good = (copy / "train" / TrainedModel.LAST).read_bytes()
     monkeypatch.setattr(train, "run_epoch", lambda *a, **k: {"loss": float("nan")})
     with pytest.raises(train.TrainingError, match=r"diverged in epoch 3 .*epoch 2"):
-        run.run(dataclasses.replace(config, run_dir=str(copy), epochs=3))
-    assert (copy / "train" / train.LAST).read_bytes() == good
-    assert artifacts.read_json(copy / "train" / train.STATE)["epoch"] == 2
+        run.run(config.replace(run_dir=str(copy), epochs=3))
+    assert (copy / "train" / TrainedModel.LAST).read_bytes() == good
+    assert artifacts.read_json(copy / "train" / TrainedModel.STATE)["epoch"] == 2
     assert not (copy / "train" / artifacts.MANIFEST).exists()
 
 
 def test_collapse_guard_stops_a_finite_divergence(tiny_run, monkeypatch):
-    """Session 9's outlier-term run: accuracy 0.90 in epoch 9, 0.19 in epoch 10, loss 1e8."""
-    import dataclasses
+    """An outlier-term run at weight 1: accuracy 0.90 in epoch 9, 0.19 in epoch 10, loss 1e8."""
     import shutil
 
     config, run_dir = tiny_run
@@ -184,8 +180,8 @@ def test_collapse_guard_stops_a_finite_divergence(tiny_run, monkeypatch):
     with pytest.raises(train.TrainingError,
                        match=r"diverged in epoch 4 \(train accuracy 0\.190 against 0\.902 in "
                              r"epoch 3 .*last good checkpoint \(epoch 3\)"):
-        run.run(dataclasses.replace(config, run_dir=str(copy), epochs=4))
-    assert artifacts.read_json(copy / "train" / train.STATE)["epoch"] == 3
+        run.run(config.replace(run_dir=str(copy), epochs=4))
+    assert artifacts.read_json(copy / "train" / TrainedModel.STATE)["epoch"] == 3
 
 
 @pytest.mark.parametrize("accuracies, now, diverged", [
@@ -207,61 +203,78 @@ def test_collapse_by_hand(accuracies, now, diverged):
 
 def test_zero_epochs_keep_the_untrained_network(tiny_run):
     """--epochs=0: the seed's initial weights are the model, and calibrate takes them."""
-    import dataclasses
     import shutil
 
     config, run_dir = tiny_run
     copy = run_dir.parent / "untrained"
     shutil.copytree(run_dir, copy)
-    zero = dataclasses.replace(config, run_dir=str(copy), epochs=0,
-                               stages=("ingest", "train", "calibrate"))
+    zero = config.replace(run_dir=str(copy), epochs=0, stages=("ingest", "train", "calibrate"))
     run.run(zero)
-    state = artifacts.read_json(copy / "train" / train.STATE)
+    state = artifacts.read_json(copy / "train" / TrainedModel.STATE)
     assert state["epoch"] == 0 and state["history"] == []
-    keras.utils.set_random_seed(config.seed)
-    fresh = train.build_model(zero.resolve(tuple(s.name for s in run.STAGES)), 10, 1)
-    saved = keras.models.load_model(copy / "train" / train.BEST, compile=False)
+    keras.utils.set_random_seed(config.train.seed)
+    resolved = zero.resolve(run.STAGE_NAMES)
+    fresh = train.build_model(resolved.model, resolved.train, 10, 1)
+    saved = keras.models.load_model(copy / "train" / TrainedModel.BEST, compile=False)
     assert len(saved.weights) == len(fresh.weights)
     for got, want in zip(saved.weights, fresh.weights, strict=True):
         np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=got.path)
-    best = (copy / "train" / train.BEST).read_bytes()
-    assert (copy / "train" / train.LAST).read_bytes() == best
+    best = (copy / "train" / TrainedModel.BEST).read_bytes()
+    assert (copy / "train" / TrainedModel.LAST).read_bytes() == best
     thresholds = artifacts.read_json(copy / "calibrate" / "thresholds.json")
     assert thresholds["deployed"]["percentile"] == "conformal"
     with pytest.raises(ConfigError, match="--epochs must be >= 0"):
-        PipelineConfig(epochs=-1).resolve()
+        PipelineConfig.from_flat(epochs=-1).resolve()
 
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="--dataset: unknown dataset 'imagenet'"):
-        PipelineConfig(dataset="imagenet").resolve()
+        PipelineConfig.from_flat(dataset="imagenet").resolve()
     with pytest.raises(ConfigError, match=r"--train_limit=64 is smaller than one batch"):
-        PipelineConfig(train_limit=64).resolve()
+        PipelineConfig.from_flat(train_limit=64).resolve()
     with pytest.raises(ConfigError, match=r"--stages: unknown \['deploy'\]"):
-        PipelineConfig(stages=("deploy",)).resolve(run.STAGE_NAMES)
+        PipelineConfig.from_flat(stages=("deploy",)).resolve(run.STAGE_NAMES)
     with pytest.raises(ConfigError, match="--batch_size must be >= 2"):
-        PipelineConfig(batch_size=1).resolve()
+        PipelineConfig.from_flat(batch_size=1).resolve()
     with pytest.raises(ConfigError, match="--score must be one of model, feature_density"):
-        PipelineConfig(score="energy").resolve()
+        PipelineConfig.from_flat(score="energy").resolve()
     with pytest.raises(ConfigError, match=r"--density_layers must be a non-empty subset"):
-        PipelineConfig(density_layers=("stage5",)).resolve()
+        PipelineConfig.from_flat(density_layers=("stage5",)).resolve()
     with pytest.raises(ConfigError, match="--threshold_rule must be one of per_class, shared"):
-        PipelineConfig(threshold_rule="global").resolve()
-    assert PipelineConfig(score="model").resolve().threshold_rule == "per_class"
+        PipelineConfig.from_flat(threshold_rule="global").resolve()
+    assert PipelineConfig.from_flat(score="model").resolve().calibrate.threshold_rule == "per_class"
     with pytest.raises(ConfigError, match=r"--reject_budget must lie in \[0, 1\)"):
-        PipelineConfig(reject_budget=4.0).resolve()
+        PipelineConfig.from_flat(reject_budget=4.0).resolve()
     with pytest.raises(ConfigError, match="--export_percentile=5 is not among"):
-        PipelineConfig(reject_budget=0, export_percentile=5).resolve()
+        PipelineConfig.from_flat(reject_budget=0, export_percentile=5).resolve()
     # the guarantee needs held-out images: said, with how many (1 - 0.96^74 >= 0.95)
     with pytest.raises(ConfigError, match=r"--reject_budget=0.04 promises .* --validation_split"
                        r"=N \(at least 74 images\)"):
-        PipelineConfig(validation_split=0).resolve()
-    assert PipelineConfig(dataset="image_folder").resolve().reject_budget == 0
+        PipelineConfig.from_flat(validation_split=0).resolve()
+    assert PipelineConfig.from_flat(dataset="image_folder").resolve().calibrate.reject_budget == 0
     with pytest.raises(ConfigError, match=r"--reject_confidence must lie in \[0, 1\)"):
-        PipelineConfig(reject_confidence=1.0).resolve()
-    assert PipelineConfig(dataset="cifar10").resolve().n == 3
-    assert PipelineConfig(model="discriminative").resolve().run_dir.endswith(
+        PipelineConfig.from_flat(reject_confidence=1.0).resolve()
+    assert PipelineConfig.from_flat(dataset="cifar10").resolve().model.n == 3
+    assert PipelineConfig.from_flat(model="discriminative").resolve().run_dir.endswith(
         "fashion_mnist-discriminative")
+
+
+def test_each_flag_keys_the_stages_that_read_it():
+    """Every flag but the run-level ones and those that only say how to compute (XLA, the
+    strategy) is in the cache key of the stages whose sections hold it, and only of those."""
+    config = PipelineConfig.from_flat().resolve(run.STAGE_NAMES)
+    owners = {}
+    for stage in run.STAGES:
+        for name in run.stage_settings(stage, config):
+            owners.setdefault(name, []).append(stage.name)
+    flags = {leaf.name for leaf in sections.leaves(PipelineConfig)}
+    assert set(owners) == flags - {"run_dir", "stages", "force", "jit_compile", "distribute"}
+    assert owners["dataset"] == owners["data_dir"] == ["ingest", "evaluate", "explain"]
+    assert owners["margin"] == owners["seed"] == owners["validation_split"] == ["train"]
+    assert owners["score"] == owners["reject_budget"] == owners["percentiles"] == ["calibrate"]
+    assert owners["shift_images"] == ["evaluate"]
+    assert owners["export_dir"] == owners["max_batch"] == ["export"]
+    assert owners["attack_images"] == owners["attack_baseline"] == ["attack"]
 
 
 def _assert_one_line_error(result, *words):
@@ -273,10 +286,29 @@ def _assert_one_line_error(result, *words):
         assert word in last, last
 
 
+def test_help_lists_the_flags_by_stage_and_the_attack_flags_under_helpfull(tmp_path):
+    short = _cli(["--help"], tmp_path).stdout
+    titles = ("Data", "Model", "Training", "Rejection", "Evaluation", "Export", "Run")
+    where = [short.index(f"\n{title}:\n") for title in titles]
+    assert where == sorted(where)
+    flags = ("--dataset:", "--model:", "--epochs:", "--score:", "--shift_images:",
+             "--max_batch:", "--force:")  # one of each group, in its group
+    assert [short.index(f) for f in flags] == sorted(short.index(f) for f in flags)
+    assert all(where[i] < short.index(f) < (where + [len(short)])[i + 1]
+               for i, f in enumerate(flags))
+    assert "--attack" not in short.replace("--attack*", "")
+    full = _cli(["--helpfull"], tmp_path).stdout
+    assert "--attack_images: The curves" in full and "(default: '200')" in full
+
+
 def test_cli_user_errors_are_one_line(tmp_path, tiny_run, data_dir):
     _, run_dir = tiny_run
     _assert_one_line_error(_cli(["--dataset=imagenet"], tmp_path), "unknown dataset")
     _assert_one_line_error(_cli(["--train_limit=10"], tmp_path), "--train_limit")
+    _assert_one_line_error(_cli(["--percentiles=1,x"], tmp_path),
+                           "--percentiles must be numbers, got ['1', 'x']")
+    _assert_one_line_error(_cli(["--attack_images=0", "--attack_cw_steps=0"], tmp_path),
+                           "--attack_images=0 --attack_cw_steps=0 must be >= 1")
     (tmp_path / "file").write_text("")
     _assert_one_line_error(_cli([f"--run_dir={tmp_path / 'file' / 'run'}"], tmp_path),
                            "not writable")
@@ -288,7 +320,7 @@ def test_cli_user_errors_are_one_line(tmp_path, tiny_run, data_dir):
 
     broken = tmp_path / "broken"
     shutil.copytree(run_dir, broken)
-    (broken / "train" / train.LAST).write_bytes(b"garbage")
+    (broken / "train" / TrainedModel.LAST).write_bytes(b"garbage")
     args = [f"--run_dir={broken}", "--epochs=3", "--train_limit=1024", f"--data_dir={data_dir}",
             "--lr_schedule=constant"]
     _assert_one_line_error(_cli(args, tmp_path), "last.keras changed since train wrote it")
@@ -312,7 +344,7 @@ def test_killed_training_resumes(tmp_path, tiny_run):
     killed = subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=tmp_path,
                             env=env, capture_output=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    state = work / "train" / train.STATE
+    state = work / "train" / TrainedModel.STATE
     done = artifacts.read_json(state)["epoch"]
     assert done == 1
     assert not (work / "train" / artifacts.MANIFEST).exists()
@@ -320,7 +352,7 @@ def test_killed_training_resumes(tmp_path, tiny_run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming after epoch {done} of 3" in result.stderr
     assert [r["epoch"] for r in TrainedModel(work / "train").history()] == [1, 2, 3]
-    final = keras.models.load_model(work / "train" / train.LAST)
+    final = keras.models.load_model(work / "train" / TrainedModel.LAST)
     assert int(final.optimizer.iterations) == 3 * (256 // 64)  # no step lost or repeated
 
 
@@ -333,7 +365,7 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
     run_view = Run(run_dir)
     saved = artifacts.read_json(run_dir / "calibrate" / Calibration.THRESHOLDS)
     # The preset holds out the last 5000 training images for calibration.
-    assert config.validation_split == 5000
+    assert config.train.validation_split == 5000
     assert saved["source"] == "validation" and saved["examples"] == {
         "skip": 55000, "limit": 5000, "num_samples": 5000}
     assert saved["score"] == "feature_density" and saved["density_split"] is True  # defaults
@@ -361,10 +393,10 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
     # The default rule for feature_density: one threshold for every class.
     from scipy import stats
 
-    assert saved["threshold_rule"] == config.threshold_rule == "shared"
+    assert saved["threshold_rule"] == config.calibrate.threshold_rule == "shared"
     assert saved["deployed"]["percentile"] == "conformal"
     ks = np.arange(1, 5001)
-    k = ks[stats.binom.cdf(ks - 1, 5000, config.reject_budget) <= 0.05].max()
+    k = ks[stats.binom.cdf(ks - 1, 5000, config.calibrate.reject_budget) <= 0.05].max()
     assert 150 < k < 200  # below the 200 of the plain 4% budget
     ordered = np.sort(ll.max(1))
     np.testing.assert_allclose(saved["percentiles"]["conformal"]["thresholds"],
@@ -410,9 +442,9 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
         assert matplotlib.image.imread(run_dir / "evaluate" / figure).shape[0] > 100
 
 
-def test_a_run_of_the_former_constant_default_is_refused_not_wiped(tmp_path, tiny_run):
-    """The default became cosine: the old default's command, rerun, names the flag that
-    resumes its run instead of deleting the trained model to start afresh."""
+def test_a_constant_rate_run_rerun_without_the_flag_is_refused_not_wiped(tmp_path, tiny_run):
+    """A --lr_schedule=constant run, rerun under the default cosine schedule, names the flag
+    that resumes it instead of deleting the trained model to start afresh."""
     import shutil
 
     _, run_dir = tiny_run
@@ -423,12 +455,12 @@ def test_a_run_of_the_former_constant_default_is_refused_not_wiped(tmp_path, tin
             "--batch_size=64"]
     result = _cli([*args, "--lr_schedule=constant"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    trained = (work / "train" / train.LAST).read_bytes()
+    trained = (work / "train" / TrainedModel.LAST).read_bytes()
     refused = _cli(args, tmp_path)
     assert refused.returncode == 1
-    assert ("holds 1 epoch(s) trained with --lr_schedule=constant (the default before cosine): "
-            "rerun with --lr_schedule=constant" in refused.stderr), refused.stderr[-3000:]
-    assert (work / "train" / train.LAST).read_bytes() == trained
+    assert ("holds 1 epoch(s) trained with --lr_schedule=constant: rerun with "
+            "--lr_schedule=constant" in refused.stderr), refused.stderr[-3000:]
+    assert (work / "train" / TrainedModel.LAST).read_bytes() == trained
     result = _cli([*args, "--lr_schedule=constant", "--epochs=2"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming after epoch 1 of 2" in result.stderr
@@ -465,15 +497,15 @@ def test_cosine_learning_rate_resumes_on_its_schedule(tmp_path, tiny_run):
     history = TrainedModel(work / "train").history()
     assert [r["learning_rate"] for r in history] == pytest.approx(
         [cosine(4, 8), cosine(8, 8)], abs=1e-9)
-    trained = (work / "train" / train.LAST).read_bytes()
+    trained = (work / "train" / TrainedModel.LAST).read_bytes()
     refused = _cli([*args, "--epochs=3"], tmp_path)
     assert refused.returncode == 1 and "holds 2 of 2 epochs" in refused.stderr
-    assert (work / "train" / train.LAST).read_bytes() == trained
+    assert (work / "train" / TrainedModel.LAST).read_bytes() == trained
     result = _cli([*args, "--epochs=3", "--stages=train", "--force"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" not in result.stderr
     history = TrainedModel(work / "train").history()
     assert [r["learning_rate"] for r in history] == pytest.approx(
         [cosine(4 * e, 12) for e in (1, 2, 3)], abs=1e-9)
-    final = keras.models.load_model(work / "train" / train.LAST)
+    final = keras.models.load_model(work / "train" / TrainedModel.LAST)
     assert int(final.optimizer.iterations) == 12

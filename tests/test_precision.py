@@ -50,38 +50,20 @@ def test_cpu_flags_from_cpuinfo(tmp_path):
     assert precision.cpu_flags(str(tmp_path / "missing")) == frozenset()
 
 
-def test_config_validates_and_keeps_old_run_hashes():
+def test_config_validates_precision_and_keys_training_by_it():
     with pytest.raises(ConfigError, match="--mixed_precision must be one of auto, float32, "
                                           "bfloat16, got 'fp16'"):
-        PipelineConfig(mixed_precision="fp16").resolve()
-    # The flag was a boolean: True/False from old Python callers mean bfloat16/float32.
-    assert PipelineConfig(mixed_precision=True).resolve().mixed_precision == "bfloat16"
-    assert PipelineConfig(mixed_precision=False).resolve().mixed_precision == "float32"
-    # An explicit precision hashes as the boolean did, so such runs still resume.
-    fields = ("mixed_precision", "epochs")
-    assert PipelineConfig(mixed_precision="float32").resolve().fields(fields) == {
-        "mixed_precision": False, "epochs": 50}
-    assert PipelineConfig().resolve().fields(fields)["mixed_precision"] == "auto"
-    # The outlier term hashes only when on, so runs made before it existed resume.
-    fields = ("outlier_weight", "outlier_margin", "epochs")
-    assert PipelineConfig().resolve().fields(fields) == {"epochs": 50}
-    assert PipelineConfig(outlier_weight=0.1).resolve().fields(fields) == {
-        "outlier_weight": 0.1, "outlier_margin": 10.0, "epochs": 50}
-    # A constant learning rate, the paper's, hashes as before schedules existed.
-    fields = ("learning_rate", "lr_schedule")
-    assert PipelineConfig(lr_schedule="constant").resolve().fields(fields) == {
-        "learning_rate": 1e-3}
-    assert PipelineConfig().resolve().fields(fields) == {
-        "learning_rate": 1e-3, "lr_schedule": "cosine"}
+        PipelineConfig.from_flat(mixed_precision="fp16").resolve()
     with pytest.raises(ConfigError, match="--lr_schedule must be one of constant, cosine"):
-        PipelineConfig(lr_schedule="step").resolve()
+        PipelineConfig.from_flat(lr_schedule="step").resolve()
     with pytest.raises(ConfigError, match="--outlier_weight=0.1 needs --model=sdim"):
-        PipelineConfig(outlier_weight=0.1, model="discriminative").resolve()
-    # Split density terms (the default) hash; off, they hash as before they existed, so a
-    # run calibrated then is recalibrated only under the new default.
-    fields = ("density_layers", "density_split")
-    assert PipelineConfig().resolve().fields(fields)["density_split"] is True
-    assert "density_split" not in PipelineConfig(density_split=False).resolve().fields(fields)
+        PipelineConfig.from_flat(outlier_weight=0.1, model="discriminative").resolve()
+    # The precision trained under is part of the train stage's key; how the step is compiled
+    # and distributed is not (they change the speed, not what is trained).
+    keyed = PipelineConfig.from_flat(mixed_precision="float32", jit_compile="on",
+                                     distribute="one_device").resolve().train.flat(True)
+    assert keyed["mixed_precision"] == "float32"
+    assert "jit_compile" not in keyed and "distribute" not in keyed
 
 
 def _bfloat16_nodes(saved_model_dir) -> list[str]:
@@ -106,13 +88,13 @@ def test_bfloat16_training_exports_a_float32_model(tmp_path, data_dir):
 
     from pipeline import run
     from pipeline.run_dir import Run, load_checkpoint
-    from sdim_tf import serving
+    from sdim_tf import publish, serving
 
-    config = PipelineConfig(dataset="fashion_mnist", epochs=1, train_limit=256, batch_size=64,
-                            validation_split=0, reject_budget=0, shift_images=0,
-                            mixed_precision="bfloat16", data_dir=str(data_dir),
-                            run_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "models"),
-                            stages=("ingest", "train", "calibrate", "evaluate", "export"))
+    config = PipelineConfig.from_flat(
+        dataset="fashion_mnist", epochs=1, train_limit=256, batch_size=64, validation_split=0,
+        reject_budget=0, shift_images=0, mixed_precision="bfloat16", data_dir=str(data_dir),
+        run_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "models"),
+        stages=("ingest", "train", "calibrate", "evaluate", "export"))
     run_dir = run.run(config)
     state = Run(run_dir).model.state()
     assert (state["precision"], state["precision_reason"]) == (
@@ -122,6 +104,6 @@ def test_bfloat16_training_exports_a_float32_model(tmp_path, data_dir):
     assert _bfloat16_nodes(exported) == []
     as_saved = load_checkpoint(Run(run_dir).model.best_path)
     assert as_saved.dtype_policy.name == "mixed_bfloat16"
-    control = serving.export(serving.RejectingClassifier(as_saved, np.zeros(10), 1, (28, 28)),
+    control = publish.export(serving.RejectingClassifier(as_saved, np.zeros(10), 1, (28, 28)),
                              tmp_path / "control", "bf16")
     assert _bfloat16_nodes(control)  # the scan finds them where they are

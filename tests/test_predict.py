@@ -89,7 +89,7 @@ def test_cli_answers_as_the_signatures_do(folder, model, tmp_path):
     rejected = np.array([r["rejected"] == "true" for r in rows])
     np.testing.assert_array_equal(rejected, expected["rejected"].numpy())
     np.testing.assert_array_equal(rejected, ~(score >= threshold))
-    assert [r["reason"] for r in rows] == [("below_threshold" if r else "") for r in rejected]
+    assert [r["reason"] for r in rows] == [("unfamiliar" if r else "") for r in rejected]
 
     # The PNGs of source-size grey images are classified as classify_raw classifies them.
     greys = [i for i, r in enumerate(rows) if r["path"].endswith(".png")

@@ -88,6 +88,34 @@ def test_decide_equation_9():
                                   [True, True, True, True, True])
 
 
+def test_decide_with_the_ambiguity_threshold():
+    scores = np.array([
+        [-1.0, -5.0, -2.0],  # passes -2: gap 1.0 < 1.5 -> ambiguous
+        [-5.0, -3.0, -9.0],  # below -2.5 and gap 2.0: unfamiliar takes precedence
+        [0.0, -4.0, -1.0],  # passes -2, gap 1.0: ambiguous
+        [3.0, -9.0, 1.0],  # gap 2.0: accepted
+        [-1.0, -1.0, -8.0],  # a tie: gap 0 -> ambiguous
+        [3.0, -9.0, 1.0],  # an invalid row: neither reason, rejected
+    ])
+    valid = np.array([True, True, True, True, True, False])
+    thresholds = [-2.0, -2.5, -2.0]
+    decision = rejection.decide(scores, thresholds, valid, min_gap=1.5)
+    np.testing.assert_array_equal(decision.gap.numpy(), [1.0, 2.0, 1.0, 2.0, 0.0, -np.inf])
+    np.testing.assert_array_equal(decision.min_gap.numpy(), [1.5] * 6)
+    np.testing.assert_array_equal(decision.unfamiliar.numpy(), [0, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(decision.ambiguous.numpy(), [1, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(decision.rejected.numpy(), [1, 1, 1, 0, 1, 1])
+    assert decision.reasons().numpy().tolist() == [
+        b"ambiguous", b"unfamiliar", b"ambiguous", b"", b"ambiguous", b""]
+    # without min_gap: equation 9 alone, bit for bit, and no row is ambiguous
+    alone = rejection.decide(scores, thresholds, valid)
+    np.testing.assert_array_equal(alone.rejected.numpy(), [0, 1, 0, 0, 0, 1])
+    assert not alone.ambiguous.numpy().any()
+    np.testing.assert_array_equal(alone.min_gap.numpy(), [-np.inf] * 6)
+    # one class: nothing to be ambiguous with
+    assert rejection.gap(np.zeros((2, 1))).numpy().tolist() == [np.inf, np.inf]
+
+
 def test_percentile_key():
     assert [rejection.percentile_key(p) for p in (1, 1.0, "2", 3.55, "3.6")] == [1, 1, 2, 3.55,
                                                                                   3.6]
@@ -95,7 +123,7 @@ def test_percentile_key():
 
 
 def test_bad_calibration_input():
-    with pytest.raises(ValueError, match="log_likelihoods must be"):
+    with pytest.raises(ValueError, match="class_scores must be"):
         rejection.calibrate(np.zeros((3, 2)), np.zeros(4))
 
 

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from pipeline import artifacts
-from pipeline.run_dir import ArtifactError, Calibration, Examples, Run, load_checkpoint
+from pipeline.run_dir import (
+    ArtifactError,
+    Calibration,
+    Examples,
+    Run,
+    TrainedModel,
+    load_checkpoint,
+)
 
 NAMES = ["a", "b", "c"]
 
@@ -118,5 +125,49 @@ def test_schema_version_is_checked(tmp_path):
     artifacts.write_json(run.examples.folder / artifacts.MANIFEST, {"schema_version": 99})
     with pytest.raises(ArtifactError, match="schema version 99"):
         run.examples.check_schema()
-    artifacts.write_json(run.examples.folder / artifacts.MANIFEST, {})  # older: version 1
+    artifacts.write_json(run.examples.folder / artifacts.MANIFEST, {})  # before it was recorded
+    with pytest.raises(ArtifactError, match="schema version 1, this code reads 2"):
+        run.examples.check_schema()
+    artifacts.write_json(run.examples.folder / artifacts.MANIFEST, {"schema_version": 2})
     run.examples.check_schema()
+
+
+def _old_training(root):
+    """A train stage written under schema 1: a checkpoint, and a state.json that records no
+    schema version, as that schema's did."""
+    trained = TrainedModel(root / "train")
+    trained.best_path.parent.mkdir(parents=True)
+    trained.best_path.write_bytes(b"three epochs of training")
+    artifacts.write_json(trained.folder / TrainedModel.STATE, {"epoch": 3, "resume_hash": "x"})
+    return trained
+
+
+def test_a_run_directory_of_another_schema_is_refused_in_one_line(tmp_path):
+    from pipeline import run
+    from pipeline.config import PipelineConfig
+
+    trained = _old_training(tmp_path / "run")  # killed: state.json, no manifest
+    config = PipelineConfig.from_flat(run_dir=str(tmp_path / "run"), stages=("train",))
+    message = (f"{tmp_path / 'run'} was written under run-directory schema 1, this code reads 2: "
+               "rerun with --force to rebuild it (train starts afresh), or pass a new --run_dir")
+    with pytest.raises(ArtifactError) as refused:
+        run.run(config)
+    assert str(refused.value) == message
+    assert trained.best_path.read_bytes() == b"three epochs of training"  # kept
+    (trained.folder / TrainedModel.STATE).unlink()  # a finished stage: its manifest
+    artifacts.write_json(trained.folder / artifacts.MANIFEST, {"stage": "train"})
+    with pytest.raises(ArtifactError, match="schema 1, this code reads 2"):
+        run.run(config)
+
+
+def test_the_train_stage_never_starts_over_a_model_of_another_schema(tmp_path):
+    from pipeline import checkpoints
+    from pipeline.config import TrainConfig
+
+    trained = _old_training(tmp_path)
+    with pytest.raises(checkpoints.TrainingError, match=r"state\.json was written under "
+                       r"run-directory schema 1, this code reads 2: rerun with --force"):
+        checkpoints.resume_state(trained, TrainConfig(), lambda **changes: "x")
+    assert trained.best_path.read_bytes() == b"three epochs of training"
+    # --force: afresh, on purpose
+    assert checkpoints.resume_state(trained, TrainConfig(fresh=True), lambda **c: "x") is None

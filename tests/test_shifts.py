@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sdim_tf import data, metrics, outliers, shifts
+from sdim_tf import data, metrics, outlier_proxies, shifts
 
 RANDOM = ("gaussian_noise", "shot_noise", "salt_and_pepper", "rotate", "occlusion")
 
@@ -230,7 +230,7 @@ def _old_proxy_outliers(images, seed=0):
 @pytest.mark.parametrize("seed, channels", [(0, 1), (3, 3)])
 def test_proxy_outliers_match_the_old_formula(seed, channels):
     images = np.random.default_rng(6).random((5, 32, 32, channels)).astype(np.float32)
-    got, expected = outliers.proxy_outliers(images, seed), _old_proxy_outliers(images, seed)
+    got, expected = outlier_proxies.proxy_outliers(images, seed), _old_proxy_outliers(images, seed)
     assert list(got) == list(expected)
     for name in expected:
         assert got[name].dtype == expected[name].dtype
@@ -239,25 +239,25 @@ def test_proxy_outliers_match_the_old_formula(seed, channels):
 
 def test_part_partners_have_pairwise_different_labels(fashion):
     labels = fashion[1]
-    partners = outliers.part_partners(labels, seed=1)
+    partners = outlier_proxies.part_partners(labels, seed=1)
     assert partners.shape == (64, 4)
     np.testing.assert_array_equal(partners[:, 0], np.arange(64))
     for row in labels[partners]:
         assert len(set(row.tolist())) == 4
-    np.testing.assert_array_equal(partners, outliers.part_partners(labels, seed=1))
-    assert not np.array_equal(partners, outliers.part_partners(labels, seed=2))
+    np.testing.assert_array_equal(partners, outlier_proxies.part_partners(labels, seed=1))
+    assert not np.array_equal(partners, outlier_proxies.part_partners(labels, seed=2))
     with pytest.raises(ValueError, match="4 classes"):
-        outliers.part_partners(np.array([0, 1, 2, 0, 1, 2]))
+        outlier_proxies.part_partners(np.array([0, 1, 2, 0, 1, 2]))
 
 
 def test_part_outliers_shapes_ranges_on_real_images(fashion):
     images, labels = fashion
-    result = outliers.part_outliers(images, labels, seed=0)
-    assert tuple(result) == outliers.PART_OUTLIERS
+    result = outlier_proxies.part_outliers(images, labels, seed=0)
+    assert tuple(result) == outlier_proxies.PART_OUTLIERS
     for value in result.values():
         assert value.shape == images.shape and value.dtype == np.float32
         assert value.min() >= 0.0 and value.max() <= 1.0
-    again = outliers.part_outliers(images, labels, seed=0)
+    again = outlier_proxies.part_outliers(images, labels, seed=0)
     for name in result:
         np.testing.assert_array_equal(result[name], again[name])
 
@@ -266,8 +266,8 @@ def test_part_outliers_by_hand_on_tiny_images():
     # Four 4x4 images of four classes; image i holds 10 * i + (pixel number) / 100.
     images = (np.arange(4)[:, None] * 10 + np.arange(16)[None] / 100).reshape(4, 4, 4, 1) / 40
     labels = np.array([3, 1, 0, 2])
-    partners = outliers.part_partners(labels, seed=4)
-    result = outliers.part_outliers(images, labels, seed=4)
+    partners = outlier_proxies.part_partners(labels, seed=4)
+    result = outlier_proxies.part_outliers(images, labels, seed=4)
     for i in range(4):
         a, b, c, d = (images[p] for p in partners[i])
         assert sorted(partners[i].tolist()) == [0, 1, 2, 3]

@@ -1,4 +1,4 @@
-"""Known TensorFlow and loading hazards, each a test (issue 20): TensorProtos whose declared
+"""Known TensorFlow and loading hazards, each a test: TensorProtos whose declared
 shape is huge or disagrees with their content (the class of CVE-2021-41197), parsed in a
 process of its own so that an abort fails the test; checkpoints and arrays carrying code."""
 

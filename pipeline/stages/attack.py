@@ -1,8 +1,8 @@
 """Attack (opt-in): adversarial robustness and detection, paper section 5.3 and appendix D,
 and attackers who know the rejection rule.
 
-The attacked set: the first test images that the deployed model (`Run.deployable()`: its
-scoring model, deployed thresholds and equation 9) classifies correctly and accepts. FGSM and
+The attacked set: the first test images that the deployed model (its scoring model, deployed
+thresholds and equation 9, `rejecting_classifier`) classifies correctly and accepts. FGSM and
 PGD accuracy curves (Figures 4 and 5, beside a calibrated discriminative run when
 --attack_baseline names one), untargeted DeepFool, Boundary and LocalSearch (Table 5),
 targeted CW-L2 with confidences (Tables 6 and 7), and the adaptive attacks of
@@ -29,22 +29,17 @@ from absl import logging
 
 from pipeline import artifacts, attack_report, deployed, faults
 from pipeline.config import ConfigError
-from pipeline.run_dir import Run
+from pipeline.run_dir import rejecting_classifier
 from sdim_tf import adversarial, plots, rejection
 
-FIELDS = ("attacks", "attack_images", "attack_epsilons", "attack_pgd_steps",
-          "attack_pgd_step_size", "attack_deepfool_steps", "attack_boundary_images",
-          "attack_boundary_steps", "attack_local_search_images", "attack_local_search_rounds",
-          "attack_cw_images", "attack_cw_confidences", "attack_cw_steps",
-          "attack_cw_search_steps", "attack_accepted_epsilons", "attack_accepted_l2_epsilons",
-          "attack_accepted_steps", "attack_accepted_restarts", "attack_accepted_schedule",
-          "attack_square_images", "attack_square_queries", "attack_replay_images",
-          "attack_baseline", "seed")
 REPORT_JSON, REPORT_MD = attack_report.REPORT_JSON, attack_report.REPORT_MD
 CURVES_PNG, UNDETECTED_PNG = attack_report.CURVES_PNG, attack_report.UNDETECTED_PNG
 EXAMPLES_PNG, EXAMPLES_NPZ = attack_report.EXAMPLES_PNG, "adversarial_examples.npz"
 PARTS, SETS = "parts", "sets"
 UPSTREAM = ("ingest", "train", "calibrate")  # what the attacked model is made of
+# --attack_baseline's stages, inputs of this stage as "baseline/<stage>" (checked in order)
+BASELINE = "baseline"
+BASELINE_STAGES = ("train", "calibrate", "ingest")
 # In every part's key: parts made before the attacked set was "correct and accepted" are
 # not reused.
 ATTACKED_SET = "correct_and_accepted"
@@ -99,52 +94,40 @@ class Context:
         return {"original": self.images[index], "label": self.labels[index]}
 
 
-def _target(name: str, run: Run, images, labels, batch_size: int, key: dict) -> Target:
-    deployable = run.deployable()
+def _target(name: str, made_of: dict, images, labels, batch_size: int, key: dict) -> Target:
+    """`made_of`: {"ingest", "train", "calibrate"} views of the attacked run."""
+    calibration = made_of["calibrate"]
+    deployable = rejecting_classifier(made_of["ingest"], made_of["train"], calibration)
     classifier = adversarial.art_classifier(deployable.model, deployable.num_classes,
                                             images.shape[1:], batch_size)
     clean = classifier.predict(images)
-    thresholds = run.calibration.deployed()[1]
+    thresholds = calibration.deployed()[1]
     accepted = ~rejection.decide(clean, thresholds).rejected.numpy()
     attacked = np.flatnonzero((clean.argmax(1) == labels) & accepted)
     if len(attacked) == 0:
         raise ConfigError(f"attack: {name} classifies correctly and accepts none of the first "
                           f"{len(labels)} test images")
-    percentiles = {p: v["thresholds"] for p, v in run.calibration.percentiles().items()}
+    percentiles = {p: v["thresholds"] for p, v in calibration.percentiles().items()}
     return Target(name, deployable, classifier, thresholds, percentiles, clean, attacked, key)
 
 
-def _baseline_stages(baseline: Run) -> dict:
-    """{stage: folder} of the baseline run's stages the attack reads."""
-    return {"train": baseline.model.folder, "calibrate": baseline.calibration.folder}
-
-
-def external_inputs(config) -> dict:
-    """The --attack_baseline run's train and calibrate stages: retraining or recalibrating
-    it reruns this stage (its parts are keyed by them too)."""
-    if not config.attack_baseline:
-        return {}
-    return {f"baseline/{stage}": folder
-            for stage, folder in _baseline_stages(Run(config.attack_baseline)).items()}
-
-
-def _baseline_run(config) -> tuple[Run, dict] | None:
-    """(run, its hashes) of --attack_baseline: a calibrated discriminative run of our dataset."""
+def _baseline(config, upstream: dict) -> tuple[dict, dict] | None:
+    """({stage: view}, their hashes) of --attack_baseline, a calibrated discriminative run of
+    our dataset, or None without one."""
     if not config.attack_baseline:
         return None
-    baseline = Run(config.attack_baseline)
-    stages = _baseline_stages(baseline)
-    for stage, folder in stages.items():
-        manifest = folder / artifacts.MANIFEST
+    views = {stage: upstream[f"{BASELINE}/{stage}"] for stage in BASELINE_STAGES}
+    for stage, view in views.items():
+        manifest = view.folder / artifacts.MANIFEST
         if not manifest.exists():
-            raise ConfigError(f"--attack_baseline={baseline.root}: no finished {stage} stage "
-                              f"in it ({manifest} missing); run it with --stages={stage}")
-    trained = baseline.model.manifest()["config"]
-    dataset = baseline.examples.metadata.get("dataset")
-    if trained.get("model") != "discriminative" or dataset != config.dataset:
-        raise ConfigError(f"--attack_baseline={baseline.root} holds a {trained.get('model')} "
-                          f"model of {dataset}; expected discriminative on {config.dataset}")
-    return baseline, artifacts.input_hashes(stages)
+            raise ConfigError(f"--attack_baseline={config.attack_baseline}: no finished {stage} "
+                              f"stage in it ({manifest} missing); run it with --stages={stage}")
+    kind, dataset = views["train"].kind, views["ingest"].dataset_name
+    ours = upstream["ingest"].dataset_name
+    if kind != "discriminative" or dataset != ours:
+        raise ConfigError(f"--attack_baseline={config.attack_baseline} holds a {kind} model of "
+                          f"{dataset}; expected discriminative on {ours}")
+    return views, artifacts.input_hashes({s: v.folder for s, v in views.items()})
 
 
 def _clean(target: Target, labels) -> dict:
@@ -565,15 +548,16 @@ def _first_image(arrays: dict, attack: str, shown: dict, row: int = 0) -> None:
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    s = config.attack_settings()
-    baseline = _baseline_run(config)
+    config, trained = config.attack, upstream["train"]  # the stage's one section
+    s = dataclasses.replace(config.settings, seed=trained.seed)
+    baseline = _baseline(config, upstream)
     examples, calibration = upstream["ingest"], upstream["calibrate"]
     names = examples.class_names
     count = max(s.images, s.boundary_images, s.local_search_images, s.cw_images,
                 s.square_images)
     # enough test images to find `count` correctly classified and accepted ones
     images, labels = examples.arrays("test", limit=max(count * 4, 1000))
-    main = _target(config.model, Run(stage_dir.parent), images, labels, s.batch_size, {})
+    main = _target(trained.kind, upstream, images, labels, s.batch_size, {})
     targets = {main.name: main}
     if baseline is not None:
         name = "discriminative" if main.name != "discriminative" else "baseline"
@@ -585,7 +569,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     kappas, kappa_rule = (_cw_confidences(ctx, main, calibration, examples)
                           if "cw_l2" in attacks else (s.cw_confidences, None))
     ctx.settings = dataclasses.replace(s, cw_confidences=kappas)
-    report = _report_head(config, ctx, targets, main, calibration, names)
+    report = _report_head(examples.dataset_name, ctx, targets, main, calibration, names)
     report["cw_confidences"] = kappa_rule
     shown = {"images": {"original": images[main.attacked[:1]]},
              "scores": {"original": main.clean[main.attacked[0]].tolist()}}
@@ -606,11 +590,11 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     return _write(stage_dir, report, names, shown["images"], sets)
 
 
-def _report_head(config, ctx: Context, targets: dict, main: Target, calibration, names
+def _report_head(dataset: str, ctx: Context, targets: dict, main: Target, calibration, names
                  ) -> dict:
     """The report's settings, clean rejection rates and thresholds; empty attack sections."""
     first = int(main.attacked[0])
-    return {"dataset": config.dataset, "model": config.model, "score": calibration.score,
+    return {"dataset": dataset, "model": main.name, "score": calibration.score,
             "settings": dataclasses.asdict(ctx.settings), "budgets": attack_report.BUDGETS,
             "clean": {n: _clean(t, ctx.labels) for n, t in targets.items()},
             "thresholds": {str(p): [float(x) for x in t] for p, t in main.percentiles.items()},

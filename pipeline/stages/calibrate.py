@@ -24,24 +24,23 @@ from absl import logging
 
 from pipeline.config import ConfigError
 from pipeline.run_dir import Calibration
-from sdim_tf import conformal, density, rejection
+from sdim_tf import budget_rules, conformal, density, rejection
 
-FIELDS = ("percentiles", "validation_split", "train_limit", "score", "density_layers",
-          "density_split", "reject_budget", "reject_confidence", "export_percentile",
-          "threshold_rule")
 GUARANTEED = "conformal"  # thresholds.json's key of the guaranteed thresholds
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
+    config, trained = config.calibrate, upstream["train"]  # the stage's one section
     examples, calibration = upstream["ingest"], Calibration(stage_dir)
-    num_train = examples.num_examples("train")
-    model = upstream["train"].best()
+    model = trained.best()
     outputs = [Calibration.THRESHOLDS]
     if config.score == "feature_density":
-        model = fit_density(model, config, examples, num_train)
+        model = fit_density(model, config, examples, trained.examples("trained"))
         calibration.write_density(model.parameters())
         outputs.append(Calibration.DENSITY)
-    skip, limit = config.calibration_examples(num_train)
+    # the held-out images when train held some out, else the trained ones (the paper's)
+    held_out = trained.examples("held_out")
+    skip, limit = held_out or trained.examples("trained")
     ll, labels = rejection.class_scores(model, examples.dataset("train", skip, limit))
     shared = config.threshold_rule == "shared"
     names = examples.class_names
@@ -63,7 +62,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         if config.score == "feature_density" else None,
         "density_split": config.density_split if config.score == "feature_density" else None,
         "threshold_rule": config.threshold_rule,
-        "source": "validation" if config.validation_split else "train",
+        "source": "validation" if held_out else "train",
         "examples": {"skip": skip, "limit": limit, "num_samples": int(len(labels))},
         "accuracy": float((ll.argmax(1) == labels).mean()),
         "rejected": {str(p): float(rejection.decide(ll, v["thresholds"]).rejected.numpy().mean())
@@ -77,40 +76,35 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
 
 
 def guaranteed(ll: np.ndarray, config, names) -> tuple[dict, dict]:
-    """Split-conformal thresholds on the held-out top scores: ({"thresholds", "counts"},
-    the thresholds.json "deployed" entry with the promise in words)."""
+    """Split-conformal thresholds on the held-out top scores (`sdim_tf.budget_rules`):
+    ({"thresholds", "counts"}, the thresholds.json "deployed" entry with the promise in
+    words)."""
     alpha, confidence = config.reject_budget, config.reject_confidence or None
-    top, predicted = ll.max(1), ll.argmax(1)
-    needed = conformal.minimum_samples(alpha, confidence)
-    if config.threshold_rule == "shared":
-        if len(top) < needed:
-            raise ConfigError(f"--reject_budget={alpha:g} needs at least {needed} held-out "
-                              f"images for its guarantee; --validation_split={len(top)}")
-        groups = [top]
-    else:  # Mondrian: a guarantee per predicted class
-        groups = [top[predicted == c] for c in range(ll.shape[1])]
-        few = [f"{names[c]} ({len(g)})" for c, g in enumerate(groups) if len(g) < needed]
-        if few:
-            raise ConfigError(
-                f"--threshold_rule=per_class: too few held-out images predicted as {few} for "
-                f"a {100 * alpha:g}% guarantee (each class needs {needed}); use "
-                "--threshold_rule=shared or a larger --validation_split")
-    thresholds = [conformal.threshold(g, alpha, confidence) for g in groups]
-    if len(thresholds) == 1:
-        thresholds = thresholds * ll.shape[1]
-    counts = [int(len(g)) for g in groups] * (ll.shape[1] // len(groups))
-    promise = conformal.promise(alpha, confidence, len(top))
-    if config.threshold_rule == "per_class":
+    per_class = config.threshold_rule == "per_class"  # Mondrian: a guarantee per class
+    chosen = budget_rules.budget_thresholds(ll, alpha, rule="conformal", confidence=confidence,
+                                            per_class=per_class)
+    needed, n = conformal.minimum_samples(alpha, confidence), len(ll)
+    if not per_class and n < needed:
+        raise ConfigError(f"--reject_budget={alpha:g} needs at least {needed} held-out "
+                          f"images for its guarantee; --validation_split={n}")
+    few = [f"{names[c]} ({k})" for c, k in enumerate(chosen.counts) if k < needed]
+    if per_class and few:
+        raise ConfigError(
+            f"--threshold_rule=per_class: too few held-out images predicted as {few} for "
+            f"a {100 * alpha:g}% guarantee (each class needs {needed}); use "
+            "--threshold_rule=shared or a larger --validation_split")
+    promise = conformal.promise(alpha, confidence, n)
+    if per_class:
         promise += "; for each predicted class"
-    return ({"thresholds": np.asarray(thresholds), "counts": counts},
+    return ({"thresholds": chosen.thresholds, "counts": chosen.counts},
             {"percentile": GUARANTEED, "rule": "split conformal on the held-out images' top "
              "scores (sdim_tf.conformal)", "guarantee": promise, "alpha": alpha,
-             "confidence": confidence, "n": int(len(top))})
+             "confidence": confidence, "n": int(n)})
 
 
-def fit_density(model, config, examples, num_train: int) -> density.FeatureDensity:
-    """--density_layers fitted on the trained images (no augmentation)."""
-    skip, limit = config.train_examples(num_train)
+def fit_density(model, config, examples, trained: tuple[int, int]) -> density.FeatureDensity:
+    """--density_layers fitted on the `trained` (skip, limit) images (no augmentation)."""
+    skip, limit = trained
     scorer = density.FeatureDensity(model, examples.num_classes, config.density_layers,
                                     config.density_split)
     logging.info("calibrate: fitting tied Gaussians on %s%s over %d training images",

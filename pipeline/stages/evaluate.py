@@ -19,10 +19,12 @@ from absl import logging
 
 from pipeline import artifacts, faults
 from pipeline.markdown import percent
-from pipeline.run_dir import Evaluation, Run
-from sdim_tf import data, metrics, outliers, plots, shifts
+from pipeline.run_dir import Evaluation, rejecting_classifier
+from sdim_tf import data, metrics, ood_data, plots, shifts
 
-FIELDS = ("percentiles", "seed", "shift_images")
+# The evaluation of a discriminative run beside this one (runs/<dataset>-discriminative), an
+# optional input: its test accuracy goes in Table 1.
+DISCRIMINATIVE = "discriminative/evaluate"
 REPORT_JSON, REPORT_MD = Evaluation.REPORT_JSON, Evaluation.REPORT_MD
 RISK_COVERAGE_PNG = "risk_coverage.png"
 PARTS = "parts"
@@ -61,17 +63,18 @@ def _keeper(parts: artifacts.Parts, settings: dict, prefix: str = ""
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    examples, calibration = upstream["ingest"], upstream["calibrate"]
-    deployable = Run(stage_dir.parent).deployable()
+    examples, trained, calibration = upstream["ingest"], upstream["train"], upstream["calibrate"]
+    dataset, seed, shift_images = config.data.dataset, trained.seed, config.evaluate.shift_images
+    deployable = rejecting_classifier(examples, trained, calibration)
     percentiles = calibration.percentiles()
     parts = artifacts.Parts(stage_dir / PARTS, artifacts.input_hashes(
-        {name: view.folder for name, view in upstream.items()}))
-    keep = _keeper(parts, {"seed": config.seed})
+        {name: upstream[name].folder for name in ("ingest", "train", "calibrate")}))
+    keep = _keeper(parts, {"seed": seed})
     test = keep("test", lambda: _scores(deployable, examples.dataset("test")))
     test_ll, test_labels = test["scores"], test["labels"]
-    sdim = config.model == "sdim"
+    sdim = trained.kind == "sdim"
     kinds = metrics.SDIM_SCORES if sdim else metrics.DISCRIMINATIVE_SCORES
-    report = {"dataset": config.dataset, "model": config.model,
+    report = {"dataset": dataset, "model": trained.kind,
               "score": calibration.score,
               "deployed_percentile": calibration.saved["deployed"]["percentile"],
               "guarantee": calibration.saved["deployed"].get("guarantee"),
@@ -80,8 +83,8 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
               "selective": {str(p): metrics.selective(test_ll, test_labels, v["thresholds"])
                             for p, v in percentiles.items()},
               "ood": {}}
-    sets, missing = outliers.ood_sets(config.dataset, examples.image_shape, config.data_dir,
-                                      config.seed)
+    sets, missing = ood_data.ood_sets(dataset, examples.image_shape, config.data.data_dir,
+                                      seed)
     report["ood_unavailable"] = missing
     figures = []
     for name, images in sets.items():
@@ -96,7 +99,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                 str(p): metrics.decision_rejection_rate(ood_ll, v["thresholds"])
                 for p, v in percentiles.items()},
             "separation": metrics.separation(test_ll, ood_ll, kinds)}
-        if name in outliers.OOD_PAIRS.get(config.dataset, []) or name == "uniform_noise":
+        if name in ood_data.OOD_PAIRS.get(dataset, []) or name == "uniform_noise":
             figure = f"histograms_{name}.png"
             first = next(iter(percentiles.values()))["thresholds"]
             plots.class_histograms(test_ll, test_labels, ood_ll, first, examples.class_names,
@@ -104,18 +107,19 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
             figures.append(figure)
         logging.info("evaluate: %s: decision-rule rejection %s", name,
                      report["ood"][name]["decision_rejection_rate"])
-    if config.shift_images:
-        images, labels = examples.arrays("test", limit=config.shift_images)
+    if shift_images:
+        images, labels = examples.arrays("test", limit=shift_images)
         logging.info("evaluate: shift suite, %d corruptions x %d severities on %d test images",
                      len(shifts.CORRUPTIONS), len(shifts.SEVERITIES), len(labels))
-        report["shifts"] = shifts.measure(deployable, images, labels, config.seed, keep=_keeper(
-            parts, {"seed": config.seed, "images": config.shift_images,
-                    "parameters": shifts.PARAMETERS}, prefix="shift_"))
+        report["shifts"] = shifts.measure(deployable, images, labels, seed, keep=_keeper(
+            parts, {"seed": seed, "images": shift_images, "parameters": shifts.PARAMETERS},
+            prefix="shift_"))
         plots.risk_coverage(report["shifts"]["risk_coverage"], stage_dir / RISK_COVERAGE_PNG)
         figures.append(RISK_COVERAGE_PNG)
     report["figures"] = figures
-    report["discriminative_accuracy"] = _sibling_accuracy(stage_dir.parent, config) if sdim \
-        else None
+    other = upstream.get(DISCRIMINATIVE)
+    report["discriminative_accuracy"] = other.report()["accuracy"] if sdim and other and (
+        other.folder / REPORT_JSON).exists() else None
     Evaluation(stage_dir).write_report(report)
     artifacts.write_text(stage_dir / REPORT_MD, markdown(report))
     return [REPORT_JSON, REPORT_MD, *figures]
@@ -125,12 +129,6 @@ def _scores(deployable, batches) -> dict[str, np.ndarray]:
     """{"scores": class scores, "labels"} over (images, labels) batches."""
     scores, labels = deployable.class_scores(batches)
     return {"scores": scores, "labels": labels}
-
-
-def _sibling_accuracy(run_dir: pathlib.Path, config) -> float | None:
-    """Test accuracy of the discriminative run of the same dataset, when one was evaluated."""
-    other = Run(run_dir.parent / f"{config.dataset}-discriminative").evaluation
-    return other.report()["accuracy"] if (other.folder / REPORT_JSON).exists() else None
 
 
 SCORES = {"model": "the model's own log p(x|c) of the predicted class (the paper's).",

@@ -14,10 +14,9 @@ import numpy as np
 from absl import logging
 
 from pipeline import artifacts
-from pipeline.run_dir import Run
-from sdim_tf import data, explain, outliers, plots
+from pipeline.run_dir import rejecting_classifier
+from sdim_tf import data, explain, ood_data, plots
 
-FIELDS = ("seed",)
 EXPLAIN_MD = "explain.md"
 CURVES_PNG, REPRESENTATIONS_PNG = "training_curves.png", "representations.png"
 GROUPS = {"accepted": "accepted test images", "rejected": "rejected test images",
@@ -34,18 +33,18 @@ def _caption(names, logits, threshold, label=None) -> str:
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    examples = upstream["ingest"]
+    examples, trained = upstream["ingest"], upstream["train"]
+    dataset, seed = config.data.dataset, trained.seed
     names = examples.class_names
-    deployable = Run(stage_dir.parent).deployable()
+    deployable = rejecting_classifier(examples, trained, upstream["calibrate"])
     model = deployable.model
     percentile, thresholds = upstream["calibrate"].deployed()
     images, labels = examples.arrays("test", limit=TEST_IMAGES)
     logits = model.predict(images, batch_size=500, verbose=0).astype(np.float64)
     rejected = deployable.decide(logits).rejected.numpy()
 
-    sets, _ = outliers.ood_sets(config.dataset, examples.image_shape, config.data_dir,
-                                config.seed)
-    paired = [n for n in outliers.OOD_PAIRS.get(config.dataset, []) if n in sets]
+    sets, _ = ood_data.ood_sets(dataset, examples.image_shape, config.data.data_dir, seed)
+    paired = [n for n in ood_data.OOD_PAIRS.get(dataset, []) if n in sets]
     ood_name = paired[0] if paired else "uniform_noise"
     ood = sets[ood_name][:OOD_IMAGES]
     ood = ood if ood.dtype == np.float32 else \
@@ -68,7 +67,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
             continue
         predicted = pool_logits[chosen].argmax(1)
         maps = {m: explain.attribution_maps(view, pool[chosen], predicted, m, block,
-                                            seed=config.seed) for m in explain.METHODS}
+                                            seed=seed) for m in explain.METHODS}
         captions = [_caption(names, pool_logits[i], thresholds,
                              None if pool_labels is None else int(pool_labels[i]))
                     for i in chosen]
@@ -91,12 +90,12 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         project(z), labels, names, stage_dir / REPRESENTATIONS_PNG, means=means,
         ood=project(ood_z), ood_name=ood_name,
         axis_labels=[f"PC {i + 1} ({100 * r:.1f}% of variance)" for i, r in enumerate(ratios)])
-    rows = upstream["train"].history()
+    rows = trained.history()
     plots.training_curves(rows, stage_dir / CURVES_PNG)
     outputs += [REPRESENTATIONS_PNG, CURVES_PNG]
 
     last = rows[-1] if rows else {}
-    text = [f"# Explanations: {config.dataset} ({config.model})", "",
+    text = [f"# Explanations: {dataset} ({trained.kind})", "",
             f"Thresholds: {percentile} (what the export "
             f"applies). Of the first {len(images)} test images the rule rejects "
             f"{100 * rejected.mean():.1f}%; of {len(ood)} {ood_name} images "

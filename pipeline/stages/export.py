@@ -16,13 +16,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pipeline import artifacts
-from pipeline.run_dir import ExportRecord, Run
-from sdim_tf import data, serving
+from pipeline import artifacts, faults
+from pipeline.run_dir import ExportRecord, rejecting_classifier
+from sdim_tf import data, publish, serving
 
-# The deployed percentile is calibrate's choice.
-FIELDS = ("export_dir", "max_image_side", "max_image_bytes", "max_request_bytes",
-          "max_request_pixels", "max_batch")
 WARMUP_FILE = "tf_serving_warmup_requests"
 
 
@@ -56,20 +53,17 @@ SCORE_TEXT = {
 }
 
 
-def model_name(config) -> str:
-    return f"{config.model}_{config.dataset}"
-
-
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    examples, calibration = upstream["ingest"], upstream["calibrate"]
+    examples, trained, calibration = upstream["ingest"], upstream["train"], upstream["calibrate"]
     shape = examples.image_shape
-    saved = calibration.saved
+    saved = calibration.saved  # the deployed percentile is calibrate's choice
     key = saved["deployed"]["percentile"]
-    module = Run(stage_dir.parent).deployable(config.limits())
+    module = rejecting_classifier(examples, trained, calibration, config.export.limits)
     report = upstream["evaluate"].report()
-    name = model_name(config)
+    name = f"{trained.kind}_{examples.dataset_name}"
     card = {
-        "model_name": name, "dataset": config.dataset, "class_names": examples.class_names,
+        "model_name": name, "dataset": examples.dataset_name,
+        "class_names": examples.class_names,
         "input": {"serving_default": f"float32 [batch, {data.IMAGE_SIZE}, {data.IMAGE_SIZE}, "
                                      f"{shape[-1]}] in [0, 1]",
                   "classify_raw": f"uint8 [batch, {shape[0]}, {shape[1]}, {shape[-1]}]",
@@ -80,18 +74,19 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                       "thresholds": saved["percentiles"][key]["thresholds"]},
         "limits": {**dataclasses.asdict(module.limits), "meaning": serving.Limits.__doc__},
         "reasons": serving.REASONS,
-        "training": upstream["train"].manifest()["config"],
-        "best_epoch": upstream["train"].state()["best_epoch"],
+        "training": trained.settings,
+        "best_epoch": trained.state()["best_epoch"],
         "metrics": {k: report[k] for k in ("accuracy", "selective", "ood")},
         "versions": artifacts.package_versions(),
     }
     sample = next(iter(examples.dataset("test", limit=4, batch_size=4)))[0].numpy()
-    path = serving.export(  # real test images for the warmup requests
-        module, config.export_dir, name,
-        extra_assets={"thresholds.json": serving.json_bytes(saved),
-                      "model_card.json": serving.json_bytes(card)},
-        assets_extra={"model_card.json": serving.json_bytes(card),
-                      WARMUP_FILE: warmup_records(name, sample)})
+    path = publish.export(  # real test images for the warmup requests
+        module, config.export.export_dir, name,
+        extra_assets={"thresholds.json": publish.json_bytes(saved),
+                      "model_card.json": publish.json_bytes(card)},
+        assets_extra={"model_card.json": publish.json_bytes(card),
+                      WARMUP_FILE: warmup_records(name, sample)},
+        before_rename=lambda folder: faults.point("serving.before_rename"))
     logging.info("export: wrote %s", path)
     ExportRecord(stage_dir).write_record(path, name)
     return [ExportRecord.EXPORT_JSON]

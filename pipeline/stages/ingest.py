@@ -91,12 +91,12 @@ def _ingest_folder(source: data.Source, options: data.FolderOptions, tmp: pathli
         "class_names": listing.class_names,
         "image_shape": policy.shape,
         "splits": splits,
-        "sources": [{"split": split, "source": f"image_folder:{listing.root}",
+        "sources": [{"split": split, "source": f"image_folder:{listing.folder}",
                      "file_list": data.FILES, "num_files": splits[split]["num_examples"]}
                     for split in data.SPLITS],
         "folder": {
             "layout": listing.layout,
-            "root": str(listing.root),
+            "folder": str(listing.folder),
             "test_split": listing.test_source,
             "policy": dataclasses.asdict(policy),
             "channel_votes": listing.channel_votes,
@@ -125,7 +125,7 @@ def ingest(dataset: str, output_dir: str | os.PathLike, data_dir: Optional[str] 
     and tfds). Returns the metadata written to `output_dir/metadata.json`.
     """
     spec = data.get_spec(dataset)
-    options = (options or data.FolderOptions()).validate()
+    options = options or data.FolderOptions()
     source = data.find_source(dataset, data_dir, options.manifest)
     start = time.time()
     with artifacts.atomic_dir(output_dir) as tmp:
@@ -153,8 +153,7 @@ def outputs(metadata: dict) -> list[str]:
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    """Pipeline entry: ingest `config.dataset` into `stage_dir`."""
+    """Pipeline entry: ingest --dataset into `stage_dir`."""
     del upstream
-    options = getattr(config, "folder", None) or data.FolderOptions()
-    return outputs(ingest(config.dataset, stage_dir, config.data_dir, options))
-
+    options = getattr(config.data, "folder", None) or data.FolderOptions()
+    return outputs(ingest(config.data.dataset, stage_dir, config.data.data_dir, options))

@@ -1,24 +1,18 @@
 """Train: TFRecords -> SDIM (or the discriminative baseline) under a tf.distribute strategy.
 
-Keeps two checkpoints, as the paper evaluates the one with the minimum training loss:
-`checkpoints/best.keras` (later stages use it) and `checkpoints/last.keras` (with optimizer
-state, for resuming). A killed run resumes from the last completed epoch when rerun: an
-epoch's checkpoints are written beside the live ones, committed with their sha256 by
-state.json, then renamed into place, so a kill anywhere leaves one committed epoch whole.
-One custom loop over `model.train_step` serves every strategy (Keras 3 `fit` under
-MultiWorkerMirroredStrategy has an open bug, keras-team/keras#20585).
+The paper evaluates the checkpoint of least training loss: later stages use
+`checkpoints/best.keras`; a killed run resumes from its last committed epoch
+(pipeline.checkpoints). One custom loop over `model.train_step` serves every strategy (Keras 3
+`fit` under MultiWorkerMirroredStrategy has an open bug, keras-team/keras#20585).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
 import pathlib
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -29,28 +23,20 @@ import tensorflow as tf
 from absl import logging
 
 import sdim_tf
-from pipeline import artifacts, faults
-from pipeline.config import PipelineConfig
-from pipeline.run_dir import ArtifactError, TrainedModel, load_checkpoint
-from sdim_tf import data, monitoring, outliers, precision
-
-FIELDS = ("model", "critic", "mi_bound", "n", "rep_dim", "alpha", "beta", "gamma", "margin",
-          "log_scale_floor", "outlier_weight", "outlier_margin", "epochs", "batch_size",
-          "learning_rate", "lr_schedule", "seed", "train_limit", "mixed_precision",
-          "deterministic", "validation_split")
-BEST, LAST, STATE, HISTORY = (TrainedModel.BEST, TrainedModel.LAST, TrainedModel.STATE,
-                              TrainedModel.HISTORY)
-
+from pipeline import artifacts, checkpoints, faults
+from pipeline.checkpoints import TrainingError
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.run_dir import TrainedModel
+from sdim_tf import data, monitoring, outlier_proxies, overfitting_guard, precision, robust
 
 # Per-epoch watching, within ~5% of an epoch (history.csv: test_seconds, monitor_seconds):
 # test accuracy on the first TEST_SUBSET test images (all of them after the last epoch), and
 # the deployed-style rejection quality (sdim_tf.monitoring) on held-out images.
 TEST_SUBSET = 1000
 MONITOR_FIT, MONITOR_HELD_OUT, MONITOR_OUTLIERS = 2000, 1000, 250
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (diverged, corrupt checkpoint); the message says why."""
+# With adversarial training: FGSM and PGD-10 accuracy on the first GUARD_IMAGES held-out
+# images each epoch (sdim_tf.overfitting_guard), about 2% of an MNIST epoch.
+GUARD_IMAGES, GUARD_COLUMNS = 256, ("robust/fgsm_accuracy", "robust/pgd_accuracy")
 
 
 def make_strategy(kind: str) -> tf.distribute.Strategy:
@@ -81,18 +67,18 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         and "chief" not in resolver.cluster_spec().as_dict())
 
 
-def learning_rate(config: PipelineConfig, steps_per_epoch: int | None):
+def learning_rate(training: TrainConfig, steps_per_epoch: int | None):
     """Adam's learning rate: the constant, or a cosine decay from it to 0 over the run's
     steps (the optimizer's step count, checkpointed with it, carries it across resumes)."""
-    if config.lr_schedule == "constant" or config.epochs == 0:  # 0: never a step
-        return config.learning_rate
+    if training.lr_schedule == "constant" or training.epochs == 0:  # 0: never a step
+        return training.learning_rate
     if not steps_per_epoch:
-        raise ValueError(f"--lr_schedule={config.lr_schedule} needs the steps per epoch")
+        raise ValueError(f"--lr_schedule={training.lr_schedule} needs the steps per epoch")
     return keras.optimizers.schedules.CosineDecay(
-        config.learning_rate, decay_steps=max(config.epochs * steps_per_epoch, 1))
+        training.learning_rate, decay_steps=max(training.epochs * steps_per_epoch, 1))
 
 
-def build_model(config: PipelineConfig, num_classes: int, channels: int,
+def build_model(config: ModelConfig, training: TrainConfig, num_classes: int, channels: int,
                 steps_per_epoch: int | None = None) -> keras.Model:
     """The model a config asks for, compiled with Adam (`learning_rate`) and XLA off."""
     input_shape = (data.IMAGE_SIZE, data.IMAGE_SIZE, channels)
@@ -102,10 +88,10 @@ def build_model(config: PipelineConfig, num_classes: int, channels: int,
             critic=config.critic, alpha=config.alpha, beta=config.beta, gamma=config.gamma,
             margin=config.margin, mi_bound=config.mi_bound,
             log_scale_floor=config.log_scale_floor, outlier_weight=config.outlier_weight,
-            outlier_margin=config.outlier_margin)
+            outlier_margin=config.outlier_margin, robust=config.robust.to_config())
     else:
         model = sdim_tf.DiscriminativeClassifier(num_classes, input_shape, n=config.n)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch)))
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(training, steps_per_epoch)))
     return model
 
 
@@ -163,25 +149,25 @@ def test_accuracy(predict, dataset: tf.data.Dataset) -> float:
     return correct / max(total, 1)
 
 
-def monitor_data(config: PipelineConfig, examples, num_train: int) -> dict | None:
+def monitor_data(training: TrainConfig, examples, num_train: int) -> dict | None:
     """The fixed images `monitoring.rejection_quality` watches each epoch: a trained subset
     for the fit, held-out images (None without --validation_split) and outliers built from
     them."""
-    if not config.validation_split:
+    if not training.validation_split:
         logging.info("train: no held-out images (--validation_split=0): rejection quality "
                      "is not watched")
         return None
     fit = examples.arrays("train", limit=min(MONITOR_FIT, num_train))
     held_out = examples.arrays("train", skip=examples.num_examples("train")
-                               - config.validation_split,
-                               limit=min(MONITOR_HELD_OUT, config.validation_split))
+                               - training.validation_split,
+                               limit=min(MONITOR_HELD_OUT, training.validation_split))
     sources = held_out[0][:MONITOR_OUTLIERS], held_out[1][:MONITOR_OUTLIERS]
-    built = {**outliers.proxy_outliers(sources[0], config.seed),
-             **outliers.part_outliers(*sources, seed=config.seed)}
-    return {"fit": fit, "held_out": held_out, "outliers": built,
-            "budget": config.reject_budget or 0.04,
-            "layers": (monitoring.layer_set(config.density_layers, config.density_split),),
-            "rule": "conformal", "confidence": config.reject_confidence or None}
+    built = {**outlier_proxies.proxy_outliers(sources[0], training.seed),
+             **outlier_proxies.part_outliers(*sources, seed=training.seed)}
+    watch = training.watch
+    return {"fit": fit, "held_out": held_out, "outliers": built, "budget": watch.budget,
+            "layers": (monitoring.layer_set(watch.layers, watch.split),),
+            "rule": "conformal", "confidence": watch.confidence}
 
 
 def collapse(history: list[dict], logs: dict, num_classes: int) -> str | None:
@@ -207,240 +193,231 @@ def _watch(monitor: monitoring.RejectionMonitor | None) -> dict:
             if "/outlier_" not in k and k != "seconds"}
 
 
-def _next(path: pathlib.Path) -> pathlib.Path:
-    """Where an epoch's checkpoint waits, complete, until state.json commits the epoch."""
-    return path.with_name(path.name + ".next")
-
-
-def _stage_checkpoints(model: keras.Model, stage_dir: pathlib.Path, best: bool,
-                       committed: dict) -> dict:
-    """Writes this epoch's checkpoints beside the live ones (`<name>.next`); returns the
-    sha256 of each checkpoint as it will be once `_settle_checkpoints` puts them in place.
-    `committed`: the digests state.json holds (an unchanged best keeps its own)."""
-    with artifacts.atomic_file(_next(stage_dir / LAST), suffix=".keras") as tmp:
-        model.save(tmp)
-    last = artifacts.sha256_file(_next(stage_dir / LAST))
-    if best:
-        with artifacts.atomic_file(_next(stage_dir / BEST)) as tmp:
-            shutil.copyfile(_next(stage_dir / LAST), tmp)
-    if best:
-        return {LAST: last, BEST: last}
-    return {LAST: last, BEST: committed.get(BEST) or artifacts.sha256_file(stage_dir / BEST)}
-
-
-def _settle_checkpoints(stage_dir: pathlib.Path, recorded: dict) -> None:
-    """Puts in place the checkpoints state.json committed (`recorded`: name -> sha256).
-
-    A `.next` checkpoint it records is renamed into place (a kill came between the commit
-    and the rename); one it does not record is dropped (the kill came before the commit).
-    A checkpoint that then differs is an error naming it: a resumed run never trains on,
-    nor later stages use, bytes nobody wrote.
-    """
-    for name, digest in recorded.items():
-        final, pending = stage_dir / name, _next(stage_dir / name)
-        if pending.exists():
-            if artifacts.sha256_file(pending) == digest:
-                artifacts.publish(pending, final)
-            else:
-                pending.unlink()
-        if not final.is_file() or artifacts.sha256_file(final) != digest:
-            raise TrainingError(f"checkpoint {final} changed since train wrote it (sha256 "
-                                f"differs from {stage_dir / STATE}); restore it or rerun with "
-                                "--force")
-
-
-def _write_history(path: pathlib.Path, rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    out = io.StringIO()
-    writer = csv.DictWriter(out, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    artifacts.write_text(path, out.getvalue())
-
-
-def _resume_state(trained: TrainedModel, config: PipelineConfig,
-                  resume_hash: Callable[..., str]) -> dict | None:
-    """The state to resume from, or None to start afresh. `resume_hash(**changes)`: the
-    hash of the configuration with `changes` (PipelineConfig fields)."""
-    state_path = trained.folder / STATE
-    if config.force or not state_path.exists():
+def _guard(settings: robust.RobustTraining, seed: int, model, watched: dict | None,
+           history: list[dict]) -> overfitting_guard.OverfittingGuard | None:
+    """The catastrophic-overfitting guard of an adversarially trained run with held-out
+    images (None otherwise), its history carried over from the epochs already trained."""
+    if not settings.enabled or watched is None:
         return None
-    try:
-        state = trained.state()
-    except ArtifactError:
-        raise TrainingError(f"{state_path} is corrupt; rerun with --force") from None
-    if state.get("resume_hash") == resume_hash():
-        return state
-    # Starting afresh deletes the trained model: where a run cannot go on only because of
-    # the schedule (its length, or the default before cosine), say so instead.
-    for planned in {state.get("epochs"), state.get("epoch")} - {None, config.epochs}:
-        if state.get("resume_hash") == resume_hash(epochs=planned):
-            raise TrainingError(
-                f"{trained.folder} holds {state['epoch']} of {planned} epochs trained with "
-                f"--lr_schedule={config.lr_schedule}, whose learning rate decays over the "
-                f"run's planned length, so --epochs={config.epochs} cannot continue it: "
-                f"rerun with --epochs={planned} to resume it, --force to start afresh, or "
-                f"train into another --run_dir (--lr_schedule=constant runs can be extended)")
-    if config.lr_schedule != "constant" and state.get("resume_hash") == resume_hash(
-            lr_schedule="constant"):
+    images, labels = (a[:GUARD_IMAGES] for a in watched["held_out"])
+    guard = overfitting_guard.OverfittingGuard(model, images, labels, settings.epsilon,
+                                               seed=seed)
+    guard.history = [overfitting_guard.Measurement(*(row[k] for k in GUARD_COLUMNS))
+                     for row in history if all(k in row for k in GUARD_COLUMNS)]
+    return guard
+
+
+def _check_guard(guard, settings: robust.RobustTraining, epoch: int,
+                 trained: TrainedModel) -> dict:
+    """This epoch's guard columns; raises TrainingError on a collapse where the adversarial
+    examples are to be classified (--robust_mode=reject only logs it: there they need not
+    be)."""
+    if guard is None:
+        return {}
+    measured, why = guard.check()
+    if why and settings.classifies:
         raise TrainingError(
-            f"{trained.folder} holds {state['epoch']} epoch(s) trained with "
-            f"--lr_schedule=constant (the default before cosine): rerun with "
-            f"--lr_schedule=constant to resume or use it, --force to start afresh, or train "
-            f"into another --run_dir")
-    logging.info("train: configuration changed, starting afresh")
-    return None
+            f"catastrophic overfitting in epoch {epoch} ({why}, epsilon "
+            f"{settings.epsilon:g}); the last good checkpoint (epoch {epoch - 1}) is kept "
+            f"in {trained.last_path}; train afresh (--force) with --robust_attack=pgd, or "
+            "a smaller --robust_step_size")
+    if why:
+        logging.warning("train: epoch %d: %s", epoch, why)
+    return dict(zip(GUARD_COLUMNS, (round(measured.fgsm_accuracy, 6),
+                                    round(measured.pgd_accuracy, 6)), strict=True))
 
 
-def run(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    """Trains to `config.epochs`, resuming from `stage_dir` when a compatible run stopped.
-    The dtype policy of training is set for training only: later stages compute in float32."""
+def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
+    """Trains to --epochs, resuming from `stage_dir` when a compatible run stopped. The dtype
+    policy of training is set for training only: later stages compute in float32."""
     previous = keras.mixed_precision.global_policy()
     try:
-        return _train(config, stage_dir, upstream)
+        return _train(config.model, config.train, TrainedModel(stage_dir), upstream["ingest"])
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _precision(config: PipelineConfig, state: dict | None,
+def _precision(training: TrainConfig, state: dict | None,
                hardware: precision.Hardware) -> tuple[str, str]:
     """(float32 or bfloat16, why): a resumed run keeps the precision it started with, on
     whatever machine it resumes; a new one resolves --mixed_precision on this hardware."""
-    if state is not None and "precision" in state:
+    if state is not None:
         return state["precision"], state["precision_reason"] + " (when the run started)"
-    if state is not None:  # a run from before "auto": its flag was explicit
-        return config.mixed_precision, f"--mixed_precision={config.mixed_precision}"
-    return precision.resolve(config.mixed_precision, hardware)
+    return precision.resolve(training.mixed_precision, hardware)
 
 
-def _train(config: PipelineConfig, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
-    examples = upstream["ingest"]
-    trained = TrainedModel(stage_dir)
-    keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    strategy = make_strategy(config.distribute)
-    chief = is_chief(strategy)
-    ingest_hash = artifacts.input_hashes({"ingest": examples.folder})
+def _resume_hash(model: ModelConfig, training: TrainConfig, examples) -> Callable[..., str]:
+    """changes -> the hash a run resumes under: the model and training flags (epochs only
+    when the learning rate is scheduled over them) and the ingested examples."""
+    ingest = artifacts.input_hashes({"ingest": examples.folder})
 
     def resume_hash(**changes) -> str:
-        changed = dataclasses.replace(config, **changes)
-        # more epochs resume a run, unless its learning rate was scheduled over its length
-        return artifacts.config_hash(
-            {k: v for k, v in changed.fields(FIELDS).items()
-             if k != "epochs" or changed.lr_schedule != "constant"} | {"ingest": ingest_hash})
+        changed = dataclasses.replace(training, **changes)
+        flat = {**model.flat(keyed_only=True), **changed.flat(keyed_only=True)}
+        if changed.lr_schedule == "constant":  # more epochs resume the run
+            flat.pop("epochs")
+        return artifacts.config_hash(flat | {"ingest": ingest})
 
-    state = _resume_state(trained, config, resume_hash)
-    if state is not None and state["epoch"] > config.epochs:
-        logging.info("train: %d epochs done, %d asked: starting afresh", state["epoch"],
-                     config.epochs)
-        state = None
+    return resume_hash
+
+
+def _resume(training: TrainConfig, trained: TrainedModel, resume_hash, chief: bool
+            ) -> dict | None:
+    """The committed state to resume from, else None with the folder cleared."""
+    state = checkpoints.resume_state(trained, training, resume_hash)
     if state is None and chief:
-        for name in ("checkpoints", "logs"):
-            shutil.rmtree(stage_dir / name, ignore_errors=True)
-        for name in (STATE, HISTORY):
-            (stage_dir / name).unlink(missing_ok=True)
-    (stage_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    _, num_train = config.train_examples(examples.num_examples("train"))
-    steps = num_train // config.batch_size
-    hardware = precision.Hardware.detect()
-    chosen, why = _precision(config, state, hardware)
-    keras.mixed_precision.set_global_policy(precision.POLICIES[chosen])
-    logging.info("train: computing in %s (%s)", chosen, why)
+        checkpoints.clear(trained.folder)
+    (trained.folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return state
 
-    with strategy.scope():
-        if state is not None:
-            _settle_checkpoints(stage_dir, state.get("checkpoints", {}))  # older: none
-            try:
-                model = load_checkpoint(trained.last_path)
-            except ArtifactError as e:
-                raise TrainingError(str(e)) from None
-            logging.info("train: resuming after epoch %d of %d", state["epoch"], config.epochs)
-        else:
-            model = build_model(config, examples.num_classes, examples.image_shape[-1],
-                                steps)
-            state = {"resume_hash": resume_hash(), "epoch": 0,
-                     "best_loss": None, "best_epoch": None, "history": []}
-    state["epochs"] = config.epochs  # planned: names the length a scheduled run needs
-    state.setdefault("precision", chosen)
-    state.setdefault("precision_reason", why)
-    logging.info("train: %s, %d trainable parameters, strategy %s with %d replica(s)",
-                 type(model).__name__, model.trainable_parameter_count(),
-                 type(strategy).__name__, strategy.num_replicas_in_sync)
 
-    test_ds = examples.dataset("test", limit=TEST_SUBSET)
-    watched = monitor_data(config, examples, num_train) if chief else None
-    monitor = monitoring.RejectionMonitor(model, **watched) if watched else None
-    predict = class_predictor(model)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    step = make_train_step(model, strategy,
-                           jit_compile=precision.jit_compile(config.jit_compile, hardware))
-    writer = tf.summary.create_file_writer(str(stage_dir / "logs" / "train")) if chief else None
+@dataclasses.dataclass
+class _Loop:
+    """What every epoch uses, built once."""
 
-    if config.epochs == 0 and chief and state["epoch"] == 0:
-        # The untrained network as a baseline: its initial weights go through the same
-        # calibrate, evaluate and export as a trained model's.
+    training: TrainConfig
+    trained: TrainedModel
+    examples: object  # run_dir.Examples
+    model: keras.Model
+    strategy: tf.distribute.Strategy
+    state: dict
+    chief: bool
+    num_train: int
+    steps: int
+    hardware: precision.Hardware
+    robust: robust.RobustTraining
+
+    def __post_init__(self):
+        self.test_ds = self.examples.dataset("test", limit=TEST_SUBSET)
+        watched = monitor_data(self.training, self.examples, self.num_train) \
+            if self.chief else None
+        self.monitor = monitoring.RejectionMonitor(self.model, **watched) if watched else None
+        self.predict = class_predictor(self.model)
+        self.guard = _guard(self.robust, self.training.seed, self.model, watched,
+                            self.state["history"])
+        self.options = tf.data.Options()
+        self.options.experimental_distribute.auto_shard_policy = \
+            tf.data.experimental.AutoShardPolicy.DATA
+        self.step = make_train_step(self.model, self.strategy, jit_compile=precision.jit_compile(
+            self.training.jit_compile, self.hardware))
+        self.writer = tf.summary.create_file_writer(str(self.trained.folder / "logs" / "train")) \
+            if self.chief else None
+
+    def untrained(self) -> None:
+        """--epochs=0: the initial weights go through calibrate, evaluate and export as a
+        trained model's do, a baseline."""
         logging.warning("train: --epochs=0: the untrained network (seed %d) is the model",
-                        config.seed)
-        state["checkpoints"] = _stage_checkpoints(model, stage_dir, True, {})
-        _write_history(stage_dir / HISTORY, [])
-        trained.write_state(state)
-        _settle_checkpoints(stage_dir, state["checkpoints"])
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+                        self.training.seed)
+        self.state["checkpoints"] = checkpoints.stage(self.model, self.trained.folder, True, {})
+        checkpoints.commit(self.trained, self.state)
+
+    def fit(self, epoch: int) -> tuple[dict, dict]:
+        """(the epoch's training metrics, its history row so far)."""
         start = time.time()
-        train_ds = examples.dataset(
-            "train", limit=num_train, batch_size=config.batch_size, training=True,
-            seed=config.seed * 100_003 + epoch).with_options(options)
-        logging.info("train: epoch %d/%d", epoch, config.epochs)
+        train_ds = self.examples.dataset(
+            "train", limit=self.num_train, batch_size=self.training.batch_size, training=True,
+            seed=self.training.seed * 100_003 + epoch).with_options(self.options)
+        logging.info("train: epoch %d/%d", epoch, self.training.epochs)
         step_seconds = []
-        logs = run_epoch(step, model, strategy, train_ds, steps, step_seconds=step_seconds)
+        logs = run_epoch(self.step, self.model, self.strategy, train_ds, self.steps,
+                         step_seconds=step_seconds)
         train_seconds = time.time() - start
         why = (f"loss {logs.get('loss')}" if not all(math.isfinite(v) for v in logs.values())
-               else collapse(state["history"], logs, examples.num_classes))
+               else collapse(self.state["history"], logs, self.examples.num_classes))
         if why:
             raise TrainingError(
                 f"training diverged in epoch {epoch} ({why}); the last good checkpoint (epoch "
-                f"{state['epoch']}) is kept in {stage_dir / LAST}; the same command resumes "
-                "from it and may diverge again, a lower --learning_rate (or --outlier_weight) "
-                "starts afresh")
+                f"{self.state['epoch']}) is kept in {self.trained.last_path}; the same command "
+                "resumes from it and may diverge again, a lower --learning_rate (or "
+                "--outlier_weight) starts afresh")
         row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()}}
-        if config.lr_schedule != "constant":  # the rate the next step would take
-            row["learning_rate"] = float(model.optimizer.learning_rate)
-        started = time.time()
-        row["test_accuracy"] = round(test_accuracy(predict, test_ds), 6)
-        if epoch == config.epochs:
-            row["test_accuracy_full"] = round(test_accuracy(predict, examples.dataset("test")), 6)
-        row["test_seconds"] = round(time.time() - started, 2)
-        started = time.time()
-        row.update(_watch(monitor))
-        row["monitor_seconds"] = round(time.time() - started, 2)
+        row.update(_check_guard(self.guard, self.robust, epoch, self.trained))
+        if self.training.lr_schedule != "constant":  # the rate the next step would take
+            row["learning_rate"] = float(self.model.optimizer.learning_rate)
+        self.measure(epoch, row)
         # The epoch's profile: its steps against its own median step, what watching costs.
-        row["steps"] = steps
+        row["steps"] = self.steps
         row["train_seconds"] = round(train_seconds, 2)
         row["step_ms_median"] = round(1000 * float(np.median(step_seconds)), 2) \
             if step_seconds else 0.0
-        if not chief:
-            continue
+        return logs, row
+
+    def measure(self, epoch: int, row: dict) -> None:
+        """Test accuracy (on all test images after the last epoch) and rejection quality."""
+        started = time.time()
+        row["test_accuracy"] = round(test_accuracy(self.predict, self.test_ds), 6)
+        if epoch == self.training.epochs:
+            row["test_accuracy_full"] = round(test_accuracy(
+                self.predict, self.examples.dataset("test")), 6)
+        row["test_seconds"] = round(time.time() - started, 2)
+        started = time.time()
+        row.update(_watch(self.monitor))
+        row["monitor_seconds"] = round(time.time() - started, 2)
+
+    def commit(self, epoch: int, logs: dict, row: dict, start: float) -> None:
+        """The epoch's checkpoints, TensorBoard scalars and history, committed."""
+        state = self.state
         best = state["best_loss"] is None or logs["loss"] < state["best_loss"]
         started = time.time()
-        state["checkpoints"] = _stage_checkpoints(model, stage_dir, best,
-                                                  state.get("checkpoints", {}))
+        state["checkpoints"] = checkpoints.stage(self.model, self.trained.folder, best,
+                                                 state.get("checkpoints", {}))
         row["checkpoint_seconds"] = round(time.time() - started, 2)
         row["seconds"] = round(time.time() - start, 2)
         logging.info("train: epoch %d: %s", epoch, row)
         if best:
             state["best_loss"], state["best_epoch"] = logs["loss"], epoch
-        with writer.as_default(step=epoch):
+        with self.writer.as_default(step=epoch):
             for k, v in row.items():
                 if k != "epoch":
                     tf.summary.scalar(k, v)
-        writer.flush()
+        self.writer.flush()
         state["history"] = [r for r in state["history"] if r["epoch"] < epoch] + [row]
         state["epoch"] = epoch
-        _write_history(stage_dir / HISTORY, state["history"])
-        trained.write_state(state)  # commits the epoch, its checkpoints by their sha256
-        _settle_checkpoints(stage_dir, state["checkpoints"])
+        checkpoints.commit(self.trained, state)
         faults.point("train.epoch_done")
-    return list(TrainedModel.OUTPUTS)
 
+
+def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedModel,
+           examples) -> list[str]:
+    keras.utils.set_random_seed(training.seed)
+    if training.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = make_strategy(training.distribute)
+    chief = is_chief(strategy)
+    num_examples = examples.num_examples("train")
+    _, num_train = training.train_examples(num_examples)
+    steps = num_train // training.batch_size
+    resume_hash = _resume_hash(model_config, training, examples)
+    state = _resume(training, trained, resume_hash, chief)
+    hardware = precision.Hardware.detect()
+    chosen, why = _precision(training, state, hardware)
+    keras.mixed_precision.set_global_policy(precision.POLICIES[chosen])
+    logging.info("train: computing in %s (%s)", chosen, why)
+    with strategy.scope():
+        if state is not None:
+            model = checkpoints.load_last(trained, state)
+            logging.info("train: resuming after epoch %d of %d", state["epoch"], training.epochs)
+        else:
+            model = build_model(model_config, training, examples.num_classes,
+                                examples.image_shape[-1], steps)
+            state = {"resume_hash": resume_hash(), "epoch": 0, "best_loss": None,
+                     "best_epoch": None, "history": [], "precision": chosen,
+                     "precision_reason": why}
+    held_out = training.held_out(num_examples)
+    state["examples"] = {"trained": [0, num_train], "held_out": held_out and list(held_out)}
+    state["epochs"] = training.epochs  # planned: names the length a scheduled run needs
+    if model_config.robust.enabled:
+        state["robust"] = model_config.robust.to_config()
+    logging.info("train: %s, %d trainable parameters, strategy %s with %d replica(s)",
+                 type(model).__name__, model.trainable_parameter_count(),
+                 type(strategy).__name__, strategy.num_replicas_in_sync)
+    loop = _Loop(training, trained, examples, model, strategy, state, chief, num_train, steps,
+                 hardware, model_config.robust)
+    if training.epochs == 0 and chief and state["epoch"] == 0:
+        loop.untrained()
+    for epoch in range(state["epoch"] + 1, training.epochs + 1):
+        start = time.time()
+        logs, row = loop.fit(epoch)
+        if chief:
+            loop.commit(epoch, logs, row, start)
+    return list(TrainedModel.OUTPUTS)

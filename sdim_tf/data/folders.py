@@ -44,62 +44,64 @@ def flag(name: str) -> str:
     return f"--{name}"
 
 
-def _option(default, text: str):
-    """A field with its --help text (the pipeline makes its flags from these)."""
-    return dataclasses.field(default=default, metadata={"help": text})
+def _option(default, text: str, choices: Optional[tuple] = None):
+    """A field with its --help text and choices (the pipeline makes flags of them)."""
+    return dataclasses.field(default=default, metadata={"help": text, "choices": choices})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FolderOptions:
-    """How a folder of your own images becomes examples (dataset `image_folder`)."""
+    """How a folder of your own images becomes examples (dataset `image_folder`). A bad value
+    is a DataError "<field> must ...", raised when the options are made."""
 
-    image_size: int = _option(32, (
-        "Side of the square the images are brought to (the model's input is 32x32)."))
-    channels: Optional[int] = _option(None, (
-        "1 (grey) or 3 (colour); default: what most images of the folder hold."))
-    resize: str = _option("stretch", (
-        "stretch: to the square whatever the aspect ratio (as the exported model resizes); "
-        "pad: fit the longer side, black bands; crop: the centred square, then resize."))
-    test_split: float = _option(0.2, (
-        "Without a test/ folder (or a split column): the share of each class's images "
-        "held out as the test split."))
-    split_seed: int = _option(0, (
-        "Seed of that per-class draw."))
-    manifest: Optional[str] = _option(None, (
-        "CSV (path,label[,split]) or JSON lines listing the images instead of class "
-        "folders; paths relative to the manifest's folder."))
-    on_bad_file: str = _option("skip", (
-        "skip: list undecodable, unreadable, empty, hidden and outside-pointing files in "
-        "ingest/skipped.csv and go on; fail: stop at the first one."))
-    max_image_side: int = _option(4096, (
-        "Images with a longer side (from the header) are skipped, never decoded; the "
-        "exported model refuses them too."))
-    driver: str = _option("local", (
-        "local: decode in parallel in this process; beam: an Apache Beam pipeline "
-        "(pip install sdim-tf[beam])."))
-    beam_pipeline_args: tuple[str, ...] = _option((), (
-        "Options of the Beam pipeline (--runner=..., --direct_num_workers=...); default "
-        "the in-process DirectRunner."))
+    image_size: int = _option(
+        32, "Side of the square the images are brought to (the model's input is 32x32).")
+    channels: Optional[int] = _option(
+        None, "1 (grey) or 3 (colour); default: what most images of the folder hold.")
+    resize: str = _option(
+        "stretch", "stretch: to the square whatever the aspect ratio (as the exported model "
+        "resizes); pad: fit the longer side, black bands; crop: the centred square, then "
+        "resize.", RESIZE)
+    test_split: float = _option(
+        0.2, "Without a test/ folder (or a split column): the share of each class's images "
+        "held out as the test split.")
+    split_seed: int = _option(0, "Seed of that per-class draw.")
+    manifest: Optional[str] = _option(
+        None, "CSV (path,label[,split]) or JSON lines listing the images instead of class "
+        "folders; paths relative to the manifest's folder.")
+    on_bad_file: str = _option(
+        "skip", "skip: list undecodable, unreadable, empty, hidden and outside-pointing "
+        "files in ingest/skipped.csv and go on; fail: stop at the first one.", ON_BAD_FILE)
+    max_source_side: int = _option(
+        4096, "Images whose header declares a longer side are skipped, never decoded (the "
+        "exported model refuses them too, see --max_image_side).")
+    ingest_driver: str = _option(
+        "local", "local: decode in parallel in this process; beam: an Apache Beam pipeline "
+        "(pip install sdim-tf[beam]).", DRIVERS)
+    beam_pipeline_args: tuple[str, ...] = _option(
+        (), "Options of the Beam pipeline (--runner=..., --direct_num_workers=...); "
+        "default the in-process DirectRunner.")
 
-    def validate(self) -> FolderOptions:
-        problems = []
-        if self.image_size < 1:
-            problems.append(f"{flag('image_size')}={self.image_size}: must be positive")
+    def __post_init__(self):
+        problems = [f"{name} must be one of {', '.join(field.metadata['choices'])}, got "
+                    f"{getattr(self, name)!r}" for name, field in self.__dataclass_fields__.items()
+                    if field.metadata["choices"] and getattr(self, name) not in
+                    field.metadata["choices"]]
         if self.channels not in (None, 1, 3):
-            problems.append(f"{flag('channels')}={self.channels}: must be 1 or 3")
-        for name, known in (("resize", RESIZE), ("on_bad_file", ON_BAD_FILE),
-                            ("driver", DRIVERS)):
-            if getattr(self, name) not in known:
-                problems.append(f"{flag(name)}={getattr(self, name)!r}: must be one of "
-                                f"{', '.join(known)}")
+            problems.append(f"channels must be 1 or 3, got {self.channels}")
         if not 0 <= self.test_split < 1:
-            problems.append(f"{flag('test_split')}={self.test_split}: must be in [0, 1)")
-        if self.max_image_side < 1:
-            problems.append(f"{flag('max_image_side')}={self.max_image_side}: must be "
-                            "positive")
+            problems.append(f"test_split must be in [0, 1), got {self.test_split}")
+        problems += [f"{name} must be >= 1, got {getattr(self, name)}"
+                     for name in ("image_size", "max_source_side") if getattr(self, name) < 1]
         if problems:
             raise DataError("; ".join(problems))
-        return self
+
+    @classmethod
+    def helps(cls) -> dict:
+        """{field: help, or (help, choices)}: the `helps` of pipeline.sections.library."""
+        return {name: (field.metadata["help"], field.metadata["choices"])
+                if field.metadata["choices"] else field.metadata["help"]
+                for name, field in cls.__dataclass_fields__.items()}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)  # one per file: slots halve its memory
@@ -126,7 +128,7 @@ class Skipped:
 class Listing:
     """What a folder holds: the files of each split, the class names, what was skipped."""
 
-    root: pathlib.Path
+    folder: pathlib.Path  # DIR, or the manifest's folder: every file lies under it
     layout: str  # "manifest", "train_test_folders" or "class_folders"
     class_names: list[str]
     items: dict[str, list[Item]]
@@ -199,7 +201,7 @@ class _Collector:
 
     def __init__(self, root: pathlib.Path, options: FolderOptions):
         self.root_real = os.path.realpath(root)
-        self.on_bad_file, self.max_side = options.on_bad_file, options.max_image_side
+        self.on_bad_file, self.max_side = options.on_bad_file, options.max_source_side
         self.skipped: list[Skipped] = []
         self.votes: Counter = Counter()  # files per channel count their headers declare
         self.real_dir = functools.lru_cache(maxsize=4096)(os.path.realpath)
@@ -369,7 +371,7 @@ def split_off_test(listing: Listing, fraction: float, seed: int) -> None:
     """Draws `fraction` of each class's training items as the test split (at least
     MIN_PER_CLASS each side), seeded by `seed` and the class name."""
     if fraction <= 0:
-        raise DataError(f"{listing.root}: no test split (no test/ folder or split column) and "
+        raise DataError(f"{listing.folder}: no test split (no test/ folder or split column) and "
                         f"{flag('test_split')}={fraction}; add a test/ folder or set "
                         f"{flag('test_split')} (e.g. 0.2)")
     by_class: dict[int, list[Item]] = {}
@@ -380,7 +382,7 @@ def split_off_test(listing: Listing, fraction: float, seed: int) -> None:
         name = listing.class_names[label]
         if len(items) < 2 * MIN_PER_CLASS:
             raise DataError(
-                f"class {name!r} has {len(items)} usable images in {listing.root}; splitting "
+                f"class {name!r} has {len(items)} usable images in {listing.folder}; splitting "
                 f"off a test split needs {2 * MIN_PER_CLASS} ({MIN_PER_CLASS} to train, "
                 f"{MIN_PER_CLASS} to test): add images, or give a test/ folder")
         n_test = min(max(round(len(items) * fraction), MIN_PER_CLASS),
@@ -420,7 +422,6 @@ def list_images(root: Optional[str | os.PathLike], options: FolderOptions,
     `class_names`: a dataset's fixed classes (folders must be among them); None reads them
     from the training folders or labels, sorted.
     """
-    options.validate()
     if options.manifest:
         manifest = pathlib.Path(options.manifest)
         if not manifest.is_absolute() and root is not None:

@@ -138,7 +138,7 @@ class Header:
                     "arithmetic-coded)")
         if max(self.height, self.width) > max_side:
             return (f"too_large: {self.width}x{self.height} pixels, a side over "
-                    f"max_image_side={max_side}")
+                    f"max_source_side={max_side}")
         return ""
 
 

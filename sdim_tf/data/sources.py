@@ -141,7 +141,7 @@ def load_split_with_source(name: str, split: str, data_dir: Optional[str] = None
             images[len(kept)] = outcome.image
             kept.append(item)
         return Split(images[:len(kept)], np.asarray([i.label for i in kept], np.int64),
-                     f"image_folder:{listing.root}", [pathlib.Path(i.path) for i in kept],
+                     f"image_folder:{listing.folder}", [pathlib.Path(i.path) for i in kept],
                      listing.class_names)
     images, labels = load_tfds(source.spec, split, allow_download)
     return Split(images, labels, source.describe(), [])

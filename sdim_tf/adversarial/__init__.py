@@ -1,0 +1,60 @@
+"""Adversarial evaluation (paper section 5.3, appendix D) on adversarial-robustness-toolbox.
+
+The attacks see the model's class scores: for SDIM's own score the summed class-conditional
+log-likelihoods. Cross-entropy attacks (FGSM, PGD) apply softmax to them (appendix D.1);
+DeepFool and CW-L2 use them as they are, so CW's confidence kappa is on the scores' scale.
+Adversarial examples are "detected" when the rejection rule (equation 9) refuses them.
+
+- `settings`: the attacks' names and `AttackSettings`.
+- `results`: `AttackResult`, success and detection counts.
+- `classifier`: ART's classifier over the model, batched and compiled.
+- `paper`: the paper's attacks through ART (accuracy curves, DeepFool, Boundary, CW-L2,
+  LocalSearch); `pixel_search`: LocalSearch itself.
+- `accepted`: what the adaptive attacks aim at (an undetected success, `margin_loss`);
+  `pgd`, `carlini`, `square`: the adaptive attacks.
+"""
+
+from sdim_tf.adversarial.accepted import margin_loss, undetected_success
+from sdim_tf.adversarial.carlini import carlini_accepted
+from sdim_tf.adversarial.classifier import art_classifier
+from sdim_tf.adversarial.paper import (
+    accuracy_curve,
+    boundary,
+    carlini_l2,
+    curve_examples,
+    deepfool,
+    local_search_attack,
+)
+from sdim_tf.adversarial.pgd import (
+    SCHEDULES,
+    AcceptedCurve,
+    pgd_accepted,
+    pgd_accepted_curve,
+    step_sizes,
+)
+from sdim_tf.adversarial.pixel_search import local_search
+from sdim_tf.adversarial.results import (
+    AttackResult,
+    detection_rates,
+    first_correct,
+    l2_distances,
+    targeted_success,
+    untargeted_success,
+)
+from sdim_tf.adversarial.settings import (
+    ADAPTIVE_ATTACKS,
+    ATTACKS,
+    CURVE_ATTACKS,
+    UNTARGETED_ATTACKS,
+    AttackSettings,
+)
+from sdim_tf.adversarial.square import square_accepted
+
+__all__ = [
+    "ADAPTIVE_ATTACKS", "ATTACKS", "CURVE_ATTACKS", "SCHEDULES", "UNTARGETED_ATTACKS",
+    "AcceptedCurve", "AttackResult", "AttackSettings", "accuracy_curve", "art_classifier",
+    "boundary", "carlini_accepted", "carlini_l2", "curve_examples", "deepfool",
+    "detection_rates", "first_correct", "l2_distances", "local_search", "local_search_attack",
+    "margin_loss", "pgd_accepted", "pgd_accepted_curve", "square_accepted", "step_sizes",
+    "targeted_success", "undetected_success", "untargeted_success",
+]

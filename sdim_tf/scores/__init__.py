@@ -1,0 +1,13 @@
+"""Rejection scores, found by name: `scores.get("feature_density")(layers=("head",))`.
+
+- `model` (the paper's): the classifier's own output, log p(x|c) for SDIM;
+- `feature_density`: tied Gaussians fitted after training on encoder layers.
+"""
+
+from sdim_tf.scores import feature_density, model
+from sdim_tf.scores.feature_density import FeatureDensityScore
+from sdim_tf.scores.model import ModelScore
+from sdim_tf.scores.registry import SCORES, Score, get, register
+
+__all__ = ["SCORES", "FeatureDensityScore", "ModelScore", "Score", "feature_density", "get",
+           "model", "register"]

@@ -1,0 +1,86 @@
+"""The threshold rules behind the registry (sdim_tf.rules): the paper's percentile and split
+conformal, per class or shared, against hand computations and sdim_tf.conformal."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sdim_tf import conformal, rules
+
+# Three classes; class 2 is never predicted correctly.
+SCORES = np.array([
+    [-1.0, -9.0, -9.0],  # class 0, correct
+    [-3.0, -9.0, -9.0],  # class 0, correct
+    [-9.0, -2.0, -9.0],  # class 0, wrong (predicted 1)
+    [-9.0, -4.0, -9.0],  # class 1, correct
+    [-9.0, -9.0, -1.0],  # class 1, wrong (predicted 2)
+])
+LABELS = np.array([0, 0, 0, 1, 1])
+
+
+def test_registry_finds_each_rule_by_name():
+    assert rules.RULES.names() == ("ambiguous", "conformal", "percentile")
+    assert rules.get("percentile") is rules.Percentile
+    assert rules.get("conformal") is rules.SplitConformal
+    assert rules.get("ambiguous") is rules.Ambiguous
+    assert {rules.get(n).refusal for n in rules.RULES.names()} == {"unfamiliar", "ambiguous"}
+    with pytest.raises(ValueError, match="unknown rule 'median'; known: ambiguous, conformal, "
+                                         "percentile"):
+        rules.get("median")
+    with pytest.raises(ValueError, match="registered twice"):
+        rules.register(rules.Percentile)
+
+
+def test_percentile_per_class_and_shared_by_hand():
+    per_class = rules.Percentile(percentile=1).calibrate(SCORES, LABELS)
+    # correct scores: class 0 {-1, -3}, class 1 {-4}, class 2 none
+    np.testing.assert_array_equal(per_class.thresholds, [-3.0, -4.0, math.inf])
+    assert per_class.record == {
+        "rule": "percentile", "grouping": "per_class", "percentile": 1, "counts": [2, 1, 0],
+        "promise": "refuses scores below the 1th percentile of the correctly classified "
+                   "calibration images of each class; it promises no rejection rate for new "
+                   "images"}
+    # shared: {-4, -3, -1} sorted; the 50th percentile is index floor(1.5) = 1
+    shared = rules.Percentile(percentile=50, grouping="shared").calibrate(SCORES, LABELS)
+    np.testing.assert_array_equal(shared.thresholds, [-3.0, -3.0, -3.0])
+    assert shared.record["counts"] == [2, 1, 0]
+    json.dumps(shared.record)
+    with pytest.raises(ValueError, match="grouping must be one of per_class, shared"):
+        rules.Percentile(grouping="pooled")
+    with pytest.raises(ValueError, match=r"percentile must be in \[0, 100\)"):
+        rules.Percentile(percentile=100)
+
+
+def test_split_conformal_shared_and_mondrian():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(600, 3))
+    labels = rng.integers(0, 3, 600)
+    top, predicted = scores.max(1), scores.argmax(1)
+    shared = rules.SplitConformal(alpha=0.05, confidence=0.9).calibrate(scores, labels)
+    expected = conformal.threshold(top, 0.05, 0.9)
+    np.testing.assert_array_equal(shared.thresholds, [expected] * 3)
+    assert shared.record["counts"] == [600] * 3 and shared.record["n"] == 600
+    assert shared.promise == conformal.promise(0.05, 0.9, 600)
+    per_class = rules.SplitConformal(alpha=0.05, confidence=None,
+                                     grouping="per_class").calibrate(scores, labels)
+    np.testing.assert_array_equal(per_class.thresholds, [
+        conformal.threshold(top[predicted == c], 0.05) for c in range(3)])
+    assert per_class.record["counts"] == np.bincount(predicted, minlength=3).tolist()
+    assert per_class.promise.endswith("; for each predicted class")
+    json.dumps(per_class.record)
+
+
+def test_split_conformal_names_what_is_short():
+    scores = np.eye(3)[[0] * 80 + [1] * 4 + [2] * 2]
+    labels = scores.argmax(1)
+    with pytest.raises(rules.CalibrationError,
+                       match=r"too few held-out images predicted as \['b \(4\)', 'c \(2\)'\] "
+                             r"for a per-class 4% guarantee \(each class needs 74\)"):
+        rules.SplitConformal(grouping="per_class").calibrate(scores, labels, ["a", "b", "c"])
+    with pytest.raises(rules.CalibrationError,
+                       match="a 4% guarantee needs at least 74 held-out images; got 10"):
+        rules.SplitConformal().calibrate(scores[:10], labels[:10])
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        rules.SplitConformal(alpha=0)

@@ -43,6 +43,7 @@ class DataConfig(Section):
     data_dir: Optional[str] = option(None, "Folder holding <dataset>/train-images-idx3-ubyte.gz "
                                      "etc. (or <dataset>/train/<class>/ images); default: "
                                      "$SDIM_DATA_DIR, then tfds.")
+    folder: data.FolderOptions = library(data.FolderOptions, data.FolderOptions.helps())
 
     def validate(self) -> None:
         try:

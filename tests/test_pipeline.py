@@ -191,14 +191,24 @@ def test_collapse_guard_stops_a_finite_divergence(tiny_run, monkeypatch):
     ([0.50], 0.20, True),                # the edges: learned at 0.5, at 2/C
     ([], 0.05, False),                   # the first epoch
 ])
-def test_collapse_by_hand(accuracies, now, diverged):
+def test_collapse_by_hand(accuracies, now, diverged, num_classes=10):
     history = [{"epoch": e + 1, "accuracy": a} for e, a in enumerate(accuracies)]
-    why = train.collapse(history, {"loss": 1.0, "accuracy": now}, num_classes=10)
+    why = train.collapse(history, {"loss": 1.0, "accuracy": now}, num_classes=num_classes)
     assert (why is not None) == diverged
     if diverged:
         best = max(accuracies)
         assert why.startswith(f"train accuracy {now:.3f} against {best:.3f} in epoch "
                               f"{accuracies.index(best) + 1}")
+
+
+@pytest.mark.parametrize("accuracies, now, diverged", [
+    ([0.868], 0.988, False),      # learning on: never a collapse (twice chance is 1.0)
+    ([0.70], 0.55, False),        # never clearly learned: best below 0.75
+    ([0.80, 0.90], 0.71, False),  # above halfway back to chance, (0.5 + 0.9) / 2 = 0.70
+    ([0.80, 0.90], 0.70, True),   # at it
+])
+def test_collapse_by_hand_two_classes(accuracies, now, diverged):
+    test_collapse_by_hand(accuracies, now, diverged, num_classes=2)
 
 
 def test_zero_epochs_keep_the_untrained_network(tiny_run):

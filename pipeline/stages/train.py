@@ -172,13 +172,15 @@ def monitor_data(training: TrainConfig, examples, num_train: int) -> dict | None
 
 def collapse(history: list[dict], logs: dict, num_classes: int) -> str | None:
     """Why training diverged though its loss stayed finite, or None: a model that had learned
-    (train accuracy >= 0.5 in some epoch) falling to at most twice chance in this one."""
+    (train accuracy >= 0.5, and >= 0.75 for two classes, in some epoch) falling to at most
+    twice chance, or halfway back to chance if that is lower (two classes), in this one."""
     if "accuracy" not in logs:
         return None
+    chance = 1.0 / num_classes
     best = max(history, key=lambda row: row.get("accuracy", 0.0), default=None)
-    if best is None or best.get("accuracy", 0.0) < 0.5:
+    if best is None or best.get("accuracy", 0.0) < max(0.5, 1.5 * chance):
         return None
-    if logs["accuracy"] > 2.0 / num_classes:
+    if logs["accuracy"] > min(2.0 * chance, (chance + best["accuracy"]) / 2):
         return None
     return (f"train accuracy {logs['accuracy']:.3f} against {best['accuracy']:.3f} in epoch "
             f"{best['epoch']} (loss {logs.get('loss')})")

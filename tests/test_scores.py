@@ -55,7 +55,7 @@ def test_feature_density_fits_saves_and_loads(model_and_images, tmp_path):
     score = scores.FeatureDensityScore(layers=("stage1", "z"), split=False)
     scorer = score.fit(model, batches)
     reference = density.FeatureDensity(model, 3, ("stage1", "z"), split=False)
-    reference.fit_features(batches)
+    reference.fit_features(batches, covariance=score.covariance)
     queries = images[::7]
     expected = reference.predict(queries, verbose=0)
     np.testing.assert_array_equal(scorer.predict(queries, verbose=0), expected)

@@ -161,19 +161,26 @@ def test_oas_is_scikit_learns_on_the_class_centred_features():
                                rtol=1e-6)
 
 
-def test_log_likelihood_from_sums_is_the_mean_gaussian_log_density():
+def test_held_out_log_density_is_scipys_for_both_estimators():
     from scipy import stats as scipy_stats
+    from sklearn.covariance import OAS
 
     rng = np.random.default_rng(4)
-    x, labels = _grouped(rng, 50, 6)
-    part = density.TiedGaussianStats(3, 6)
-    part.update(x, labels)
-    means = rng.normal(size=(3, 6))
-    a = rng.normal(size=(6, 6))
-    covariance = a @ a.T + np.eye(6)
-    expected = np.mean([scipy_stats.multivariate_normal(means[c], covariance).logpdf(v)
-                        for v, c in zip(x, labels, strict=True)])
-    assert part.log_likelihood(means, covariance) == pytest.approx(expected, rel=1e-10)
+    x, labels = _grouped(rng, 50, 12)
+    held = np.arange(50) % 4 == 0
+    fitted, held_out = density.TiedGaussianStats(3, 12), density.TiedGaussianStats(3, 12)
+    fitted.update(x[~held], labels[~held])
+    held_out.update(x[held], labels[held])
+    got = density.held_out_log_density(fitted, held_out, ridge=1e-3)
+    fx, fl = x[~held], labels[~held]
+    means = np.stack([fx[fl == c].mean(0) for c in range(3)])
+    centred = fx - means[fl]
+    for kind, covariance in (("sample", centred.T @ centred / len(fx)),
+                             ("oas", OAS(assume_centered=True).fit(centred).covariance_)):
+        covariance = covariance + 1e-3 * np.trace(covariance) / 12 * np.eye(12)
+        expected = np.mean([scipy_stats.multivariate_normal(means[c], covariance).logpdf(v)
+                            for v, c in zip(x[held], labels[held], strict=True)])
+        assert got[kind] == pytest.approx(expected, rel=1e-9)
 
 
 def _fold_reference(x, labels, kind, ridge, folds=density.FOLDS):
@@ -246,6 +253,12 @@ def test_enough_images_keep_the_sample_covariance_bit_for_bit():
     for key, value in sample.parameters().items():
         np.testing.assert_array_equal(auto.parameters()[key], value)
     assert auto.fit_record["z"]["covariance"] == "sample"
+    few = density.TiedGaussianStats(3, 8)
+    few.update(x[:7], labels[:7])  # fewer images than dimensions: no folds needed
+    assert density.choose_covariance(few, None) == {
+        "images": 7, "dimensions": 8, "covariance": "oas", "shrinkage": round(
+            density.oas_shrinkage(few.covariance(0.0)[1], 7), 6),
+        "why": "7 images < 8 dimensions: the sample covariance is singular"}
     with pytest.raises(ValueError, match="covariance must be one of auto, sample, oas"):
         sample.fit_features(batches, covariance="ledoit")
 

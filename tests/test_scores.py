@@ -36,7 +36,10 @@ def test_registry_and_the_words_of_todays_reports():
         "per_class", "shared")
     assert scores.get("feature_density")(**density_score.settings()) == density_score
     assert scores.FeatureDensityScore().settings() == {
-        "layers": list(density.DEFAULT_LAYERS), "split": density.DEFAULT_SPLIT}
+        "layers": list(density.DEFAULT_LAYERS), "split": density.DEFAULT_SPLIT,
+        "covariance": "auto"}
+    with pytest.raises(ValueError, match="covariance must be one of auto, sample, oas"):
+        scores.FeatureDensityScore(covariance="ledoit")
     with pytest.raises(ValueError, match="layers must be a non-empty subset"):
         scores.FeatureDensityScore(layers=("stage9",))
 

@@ -265,6 +265,8 @@ class ExportConfig(Section):
     force_export: bool = option(False, "Export even a model the gate refuses (test accuracy "
                                 "not clearly above chance, or far more test images rejected "
                                 "than the deployed budget).", key=False)
+    destination: str = derived(str, "Where the model goes: --export_dir, else "
+                               "<run_dir>/saved_models.")
     limits: serving.Limits = library(serving.Limits, {
         "max_image_side": "Export: classify_encoded refuses (reason too_large) an image whose "
                           "header declares a longer side.",
@@ -396,9 +398,12 @@ class PipelineConfig(Section):
                                       "shared" if cal.score == "feature_density" else "per_class"))
         watch = Watch(cal.reject_budget or 0.04, cal.reject_confidence or None,
                       cal.density_layers, cal.density_split)
-        c = dataclasses.replace(c, calibrate=cal, run_dir=c.run_dir or os.path.join(
-            "runs", f"{c.data.dataset}-{c.model.model}"),
-            train=dataclasses.replace(c.train, watch=watch, fresh=c.force))
+        run_dir = c.run_dir or os.path.join("runs", f"{c.data.dataset}-{c.model.model}")
+        c = dataclasses.replace(
+            c, calibrate=cal, run_dir=run_dir,
+            train=dataclasses.replace(c.train, watch=watch, fresh=c.force),
+            export=dataclasses.replace(c.export, destination=c.export.export_dir or os.path.join(
+                run_dir, "saved_models")))
         for name in ("model", "train", "calibrate", "evaluate", "export", "attack"):
             getattr(c, name).validate()
         t, budget, confidence = c.train, cal.reject_budget, cal.reject_confidence

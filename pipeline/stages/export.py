@@ -131,7 +131,6 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                         "; ".join(blessing["failures"]))
     module = rejecting_classifier(examples, trained, calibration, settings.limits)
     name = settings.model_name or model_name(examples, trained.kind)
-    export_dir = settings.export_dir or stage_dir.parent / "saved_models"
     card = {
         "model_name": name, "dataset": examples.dataset_name,
         "class_names": examples.class_names,
@@ -154,7 +153,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     }
     sample = next(iter(examples.dataset("test", limit=4, batch_size=4)))[0].numpy()
     path = publish.export(  # real test images for the warmup requests
-        module, export_dir, name,
+        module, settings.destination, name,
         extra_assets={"thresholds.json": publish.json_bytes(saved),
                       "model_card.json": publish.json_bytes(card)},
         assets_extra={"model_card.json": publish.json_bytes(card),

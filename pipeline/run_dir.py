@@ -131,21 +131,30 @@ class Examples(Artifact):
         return [str(f) for f in files]
 
     def dataset(self, split: str, skip: int = 0, limit: int | None = None,
-                batch_size: int = 500, training: bool = False, seed: int = 0
-                ) -> tf.data.Dataset:
+                batch_size: int = 500, training: bool = False, seed: int = 0,
+                indices: list[int] | None = None) -> tf.data.Dataset:
         """Preprocessed (images, labels) batches in file order (training: shuffled and
-        augmented as ingest recorded)."""
+        augmented as ingest recorded): `limit` after `skip`, or those at `indices`."""
         return data.make_dataset(self.shard_files(split), self.image_shape, batch_size,
                                  training=training, seed=seed, skip=skip, limit=limit,
+                                 indices=indices,
                                  augmentation=self.metadata["augmentation"] if training
                                  else "none")
 
-    def arrays(self, split: str, limit: int | None = None, skip: int = 0
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """(images float32 [N, 32, 32, C] in [0, 1], labels [N]): `limit` after `skip`."""
-        batches = list(self.dataset(split, skip, limit).as_numpy_iterator())
+    def arrays(self, split: str, limit: int | None = None, skip: int = 0,
+               indices: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(images float32 [N, 32, 32, C] in [0, 1], labels [N]): `limit` after `skip`, or
+        those at `indices`."""
+        batches = list(self.dataset(split, skip, limit, indices=indices).as_numpy_iterator())
         return (np.concatenate([b[0] for b in batches]).astype(np.float32),
                 np.concatenate([b[1] for b in batches]))
+
+    def labels(self, split: str) -> np.ndarray:
+        """The labels of `split` in file order, read without decoding the images."""
+        feature = {"label": data.FEATURES["label"]}
+        ds = tf.data.TFRecordDataset(self.shard_files(split)).batch(4096).map(
+            lambda s: tf.io.parse_example(s, feature)["label"])
+        return np.concatenate([np.zeros(0, np.int64), *ds.as_numpy_iterator()])
 
 
 class TrainedModel(Artifact):
@@ -191,9 +200,31 @@ class TrainedModel(Artifact):
 
     def examples(self, split: str) -> tuple[int, int] | None:
         """(skip, limit) of the training images the model trained on (`split="trained"`), or
-        of those held out (`"held_out"`, None when nothing was held out)."""
-        ranges = self.state()["examples"]
-        return None if ranges[split] is None else tuple(ranges[split])
+        of those held out (`"held_out"`, None when nothing was held out); for images chosen
+        by position (`selection`), an ArtifactError."""
+        selection = self.selection(split)
+        if selection is not None and "indices" in selection:
+            raise ArtifactError(f"{self.folder / self.STATE}: the {split} images are chosen "
+                                "per class, not a range; read them with selection()")
+        return None if selection is None else (selection["skip"], selection["limit"])
+
+    def selection(self, split: str) -> dict | None:
+        """The training images the model trained on (`split="trained"`), or those held out
+        (`"held_out"`, None when nothing was held out), as `Examples.dataset` arguments:
+        {"skip", "limit"} or {"indices"}."""
+        chosen = self.state()["examples"][split]
+        if chosen is None:
+            return None
+        if isinstance(chosen, dict):
+            return {"indices": list(chosen["indices"])}
+        return {"skip": chosen[0], "limit": chosen[1]}
+
+    @staticmethod
+    def state_examples(selection: dict | None) -> list | dict | None:
+        """A `selection` as state.json keeps it: [skip, limit] or {"indices"}."""
+        if selection is None or "indices" in selection:
+            return selection
+        return [selection["skip"], selection["limit"]]
 
     def history(self) -> list[dict]:
         """The per-epoch rows of history.csv as dicts of floats."""

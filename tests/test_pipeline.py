@@ -240,8 +240,8 @@ def test_zero_epochs_keep_the_untrained_network(tiny_run):
 def test_config_errors():
     with pytest.raises(ConfigError, match="--dataset: unknown dataset 'imagenet'"):
         PipelineConfig.from_flat(dataset="imagenet").resolve()
-    with pytest.raises(ConfigError, match=r"--train_limit=64 is smaller than one batch"):
-        PipelineConfig.from_flat(train_limit=64).resolve()
+    with pytest.raises(ConfigError, match=r"--train_limit must be >= 2, got 1"):
+        PipelineConfig.from_flat(train_limit=1).resolve()
     with pytest.raises(ConfigError, match=r"--stages: unknown \['deploy'\]"):
         PipelineConfig.from_flat(stages=("deploy",)).resolve(run.STAGE_NAMES)
     with pytest.raises(ConfigError, match="--batch_size must be >= 2"):
@@ -261,7 +261,8 @@ def test_config_errors():
     with pytest.raises(ConfigError, match=r"--reject_budget=0.04 promises .* --validation_split"
                        r"=N \(at least 74 images\)"):
         PipelineConfig.from_flat(validation_split=0).resolve()
-    assert PipelineConfig.from_flat(dataset="image_folder").resolve().calibrate.reject_budget == 0
+    assert PipelineConfig.from_flat(dataset="image_folder").resolve().calibrate.reject_budget \
+        == 0.04  # on the held-out share of each class
     with pytest.raises(ConfigError, match=r"--reject_confidence must lie in \[0, 1\)"):
         PipelineConfig.from_flat(reject_confidence=1.0).resolve()
     assert PipelineConfig.from_flat(dataset="cifar10").resolve().model.n == 3
@@ -278,12 +279,14 @@ def test_each_flag_keys_the_stages_that_read_it():
         for name in run.stage_settings(stage, config):
             owners.setdefault(name, []).append(stage.name)
     flags = {leaf.name for leaf in sections.leaves(PipelineConfig)}
-    assert set(owners) == flags - {"run_dir", "stages", "force", "jit_compile", "distribute"}
+    assert set(owners) == flags - {"run_dir", "stages", "force", "jit_compile", "distribute",
+                                   "export_subset", "force_export"}
     assert owners["dataset"] == owners["data_dir"] == ["ingest", "evaluate", "explain"]
-    assert owners["margin"] == owners["seed"] == owners["validation_split"] == ["train"]
+    assert owners["margin"] == owners["seed"] == owners["validation_split"] == \
+        owners["validation_fraction"] == ["train"]
     assert owners["score"] == owners["reject_budget"] == owners["percentiles"] == ["calibrate"]
     assert owners["shift_images"] == ["evaluate"]
-    assert owners["export_dir"] == owners["max_batch"] == ["export"]
+    assert owners["export_dir"] == owners["model_name"] == owners["max_batch"] == ["export"]
     assert owners["attack_images"] == owners["attack_baseline"] == ["attack"]
 
 
@@ -314,7 +317,7 @@ def test_help_lists_the_flags_by_stage_and_the_attack_flags_under_helpfull(tmp_p
 def test_cli_user_errors_are_one_line(tmp_path, tiny_run, data_dir):
     _, run_dir = tiny_run
     _assert_one_line_error(_cli(["--dataset=imagenet"], tmp_path), "unknown dataset")
-    _assert_one_line_error(_cli(["--train_limit=10"], tmp_path), "--train_limit")
+    _assert_one_line_error(_cli(["--train_limit=1"], tmp_path), "--train_limit")
     _assert_one_line_error(_cli(["--percentiles=1,x"], tmp_path),
                            "--percentiles must be numbers, got ['1', 'x']")
     _assert_one_line_error(_cli(["--attack_images=0", "--attack_cw_steps=0"], tmp_path),
@@ -380,16 +383,25 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
         "skip": 55000, "limit": 5000, "num_samples": 5000}
     assert saved["score"] == "feature_density" and saved["density_split"] is True  # defaults
     # The fitted densities are numpy's class means and pooled covariance of the features
-    # of the 1024 trained images (no augmentation).
+    # of the 1024 trained images (no augmentation), shrunk by scikit-learn's OAS where the
+    # fit chose it: 1024 images are from d to 10 x d on every default layer, where held-out
+    # folds choose.
+    from sklearn.covariance import OAS
+
     images, train_labels = run_view.examples.arrays("train", limit=1024)
     features = run_view.model.best().encoder.features(images, training=False)
     parameters = np.load(run_dir / "calibrate" / Calibration.DENSITY)
     for layer in saved["density_layers"]:
+        record = saved["density_fit"]["covariance"][layer]
         x = features[layer].numpy().astype(np.float64)
+        assert (record["images"], record["dimensions"]) == (1024, x.shape[1])
+        assert "held-out training images over 5 folds" in record["why"]
         means = np.stack([x[train_labels == c].mean(0) for c in range(10)])
         np.testing.assert_allclose(parameters[f"{layer}/means"], means, rtol=1e-3,
                                    atol=1e-4 * np.abs(means).max())
-        covariance = np.cov((x - means[train_labels]).T, bias=True)
+        centred = x - means[train_labels]
+        covariance = OAS(assume_centered=True).fit(centred).covariance_ \
+            if record["covariance"] == "oas" else np.cov(centred.T, bias=True)
         factor = parameters[f"{layer}/precision_factor"].astype(np.float64)
         inverse = np.linalg.inv(factor)
         recovered = inverse.T @ inverse  # (L L^T)^-1 = covariance + ridge

@@ -36,7 +36,10 @@ def test_registry_and_the_words_of_todays_reports():
         "per_class", "shared")
     assert scores.get("feature_density")(**density_score.settings()) == density_score
     assert scores.FeatureDensityScore().settings() == {
-        "layers": list(density.DEFAULT_LAYERS), "split": density.DEFAULT_SPLIT}
+        "layers": list(density.DEFAULT_LAYERS), "split": density.DEFAULT_SPLIT,
+        "covariance": "auto"}
+    with pytest.raises(ValueError, match="covariance must be one of auto, sample, oas"):
+        scores.FeatureDensityScore(covariance="ledoit")
     with pytest.raises(ValueError, match="layers must be a non-empty subset"):
         scores.FeatureDensityScore(layers=("stage9",))
 
@@ -55,7 +58,7 @@ def test_feature_density_fits_saves_and_loads(model_and_images, tmp_path):
     score = scores.FeatureDensityScore(layers=("stage1", "z"), split=False)
     scorer = score.fit(model, batches)
     reference = density.FeatureDensity(model, 3, ("stage1", "z"), split=False)
-    reference.fit_features(batches)
+    reference.fit_features(batches, covariance=score.covariance)
     queries = images[::7]
     expected = reference.predict(queries, verbose=0)
     np.testing.assert_array_equal(scorer.predict(queries, verbose=0), expected)

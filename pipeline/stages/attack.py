@@ -285,12 +285,11 @@ def _cw_confidences(ctx: Context, target: Target, calibration, examples) -> tupl
         return s.cw_confidences, {"rule": "--attack_cw_confidences"}
     if calibration.score == "model":
         return PAPER_KAPPAS, {"rule": "the paper's, on the model's own score"}
-    held_out = calibration.saved["examples"]
-    key = {"skip": held_out["skip"], "limit": held_out["limit"]}
+    # {"skip", "limit"} or {"indices"} of the training split, and their count
+    key = {k: v for k, v in calibration.saved["examples"].items() if k != "num_samples"}
 
     def compute():
-        scores, _ = rejection.class_scores(target.scorer, examples.dataset(
-            "train", held_out["skip"], held_out["limit"]))
+        scores, _ = rejection.class_scores(target.scorer, examples.dataset("train", **key))
         top = scores.max(1)
         return {"std": float(top.std()), "images": int(len(top))}, {}
 

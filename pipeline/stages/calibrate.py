@@ -1,17 +1,19 @@
 """Calibrate: the rejection score and its thresholds.
 
 With --score=feature_density the tied Gaussians of `sdim_tf.density` are first fitted on the
-trained images (no augmentation) -> density.npz. Then on the calibration images (the
-held-out validation images when --validation_split > 0, else the trained ones) ->
-thresholds.json:
+trained images (no augmentation; each layer's covariance shrunk when the images are few,
+`density.choose_covariance`, recorded in density_fit) -> density.npz. Then on the
+calibration images (the held-out validation images when --validation_split or
+--validation_fraction holds some out, else the trained ones) -> thresholds.json:
 
 - for each percentile p of --percentiles, the p-th percentile of the score over the
   correctly classified calibration images (per class, the paper's section 5, or shared);
 - with --reject_budget=alpha (needs held-out images), the deployed thresholds: split
   conformal (`sdim_tf.conformal`) on the top scores of all held-out images, which rejects at
   most alpha of new images drawn like them, with confidence --reject_confidence (0: on
-  average). One threshold for all classes, or per predicted class (Mondrian) under
-  --threshold_rule=per_class.
+  average); too few held-out images for that give the strongest promise they support
+  (`conformal.attainable`). One threshold for all classes, or per predicted class (Mondrian)
+  under --threshold_rule=per_class.
 """
 
 from __future__ import annotations
@@ -34,14 +36,16 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     examples, calibration = upstream["ingest"], Calibration(stage_dir)
     model = trained.best()
     outputs = [Calibration.THRESHOLDS]
+    fit_record = None
     if config.score == "feature_density":
-        model = fit_density(model, config, examples, trained.examples("trained"))
+        model = fit_density(model, config, examples, trained.selection("trained"))
         calibration.write_density(model.parameters())
         outputs.append(Calibration.DENSITY)
+        fit_record = {"covariance": model.fit_record}
     # the held-out images when train held some out, else the trained ones (the paper's)
-    held_out = trained.examples("held_out")
-    skip, limit = held_out or trained.examples("trained")
-    ll, labels = rejection.class_scores(model, examples.dataset("train", skip, limit))
+    held_out = trained.selection("held_out")
+    selection = held_out or trained.selection("trained")
+    ll, labels = rejection.class_scores(model, examples.dataset("train", **selection))
     shared = config.threshold_rule == "shared"
     names = examples.class_names
     calibration_by_p = rejection.calibrate(ll, labels, sorted(set(config.percentiles)), shared)
@@ -61,9 +65,10 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         "density_layers": list(config.density_layers)
         if config.score == "feature_density" else None,
         "density_split": config.density_split if config.score == "feature_density" else None,
+        "density_fit": fit_record,
         "threshold_rule": config.threshold_rule,
         "source": "validation" if held_out else "train",
-        "examples": {"skip": skip, "limit": limit, "num_samples": int(len(labels))},
+        "examples": {**selection, "num_samples": int(len(labels))},
         "accuracy": float((ll.argmax(1) == labels).mean()),
         "rejected": {str(p): float(rejection.decide(ll, v["thresholds"]).rejected.numpy().mean())
                      for p, v in calibration_by_p.items()},
@@ -81,12 +86,19 @@ def guaranteed(ll: np.ndarray, config, names) -> tuple[dict, dict]:
     words)."""
     alpha, confidence = config.reject_budget, config.reject_confidence or None
     per_class = config.threshold_rule == "per_class"  # Mondrian: a guarantee per class
+    n = len(ll)
+    asked = alpha, confidence
+    if not per_class:  # one threshold: the strongest promise the held-out images support
+        alpha, confidence = conformal.attainable(alpha, confidence, n)
+        if (alpha, confidence) != asked:
+            logging.warning("calibrate: %d held-out images are too few for --reject_budget=%g "
+                            "with --reject_confidence=%g (%d needed): the deployed thresholds "
+                            "promise %s", n, asked[0], asked[1] or 0,
+                            conformal.minimum_samples(*asked),
+                            conformal.promise(alpha, confidence, n))
     chosen = budget_rules.budget_thresholds(ll, alpha, rule="conformal", confidence=confidence,
                                             per_class=per_class)
-    needed, n = conformal.minimum_samples(alpha, confidence), len(ll)
-    if not per_class and n < needed:
-        raise ConfigError(f"--reject_budget={alpha:g} needs at least {needed} held-out "
-                          f"images for its guarantee; --validation_split={n}")
+    needed = conformal.minimum_samples(alpha, confidence)
     few = [f"{names[c]} ({k})" for c, k in enumerate(chosen.counts) if k < needed]
     if per_class and few:
         raise ConfigError(
@@ -99,24 +111,24 @@ def guaranteed(ll: np.ndarray, config, names) -> tuple[dict, dict]:
     return ({"thresholds": chosen.thresholds, "counts": chosen.counts},
             {"percentile": GUARANTEED, "rule": "split conformal on the held-out images' top "
              "scores (sdim_tf.conformal)", "guarantee": promise, "alpha": alpha,
-             "confidence": confidence, "n": int(n)})
+             "confidence": confidence, "n": int(n),
+             "asked": {"alpha": asked[0], "confidence": asked[1]}})
 
 
-def fit_density(model, config, examples, trained: tuple[int, int]) -> density.FeatureDensity:
-    """--density_layers fitted on the `trained` (skip, limit) images (no augmentation)."""
-    skip, limit = trained
+def fit_density(model, config, examples, trained: dict) -> density.FeatureDensity:
+    """--density_layers fitted on the `trained` images (an `Examples.dataset` selection; no
+    augmentation), each layer's covariance chosen by `density.choose_covariance`."""
     scorer = density.FeatureDensity(model, examples.num_classes, config.density_layers,
                                     config.density_split)
+    count = len(trained["indices"]) if "indices" in trained else trained["limit"]
     logging.info("calibrate: fitting tied Gaussians on %s%s over %d training images",
                  ", ".join(config.density_layers), " (split terms)" if config.density_split
-                 else "", limit)
-    bar = keras.utils.Progbar(limit, unit_name="image")
-    fitted = scorer.fit_features(examples.dataset("train", skip, limit), progress=bar.update)
-    dims = scorer.density_scores.dims
-    thin = [f"{name} ({d}-d)" for name, d in dims.items() if fitted < 2 * d]
-    if thin:
-        logging.warning("calibrate: %d training images for %s: a shared covariance needs "
-                        "several times more images than dimensions, and the scores will "
-                        "reject too much; fewer layers (e.g. --density_layers=head) or more "
-                        "images", fitted, ", ".join(thin))
+                 else "", count)
+    bar = keras.utils.Progbar(count, unit_name="image")
+    scorer.fit_features(examples.dataset("train", **trained), progress=bar.update,
+                        covariance="auto")
+    for name, record in scorer.fit_record.items():
+        logging.info("calibrate: %s (%d-d): %s covariance%s (%s)", name, record["dimensions"],
+                     record["covariance"], f", shrinkage {record['shrinkage']:.3f}"
+                     if record["covariance"] == "oas" else "", record["why"])
     return scorer

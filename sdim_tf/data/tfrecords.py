@@ -153,11 +153,12 @@ def write_shards(folder: str | os.PathLike, split: str, images: np.ndarray,
 def make_dataset(files: Sequence[str], shape: Sequence[int], batch_size: int, *,
                  training: bool, augmentation: str = "none", seed: int = 0,
                  limit: Optional[int] = None, skip: int = 0, image_size: int = IMAGE_SIZE,
-                 drop_remainder: Optional[bool] = None, repeat: bool = False
-                 ) -> tf.data.Dataset:
+                 drop_remainder: Optional[bool] = None, repeat: bool = False,
+                 indices: Optional[Sequence[int]] = None) -> tf.data.Dataset:
     """TFRecords -> batches of (float32 images [B,32,32,C] in [0,1], int64 labels [B]).
 
-    `skip` then `limit` select examples in file order. Training: shuffled with `seed` (a new
+    `skip` then `limit` select examples in file order; or `indices`, their positions in file
+    order (a held-out share of each class). Training: shuffled with `seed` (a new
     order each epoch), augmented per batch with a stateless seed drawn from (seed, batch
     index), incomplete last batch dropped.
     `repeat=True` gives an endless stream whose batch index (and so augmentation) keeps
@@ -170,6 +171,12 @@ def make_dataset(files: Sequence[str], shape: Sequence[int], batch_size: int, *,
         ds = ds.skip(skip)
     if limit is not None:
         ds = ds.take(limit)
+    if indices is not None:
+        keep = np.zeros(max(indices, default=-1) + 1, bool)
+        keep[np.asarray(indices, np.int64)] = True
+        mask = tf.constant(keep)
+        ds = ds.take(len(keep)).enumerate().filter(
+            lambda i, _: tf.gather(mask, i)).map(lambda _, example: example)
     # Parse in chunks (fast, vectorised), then cache the small uint8 arrays.
     ds = ds.batch(1024).map(lambda s: parse_examples(s, shape),
                             num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache()

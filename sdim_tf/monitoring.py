@@ -4,7 +4,7 @@ Rejection decays with training (docs/results.md: 98.4% of MNIST rejected by a Fa
 model at 8 epochs, 82% at 50) while accuracy keeps rising, so it has to be watched like a
 loss. `rejection_quality` measures, for the model's own log p(x|c) and for tied Gaussians
 (`sdim_tf.density.FeatureDensity`) on sets of encoder layers, the deployed rule
-(`sdim_tf.budget_rules`, what the calibrate stage deploys): one threshold shared by all
+(a rule of `sdim_tf.rules`, as the calibrate stage deploys it): one threshold shared by all
 classes, by default split conformal on the held-out images' top scores, else ("percentile")
 the largest percentile of the correct ones rejecting at most `budget` of the held-out images;
 then the share of each outlier set it rejects and the AUROC held-out vs outliers.
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from sdim_tf import budget_rules, density, metrics, rejection
+from sdim_tf import density, metrics, rejection, rules
 
 MODEL_SCORE = "model"
 
@@ -86,10 +86,15 @@ class RejectionMonitor:
                  layers: Sequence[Sequence[str]] = (layer_set(),),
                  batch_size: int = 500, rule: str = "conformal",
                  confidence: float | None = 0.95):
-        budget_rules.check_rule(rule)
+        # the unfamiliar rule with the budget as its setting, one threshold for all classes
+        settings = {"alpha": budget, "budget": budget, "confidence": confidence,
+                    "grouping": "shared"}
+        if rule not in rules.names(rejection.UNFAMILIAR):
+            raise ValueError(f"rule must be one of {', '.join(rules.names(rejection.UNFAMILIAR))}"
+                             f", got {rule!r}")
+        self.rule = rules.build(rule, settings)
         self.fit, self.held_out, self.outliers = fit, held_out, dict(outliers)
         self.budget, self.batch_size = budget, batch_size
-        self.rule, self.confidence = rule, confidence
         self.layer_sets = [tuple(s) for s in layers]
         needed = [name for name in density.LAYERS if any(name in s for s in self.layer_sets)]
         num_classes = int(model.config["num_classes"])
@@ -134,11 +139,13 @@ class RejectionMonitor:
         return result
 
     def _threshold(self, log_likelihoods: np.ndarray) -> tuple[float | None, float]:
-        """(percentile or None, the shared threshold) on the held-out scores."""
-        chosen = budget_rules.budget_thresholds(log_likelihoods, self.budget, rule=self.rule,
-                                                labels=self.held_out[1],
-                                                confidence=self.confidence)
-        return chosen.percentile, float(chosen.thresholds[0])
+        """(percentile or None, the shared threshold) on the held-out scores; -inf (none
+        rejected) when the held-out images are too few for the rule's promise."""
+        try:
+            chosen = self.rule.calibrate(log_likelihoods, self.held_out[1])
+        except rules.CalibrationError:
+            return None, -math.inf
+        return chosen.record.get("percentile"), float(chosen.thresholds[0])
 
     def _refit(self) -> None:
         images, labels = self.fit

@@ -53,6 +53,18 @@ RULES = Registry("rule")
 register, get = RULES.register, RULES.get
 
 
+def names(refusal: str) -> tuple[str, ...]:
+    """The registered rules of one kind of refusal, by name."""
+    return tuple(n for n in RULES.names() if RULES.classes[n].refusal == refusal)
+
+
+def build(name: str, values: dict) -> Rule:
+    """Rule `name` with those of its settings that `values` ({setting: value}) holds; the
+    others keep their defaults."""
+    cls = get(name)
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
 def check_grouping(grouping: str) -> None:
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, got {grouping!r}")

@@ -5,7 +5,8 @@ scorer: a Keras model mapping images to class scores [N, C] whose argmax is the 
 class and whose maximum the rule thresholds, with `scores_and_logits(images)` (the class
 scores and the classifier's own logits from one pass) for `serving.RejectingClassifier`.
 A new score is one module with a class decorated by `@register`, imported by
-`sdim_tf.scores`.
+`sdim_tf.scores`. Optional: `paper = True` marks the paper's own score, on whose scale the
+paper's settings apply (e.g. its CW confidences).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import artifacts
-from sdim_tf import data, rejection, scores, serving
+from sdim_tf import data, rejection, rules, scores, serving
 
 # Of the artifacts below, recorded in every stage's manifest and in train's state.json; a
 # reader refuses another one.
@@ -317,6 +317,16 @@ class Calibration(Artifact):
         ambiguity = deployed.get("ambiguity") or {}
         return {rejection.UNFAMILIAR: deployed.get("promise", deployed.get("guarantee")),
                 rejection.AMBIGUOUS: ambiguity.get("promise")}
+
+    def rules(self) -> tuple[rules.Rule, rules.Rule | None]:
+        """(the unfamiliar rule, the ambiguity rule or None) with the settings calibrate
+        chose the deployed thresholds with."""
+        deployed = self.saved["deployed"]
+        if "unfamiliar" not in deployed:
+            raise ArtifactError(f"{self.folder / self.THRESHOLDS} does not record its rules' "
+                                "settings; rerun calibrate with --force")
+        return tuple(None if record is None else rules.build(record["rule"], record)
+                     for record in (deployed["unfamiliar"], deployed.get("ambiguity")))
 
     def scoring_model(self, classifier: keras.Model) -> keras.Model:
         """What the run deploys on top of `classifier`: images -> [N, C] class scores (the

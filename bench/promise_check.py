@@ -119,12 +119,15 @@ def main(argv):
     record = {
         "command": " ".join(["python -m bench.promise_check", *sys.argv[1:]]),
         "machine": machine(), "run_dir": str(pathlib.Path(FLAGS.run_dir).resolve()),
-        "train": {k: run.model.settings.get(k) for k in ("epochs", "train_limit", "seed")},
-        "best_epoch": run.model.state().get("best_epoch"),
+        "train": {k: run.model.state().get(k) for k in ("epoch", "epochs", "best_epoch",
+                                                         "examples")},
         "score": calibration.score.name, "held_out_images": int(len(labels)),
         "held_out_accuracy": float((scores.argmax(1) == labels).mean()),
         "rules": {"unfamiliar": repr(unfamiliar), "ambiguous": repr(ambiguity)},
         "draws": FLAGS.draws, "calibration_images": size, "measured_images": len(labels) - size,
+        "note": "held: the share of draws whose rate measured on the rest is within the bound; "
+                "the rest is finite, so its sampling noise counts against the promise, which "
+                "is on the true rate",
         "promises": {
             "unfamiliar": summary([d["unfamiliar"] for d in draws], alpha),
             "ambiguous": summary([d["error_on_accepted"] for d in draws], ambiguity.max_error)},

@@ -365,7 +365,8 @@ class PipelineConfig(Section):
         cal = c.calibrate
         cal = dataclasses.replace(
             cal, percentiles=tuple(map(rejection.percentile_key, cal.percentiles)),
-            threshold_rule=cal.threshold_rule or scores.get(cal.score).default_grouping,
+            threshold_rule=cal.threshold_rule or getattr(
+                scores.SCORES.classes.get(cal.score), "default_grouping", None),
             unfamiliar_rule=cal.unfamiliar_rule or (
                 "conformal" if cal.reject_budget else "percentile"))
         watch = Watch(cal.reject_budget or 0.04, cal.reject_confidence or None,

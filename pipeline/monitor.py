@@ -212,7 +212,8 @@ def run(model: str | None, version: int | None, alpha: float | None, shift: floa
                            "the rate to watch with --reject_budget")
     if model is None and version is not None:
         raise MonitorError("--version needs --model")
-    promised = {"alpha": None, "confidence": None, "n": None, "guarantee": None}
+    promised = {"alpha": None, "confidence": None, "n": None, "guarantee": None,
+                "ambiguous_rate": None}
     path = None
     if model is not None:
         path = version_dir(model, version, marker="assets/thresholds.json")

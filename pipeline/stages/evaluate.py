@@ -107,12 +107,14 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
             "separation": metrics.separation(test_ll, ood_ll, kinds)}
         report["deployed"]["ood"][name] = rejection.outcomes(deployable.decide(ood_ll))
         if name in ood_data.OOD_PAIRS.get(dataset, []) or name == "uniform_noise":
-            figure = f"histograms_{name}.png"
-            plots.class_histograms(test_ll, test_labels, ood_ll, calibration.deployed()[1],
-                                   examples.class_names, stage_dir / figure, ood_name=name,
+            figure, drawn = f"histograms_{name}.png", calibration.deployed()[1]
+            plots.class_histograms(test_ll, test_labels, ood_ll, drawn, examples.class_names,
+                                   stage_dir / figure, ood_name=name,
                                    score_name=score_axis(score.name),
                                    threshold_name=f"deployed ({deployed['percentile']})")
             figures.append(figure)
+            report.setdefault("drawn_thresholds", {})[figure] = rejection.to_json(
+                {deployed["percentile"]: {"thresholds": drawn, "counts": []}})
         logging.info("evaluate: %s: decision-rule rejection %s", name,
                      report["ood"][name]["decision_rejection_rate"])
     if shift_images:
@@ -196,9 +198,9 @@ def _rule_lines(report: dict) -> list[str]:
     promises = report.get("promises") or {}
     lines = [f"{report['num_test']} test images. Score ({report.get('score')}): "
              f"{report.get('score_note', '')}", "",
-             f"Deployed refusals (the SavedModel's): unfamiliar, the "
-             f"{report.get('unfamiliar_rule', 'percentile')} rule's thresholds ({grouping}, "
-             f"{_thresholds_name(str(report.get('deployed_percentile')))} below)"
+             f"Deployed refusals (the SavedModel's): unfamiliar, a score below the "
+             f"{report.get('unfamiliar_rule', 'percentile')} rule's thresholds ({grouping}; "
+             f"row {report.get('deployed_percentile')} of Table 2)"
              + (f": it {promises['unfamiliar']}." if promises.get("unfamiliar") else ".")]
     if report.get("min_gap") is not None:
         lines.append(f"Ambiguous: a gap between the two best class scores below "

@@ -215,7 +215,16 @@ class CalibrateConfig(Section):
                 (0 <= self.max_error < 1, f"--max_error must lie in [0, 1), got "
                  f"{self.max_error}"),
                 (0 < self.max_error_confidence < 1, f"--max_error_confidence must lie in "
-                 f"(0, 1), got {self.max_error_confidence}")]
+                 f"(0, 1), got {self.max_error_confidence}"),
+                self._built()]
+
+    def _built(self) -> tuple[bool, str]:
+        """The check that the score and rules accept their settings from the flags."""
+        try:
+            self.scoring(), self.refusal_rules()
+        except ValueError as e:
+            return False, f"--score={self.score}, --unfamiliar_rule={self.unfamiliar_rule}: {e}"
+        return True, ""
 
     def scoring(self) -> scores.Score:
         """The --score, with its settings from the flags."""

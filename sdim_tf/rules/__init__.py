@@ -12,6 +12,9 @@
 class scores; `rejection.decide` applies what they return.
 """
 
+import importlib
+import pkgutil
+
 from sdim_tf.rules import ambiguous, percentile, split_conformal
 from sdim_tf.rules.ambiguous import Ambiguous, calibrate_both
 from sdim_tf.rules.percentile import Percentile
@@ -31,3 +34,7 @@ from sdim_tf.rules.split_conformal import SplitConformal
 __all__ = ["GROUPINGS", "RULES", "Ambiguous", "Calibrated", "CalibrationError", "Percentile",
            "Rule", "SplitConformal", "ambiguous", "build", "calibrate_both", "get", "names",
            "percentile", "register", "split_conformal"]
+
+# every module of the package registers what it defines: a new one needs no line here
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -6,8 +6,9 @@ record that states its promise in words. Two kinds of refusal use them:
 - `rejection.UNFAMILIAR`: thresholds [C] on the predicted class's score (equation 9);
 - `rejection.AMBIGUOUS`: one threshold on the confidence (`rejection.confidence`).
 
-`rejection.decide` applies both. A new rule is one module with a class decorated by
-`@register`, imported by `sdim_tf.rules`.
+`rejection.decide` applies both. A new rule is one module of `sdim_tf/rules/` (the package
+imports every module) with a class decorated by `@register`; the pipeline's
+`--unfamiliar_rule` or `--ambiguity_rule` then offers it by name.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pathlib
 import tempfile
 
 import numpy as np
+from absl import logging
 
 from sdim_tf import density
 from sdim_tf.scores.registry import register
@@ -58,7 +59,14 @@ class FeatureDensityScore:
         if batches is None:
             raise ValueError("feature_density is fitted on training images: pass batches")
         scorer = self.scorer(model)
-        scorer.fit_features(batches, progress=progress)
+        fitted = scorer.fit_features(batches, progress=progress)
+        thin = [f"{name} ({d}-d)" for name, d in scorer.density_scores.dims.items()
+                if fitted < 2 * d]
+        if thin:
+            logging.warning("%d training images for %s: a shared covariance needs several "
+                            "times more images than dimensions, and the scores will reject "
+                            "too much; fewer layers (e.g. --density_layers=head) or more "
+                            "images", fitted, ", ".join(thin))
         return scorer
 
     def save(self, scorer, folder) -> list[str]:

@@ -45,9 +45,13 @@ flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "result
 
 
 def held(unfamiliar, ambiguity, scores, labels, calibration, rest) -> dict:
-    """The rules calibrated on rows `calibration`, measured on rows `rest`."""
-    chosen, gap = rules.calibrate_both(scores[calibration], labels[calibration], unfamiliar,
-                                       ambiguity)
+    """The rules calibrated on rows `calibration`, measured on rows `rest`; None where the
+    calibration rows cannot support a promise (the calibrate stage stops there)."""
+    try:
+        chosen, gap = rules.calibrate_both(scores[calibration], labels[calibration],
+                                           unfamiliar, ambiguity)
+    except rules.CalibrationError:
+        return None
     min_gap = None if gap is None else float(gap.thresholds)
     outcome = rejection.outcomes(rejection.decide(scores[rest], chosen.thresholds,
                                                   min_gap=min_gap), labels[rest])
@@ -108,12 +112,17 @@ def main(argv):
     for _ in range(FLAGS.draws):
         order = rng.permutation(len(labels))
         draws.append(held(unfamiliar, ambiguity, scores, labels, order[:size], order[size:]))
+    failed = sum(d is None for d in draws)
+    draws = [d for d in draws if d is not None]
+    if not draws:
+        sys.exit(f"error: no draw of {size} calibration images supports {ambiguity}")
     alpha = getattr(unfamiliar, "alpha", None)
     _, thresholds = calibration.deployed()
     min_gap = calibration.min_gap()
     if FLAGS.max_error is not None:  # the point this max_error picks on all held-out images
-        min_gap = held(unfamiliar, ambiguity, scores, labels, np.arange(len(labels)),
-                       np.arange(len(labels)))["min_gap"]
+        everything = np.arange(len(labels))
+        picked = held(unfamiliar, ambiguity, scores, labels, everything, everything)
+        min_gap = None if picked is None else picked["min_gap"]
     label = FLAGS.label or pathlib.Path(FLAGS.run_dir).resolve().name
     folder = pathlib.Path(FLAGS.out) / kind()
     record = {
@@ -125,9 +134,11 @@ def main(argv):
         "held_out_accuracy": float((scores.argmax(1) == labels).mean()),
         "rules": {"unfamiliar": repr(unfamiliar), "ambiguous": repr(ambiguity)},
         "draws": FLAGS.draws, "calibration_images": size, "measured_images": len(labels) - size,
+        "draws_without_threshold": failed,
         "note": "held: the share of draws whose rate measured on the rest is within the bound; "
                 "the rest is finite, so its sampling noise counts against the promise, which "
-                "is on the true rate",
+                "is on the true rate. draws_without_threshold: calibration parts on which a "
+                "rule could not keep its promise (calibrate stops there); left out",
         "promises": {
             "unfamiliar": summary([d["unfamiliar"] for d in draws], alpha),
             "ambiguous": summary([d["error_on_accepted"] for d in draws], ambiguity.max_error)},

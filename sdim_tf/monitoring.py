@@ -138,11 +138,11 @@ class RejectionMonitor:
         result["seconds"] = round(time.perf_counter() - started, 3)
         return result
 
-    def _threshold(self, log_likelihoods: np.ndarray) -> tuple[float | None, float]:
+    def _threshold(self, class_scores: np.ndarray) -> tuple[float | None, float]:
         """(percentile or None, the shared threshold) on the held-out scores; -inf (none
         rejected) when the held-out images are too few for the rule's promise."""
         try:
-            chosen = self.rule.calibrate(log_likelihoods, self.held_out[1])
+            chosen = self.rule.calibrate(class_scores, self.held_out[1])
         except rules.CalibrationError:
             return None, -math.inf
         return chosen.record.get("percentile"), float(chosen.thresholds[0])
@@ -211,12 +211,12 @@ def _quality(scores: dict, labels: np.ndarray, outliers: list,
     """The shared threshold (percentile or None, value) on one score's [N, C] outputs of every
     image set."""
     labels = np.asarray(labels).reshape(-1)
-    log_likelihoods = scores["held_out"]
+    class_scores = scores["held_out"]
     percentile, value = threshold
-    thresholds = np.full(log_likelihoods.shape[1], value)
+    thresholds = np.full(class_scores.shape[1], value)
     top = {k: v.max(axis=1) for k, v in scores.items()}
     rejected = {k: _rejected(v, thresholds) for k, v in scores.items()}
-    result = {"accuracy": _accuracy(log_likelihoods, labels),
+    result = {"accuracy": _accuracy(class_scores, labels),
               **({} if percentile is None else {"percentile": float(percentile)}),
               "threshold": float(value),
               "rejected": _share(rejected["held_out"]),
@@ -239,15 +239,15 @@ def _quality(scores: dict, labels: np.ndarray, outliers: list,
     return result
 
 
-def _rejected(log_likelihoods: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+def _rejected(class_scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """The deployed rule (equation 9, `rejection.decide`)."""
-    if not len(log_likelihoods):
+    if not len(class_scores):
         return np.zeros(0, bool)
-    return rejection.decide(log_likelihoods, thresholds).rejected.numpy()
+    return rejection.decide(class_scores, thresholds).rejected.numpy()
 
 
-def _accuracy(log_likelihoods: np.ndarray, labels: np.ndarray) -> float:
-    return float((log_likelihoods.argmax(axis=1) == labels).mean()) if len(labels) else math.nan
+def _accuracy(class_scores: np.ndarray, labels: np.ndarray) -> float:
+    return float((class_scores.argmax(axis=1) == labels).mean()) if len(labels) else math.nan
 
 
 def _share(flags: np.ndarray) -> float:

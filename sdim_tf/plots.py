@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def class_histograms(in_ll: np.ndarray, in_labels: np.ndarray, ood_ll: np.ndarray,
+def class_histograms(in_scores: np.ndarray, in_labels: np.ndarray, ood_scores: np.ndarray,
                      thresholds: Sequence[float], class_names: Sequence[str],
                      path: str | os.PathLike, ood_name: str = "OOD",
                      score_name: str = "log p(x | y=c)",
@@ -28,8 +28,8 @@ def class_histograms(in_ll: np.ndarray, in_labels: np.ndarray, ood_ll: np.ndarra
         if c >= num:
             ax.axis("off")
             continue
-        inside = in_ll[in_labels == c, c]
-        outside = ood_ll[:, c]
+        inside = in_scores[in_labels == c, c]
+        outside = ood_scores[:, c]
         low = np.percentile(np.concatenate([inside, outside]), 1)
         high = max(inside.max(initial=-np.inf), outside.max(initial=-np.inf))
         bins = np.linspace(low, high, 40)

@@ -72,7 +72,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         {name: upstream[name].folder for name in ("ingest", "train", "calibrate")}))
     keep = _keeper(parts, {"seed": seed})
     test = keep("test", lambda: _scores(deployable, examples.dataset("test")))
-    test_ll, test_labels = test["scores"], test["labels"]
+    test_scores, test_labels = test["scores"], test["labels"]
     sdim = trained.kind == "sdim"
     kinds = metrics.SDIM_SCORES if sdim else metrics.DISCRIMINATIVE_SCORES
     report = {"dataset": dataset, "model": trained.kind,
@@ -83,33 +83,33 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
               "guarantee": deployed.get("guarantee"),
               "promises": calibration.promises(), "min_gap": calibration.min_gap(),
               "num_test": int(len(test_labels)),
-              "accuracy": float((test_ll.argmax(1) == test_labels).mean()),
-              "selective": {str(p): metrics.selective(test_ll, test_labels, v["thresholds"])
+              "accuracy": float((test_scores.argmax(1) == test_labels).mean()),
+              "selective": {str(p): metrics.selective(test_scores, test_labels, v["thresholds"])
                             for p, v in percentiles.items()},
               "ood": {},
-              "deployed": {"test": rejection.outcomes(deployable.decide(test_ll), test_labels),
+              "deployed": {"test": rejection.outcomes(deployable.decide(test_scores), test_labels),
                            "ood": {}}}
     sets, missing = ood_data.ood_sets(dataset, examples.image_shape, config.data.data_dir,
                                       seed)
     report["ood_unavailable"] = missing
     figures = []
     for name, images in sets.items():
-        ood_ll = keep(f"ood_{name}", functools.partial(
+        ood_scores = keep(f"ood_{name}", functools.partial(
             _scores, deployable, data.image_batches(images)))["scores"]
         report["ood"][name] = {
-            "num": int(len(ood_ll)),
+            "num": int(len(ood_scores)),
             "classwise_detection_rate": {
-                str(p): metrics.classwise_detection_rate(ood_ll, v["thresholds"])
+                str(p): metrics.classwise_detection_rate(ood_scores, v["thresholds"])
                 for p, v in percentiles.items()},
             "decision_rejection_rate": {
-                str(p): metrics.decision_rejection_rate(ood_ll, v["thresholds"])
+                str(p): metrics.decision_rejection_rate(ood_scores, v["thresholds"])
                 for p, v in percentiles.items()},
-            "separation": metrics.separation(test_ll, ood_ll, kinds)}
-        report["deployed"]["ood"][name] = rejection.outcomes(deployable.decide(ood_ll))
+            "separation": metrics.separation(test_scores, ood_scores, kinds)}
+        report["deployed"]["ood"][name] = rejection.outcomes(deployable.decide(ood_scores))
         if name in ood_data.OOD_PAIRS.get(dataset, []) or name == "uniform_noise":
             figure, drawn = f"histograms_{name}.png", calibration.deployed()[1]
-            plots.class_histograms(test_ll, test_labels, ood_ll, drawn, examples.class_names,
-                                   stage_dir / figure, ood_name=name,
+            plots.class_histograms(test_scores, test_labels, ood_scores, drawn,
+                                   examples.class_names, stage_dir / figure, ood_name=name,
                                    score_name=score_axis(score.name),
                                    threshold_name=f"deployed ({deployed['percentile']})")
             figures.append(figure)

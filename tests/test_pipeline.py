@@ -269,11 +269,14 @@ def test_config_errors():
     calibrate = PipelineConfig.from_flat().resolve().calibrate
     assert (calibrate.max_error, calibrate.unfamiliar_rule) == (0, "conformal")
     assert PipelineConfig.from_flat(dataset="image_folder").resolve().calibrate \
+        .unfamiliar_rule == "conformal"  # the held-out share of each class carries a budget
+    assert PipelineConfig.from_flat(reject_budget=0).resolve().calibrate \
         .unfamiliar_rule == "percentile"
     with pytest.raises(ConfigError, match=r"--max_error must lie in \[0, 1\)"):
         PipelineConfig.from_flat(max_error=1.5).resolve()
     with pytest.raises(ConfigError, match=r"--max_error=0.05 promises its error rate on "
-                       r"held-out images: pass --validation_split=N or --max_error=0"):
+                       r"held-out images: pass --validation_split=N, --validation_fraction or "
+                       r"--max_error=0"):
         PipelineConfig.from_flat(max_error=0.05, validation_split=0, reject_budget=0).resolve()
     with pytest.raises(ConfigError, match="--unfamiliar_rule=conformal needs --reject_budget"):
         PipelineConfig.from_flat(unfamiliar_rule="conformal", reject_budget=0).resolve()

@@ -77,7 +77,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     deployed = {"percentile": key, "rule": unfamiliar.name, "grouping": config.threshold_rule,
                 "guarantee": chosen.record["promise"] if "alpha" in chosen.record else None,
                 "promise": chosen.promise,
-                **{k: chosen.record.get(k) for k in ("alpha", "confidence", "n")},
+                **{k: chosen.record.get(k) for k in ("alpha", "confidence", "n", "asked")},
                 "unfamiliar": chosen.record,
                 "min_gap": min_gap, "ambiguity": None if gap is None else gap.record,
                 "held_out": coverage(class_scores, labels, chosen.thresholds, min_gap)}

@@ -96,8 +96,9 @@ class _Trained:
     def best(self):
         return self.model
 
-    def examples(self, split):
-        return {"trained": (0, 256), "held_out": (59000, 1000)}[split]
+    def selection(self, split):
+        skip, limit = {"trained": (0, 256), "held_out": (59000, 1000)}[split]
+        return {"skip": skip, "limit": limit}
 
 
 def test_a_registered_score_and_rule_are_used_by_name(registered, fashion_ingest, tmp_path):
@@ -138,6 +139,7 @@ def promised(tiny_run, tmp_path_factory):
     held_out = Run(run_dir).calibration.saved["deployed"]["held_out"]
     max_error = round(0.75 * (1 - held_out["accuracy_on_accepted"]), 3)
     changed = config.replace(run_dir=str(base / "run"), export_dir=str(base / "models"),
+                             export_subset=True,
                              max_error=max_error, shift_images=50,
                              stages=("calibrate", "evaluate", "export"))
     run.run(changed)

@@ -1,7 +1,9 @@
 """Ingest stage: the real Fashion-MNIST, your own folders (the streaming driver), broken
 inputs."""
 
+import builtins
 import csv
+import errno
 import hashlib
 import logging
 import os
@@ -233,9 +235,35 @@ def test_on_bad_file_fail_stops_at_a_decoding_failure(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "src"]
 
 
-def test_unreadable_file_is_skipped():
+def _deny(monkeypatch, secret):
+    """Reading `secret` fails with EACCES, as when its mode is 0 and the reader is not root:
+    in tf.io.read_file, os.open and open."""
+    def denied(path):
+        if os.fspath(path) == str(secret):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(secret))
+    real_read_file, real_os_open, real_open = tf.io.read_file, os.open, open
+
+    def read_file(filename, name=None):
+        allowed = tf.debugging.Assert(tf.not_equal(filename, str(secret)), [filename])
+        with tf.control_dependencies([allowed]):
+            return real_read_file(filename, name=name)
+
+    def os_open(path, *args, **kwargs):
+        denied(path)
+        return real_os_open(path, *args, **kwargs)
+
+    def builtin_open(path, *args, **kwargs):
+        denied(path)
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(tf.io, "read_file", read_file)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", builtin_open)
+
+
+def test_unreadable_file_is_skipped(monkeypatch):
     """A file its reader may not open. Permissions do not stop root: as root, the ingest
-    runs as nobody (a folder under /tmp, which nobody can reach)."""
+    runs as nobody (a folder under /tmp, which nobody can reach). Where no other user
+    exists (a user namespace such as Bazel's sandbox), opening the file is denied instead."""
     base = pathlib.Path(tempfile.mkdtemp())
     try:
         image_files.class_folders(base / "src", {"train": {"a": 2, "b": 3},
@@ -246,13 +274,18 @@ def test_unreadable_file_is_skipped():
         secret.chmod(0)
         as_nobody = os.geteuid() == 0
         if as_nobody:
-            os.seteuid(65534)
+            try:
+                os.seteuid(65534)
+            except OSError:  # EINVAL: uid 65534 is not mapped here
+                as_nobody = False
+                _deny(monkeypatch, secret)
         try:
             meta = ingest.ingest("image_folder", base / "out", str(base / "src"),
                                  progress=False)
         finally:
             if as_nobody:
                 os.seteuid(0)
+            monkeypatch.undo()
         with open(base / "out" / ingest.SKIPPED, newline="") as f:
             rows = [(r["path"], r["reason"]) for r in csv.DictReader(f)]
         assert rows == [(str(secret), "unreadable: Permission denied")]

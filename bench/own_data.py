@@ -7,7 +7,7 @@ The target per set: an exported model whose deployed rule rejects at most twice 
 the set's own test images, with test accuracy within 3 points of the baseline's; or a
 one-line refusal (`error: ...`, exit code 1).
 
-    python -m bench.own_data --sets=textures,shapes --work=/tmp/own_data
+    python -m bench.own_data --sets=shapes,textures --out=/tmp/own --work=/tmp/own_data
 
 `--equal_size=32` (the default) first brings every image of a set to one size and one
 colour mode (grey or RGB, what most of its images are), for an ingest that takes one size;
@@ -118,13 +118,11 @@ def verdict(sdim: dict, baseline: dict) -> dict:
             "accuracy_minus_baseline": round(-gap, 4)}
 
 
+# --sets, --out (where the sets are made), --per_class and --seed are bench.own_datasets'.
 FLAGS = flags.FLAGS
-flags.DEFINE_list("sets", ["textures", "shapes"], f"Sets among {', '.join(own_datasets.SETS)}.")
-flags.DEFINE_string("work", "/tmp/own_data", "Folder for the sets, runs and exports.")
-flags.DEFINE_integer("per_class", None, "Training images per class (default per set).")
+flags.DEFINE_string("work", "/tmp/own_data", "Folder for the runs and exports.")
 flags.DEFINE_integer("equal_size", 32, "Side every image is brought to (0: as made).")
-flags.DEFINE_integer("seed", 0, "Seed of the sets.")
-flags.DEFINE_string("out", None, "Results folder (default bench/results).")
+flags.DEFINE_string("results", None, "Results folder (default bench/results).")
 
 
 def main(argv):
@@ -137,7 +135,8 @@ def main(argv):
               "versions": artifacts.package_versions(), "sets": {}}
     for name in FLAGS.sets:
         kwargs = {"per_class": FLAGS.per_class} if FLAGS.per_class else {}
-        folder = own_datasets.SETS[name](work / "sets" / name, seed=FLAGS.seed, **kwargs)
+        folder = own_datasets.SETS[name](pathlib.Path(FLAGS.out) / name, seed=FLAGS.seed,
+                                         **kwargs)
         mode = None
         if FLAGS.equal_size:
             mode = equal_size(folder, work / "equal" / name, FLAGS.equal_size)
@@ -157,7 +156,7 @@ def main(argv):
                                 "mode": mode, **runs,
                                 "verdict": verdict(runs["sdim"], runs["discriminative"])}
         print(name, record["sets"][name]["verdict"], flush=True)
-    out = machine.results_path("own_data", FLAGS.out)
+    out = machine.results_path("own_data", FLAGS.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(out, record)
     print(f"wrote {out}")

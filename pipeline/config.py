@@ -25,23 +25,35 @@ from sdim_tf import (
     mutual_info,
     precision,
     rejection,
+    robust,
+    rules,
+    scores,
     serving,
 )
 
 MODELS = ("sdim", "discriminative")
 DISTRIBUTE = ("auto", "one_device", "mirrored", "multi_worker")
 LR_SCHEDULES = ("constant", "cosine")
-SCORES = ("model", "feature_density")
-THRESHOLD_RULES = ("per_class", "shared")
+SCORES = scores.SCORES.names()
+THRESHOLD_RULES = rules.GROUPINGS
+UNFAMILIAR_RULES, AMBIGUITY_RULES = (rules.names(r) for r in (rejection.UNFAMILIAR,
+                                                              rejection.AMBIGUOUS))
+# The calibrate flag that sets a score's or rule's setting when the flag is not named after
+# the setting (the rules' by kind of refusal); the other settings keep their defaults.
+SCORE_FLAGS = {"layers": "density_layers", "split": "density_split"}
+RULE_FLAGS = {rejection.UNFAMILIAR: {"alpha": "reject_budget", "confidence": "reject_confidence",
+                                     "grouping": "threshold_rule",
+                                     "percentile": "export_percentile"},
+              rejection.AMBIGUOUS: {"confidence": "max_error_confidence"}}
 # The paper's ResNet10 on MNIST and Fashion-MNIST, ResNet26 on CIFAR10/SVHN (section 5),
 # calibrated on the last 5000 training images. Image folders, of unknown size and in class
 # order, hold out a share of each class instead; the budget's promise is the strongest their
 # held-out images support (calibrate: conformal.attainable).
 PRESETS = {name: {"n": n, "validation_split": 5000, "validation_fraction": 0.0,
-                  "reject_budget": 0.04} for name, n in (
+                  "reject_budget": 0.04, "max_error": 0} for name, n in (
     ("mnist", 1), ("fashion_mnist", 1), ("cifar10", 3), ("svhn_cropped", 3))}
 PRESETS["image_folder"] = {"n": 1, "validation_split": 0, "validation_fraction": 0.2,
-                           "reject_budget": 0.04}
+                           "reject_budget": 0.04, "max_error": 0}
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # --validation_fraction holds out at least this many images of a class (half of a class of
 # fewer than twice as many), so that small folders still calibrate on every class.
@@ -54,6 +66,7 @@ class DataConfig(Section):
     data_dir: Optional[str] = option(None, "Folder holding <dataset>/train-images-idx3-ubyte.gz "
                                      "etc. (or <dataset>/train/<class>/ images); default: "
                                      "$SDIM_DATA_DIR, then tfds.")
+    folder: data.FolderOptions = library(data.FolderOptions, data.FolderOptions.helps())
 
     def validate(self) -> None:
         try:
@@ -81,6 +94,22 @@ class ModelConfig(Section):
                                    "training images (not in the paper; 0: off).")
     outlier_margin: float = option(10.0, "Margin K per dimension of the outlier-margin term, "
                                    "below the true class of the mosaic's first image.")
+    robust: robust.RobustTraining = library(robust.RobustTraining, {
+        "epsilon": "Adversarial training: L-inf budget of the examples each training step makes "
+                   "against the model's class scores (not in the paper; 0: off).",
+        "attack": ("pgd: PGD from a random start; fgsm: one step of 1.25 epsilon from a random "
+                   "start (fast).", robust.ATTACKS),
+        "steps": "PGD steps of --robust_attack=pgd.",
+        "step_size": "Step of the training attack; default 2.5 epsilon / steps (pgd), 1.25 "
+                     "epsilon (fgsm).",
+        "mode": ("classify: the supervised losses on the adversarial examples; reject: their "
+                 "best class score --robust_margin per dimension below the clean true class, so "
+                 "the threshold refuses them; both.", robust.MODES),
+        "weight": "Weight of the adversarial terms.",
+        "margin": "Margin K per dimension of the reject term.",
+        "clean": "Keep the clean batch in the loss beside its adversarial examples; "
+                 "--norobust_clean: these alone in its place (Madry et al.; about one pass "
+                 "cheaper; --robust_mode=classify only)."}, prefix="robust_")
 
     def checks(self) -> list:
         return [(self.n >= 1, f"--n must be >= 1, got {self.n}"),
@@ -89,7 +118,10 @@ class ModelConfig(Section):
                  f"--outlier_weight must be >= 0, got {self.outlier_weight}"),
                 (self.outlier_weight == 0 or self.model == "sdim",
                  f"--outlier_weight={self.outlier_weight:g} needs --model=sdim (the term is on "
-                 "its class-conditional log-likelihoods)")]
+                 "its class-conditional log-likelihoods)"),
+                (not self.robust.enabled or self.model == "sdim",
+                 f"--robust_epsilon={self.robust.epsilon:g} needs --model=sdim (its terms are on "
+                 "the class-conditional log-likelihoods)")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,15 +235,21 @@ def per_class_held_out(labels: np.ndarray, fraction: float, seed: int) -> np.nda
 
 @dataclasses.dataclass(frozen=True)
 class CalibrateConfig(Section):
-    score: str = option("feature_density", "Rejection score: the model's own output (SDIM: "
-                        "log p(x|c), the paper's) or feature_density (tied Gaussians on encoder "
-                        "layers, fitted after training; see docs/results.md).", SCORES)
+    score: str = option("feature_density", "Rejection score (sdim_tf.scores): the model's own "
+                        "output (SDIM: log p(x|c), the paper's) or feature_density (tied "
+                        "Gaussians on encoder layers, fitted after training; see "
+                        "docs/results.md).", SCORES)
     density_layers: tuple[str, ...] = option(
         density.DEFAULT_LAYERS, f"Encoder layers of --score=feature_density, among "
         f"{', '.join(density.LAYERS)}.")
     density_split: bool = option(density.DEFAULT_SPLIT, "--score=feature_density: score each "
                                  "layer as two standardised terms, within the span of the class "
                                  "means and outside it (sdim_tf.density), instead of one.")
+    unfamiliar_rule: Optional[str] = option(
+        None, "The deployed thresholds on the score (sdim_tf.rules): conformal (at most "
+        "--reject_budget of new images refused) or percentile (--export_percentile, no "
+        "promise); default conformal when --reject_budget > 0, else percentile.",
+        UNFAMILIAR_RULES)
     threshold_rule: Optional[str] = option(
         None, "Thresholds per class (the paper's) or one shared by all classes; default shared "
         "for --score=feature_density, else per_class.", THRESHOLD_RULES)
@@ -224,7 +262,16 @@ class CalibrateConfig(Section):
     reject_confidence: float = option(0.95, "Confidence of the --reject_budget guarantee over "
                                       "the draw of the held-out images (0: on average only).")
     export_percentile: float = option(1, "The calibrated percentile whose thresholds the "
-                                      "SavedModel applies when --reject_budget=0.")
+                                      "SavedModel applies under --unfamiliar_rule=percentile.")
+    max_error: Optional[float] = option(
+        None, "Also refuse, as ambiguous, the answers whose gap between the two best class "
+        "scores is below a threshold chosen so that at most this share of the accepted answers "
+        "are wrong (selective classification with guaranteed risk; needs --validation_split: "
+        "half the held-out images choose each threshold); default 0 (off).")
+    max_error_confidence: float = option(0.95, "Confidence of the --max_error promise over the "
+                                         "draw of the held-out images.")
+    ambiguity_rule: str = option("ambiguous", "The rule of the second refusal under "
+                                 "--max_error (sdim_tf.rules).", AMBIGUITY_RULES)
 
     def checks(self) -> list:
         return [(len(self.density_layers) > 0 and not set(self.density_layers) - set(
@@ -236,9 +283,47 @@ class CalibrateConfig(Section):
                  f"--reject_budget must lie in [0, 1), got {self.reject_budget}"),
                 (0 <= self.reject_confidence < 1,
                  f"--reject_confidence must lie in [0, 1), got {self.reject_confidence}"),
-                (self.reject_budget > 0 or self.export_percentile in self.percentiles,
+                (self.unfamiliar_rule != "conformal" or self.reject_budget > 0,
+                 "--unfamiliar_rule=conformal needs --reject_budget > 0"),
+                (self.unfamiliar_rule != "percentile"
+                 or self.export_percentile in self.percentiles,
                  f"--export_percentile={self.export_percentile:g} is not among --percentiles "
-                 f"{list(self.percentiles)}")]
+                 f"{list(self.percentiles)}"),
+                (0 <= self.max_error < 1, f"--max_error must lie in [0, 1), got "
+                 f"{self.max_error}"),
+                (0 < self.max_error_confidence < 1, f"--max_error_confidence must lie in "
+                 f"(0, 1), got {self.max_error_confidence}"),
+                self._built()]
+
+    def _built(self) -> tuple[bool, str]:
+        """The check that the score and rules accept their settings from the flags."""
+        try:
+            self.scoring(), self.refusal_rules()
+        except ValueError as e:
+            return False, f"--score={self.score}, --unfamiliar_rule={self.unfamiliar_rule}: {e}"
+        return True, ""
+
+    def scoring(self) -> scores.Score:
+        """The --score, with its settings from the flags."""
+        return _build(scores.get(self.score), SCORE_FLAGS, self.flat())
+
+    def refusal_rules(self) -> tuple[rules.Rule, rules.Rule | None]:
+        """(the unfamiliar rule, the ambiguity rule or None without --max_error), with their
+        settings from the flags."""
+        values = {**self.flat(), "reject_confidence": self.reject_confidence or None}
+        unfamiliar = _build(rules.get(self.unfamiliar_rule), RULE_FLAGS[rejection.UNFAMILIAR],
+                            values)
+        ambiguity = _build(rules.get(self.ambiguity_rule), RULE_FLAGS[rejection.AMBIGUOUS],
+                           values) if self.max_error else None
+        return unfamiliar, ambiguity
+
+
+def _build(cls, flag_names: dict, values: dict):
+    """`cls` with each of its settings read from the flag `flag_names` gives for it, else from
+    the flag of its own name, if any."""
+    settings = {f.name: values[flag_names.get(f.name, f.name)] for f in dataclasses.fields(cls)
+                if flag_names.get(f.name, f.name) in values}
+    return cls(**settings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,10 +477,12 @@ class PipelineConfig(Section):
         c.data.validate()
         c = c.replace(**{k: v for k, v in PRESETS[c.data.dataset].items() if c.flat()[k] is None})
         cal = c.calibrate
-        cal = dataclasses.replace(cal, percentiles=tuple(map(rejection.percentile_key,
-                                                             cal.percentiles)),
-                                  threshold_rule=cal.threshold_rule or (
-                                      "shared" if cal.score == "feature_density" else "per_class"))
+        cal = dataclasses.replace(
+            cal, percentiles=tuple(map(rejection.percentile_key, cal.percentiles)),
+            threshold_rule=cal.threshold_rule or getattr(
+                scores.SCORES.classes.get(cal.score), "default_grouping", None),
+            unfamiliar_rule=cal.unfamiliar_rule or (
+                "conformal" if cal.reject_budget else "percentile"))
         watch = Watch(cal.reject_budget or 0.04, cal.reject_confidence or None,
                       cal.density_layers, cal.density_split)
         run_dir = c.run_dir or os.path.join("runs", f"{c.data.dataset}-{c.model.model}")
@@ -407,7 +494,10 @@ class PipelineConfig(Section):
         for name in ("model", "train", "calibrate", "evaluate", "export", "attack"):
             getattr(c, name).validate()
         t, budget, confidence = c.train, cal.reject_budget, cal.reject_confidence
-        check([(t.batch_size >= (2 if c.model.model == "sdim" else 1),  # negatives pair images
+        check([(not cal.max_error or t.holds_out, f"--max_error={cal.max_error:g} "
+                "promises its error rate on held-out images: pass --validation_split=N, "
+                "--validation_fraction or --max_error=0"),
+               (t.batch_size >= (2 if c.model.model == "sdim" else 1),  # negatives pair images
                  f"--batch_size must be >= 2 for SDIM, got {t.batch_size}"),
                 (not budget or t.holds_out, f"--reject_budget={budget:g} promises its "
                  f"rate on held-out images: pass --validation_split=N (at least "

@@ -340,7 +340,7 @@ def test_an_edited_thresholds_file_is_named_downstream_and_not_exported(downstre
     ("export", lambda d: _flip(d / "train" / TrainedModel.BEST, 1000),
      r"train/checkpoints/best\.keras changed since train wrote it"),
     # the fitted density read by evaluate
-    ("evaluate", lambda d: _flip(d / "calibrate" / Calibration.DENSITY, 2000),
+    ("evaluate", lambda d: _flip(d / "calibrate" / "density.npz", 2000),
      r"calibrate/density\.npz changed since calibrate wrote it"),
 ])
 def test_a_corrupted_upstream_artifact_is_named(downstream, tmp_path, stage, corrupt, message):

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import sdim_tf
-from pipeline.stages import evaluate, export
 from sdim_tf import density, scores
 
 
@@ -27,11 +26,11 @@ def test_registry_and_the_words_of_todays_reports():
         scores.get("energy")
     model_score, density_score = scores.ModelScore(), scores.FeatureDensityScore(
         layers=["quad3", "head"], split=True)
-    saved = {"density_layers": ["quad3", "head"], "density_split": True}
-    assert model_score.description == export.SCORE_TEXT["model"](saved)
-    assert density_score.description == export.SCORE_TEXT["feature_density"](saved)
-    assert model_score.report_note == evaluate.SCORES["model"]
-    assert density_score.report_note == evaluate.SCORES["feature_density"]
+    assert model_score.description == ("the predicted class's output of the model (SDIM: "
+                                       "log p(x|c))")
+    assert density_score.description == (
+        "the predicted class's summed standardised tied-Gaussian score on the encoder layers "
+        "quad3, head (split terms) (sdim_tf.density; output class_scores)")
     assert (model_score.default_grouping, density_score.default_grouping) == (
         "per_class", "shared")
     assert scores.get("feature_density")(**density_score.settings()) == density_score

@@ -25,9 +25,9 @@ PER_GROUP = 6
 TEST_IMAGES, OOD_IMAGES = 2000, 500
 
 
-def _caption(names, logits, threshold, label=None) -> str:
+def _caption(names, logits, threshold, label=None, reason="") -> str:
     c = int(np.argmax(logits))
-    verdict = "accepted" if logits[c] >= threshold[c] else "rejected"
+    verdict = f"rejected ({reason})" if reason else "accepted"
     truth = "" if label is None else f" (true: {names[label]})"
     return f"{names[c]}{truth}\nscore {logits[c]:.1f} / thr {threshold[c]:.1f}\n{verdict}"
 
@@ -68,9 +68,11 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         predicted = pool_logits[chosen].argmax(1)
         maps = {m: explain.attribution_maps(view, pool[chosen], predicted, m, block,
                                             seed=seed) for m in explain.METHODS}
+        reasons = deployable.decide(pool_logits[chosen]).reasons().numpy()
         captions = [_caption(names, pool_logits[i], thresholds,
-                             None if pool_labels is None else int(pool_labels[i]))
-                    for i in chosen]
+                             None if pool_labels is None else int(pool_labels[i]),
+                             reason.decode()) for i, reason in zip(chosen, reasons,
+                                                                   strict=True)]
         figure = f"maps_{group}.png"
         plots.attribution_grid(pool[chosen], maps, captions, stage_dir / figure,
                                title=f"{title}: maps of the predicted class's score")
@@ -81,11 +83,9 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     z = explain.representations(model, images)
     ood_z = explain.representations(model, ood)
     project, ratios = explain.pca(z)
-    means = None
-    if "z" in getattr(model, "layer_names", ()):  # the fitted means of the density
-        means = project(model.density_scores.means["z"].numpy())
-    elif hasattr(model, "class_conditional"):
-        means = project(np.asarray(model.class_conditional.means))
+    # whatever the score, the classes' mean z over these test images
+    means = project(np.stack([z[labels == c].mean(0) if (labels == c).any()
+                              else np.full(z.shape[1], np.nan) for c in range(len(names))]))
     plots.representation_scatter(
         project(z), labels, names, stage_dir / REPRESENTATIONS_PNG, means=means,
         ood=project(ood_z), ood_name=ood_name,

@@ -27,7 +27,7 @@ from scipy import stats
 from pipeline import artifacts, faults
 from pipeline.config import ConfigError, subset_refusal
 from pipeline.run_dir import ExportRecord, rejecting_classifier
-from sdim_tf import data, publish, serving
+from sdim_tf import data, publish, rejection, serving
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 # The gate's one-sided binomial tests on the test images: refused when the accuracy is not
@@ -59,14 +59,27 @@ def warmup_records(model_name: str, images: np.ndarray) -> bytes:
     return content
 
 
-SCORE_TEXT = {
-    "model": lambda saved: "the predicted class's output of the model (SDIM: log p(x|c))",
-    "feature_density": lambda saved: (
-        "the predicted class's summed standardised tied-Gaussian score on the encoder layers "
-        f"{', '.join(saved['density_layers'])}"
-        f"{' (split terms)' if saved.get('density_split') else ''} (sdim_tf.density; output "
-        "class_scores)"),
-}
+def rejection_card(calibration) -> dict:
+    """The model card's "rejection": the score, and per refusal its rule, thresholds and
+    promise in words (None: it promises nothing), with what both cost on held-out images."""
+    saved, deployed = calibration.saved, calibration.saved["deployed"]
+    promises = calibration.promises()
+    ambiguity = deployed.get("ambiguity")
+    return {"score": calibration.score.description,
+            "percentile": deployed["percentile"], "percentile_rule": deployed["rule"],
+            "guarantee": promises[rejection.UNFAMILIAR],
+            "thresholds": saved["percentiles"][deployed["percentile"]]["thresholds"],
+            "min_gap": calibration.min_gap(),
+            "refusals": {
+                rejection.UNFAMILIAR: {"rule": deployed["rule"],
+                                       "grouping": deployed.get("grouping"),
+                                       "promise": promises[rejection.UNFAMILIAR]},
+                rejection.AMBIGUOUS: None if ambiguity is None else {
+                    "rule": ambiguity["rule"], "min_gap": calibration.min_gap(),
+                    "max_error": ambiguity.get("max_error"),
+                    "confidence": ambiguity.get("confidence"),
+                    "promise": promises[rejection.AMBIGUOUS]}},
+            "held_out": deployed.get("held_out")}
 
 
 def model_name(examples, kind: str) -> str:
@@ -118,8 +131,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     if refusal:
         raise ConfigError(refusal)
     shape = examples.image_shape
-    saved = calibration.saved  # the deployed percentile is calibrate's choice
-    key = saved["deployed"]["percentile"]
+    saved = calibration.saved  # the deployed refusals are calibrate's choice
     report = upstream["evaluate"].report()
     blessing = gate(report, saved, examples.num_classes)
     if blessing["failures"]:
@@ -138,11 +150,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                                      f"{shape[-1]}] in [0, 1]",
                   "classify_raw": f"uint8 [batch, {shape[0]}, {shape[1]}, {shape[-1]}]",
                   "classify_encoded": "string [batch] of PNG/JPEG bytes"},
-        "rejection": {"score": SCORE_TEXT.get(saved.get("score"), SCORE_TEXT["model"])(saved),
-                      "percentile": key, "percentile_rule": saved["deployed"]["rule"],
-                      "guarantee": saved["deployed"].get("guarantee"),
-                      "thresholds": saved["percentiles"][key]["thresholds"],
-                      "density_fit": saved.get("density_fit")},
+        "rejection": {**rejection_card(calibration), "density_fit": saved.get("density_fit")},
         "gate": {**blessing, "forced": bool(blessing["failures"])},
         "limits": {**dataclasses.asdict(module.limits), "meaning": serving.Limits.__doc__},
         "reasons": serving.REASONS,

@@ -27,13 +27,24 @@ from pipeline import artifacts, checkpoints, faults
 from pipeline.checkpoints import TrainingError
 from pipeline.config import ModelConfig, TrainConfig, selection_size
 from pipeline.run_dir import TrainedModel
-from sdim_tf import conformal, data, monitoring, outlier_proxies, precision
+from sdim_tf import (
+    conformal,
+    data,
+    monitoring,
+    outlier_proxies,
+    overfitting_guard,
+    precision,
+    robust,
+)
 
 # Per-epoch watching, within ~5% of an epoch (history.csv: test_seconds, monitor_seconds):
 # test accuracy on the first TEST_SUBSET test images (all of them after the last epoch), and
 # the deployed-style rejection quality (sdim_tf.monitoring) on held-out images.
 TEST_SUBSET = 1000
 MONITOR_FIT, MONITOR_HELD_OUT, MONITOR_OUTLIERS = 2000, 1000, 250
+# With adversarial training: FGSM and PGD-10 accuracy on the first GUARD_IMAGES held-out
+# images each epoch (sdim_tf.overfitting_guard), about 2% of an MNIST epoch.
+GUARD_IMAGES, GUARD_COLUMNS = 256, ("robust/fgsm_accuracy", "robust/pgd_accuracy")
 PART_CLASSES = 4  # outlier_proxies.part_partners' classes per part outlier
 
 
@@ -86,7 +97,7 @@ def build_model(config: ModelConfig, training: TrainConfig, num_classes: int, ch
             critic=config.critic, alpha=config.alpha, beta=config.beta, gamma=config.gamma,
             margin=config.margin, mi_bound=config.mi_bound,
             log_scale_floor=config.log_scale_floor, outlier_weight=config.outlier_weight,
-            outlier_margin=config.outlier_margin)
+            outlier_margin=config.outlier_margin, robust=config.robust.to_config())
     else:
         model = sdim_tf.DiscriminativeClassifier(num_classes, input_shape, n=config.n)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(training, steps_per_epoch)))
@@ -183,13 +194,15 @@ def _first(selection: dict, count: int) -> dict:
 
 def collapse(history: list[dict], logs: dict, num_classes: int) -> str | None:
     """Why training diverged though its loss stayed finite, or None: a model that had learned
-    (train accuracy >= 0.5 in some epoch) falling to at most twice chance in this one."""
+    (train accuracy >= 0.5, and >= 0.75 for two classes, in some epoch) falling to at most
+    twice chance, or halfway back to chance if that is lower (two classes), in this one."""
     if "accuracy" not in logs:
         return None
+    chance = 1.0 / num_classes
     best = max(history, key=lambda row: row.get("accuracy", 0.0), default=None)
-    if best is None or best.get("accuracy", 0.0) < 0.5:
+    if best is None or best.get("accuracy", 0.0) < max(0.5, 1.5 * chance):
         return None
-    if logs["accuracy"] > 2.0 / num_classes:
+    if logs["accuracy"] > min(2.0 * chance, (chance + best["accuracy"]) / 2):
         return None
     return (f"train accuracy {logs['accuracy']:.3f} against {best['accuracy']:.3f} in epoch "
             f"{best['epoch']} (loss {logs.get('loss')})")
@@ -202,6 +215,40 @@ def _watch(monitor: monitoring.RejectionMonitor | None) -> dict:
     quality = monitor()
     return {f"monitor/{k}": round(v, 6) for k, v in monitoring.flat(quality).items()
             if "/outlier_" not in k and k != "seconds"}
+
+
+def _guard(settings: robust.RobustTraining, seed: int, model, watched: dict | None,
+           history: list[dict]) -> overfitting_guard.OverfittingGuard | None:
+    """The catastrophic-overfitting guard of an adversarially trained run with held-out
+    images (None otherwise), its history carried over from the epochs already trained."""
+    if not settings.enabled or watched is None:
+        return None
+    images, labels = (a[:GUARD_IMAGES] for a in watched["held_out"])
+    guard = overfitting_guard.OverfittingGuard(model, images, labels, settings.epsilon,
+                                               seed=seed)
+    guard.history = [overfitting_guard.Measurement(*(row[k] for k in GUARD_COLUMNS))
+                     for row in history if all(k in row for k in GUARD_COLUMNS)]
+    return guard
+
+
+def _check_guard(guard, settings: robust.RobustTraining, epoch: int,
+                 trained: TrainedModel) -> dict:
+    """This epoch's guard columns; raises TrainingError on a collapse where the adversarial
+    examples are to be classified (--robust_mode=reject only logs it: there they need not
+    be)."""
+    if guard is None:
+        return {}
+    measured, why = guard.check()
+    if why and settings.classifies:
+        raise TrainingError(
+            f"catastrophic overfitting in epoch {epoch} ({why}, epsilon "
+            f"{settings.epsilon:g}); the last good checkpoint (epoch {epoch - 1}) is kept "
+            f"in {trained.last_path}; train afresh (--force) with --robust_attack=pgd, or "
+            "a smaller --robust_step_size")
+    if why:
+        logging.warning("train: epoch %d: %s", epoch, why)
+    return dict(zip(GUARD_COLUMNS, (round(measured.fgsm_accuracy, 6),
+                                    round(measured.pgd_accuracy, 6)), strict=True))
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
@@ -263,6 +310,7 @@ class _Loop:
     batch: int
     steps: int
     hardware: precision.Hardware
+    robust: robust.RobustTraining
     held_out: dict | None = None
 
     def __post_init__(self):
@@ -271,6 +319,8 @@ class _Loop:
                                self.held_out) if self.chief else None
         self.monitor = monitoring.RejectionMonitor(self.model, **watched) if watched else None
         self.predict = class_predictor(self.model)
+        self.guard = _guard(self.robust, self.training.seed, self.model, watched,
+                            self.state["history"])
         self.options = tf.data.Options()
         self.options.experimental_distribute.auto_shard_policy = \
             tf.data.experimental.AutoShardPolicy.DATA
@@ -307,6 +357,7 @@ class _Loop:
                 "resumes from it and may diverge again, a lower --learning_rate (or "
                 "--outlier_weight) starts afresh")
         row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()}}
+        row.update(_check_guard(self.guard, self.robust, epoch, self.trained))
         if self.training.lr_schedule != "constant":  # the rate the next step would take
             row["learning_rate"] = float(self.model.optimizer.learning_rate)
         self.measure(epoch, row)
@@ -391,11 +442,13 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
     state["examples"] = {"trained": TrainedModel.state_examples(trained_images),
                          "held_out": TrainedModel.state_examples(held_out)}
     state["epochs"] = training.epochs  # planned: names the length a scheduled run needs
+    if model_config.robust.enabled:
+        state["robust"] = model_config.robust.to_config()
     logging.info("train: %s, %d trainable parameters, strategy %s with %d replica(s)",
                  type(model).__name__, model.trainable_parameter_count(),
                  type(strategy).__name__, strategy.num_replicas_in_sync)
     loop = _Loop(training, trained, examples, model, strategy, state, chief, trained_images,
-                 batch, steps, hardware, held_out)
+                 batch, steps, hardware, model_config.robust, held_out)
     if training.epochs == 0 and chief and state["epoch"] == 0:
         loop.untrained()
     for epoch in range(state["epoch"] + 1, training.epochs + 1):

@@ -9,9 +9,9 @@ one-line refusal (`error: ...`, exit code 1).
 
     python -m bench.own_data --sets=shapes,textures --out=/tmp/own --work=/tmp/own_data
 
-`--equal_size=32` (the default) first brings every image of a set to one size and one
-colour mode (grey or RGB, what most of its images are), for an ingest that takes one size;
-0 gives the sets as made. Writes bench/results/<machine kind>/own_data.json.
+The sets are given as made (mixed sizes, modes and formats, as ingest takes them);
+`--equal_size=N` first brings every image of a set to N x N and one colour mode (grey or
+RGB, what most of its images are). Writes bench/results/<machine kind>/own_data.json.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def verdict(sdim: dict, baseline: dict) -> dict:
 # --sets, --out (where the sets are made), --per_class and --seed are bench.own_datasets'.
 FLAGS = flags.FLAGS
 flags.DEFINE_string("work", "/tmp/own_data", "Folder for the runs and exports.")
-flags.DEFINE_integer("equal_size", 32, "Side every image is brought to (0: as made).")
+flags.DEFINE_integer("equal_size", 0, "Side every image is brought to (0: as made).")
 flags.DEFINE_string("results", None, "Results folder (default bench/results).")
 
 
@@ -156,10 +156,10 @@ def main(argv):
                                 "mode": mode, **runs,
                                 "verdict": verdict(runs["sdim"], runs["discriminative"])}
         print(name, record["sets"][name]["verdict"], flush=True)
-    out = machine.results_path("own_data", FLAGS.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    artifacts.write_json(out, record)
-    print(f"wrote {out}")
+        out = machine.results_path("own_data", FLAGS.results)  # after each set
+        out.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(out, record)
+        print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

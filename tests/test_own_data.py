@@ -190,9 +190,10 @@ def test_held_out_per_class_and_the_promise_they_support(folder_run):
     deployed = saved["deployed"]
     # 18 held-out images: on average, at 1/19 (the lowest held-out score is the threshold)
     assert (deployed["alpha"], deployed["confidence"]) == (pytest.approx(1 / 19), None)
-    assert deployed["asked"] == {"alpha": 0.04, "confidence": 0.95}
+    assert deployed["unfamiliar"]["asked"] == {"alpha": 0.04, "confidence": 0.95}
     scores, _ = view.deployable().class_scores(view.examples.dataset("train", indices=held))
-    assert saved["percentiles"]["conformal"]["thresholds"] == pytest.approx(
+    # (stored under a percentile whose table holds the same thresholds)
+    assert saved["percentiles"][deployed["percentile"]]["thresholds"] == pytest.approx(
         [scores.max(1).min()] * 3, rel=1e-6)
     for layer, record in saved["density_fit"]["covariance"].items():
         assert record["images"] == 72 and record["covariance"] == "oas", layer
@@ -272,8 +273,9 @@ def test_one_class_is_refused_before_training(tmp_path):
     folder = make_folder(tmp_path / "one", classes=("checker",), train=10, test=3)
     config = PipelineConfig.from_flat(dataset="image_folder", data_dir=str(folder),
                                       run_dir=str(tmp_path / "run"), stages=("ingest", "train"))
-    with pytest.raises(data.DataError, match=r"^image_folder: 1 class \(checker\); a classifier "
-                                             r"needs at least 2: add a folder of images per "
+    with pytest.raises(data.DataError, match=r"1 class \('checker'\); a classifier needs at "
+                                             r"least 2: add a folder \(or manifest label\) per "
                                              r"class$"):
         run.run(config)
-    assert not (tmp_path / "run" / "train" / artifacts.MANIFEST).exists()
+    assert not (tmp_path / "run" / "ingest" / artifacts.MANIFEST).exists()
+    assert not (tmp_path / "run" / "train").exists()

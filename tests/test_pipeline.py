@@ -269,7 +269,7 @@ def test_config_errors():
     calibrate = PipelineConfig.from_flat().resolve().calibrate
     assert (calibrate.max_error, calibrate.unfamiliar_rule) == (0, "conformal")
     assert PipelineConfig.from_flat(dataset="image_folder").resolve().calibrate \
-        .unfamiliar_rule == "percentile"
+        .unfamiliar_rule == "conformal"  # on the held-out share of each class
     with pytest.raises(ConfigError, match=r"--max_error must lie in \[0, 1\)"):
         PipelineConfig.from_flat(max_error=1.5).resolve()
     with pytest.raises(ConfigError, match=r"--max_error=0.05 promises its error rate on "

@@ -273,7 +273,8 @@ def test_config_errors():
     with pytest.raises(ConfigError, match=r"--max_error must lie in \[0, 1\)"):
         PipelineConfig.from_flat(max_error=1.5).resolve()
     with pytest.raises(ConfigError, match=r"--max_error=0.05 promises its error rate on "
-                       r"held-out images: pass --validation_split=N or --max_error=0"):
+                       r"held-out images: pass --validation_split=N, --validation_fraction "
+                       r"or --max_error=0"):
         PipelineConfig.from_flat(max_error=0.05, validation_split=0, reject_budget=0).resolve()
     with pytest.raises(ConfigError, match="--unfamiliar_rule=conformal needs --reject_budget"):
         PipelineConfig.from_flat(unfamiliar_rule="conformal", reject_budget=0).resolve()

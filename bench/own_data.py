@@ -7,11 +7,11 @@ The target per set: an exported model whose deployed rule rejects at most twice 
 the set's own test images, with test accuracy within 3 points of the baseline's; or a
 one-line refusal (`error: ...`, exit code 1).
 
-    python -m bench.own_data --sets=textures,shapes --work=/tmp/own_data
+    python -m bench.own_data --sets=shapes,textures --out=/tmp/own --work=/tmp/own_data
 
-`--equal_size=32` (the default) first brings every image of a set to one size and one
-colour mode (grey or RGB, what most of its images are), for an ingest that takes one size;
-0 gives the sets as made. Writes bench/results/<machine kind>/own_data.json.
+The sets are given as made (mixed sizes, modes and formats, as ingest takes them);
+`--equal_size=N` first brings every image of a set to N x N and one colour mode (grey or
+RGB, what most of its images are). Writes bench/results/<machine kind>/own_data.json.
 """
 
 from __future__ import annotations
@@ -118,13 +118,11 @@ def verdict(sdim: dict, baseline: dict) -> dict:
             "accuracy_minus_baseline": round(-gap, 4)}
 
 
+# --sets, --out (where the sets are made), --per_class and --seed are bench.own_datasets'.
 FLAGS = flags.FLAGS
-flags.DEFINE_list("sets", ["textures", "shapes"], f"Sets among {', '.join(own_datasets.SETS)}.")
-flags.DEFINE_string("work", "/tmp/own_data", "Folder for the sets, runs and exports.")
-flags.DEFINE_integer("per_class", None, "Training images per class (default per set).")
-flags.DEFINE_integer("equal_size", 32, "Side every image is brought to (0: as made).")
-flags.DEFINE_integer("seed", 0, "Seed of the sets.")
-flags.DEFINE_string("out", None, "Results folder (default bench/results).")
+flags.DEFINE_string("work", "/tmp/own_data", "Folder for the runs and exports.")
+flags.DEFINE_integer("equal_size", 0, "Side every image is brought to (0: as made).")
+flags.DEFINE_string("results", None, "Results folder (default bench/results).")
 
 
 def main(argv):
@@ -137,7 +135,8 @@ def main(argv):
               "versions": artifacts.package_versions(), "sets": {}}
     for name in FLAGS.sets:
         kwargs = {"per_class": FLAGS.per_class} if FLAGS.per_class else {}
-        folder = own_datasets.SETS[name](work / "sets" / name, seed=FLAGS.seed, **kwargs)
+        folder = own_datasets.SETS[name](pathlib.Path(FLAGS.out) / name, seed=FLAGS.seed,
+                                         **kwargs)
         mode = None
         if FLAGS.equal_size:
             mode = equal_size(folder, work / "equal" / name, FLAGS.equal_size)
@@ -157,10 +156,10 @@ def main(argv):
                                 "mode": mode, **runs,
                                 "verdict": verdict(runs["sdim"], runs["discriminative"])}
         print(name, record["sets"][name]["verdict"], flush=True)
-    out = machine.results_path("own_data", FLAGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    artifacts.write_json(out, record)
-    print(f"wrote {out}")
+        out = machine.results_path("own_data", FLAGS.results)  # after each set
+        out.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(out, record)
+        print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def test_held_out_per_class_and_the_promise_they_support(folder_run):
     deployed = saved["deployed"]
     # 18 held-out images: on average, at 1/19 (the lowest held-out score is the threshold)
     assert (deployed["alpha"], deployed["confidence"]) == (pytest.approx(1 / 19), None)
-    assert deployed["asked"] == {"alpha": 0.04, "confidence": 0.95}
+    assert deployed["unfamiliar"]["asked"] == {"alpha": 0.04, "confidence": 0.95}
     scores, _ = view.deployable().class_scores(view.examples.dataset("train", indices=held))
     assert saved["percentiles"][deployed["percentile"]]["thresholds"] == pytest.approx(
         [scores.max(1).min()] * 3, rel=1e-6)
@@ -276,4 +276,5 @@ def test_one_class_is_refused_before_training(tmp_path):
                                              r"needs at least 2: add a folder \(or manifest "
                                              r"label\) per class$"):
         run.run(config)
-    assert not (tmp_path / "run" / "train" / artifacts.MANIFEST).exists()
+    assert not (tmp_path / "run" / "ingest" / artifacts.MANIFEST).exists()
+    assert not (tmp_path / "run" / "train").exists()

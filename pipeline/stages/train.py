@@ -410,10 +410,6 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
         tf.config.experimental.enable_op_determinism()
     strategy = make_strategy(training.distribute)
     chief = is_chief(strategy)
-    if examples.num_classes < 2:
-        raise data.DataError(f"{examples.dataset_name}: {examples.num_classes} class "
-                             f"({', '.join(examples.class_names)}); a classifier needs at "
-                             "least 2: add a folder of images per class")
     num_examples = examples.num_examples("train")
     trained_images, held_out = training.split_examples(num_examples,
                                                        lambda: examples.labels("train"))

@@ -212,7 +212,7 @@ def _cli(*args, cwd):
 def test_cli_end_to_end(tmp_path, model):
     flags = _stream(np.random.default_rng(11), [(ALPHA, 3000), (3 * ALPHA, 3000)])
     csv = _write_csv(tmp_path / "predictions.csv", flags)
-    done = _cli("--model", model, "--version=1", "--out", tmp_path / "monitor.json", csv,
+    done = _cli("--model_dir", model, "--version=1", "--out", tmp_path / "monitor.json", csv,
                 cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "monitor.json").read_text())
@@ -284,7 +284,7 @@ def test_cli_inputs_and_errors(tmp_path, model):
         ((str(model), 1, None, 2.0, 1e4, [str(empty)]), "no rows"),
         ((str(model), 1, None, 2.0, 1e4, [str(tmp_path / "none.csv")]), "cannot read"),
         ((str(model), None, None, 2.0, 1e4, [str(csv)]), "no guarantee.*--reject_budget"),
-        ((None, None, None, 2.0, 1e4, [str(csv)]), "--model is required"),
+        ((None, None, None, 2.0, 1e4, [str(csv)]), "--model_dir is required"),
         ((str(model), 3, None, 2.0, 1e4, [str(csv)]), "no version 3; found 1, 2"),
         ((str(tmp_path / "nowhere"), None, None, 2.0, 1e4, [str(csv)]), "no such folder"),
         ((str(model), 1, None, 1.0, 1e4, [str(csv)]), "shift must be > 1"),

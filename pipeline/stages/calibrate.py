@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import pathlib
 
-import keras
 import numpy as np
 from absl import logging
 
+from pipeline import console
 from pipeline.config import ConfigError
 from pipeline.run_dir import Calibration
 from sdim_tf import budget_rules, conformal, density, rejection
@@ -110,8 +110,9 @@ def fit_density(model, config, examples, trained: tuple[int, int]) -> density.Fe
     logging.info("calibrate: fitting tied Gaussians on %s%s over %d training images",
                  ", ".join(config.density_layers), " (split terms)" if config.density_split
                  else "", limit)
-    bar = keras.utils.Progbar(limit, unit_name="image")
-    fitted = scorer.fit_features(examples.dataset("train", skip, limit), progress=bar.update)
+    with console.Progress("calibrate: density fit", limit, "image") as bar:
+        fitted = scorer.fit_features(examples.dataset("train", skip, limit),
+                                     progress=bar.update)
     dims = scorer.density_scores.dims
     thin = [f"{name} ({d}-d)" for name, d in dims.items() if fitted < 2 * d]
     if thin:

@@ -1,7 +1,7 @@
 """Explain: why test and OOD images were accepted or rejected, and what the model learned.
 
-Saliency, SmoothGrad and GradCAM++ maps (tf-keras-vis) of the predicted class's
-log-likelihood for accepted test images, rejected test images and rejected OOD images; a
+Saliency, SmoothGrad and GradCAM++ maps (tf-keras-vis) of the predicted class's score
+(the deployed one) for accepted test images, rejected test images and rejected OOD images; a
 PCA picture of the representations z with the class means and OOD points; training curves.
 Thresholds are those the export applies (calibrate's deployed percentile).
 """
@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from pipeline import artifacts
+from pipeline import artifacts, summary
 from pipeline.run_dir import rejecting_classifier
 from sdim_tf import data, explain, ood_data, plots
 
@@ -22,6 +22,8 @@ CURVES_PNG, REPRESENTATIONS_PNG = "training_curves.png", "representations.png"
 GROUPS = {"accepted": "accepted test images", "rejected": "rejected test images",
           "ood": "rejected OOD images"}
 PER_GROUP = 6
+SCORES = {"model": "the network's own output, for SDIM log p(x|c)",
+          "feature_density": "the tied Gaussians' class score on encoder layers"}
 TEST_IMAGES, OOD_IMAGES = 2000, 500
 
 
@@ -32,6 +34,24 @@ def _caption(names, logits, threshold, label=None) -> str:
     return f"{names[c]}{truth}\nscore {logits[c]:.1f} / thr {threshold[c]:.1f}\n{verdict}"
 
 
+def class_means(model, z: np.ndarray, labels: np.ndarray, num_classes: int
+                ) -> tuple[np.ndarray, str]:
+    """([num_classes, d] class means in the space of z, what they are): the fitted density's
+    on z, else SDIM's class-conditional Gaussians', else the mean z of each class's images
+    in `z` (NaN for a class without any)."""
+    base = getattr(model, "classifier", model)
+    if "z" in getattr(model, "layer_names", ()):
+        return model.density_scores.means["z"].numpy(), "the fitted density's means on z"
+    if hasattr(base, "class_conditional"):
+        return (np.asarray(base.class_conditional.means),
+                "the means of SDIM's class-conditional Gaussians")
+    means = np.full((num_classes, z.shape[1]), np.nan)
+    for c in range(num_classes):
+        if (labels == c).any():
+            means[c] = z[labels == c].mean(0)
+    return means, "the mean of the class's test images shown"
+
+
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     examples, trained = upstream["ingest"], upstream["train"]
     dataset, seed = config.data.dataset, trained.seed
@@ -39,6 +59,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     deployable = rejecting_classifier(examples, trained, upstream["calibrate"])
     model = deployable.model
     percentile, thresholds = upstream["calibrate"].deployed()
+    score = SCORES.get(upstream["calibrate"].score, upstream["calibrate"].score)
     images, labels = examples.arrays("test", limit=TEST_IMAGES)
     logits = model.predict(images, batch_size=500, verbose=0).astype(np.float64)
     rejected = deployable.decide(logits).rejected.numpy()
@@ -81,37 +102,36 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     z = explain.representations(model, images)
     ood_z = explain.representations(model, ood)
     project, ratios = explain.pca(z)
-    means = None
-    if "z" in getattr(model, "layer_names", ()):  # the fitted means of the density
-        means = project(model.density_scores.means["z"].numpy())
-    elif hasattr(model, "class_conditional"):
-        means = project(np.asarray(model.class_conditional.means))
+    means, which = class_means(model, z, labels, len(names))
     plots.representation_scatter(
-        project(z), labels, names, stage_dir / REPRESENTATIONS_PNG, means=means,
+        project(z), labels, names, stage_dir / REPRESENTATIONS_PNG, means=project(means),
         ood=project(ood_z), ood_name=ood_name,
         axis_labels=[f"PC {i + 1} ({100 * r:.1f}% of variance)" for i, r in enumerate(ratios)])
     rows = trained.history()
     plots.training_curves(rows, stage_dir / CURVES_PNG)
     outputs += [REPRESENTATIONS_PNG, CURVES_PNG]
 
-    last = rows[-1] if rows else {}
+    epochs = f"{len(rows)} epoch{'s' * (len(rows) != 1)}"
+    trained_text = (f"{epochs}; the last: {summary.epoch_line(rows[-1], len(rows))}." if rows
+                    else "No epoch: the untrained network (--epochs=0).")
     text = [f"# Explanations: {dataset} ({trained.kind})", "",
             f"Thresholds: {percentile} (what the export "
             f"applies). Of the first {len(images)} test images the rule rejects "
             f"{100 * rejected.mean():.1f}%; of {len(ood)} {ood_name} images "
             f"{100 * ood_rejected.mean():.1f}%.", "",
-            "Each map shows which pixels move the predicted class's log-likelihood: Saliency "
+            f"Each map shows which pixels move the predicted class's score ({score}): Saliency "
             "(|gradient|), SmoothGrad (gradients averaged over noisy copies) and GradCAM++ "
             f"(on the last residual block, `{block}`), each scaled to [0, 1] per image.", "",
             *sections,
             "## Representations", "",
             f"PCA of z for {len(images)} test images (the two axes explain "
-            f"{100 * ratios.sum():.1f}% of the variance), class means as stars, "
-            f"{len(ood)} {ood_name} images as black crosses.", "",
+            f"{100 * ratios.sum():.1f}% of the variance), each class's mean as a star "
+            f"({which}), {len(ood)} {ood_name} images as black crosses.", "",
             f"![representations]({REPRESENTATIONS_PNG})", "",
             "## Training", "",
-            f"{len(rows)} epochs; last: " + ", ".join(
-                f"{k} {v:.4g}" for k, v in last.items() if k != "epoch"), "",
+            trained_text + " Losses, the network's own accuracy (train, and test on the "
+            "first 1000 test images) and the rejection watched each epoch on held-out images "
+            "(history.csv):", "",
             f"![training curves]({CURVES_PNG})", ""]
     artifacts.write_text(stage_dir / EXPLAIN_MD, "\n".join(text))
     return [EXPLAIN_MD, *outputs]

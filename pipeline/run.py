@@ -255,7 +255,8 @@ console.define_flags(module_name=_MAIN_MODULE)
 def help_text() -> str:
     verbose = flags.text_wrap(f"--[no]verbose: {console.VERBOSE_HELP} (default: 'false')",
                               indent="      ", firstline_indent="  ")
-    return (__doc__.strip() + "\n" + sections.help_text(PipelineConfig, HELP_GROUPS) + "\n"
+    return (__doc__.strip() + "\n\nMost runs set only --dataset, --data_dir, --epochs, "
+            "--run_dir and --export_dir.\n" + sections.help_text(PipelineConfig, HELP_GROUPS) + "\n"
             + verbose + "\n\nThe attack stage's flags (--attack*): --helpfull.")
 
 

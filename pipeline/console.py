@@ -133,7 +133,8 @@ def setup(verbose: bool) -> None:
 
     handler = absl_logging.get_absl_handler()
     handler.setFormatter(ShortFormatter())
-    handler.addFilter(OwnLines(_project_folders()))
+    if not any(isinstance(f, OwnLines) for f in handler.filters):
+        handler.addFilter(OwnLines(_project_folders()))
     # TensorFlow's own handler (added when it loaded before absl's) would print them again.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 

@@ -288,11 +288,11 @@ def main(argv):
     started = time.time()
     try:
         run_dir = run(config_from_flags())
+        print(closing(run_dir, time.time() - started))
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: rerun the same command to resume")
-    print(closing(run_dir, time.time() - started))
 
 
 if __name__ == "__main__":

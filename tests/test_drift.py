@@ -241,15 +241,15 @@ def test_cli_errors_are_one_line_and_exit_code_1(tmp_path, model, monkeypatch, c
             (model, csv, "no guarantee (exported with --reject_budget=0)"),  # newest: v2
             (model / "1", no_column, "no `rejected` column (columns: path, class_name")):
         monkeypatch.setattr(monitor, "FLAGS", types.SimpleNamespace(
-            model=str(model_flag), version=None, reject_budget=None, shift=2.0, arl0=1e4,
-            out=None))
+            model_dir=str(model_flag), version=None, reject_budget=None, shift=2.0,
+            arl0=1e4, out=None, verbose=False))
         with pytest.raises(SystemExit) as exited:
             monitor.main(["monitor", str(path)])
         text = str(exited.value.code)  # a string: Python prints it to stderr, exit code 1
         assert text.startswith("error: ") and message in text and "\n" not in text
     monkeypatch.setattr(monitor, "FLAGS", types.SimpleNamespace(
-        model=str(model), version=None, reject_budget=0.04, shift=2.0, arl0=1e4,
-        out=str(tmp_path / "o.json")))
+        model_dir=str(model), version=None, reject_budget=0.04, shift=2.0, arl0=1e4,
+        out=str(tmp_path / "o.json"), verbose=False))
     monitor.main(["monitor", str(csv)])  # no alarm: returns, exit code 0
     assert "alarm: no" in capsys.readouterr().out
     assert json.loads((tmp_path / "o.json").read_text())["alarm"] is False

@@ -87,10 +87,10 @@ def test_the_closing_lines_and_the_run_readme_lead_with_the_figures(tiny_run):
     assert readme[2:4] == ["| figure | value |", "|---|---|"]
     assert readme[4:4 + len(figures)] == [f"| {k} | {v} |" for k, v in figures.items()]
     assert readme[5 + len(figures)] == (
-        f"Command: `python -m pipeline.run --dataset=fashion_mnist --epochs=2 "
-        f"--batch_size=128 --lr_schedule=constant --train_limit=1024 "
-        f"--data_dir={config.data.data_dir} --shift_images=200 "
-        f"--export_dir={config.export.export_dir} --run_dir={run_dir}`")
+        f"Command: `python -m pipeline.run --dataset=fashion_mnist "
+        f"--data_dir={config.data.data_dir} --epochs=2 --lr_schedule=constant "
+        f"--train_limit=1024 --shift_images=200 --export_dir={config.export.export_dir} "
+        f"--run_dir={run_dir}`")
 
 
 def test_best_checkpoint_gives_the_logged_test_accuracy(tiny_run, data_dir):

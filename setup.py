@@ -24,13 +24,18 @@ setup(
         "tensorboard>=2.20",  # TF 2.21 no longer installs it; Keras' TensorBoard callback needs it
         "tensorflow-serving-api>=2.21,<2.22",
         "numpy",
+        "Pillow",  # image headers of your own folders (sdim_tf.data.images)
         "scipy",
         "tqdm",  # pipeline.predict's progress bar
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "Pillow", "adversarial-robustness-toolbox>=1.18",
-                 "hypothesis>=6.100"],  # bench/fuzz_signatures.py
+                 "hypothesis>=6.100",  # bench/fuzz_signatures.py
+                 "apache-beam[tfrecord]>=2.78", "google-crc32c"],  # tests/test_ingest_beam.py
         "attacks": ["adversarial-robustness-toolbox>=1.18"],
+        # The Beam ingest driver (sdim_tf.data.beam); [tfrecord] brings the CRC32C library
+        # WriteToTFRecord needs, google-crc32c its fast implementation.
+        "beam": ["apache-beam[tfrecord]>=2.78", "google-crc32c"],
         # CUDA and cuDNN wheels for TensorFlow on Linux GPUs (not tested here: no GPU).
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     },

@@ -70,10 +70,11 @@ def held_out_figures(run_dir: pathlib.Path) -> dict:
     training = PipelineConfig.from_flat(dataset=FLAGS.dataset,
                                         seed=int(FLAGS.seeds[0])).resolve().train
     examples = Examples(run_dir / "ingest")
-    _, num_train = training.train_examples(examples.num_examples("train"))
+    selections = training.split_examples(examples.num_examples("train"),
+                                         lambda: examples.labels("train"))
     model = keras.models.load_model(run_dir / "train" / TrainedModel.BEST, compile=False)
     quality = monitoring.rejection_quality(model, **train.monitor_data(training, examples,
-                                                                          num_train))
+                                                                          *selections))
     keras.backend.clear_session()
     return {k: round(v, 6) for k, v in monitoring.flat(quality).items() if k != "seconds"}
 

@@ -34,13 +34,13 @@ from bench.checkpoints import (
     in_epoch_order,
 )
 from bench.machine import machine
-from sdim_tf import budget_rules, density, monitoring
+from sdim_tf import density, monitoring, rejection, rules
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Glob of the per-epoch .keras checkpoints "
                     "(epoch_<k>.keras); measured in epoch order.")
 flags.DEFINE_string("out", "bench/results/epoch_curves.json", "Where the JSON goes.")
-flags.DEFINE_enum("rule", "conformal", list(budget_rules.RULES),
+flags.DEFINE_enum("rule", "conformal", list(rules.names(rejection.UNFAMILIAR)),
                   "The shared threshold: split conformal as deployed, or the budget percentile.")
 flags.DEFINE_float("reject_confidence", 0.95, "Confidence of the conformal threshold.")
 define_data_flags(held_out_images=5000)

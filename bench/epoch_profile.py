@@ -18,7 +18,7 @@ from absl import app, flags
 
 from bench import machine
 from pipeline import artifacts
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, selection_size
 from pipeline.run_dir import Run
 
 PROFILED = ("train_seconds", "step_ms_median", "test_seconds", "monitor_seconds",
@@ -61,9 +61,12 @@ def _steps(view: Run) -> int | None:
         return None
     trained = view.model.manifest()["config"]
     training = PipelineConfig.from_flat(**{k: trained[k] for k in (
-        "validation_split", "train_limit", "batch_size")}).train
-    _, limit = training.train_examples(view.examples.num_examples("train"))
-    return limit // training.batch_size
+        "validation_split", "validation_fraction", "train_limit", "batch_size")
+        if k in trained}).train
+    selection, _ = training.split_examples(view.examples.num_examples("train"),
+                                           lambda: view.examples.labels("train"))
+    limit = selection_size(selection)
+    return limit // training.batch(limit)
 
 
 def main(argv):

@@ -65,12 +65,11 @@ VALID = frozenset({"", "unfamiliar", "ambiguous"})  # a row decided on its conte
 MAX_SECONDS, LATENCY_BATCH = 2.0, 64  # no request of at most 64 images may take longer
 RSS_BUDGET_MIB = 512
 # README, "Serving the exported model": output -> (rank, dtype); rank 2 is [N, C].
-OUTPUTS = {"class_scores": (2, np.float32), "log_likelihoods": (2, np.float32),
-           "probabilities": (2, np.float32), "class_ids": (1, np.int64),
+OUTPUTS = {"class_scores": (2, np.float32), "probabilities": (2, np.float32),
+           "class_ids": (1, np.int64), "class_name": (1, np.object_),
            "score": (1, np.float32), "threshold": (1, np.float32),
            "gap": (1, np.float32), "min_gap": (1, np.float32),
-           "max_log_likelihood": (1, np.float32), "rejected": (1, np.bool_),
-           "reason": (1, np.object_)}
+           "rejected": (1, np.bool_), "reason": (1, np.object_)}
 # A refusal's message class: the first pattern its text (without the "[Op:...]" suffix,
 # which names the signature whatever the error) matches. None of them: the message names
 # no problem, a failure.
@@ -100,6 +99,7 @@ class Spec:
     max_image_bytes: int
     max_image_side: int
     thresholds: tuple[float, ...]
+    class_names: tuple[str, ...]
     channels: int
     source_size: tuple[int, int]
     image_size: int
@@ -112,7 +112,9 @@ class Spec:
         from sdim_tf import data, encoded, serving
 
         return cls(reasons=frozenset(serving.REASONS), thresholds=tuple(
-            float(t) for t in module.thresholds.numpy()), channels=module.channels,
+            float(t) for t in module.thresholds.numpy()), class_names=tuple(
+                module.class_names or map(str, range(module.num_classes))),
+            channels=module.channels,
             source_size=tuple(module.source_size), image_size=data.IMAGE_SIZE,
             jpeg_scan_bytes=encoded.JPEG_SCAN_BYTES,
             jpeg_max_segments=encoded.JPEG_MAX_SEGMENTS,
@@ -125,6 +127,7 @@ class Spec:
     def from_json(cls, obj: dict) -> Spec:
         return cls(**{**obj, "reasons": frozenset(obj["reasons"]),
                       "thresholds": tuple(obj["thresholds"]),
+                      "class_names": tuple(obj["class_names"]),
                       "source_size": tuple(obj["source_size"])})
 
 
@@ -300,9 +303,14 @@ def check(request: Request, outcome: Outcome, spec: Spec) -> list[str]:
         problems.append(f"{len(wrong)} rows with an unexpected reason, e.g. row {i}: "
                         f"{reason[i]!r} not in {sorted(rows[i])}")
     scores = out["class_scores"]
-    if invalid.any():  # README: refused rows come back with scores and log-likelihoods -inf
+    names = np.array([str(n) for n in spec.class_names], object)
+    named = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in out["class_name"]],
+                     object)
+    if ((out["class_ids"] < 0) | (out["class_ids"] >= c)).any() or not np.array_equal(
+            named, names[np.clip(out["class_ids"], 0, c - 1)]):
+        problems.append("class_name is not the name of class_ids")
+    if invalid.any():  # docs/serving.md: refused rows come back with scores -inf
         refused = (np.isneginf(scores[invalid]).all() and np.isneginf(out["score"][invalid]).all()
-                   and np.isneginf(out["log_likelihoods"][invalid]).all()
                    and np.isneginf(out["gap"][invalid]).all()
                    and not out["probabilities"][invalid].any())
         if not refused:
@@ -322,8 +330,12 @@ def check(request: Request, outcome: Outcome, spec: Spec) -> list[str]:
                       np.sort(scores[valid], 1)[:, -2:], axis=1)[:, 0]))):
             problems.append("class_ids/score/threshold/gap disagree with class_scores and "
                             "the deployed thresholds")
-        if not np.allclose(out["probabilities"][valid].sum(1), 1.0, atol=1e-4):
+        probabilities = out["probabilities"][valid]
+        if not np.allclose(probabilities.sum(1), 1.0, atol=1e-4):
             problems.append("a valid row's probabilities do not sum to 1")
+        elif not np.array_equal(probabilities[np.arange(len(ids)), np.clip(ids, 0, c - 1)],
+                                probabilities.max(1)):
+            problems.append("probabilities peak at another class than class_ids")
     return problems
 
 

@@ -1,6 +1,7 @@
 """Throughput of `pipeline.predict` on a folder of real test images written as PNG files.
 
-    python -m bench.predict_speed --model_dir=saved_models/sdim_fashion_mnist [--files=10000]
+    python -m bench.predict_speed \
+        --model_dir=runs/fashion_mnist-sdim/saved_models/fashion_mnist [--files=10000]
 
 Times, in one process: loading the SavedModel, classifying the files (reading, batching,
 `classify_encoded`), and writing the CSVs and the report (contact sheets with saliency).

@@ -34,6 +34,16 @@ def figures(run_dir: str | pathlib.Path) -> dict:
         out["mnist_auroc"] = 100 * mnist["separation"][top]["auroc"]
     for name, ood in report["ood"].items():
         out[f"ood_rejected/{name}"] = 100 * ood["decision_rejection_rate"][deployed]
+    both = report.get("deployed")  # both refusals, where the run has an ambiguity threshold
+    if both and report.get("min_gap") is not None:
+        test = both["test"]
+        out.update(test_rejected=100 * test["rejected"],
+                   test_ambiguous=100 * test["ambiguous"],
+                   accuracy_on_accepted=100 * test["accuracy_on_accepted"])
+        for name, ood in both["ood"].items():
+            out[f"ood_rejected/{name}"] = 100 * ood["rejected"]
+        if "mnist" in both["ood"]:
+            out["mnist_rejected"] = out["ood_rejected/mnist"]
     shifts = report.get("shifts")
     if shifts:
         out["clean_silent_error"] = 100 * shifts["clean"]["silent_error"]

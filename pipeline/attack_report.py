@@ -57,12 +57,16 @@ def markdown(report: dict, names) -> str:
     s = report["settings"]
     lines = [f"# Adversarial evaluation: {report['dataset']} ({report['model']}, score "
              f"{report['score']})", "",
-             "An adversarial example is *detected* when the deployed rule (equation 9) rejects "
-             "it, and an *undetected success* when it is misclassified and accepted. The "
+             "An adversarial example is *detected* when the deployed rule (equation 9, and the "
+             "gap between the two best class scores when an ambiguity threshold is deployed) "
+             "rejects it, and an *undetected success* when it is misclassified and accepted "
+             "(it passes both thresholds). The "
              "attacked set: the first test images the deployed model classifies correctly "
              "and accepts (the paper: the first 1000 correctly classified test images). "
              f"Budgets ε are {BUDGETS}. The paper's numbers are for MNIST and CIFAR10.", "",
-             f"Deployed thresholds: {report['deployed']['percentile']}. "
+             f"Deployed thresholds: {report['deployed']['percentile']}"
+             + (f", min_gap {report['deployed']['min_gap']:.4g}"
+                if report["deployed"].get("min_gap") is not None else "") + ". "
              + _clean_line(report), "",
              "Settings (every cap): " + ", ".join(f"{k}={v}" for k, v in s.items()), ""]
     lines += _curve_lines(report)
@@ -138,7 +142,7 @@ def _cw_lines(report: dict, names) -> list[str]:
              "paper CIFAR10 |",
              "|---|---|---|" + "---|" * len(percentiles) + "---|---|---|---|"]
     for kappa, v in report["cw_l2"].items():
-        paper = PAPER_CW.get(float(kappa)) if report["score"] == "model" or float(kappa) == 0 \
+        paper = PAPER_CW.get(float(kappa)) if report["paper_score"] or float(kappa) == 0 \
             else None
         cells = (f"{paper[0]:.2f}% / {paper[1]:.2f}% / {paper[2]:.2f}% | "
                  f"{paper[3]:.2f}% / {paper[4]:.2f}% / {paper[5]:.2f}%") if paper else "— | —"

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+from collections.abc import Callable
 from typing import Optional
+
+import numpy as np
 
 from pipeline import sections
 from pipeline.sections import ConfigError, Section, check, derived, library, option
@@ -21,19 +25,39 @@ from sdim_tf import (
     mutual_info,
     precision,
     rejection,
+    robust,
+    rules,
+    scores,
     serving,
 )
 
 MODELS = ("sdim", "discriminative")
 DISTRIBUTE = ("auto", "one_device", "mirrored", "multi_worker")
 LR_SCHEDULES = ("constant", "cosine")
-SCORES = ("model", "feature_density")
-THRESHOLD_RULES = ("per_class", "shared")
-# The paper's ResNet10 on MNIST and Fashion-MNIST, ResNet26 on CIFAR10/SVHN (section 5);
-# image folders' size is unknown: nothing held out, no budget.
-PRESETS = {name: {"n": n, "validation_split": 5000, "reject_budget": 0.04} for name, n in (
+SCORES = scores.SCORES.names()
+THRESHOLD_RULES = rules.GROUPINGS
+UNFAMILIAR_RULES, AMBIGUITY_RULES = (rules.names(r) for r in (rejection.UNFAMILIAR,
+                                                              rejection.AMBIGUOUS))
+# The calibrate flag that sets a score's or rule's setting when the flag is not named after
+# the setting (the rules' by kind of refusal); the other settings keep their defaults.
+SCORE_FLAGS = {"layers": "density_layers", "split": "density_split"}
+RULE_FLAGS = {rejection.UNFAMILIAR: {"alpha": "reject_budget", "confidence": "reject_confidence",
+                                     "grouping": "threshold_rule",
+                                     "percentile": "export_percentile"},
+              rejection.AMBIGUOUS: {"confidence": "max_error_confidence"}}
+# The paper's ResNet10 on MNIST and Fashion-MNIST, ResNet26 on CIFAR10/SVHN (section 5),
+# calibrated on the last 5000 training images. Image folders, of unknown size and in class
+# order, hold out a share of each class instead; the budget's promise is the strongest their
+# held-out images support (calibrate: conformal.attainable).
+PRESETS = {name: {"n": n, "validation_split": 5000, "validation_fraction": 0.0,
+                  "reject_budget": 0.04, "max_error": 0} for name, n in (
     ("mnist", 1), ("fashion_mnist", 1), ("cifar10", 3), ("svhn_cropped", 3))}
-PRESETS["image_folder"] = {"n": 1, "validation_split": 0, "reject_budget": 0}
+PRESETS["image_folder"] = {"n": 1, "validation_split": 0, "validation_fraction": 0.2,
+                           "reject_budget": 0.04, "max_error": 0}
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# --validation_fraction holds out at least this many images of a class (half of a class of
+# fewer than twice as many), so that small folders still calibrate on every class.
+HELD_OUT_MIN = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +66,7 @@ class DataConfig(Section):
     data_dir: Optional[str] = option(None, "Folder holding <dataset>/train-images-idx3-ubyte.gz "
                                      "etc. (or <dataset>/train/<class>/ images); default: "
                                      "$SDIM_DATA_DIR, then tfds.")
+    folder: data.FolderOptions = library(data.FolderOptions, data.FolderOptions.helps())
 
     def validate(self) -> None:
         try:
@@ -69,6 +94,22 @@ class ModelConfig(Section):
                                    "training images (not in the paper; 0: off).")
     outlier_margin: float = option(10.0, "Margin K per dimension of the outlier-margin term, "
                                    "below the true class of the mosaic's first image.")
+    robust: robust.RobustTraining = library(robust.RobustTraining, {
+        "epsilon": "Adversarial training: L-inf budget of the examples each training step makes "
+                   "against the model's class scores (not in the paper; 0: off).",
+        "attack": ("pgd: PGD from a random start; fgsm: one step of 1.25 epsilon from a random "
+                   "start (fast).", robust.ATTACKS),
+        "steps": "PGD steps of --robust_attack=pgd.",
+        "step_size": "Step of the training attack; default 2.5 epsilon / steps (pgd), 1.25 "
+                     "epsilon (fgsm).",
+        "mode": ("classify: the supervised losses on the adversarial examples; reject: their "
+                 "best class score --robust_margin per dimension below the clean true class, so "
+                 "the threshold refuses them; both.", robust.MODES),
+        "weight": "Weight of the adversarial terms.",
+        "margin": "Margin K per dimension of the reject term.",
+        "clean": "Keep the clean batch in the loss beside its adversarial examples; "
+                 "--norobust_clean: these alone in its place (Madry et al.; about one pass "
+                 "cheaper; --robust_mode=classify only)."}, prefix="robust_")
 
     def checks(self) -> list:
         return [(self.n >= 1, f"--n must be >= 1, got {self.n}"),
@@ -77,7 +118,10 @@ class ModelConfig(Section):
                  f"--outlier_weight must be >= 0, got {self.outlier_weight}"),
                 (self.outlier_weight == 0 or self.model == "sdim",
                  f"--outlier_weight={self.outlier_weight:g} needs --model=sdim (the term is on "
-                 "its class-conditional log-likelihoods)")]
+                 "its class-conditional log-likelihoods)"),
+                (not self.robust.enabled or self.model == "sdim",
+                 f"--robust_epsilon={self.robust.epsilon:g} needs --model=sdim (its terms are on "
+                 "the class-conditional log-likelihoods)")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +145,17 @@ class TrainConfig(Section):
                               "docs/results.md); constant: the paper's.", LR_SCHEDULES)
     seed: int = option(0, "Random seed (weights, shuffling, augmentation; the later stages' "
                        "outliers, maps and attacks).")
-    train_limit: Optional[int] = option(None, "Train on the first N training examples (smoke "
-                                        "runs).")
+    train_limit: Optional[int] = option(None, "Train on N of the training examples (smoke "
+                                        "runs): the first N, or N drawn with --seed under "
+                                        "--validation_fraction.")
     validation_split: Optional[int] = option(
         None, "Hold out the last N training images for calibration; default per dataset "
-        "(5000; 0 for image_folder). 0: calibrate on the training images, as the paper.")
+        "(5000; 0 for image_folder). 0: calibrate on the training images, as the paper, "
+        "unless --validation_fraction.")
+    validation_fraction: Optional[float] = option(
+        None, "Hold out this share of each class's training images for calibration (at "
+        f"least {HELD_OUT_MIN} per class, drawn with --seed) instead of the last N; default "
+        "per dataset (0.2 for image_folder, whose images come in class order; else 0).")
     distribute: str = option("auto", "auto: MirroredStrategy on >1 GPU, "
                              "MultiWorkerMirroredStrategy when TF_CONFIG names several workers, "
                              "else the default strategy.", DISTRIBUTE, key=False)
@@ -124,37 +174,82 @@ class TrainConfig(Section):
                  f"--epochs must be >= 0 (0: the untrained network), got {self.epochs}"),
                 (self.learning_rate > 0,
                  f"--learning_rate must be > 0, got {self.learning_rate}"),
-                (self.train_limit is None or self.train_limit >= self.batch_size,
-                 f"--train_limit={self.train_limit} is smaller than one batch "
-                 f"(--batch_size={self.batch_size})"),
+                (self.train_limit is None or self.train_limit >= 2,
+                 f"--train_limit must be >= 2, got {self.train_limit}"),
                 (self.validation_split >= 0,
-                 f"--validation_split must be >= 0, got {self.validation_split}")]
+                 f"--validation_split must be >= 0, got {self.validation_split}"),
+                (0 <= self.validation_fraction < 1,
+                 f"--validation_fraction must lie in [0, 1), got {self.validation_fraction}"),
+                (not (self.validation_split and self.validation_fraction),
+                 f"--validation_split={self.validation_split} and --validation_fraction="
+                 f"{self.validation_fraction:g} both hold images out; set one to 0")]
 
-    def train_examples(self, num_train: int) -> tuple[int, int]:
-        """(skip, limit) of the training examples the model trains on."""
-        available = num_train - self.validation_split
-        if available < self.batch_size:
-            raise ConfigError(f"--validation_split={self.validation_split} leaves {available} "
-                              f"training images, less than one batch")
-        return 0, min(available, self.train_limit or available)
+    @property
+    def holds_out(self) -> bool:
+        return bool(self.validation_split or self.validation_fraction)
 
-    def held_out(self, num_train: int) -> tuple[int, int] | None:
-        """(skip, limit) of the held-out images, None without --validation_split."""
+    def split_examples(self, num_train: int, labels: Callable[[], np.ndarray]
+                       ) -> tuple[dict, dict | None]:
+        """(the images the model trains on, those held out for calibration or None), each an
+        `Examples.dataset` selection of the training split: {"skip", "limit"} or {"indices"}
+        (sorted positions). `labels()`: the training labels in file order, read for
+        --validation_fraction only."""
+        if self.validation_fraction:
+            held = per_class_held_out(labels(), self.validation_fraction, self.seed)
+            trained = np.setdiff1d(np.arange(num_train), held)
+            if self.train_limit and self.train_limit < len(trained):
+                trained = np.sort(np.random.default_rng(self.seed).permutation(
+                    trained)[:self.train_limit])
+            return {"indices": trained.tolist()}, {"indices": held.tolist()}
         v = self.validation_split
-        return (num_train - v, v) if v else None
+        available = num_train - v
+        if available < 2:
+            raise ConfigError(f"--validation_split={v} leaves {max(available, 0)} of the "
+                              f"{num_train} training images to train on; hold out fewer")
+        trained = {"skip": 0, "limit": min(available, self.train_limit or available)}
+        return trained, ({"skip": available, "limit": v} if v else None)
+
+    def batch(self, num_trained: int) -> int:
+        """The global batch: --batch_size, or all the images when there are fewer."""
+        return min(self.batch_size, num_trained)
+
+
+def selection_size(selection: dict) -> int:
+    """The number of images of a `TrainConfig.split_examples` selection."""
+    return len(selection["indices"]) if "indices" in selection else int(selection["limit"])
+
+
+def per_class_held_out(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted positions of the held-out images: round(fraction x n_c) of each class's n_c
+    (at least min(HELD_OUT_MIN, n_c // 2), at most n_c - 1), drawn with `seed`."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = len(members)
+        count = min(max(int(round(fraction * n)), min(HELD_OUT_MIN, n // 2)), n - 1)
+        held.append(rng.permutation(members)[:count])
+    return np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrateConfig(Section):
-    score: str = option("feature_density", "Rejection score: the model's own output (SDIM: "
-                        "log p(x|c), the paper's) or feature_density (tied Gaussians on encoder "
-                        "layers, fitted after training; see docs/results.md).", SCORES)
+    score: str = option("feature_density", "Rejection score (sdim_tf.scores): the model's own "
+                        "output (SDIM: log p(x|c), the paper's) or feature_density (tied "
+                        "Gaussians on encoder layers, fitted after training; see "
+                        "docs/results.md).", SCORES)
     density_layers: tuple[str, ...] = option(
         density.DEFAULT_LAYERS, f"Encoder layers of --score=feature_density, among "
         f"{', '.join(density.LAYERS)}.")
     density_split: bool = option(density.DEFAULT_SPLIT, "--score=feature_density: score each "
                                  "layer as two standardised terms, within the span of the class "
                                  "means and outside it (sdim_tf.density), instead of one.")
+    unfamiliar_rule: Optional[str] = option(
+        None, "The deployed thresholds on the score (sdim_tf.rules): conformal (at most "
+        "--reject_budget of new images refused) or percentile (--export_percentile, no "
+        "promise); default conformal when --reject_budget > 0, else percentile.",
+        UNFAMILIAR_RULES)
     threshold_rule: Optional[str] = option(
         None, "Thresholds per class (the paper's) or one shared by all classes; default shared "
         "for --score=feature_density, else per_class.", THRESHOLD_RULES)
@@ -167,7 +262,16 @@ class CalibrateConfig(Section):
     reject_confidence: float = option(0.95, "Confidence of the --reject_budget guarantee over "
                                       "the draw of the held-out images (0: on average only).")
     export_percentile: float = option(1, "The calibrated percentile whose thresholds the "
-                                      "SavedModel applies when --reject_budget=0.")
+                                      "SavedModel applies under --unfamiliar_rule=percentile.")
+    max_error: Optional[float] = option(
+        None, "Also refuse, as ambiguous, the answers whose gap between the two best class "
+        "scores is below a threshold chosen so that at most this share of the accepted answers "
+        "are wrong (selective classification with guaranteed risk; needs --validation_split: "
+        "half the held-out images choose each threshold); default 0 (off).")
+    max_error_confidence: float = option(0.95, "Confidence of the --max_error promise over the "
+                                         "draw of the held-out images.")
+    ambiguity_rule: str = option("ambiguous", "The rule of the second refusal under "
+                                 "--max_error (sdim_tf.rules).", AMBIGUITY_RULES)
 
     def checks(self) -> list:
         return [(len(self.density_layers) > 0 and not set(self.density_layers) - set(
@@ -179,9 +283,47 @@ class CalibrateConfig(Section):
                  f"--reject_budget must lie in [0, 1), got {self.reject_budget}"),
                 (0 <= self.reject_confidence < 1,
                  f"--reject_confidence must lie in [0, 1), got {self.reject_confidence}"),
-                (self.reject_budget > 0 or self.export_percentile in self.percentiles,
+                (self.unfamiliar_rule != "conformal" or self.reject_budget > 0,
+                 "--unfamiliar_rule=conformal needs --reject_budget > 0"),
+                (self.unfamiliar_rule != "percentile"
+                 or self.export_percentile in self.percentiles,
                  f"--export_percentile={self.export_percentile:g} is not among --percentiles "
-                 f"{list(self.percentiles)}")]
+                 f"{list(self.percentiles)}"),
+                (0 <= self.max_error < 1, f"--max_error must lie in [0, 1), got "
+                 f"{self.max_error}"),
+                (0 < self.max_error_confidence < 1, f"--max_error_confidence must lie in "
+                 f"(0, 1), got {self.max_error_confidence}"),
+                self._built()]
+
+    def _built(self) -> tuple[bool, str]:
+        """The check that the score and rules accept their settings from the flags."""
+        try:
+            self.scoring(), self.refusal_rules()
+        except ValueError as e:
+            return False, f"--score={self.score}, --unfamiliar_rule={self.unfamiliar_rule}: {e}"
+        return True, ""
+
+    def scoring(self) -> scores.Score:
+        """The --score, with its settings from the flags."""
+        return _build(scores.get(self.score), SCORE_FLAGS, self.flat())
+
+    def refusal_rules(self) -> tuple[rules.Rule, rules.Rule | None]:
+        """(the unfamiliar rule, the ambiguity rule or None without --max_error), with their
+        settings from the flags."""
+        values = {**self.flat(), "reject_confidence": self.reject_confidence or None}
+        unfamiliar = _build(rules.get(self.unfamiliar_rule), RULE_FLAGS[rejection.UNFAMILIAR],
+                            values)
+        ambiguity = _build(rules.get(self.ambiguity_rule), RULE_FLAGS[rejection.AMBIGUOUS],
+                           values) if self.max_error else None
+        return unfamiliar, ambiguity
+
+
+def _build(cls, flag_names: dict, values: dict):
+    """`cls` with each of its settings read from the flag `flag_names` gives for it, else from
+    the flag of its own name, if any."""
+    settings = {f.name: values[flag_names.get(f.name, f.name)] for f in dataclasses.fields(cls)
+                if flag_names.get(f.name, f.name) in values}
+    return cls(**settings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +337,21 @@ class EvaluateConfig(Section):
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig(Section):
-    export_dir: str = option("saved_models", "Where the export stage writes SavedModels.")
+    export_dir: Optional[str] = option(
+        None, "The serving directory the export stage publishes <model_name>/<version>/ into "
+        "(TF Serving's layout); default <run_dir>/saved_models, the run's own.")
+    model_name: Optional[str] = option(
+        None, "The exported model's name (its folder under --export_dir); default the "
+        "dataset's name (an image folder's own folder name), + _discriminative for "
+        "--model=discriminative.")
+    export_subset: bool = option(False, "Publish a run on --train_limit images into "
+                                 "--export_dir (refused without: a smoke run would become the "
+                                 "served version).", key=False)
+    force_export: bool = option(False, "Export even a model the gate refuses (test accuracy "
+                                "not clearly above chance, or far more test images rejected "
+                                "than the deployed budget).", key=False)
+    destination: str = derived(str, "Where the model goes: --export_dir, else "
+                               "<run_dir>/saved_models.")
     limits: serving.Limits = library(serving.Limits, {
         "max_image_side": "Export: classify_encoded refuses (reason too_large) an image whose "
                           "header declares a longer side.",
@@ -209,7 +365,21 @@ class ExportConfig(Section):
                      "(InvalidArgument)."})
 
     def checks(self) -> list:
-        return [self.counts()]
+        return [self.counts(),
+                (self.model_name is None or MODEL_NAME.fullmatch(self.model_name) is not None,
+                 f"--model_name={self.model_name!r}: letters, digits, '.', '_' and '-' only, "
+                 "starting with a letter or digit (a folder and a TF Serving model name)")]
+
+
+def subset_refusal(train_limit: int | None, export_dir: str | None,
+                   export_subset: bool) -> str | None:
+    """Why a run may not publish into `export_dir`, or None: a model trained on
+    --train_limit images becomes a serving directory's version only under --export_subset."""
+    if not (train_limit and export_dir and not export_subset):
+        return None
+    return (f"--train_limit={train_limit} trains on a subset, which --export_dir={export_dir} "
+            "would serve as its next version: pass --export_subset to publish it there, or "
+            "drop --export_dir (the model then goes to <run_dir>/saved_models)")
 
 
 ATTACK_HELP = {
@@ -307,24 +477,35 @@ class PipelineConfig(Section):
         c.data.validate()
         c = c.replace(**{k: v for k, v in PRESETS[c.data.dataset].items() if c.flat()[k] is None})
         cal = c.calibrate
-        cal = dataclasses.replace(cal, percentiles=tuple(map(rejection.percentile_key,
-                                                             cal.percentiles)),
-                                  threshold_rule=cal.threshold_rule or (
-                                      "shared" if cal.score == "feature_density" else "per_class"))
+        cal = dataclasses.replace(
+            cal, percentiles=tuple(map(rejection.percentile_key, cal.percentiles)),
+            threshold_rule=cal.threshold_rule or getattr(
+                scores.SCORES.classes.get(cal.score), "default_grouping", None),
+            unfamiliar_rule=cal.unfamiliar_rule or (
+                "conformal" if cal.reject_budget else "percentile"))
         watch = Watch(cal.reject_budget or 0.04, cal.reject_confidence or None,
                       cal.density_layers, cal.density_split)
-        c = dataclasses.replace(c, calibrate=cal, run_dir=c.run_dir or os.path.join(
-            "runs", f"{c.data.dataset}-{c.model.model}"),
-            train=dataclasses.replace(c.train, watch=watch, fresh=c.force))
+        run_dir = c.run_dir or os.path.join("runs", f"{c.data.dataset}-{c.model.model}")
+        c = dataclasses.replace(
+            c, calibrate=cal, run_dir=run_dir,
+            train=dataclasses.replace(c.train, watch=watch, fresh=c.force),
+            export=dataclasses.replace(c.export, destination=c.export.export_dir or os.path.join(
+                run_dir, "saved_models")))
         for name in ("model", "train", "calibrate", "evaluate", "export", "attack"):
             getattr(c, name).validate()
         t, budget, confidence = c.train, cal.reject_budget, cal.reject_confidence
-        check([(t.batch_size >= (2 if c.model.model == "sdim" else 1),  # negatives pair images
+        check([(not cal.max_error or t.holds_out, f"--max_error={cal.max_error:g} "
+                "promises its error rate on held-out images: pass --validation_split=N, "
+                "--validation_fraction or --max_error=0"),
+               (t.batch_size >= (2 if c.model.model == "sdim" else 1),  # negatives pair images
                  f"--batch_size must be >= 2 for SDIM, got {t.batch_size}"),
-                (not budget or t.validation_split > 0, f"--reject_budget={budget:g} promises its "
+                (not budget or t.holds_out, f"--reject_budget={budget:g} promises its "
                  f"rate on held-out images: pass --validation_split=N (at least "
                  f"{conformal.minimum_samples(budget, confidence or None) if budget else 0} "
-                 f"images) or --reject_budget=0 (--export_percentile, no guarantee)"),
+                 f"images), --validation_fraction or --reject_budget=0 (--export_percentile, "
+                 "no guarantee)"),
+                (not (refusal := subset_refusal(t.train_limit, c.export.export_dir,
+                                                c.export.export_subset)), refusal),
                 (c.stages is None or not set(c.stages) - set(known_stages),
                  f"--stages: unknown {sorted(set(c.stages or ()) - set(known_stages))}; "
                  f"known: {', '.join(known_stages)}")])

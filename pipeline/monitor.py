@@ -1,16 +1,25 @@
 """Watch a deployed model's rejections for drift: `python -m pipeline.monitor`.
 
-    python -m pipeline.monitor --model_dir=saved_models/sdim_fashion_mnist [--version=N] \
-        [--reject_budget=A] [--shift=2] [--arl0=10000] [--out=monitor.json] PREDICTIONS.csv ...
+    python -m pipeline.monitor --model_dir=runs/fashion_mnist-sdim/saved_models/fashion_mnist \
+        [--version=N] [--reject_budget=A] [--shift=2] [--arl0=10000] [--out=monitor.json] \
+        PREDICTIONS.csv ...
 
 Reads the `rejected` column of the CSV files (one stream, in argument order, each file's
 rows in arrival order: true/false, True/False or 1/0) and runs the CUSUM of
-`sdim_tf.drift` against the rate the model guarantees: `alpha` of the `deployed` entry of
-`assets/thresholds.json` in the version folder (`--model_dir` is a folder of numbered versions,
-the newest by default, or one version). Only that asset is read, so a copy of the assets
-without the SavedModel will do. `--reject_budget` (the rate the deployment promises, as the
-pipeline's flag of that name) overrides it, and is needed for a model exported without a
-guarantee (pipeline.run --reject_budget=0).
+`sdim_tf.drift` per reason of refusal:
+
+- unfamiliar, against the rate the model guarantees: `alpha` of the `deployed` entry of
+  `assets/thresholds.json` in the version folder (`--model_dir` is a folder of numbered
+  versions, the newest by default, or one version). Every rejected row counts but those
+  whose `reason` is ambiguous. `--reject_budget` (the rate the deployment promises, as the
+  pipeline's flag of that name) overrides it, and is needed for a model exported without a
+  guarantee (pipeline.run --reject_budget=0).
+- ambiguous (a model with an ambiguity threshold and a `reason` column): the rows refused
+  as ambiguous, against the share of the held-out images the model refused so at
+  calibration (`deployed.held_out.ambiguous`; a measured rate, not a promise: its promise
+  is on the error among the answers, which needs labels).
+
+Only that asset is read, so a copy of the assets without the SavedModel will do.
 
 The CSV of `pipeline.predict` (path, class_name, score, threshold, margin, rejected, reason)
 lists files in sorted path order: arrival order only when the names sort by arrival (e.g.
@@ -41,6 +50,8 @@ from sdim_tf import drift
 
 FLAGS = flags.FLAGS
 TRUE, FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
+# sdim_tf.rejection's reasons, named here so that the monitor imports no TensorFlow
+UNFAMILIAR, AMBIGUOUS = "unfamiliar", "ambiguous"
 
 
 def _define_flags() -> None:
@@ -65,17 +76,28 @@ class MonitorError(ValueError):
 
 def guarantee(path: pathlib.Path) -> dict:
     """The deployed entry's promise: {"alpha" (None without a guarantee), "confidence",
-    "n", "guarantee" (in words)}."""
+    "n", "guarantee" (in words), "ambiguous_rate" (the held-out share refused as ambiguous;
+    None without an ambiguity threshold)}."""
     deployed = asset(path, "thresholds.json").get("deployed")
     if not isinstance(deployed, dict):
         raise DeployedModelError(f"{path / 'assets' / 'thresholds.json'}: no \"deployed\" "
                                  "entry; was this model exported by pipeline.run?")
-    return {key: deployed.get(key) for key in ("alpha", "confidence", "n", "guarantee")}
+    held_out = deployed.get("held_out") or {}
+    return {**{key: deployed.get(key) for key in ("alpha", "confidence", "n", "guarantee")},
+            "ambiguous_rate": held_out.get(AMBIGUOUS)
+            if deployed.get("min_gap") is not None else None}
 
 
 def read_rejected(paths: list[str]) -> np.ndarray:
     """The `rejected` flags of the CSV files, in order, as one bool array."""
+    return read_stream(paths)[0]
+
+
+def read_stream(paths: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the `rejected` flags, the `reason` of each row or None when a file has no such
+    column) of the CSV files, in order."""
     flags_read: list[bool] = []
+    reasons: list[str] | None = []
     for path in paths:
         try:
             with open(path, newline="", encoding="utf-8-sig") as f:
@@ -85,6 +107,8 @@ def read_rejected(paths: list[str]) -> np.ndarray:
                     raise MonitorError(f"{path}: no `rejected` column (columns: "
                                        f"{', '.join(columns) or 'none'})")
                 reader.fieldnames = columns
+                if "reason" not in columns:
+                    reasons = None
                 for row in reader:
                     if row["rejected"] is None:
                         raise MonitorError(f"{path}, line {reader.line_num}: fewer fields "
@@ -98,13 +122,15 @@ def read_rejected(paths: list[str]) -> np.ndarray:
                         raise MonitorError(
                             f"{path}, line {reader.line_num}: rejected={row['rejected']!r}; "
                             "expected true/false, True/False or 1/0")
+                    if reasons is not None:
+                        reasons.append((row["reason"] or "").strip())
         except OSError as e:
             raise MonitorError(f"{path}: cannot read ({e.strerror or e})") from None
         except (csv.Error, UnicodeDecodeError) as e:
             raise MonitorError(f"{path}: not a readable CSV ({e})") from None
     if not flags_read:
         raise MonitorError(f"{', '.join(paths)}: no rows, no request to watch")
-    return np.array(flags_read, bool)
+    return np.array(flags_read, bool), None if reasons is None else np.array(reasons)
 
 
 def monitor(rejected: np.ndarray, alpha: float, shift: float = drift.DEFAULT_SHIFT,
@@ -150,7 +176,8 @@ def summary(report: dict) -> str:
     else:
         lines.append(f"alpha: {100 * alpha:g}% (--reject_budget)")
     lines.append(f"requests: {report['requests']:,}; rejected {report['rejections']:,} "
-                 f"({100 * report['rejection_rate']:.2f}%; guaranteed at most {100 * alpha:g}%)")
+                 f"({100 * report['rejection_rate']:.2f}%; guaranteed at most {100 * alpha:g}%)"
+                 + (" as unfamiliar" if report.get("ambiguous") else ""))
     first = report["first_alarm"]
     if first:
         lines.append(
@@ -168,6 +195,14 @@ def summary(report: dict) -> str:
         f"{design['arl0_lower_bound']:,.0f} at least, about {design['arl0_estimate']:,.0f}); "
         f"mean delay to detect a rate of {100 * design['p1']:g}%: at most "
         f"{design['detection_run_length_at_p1']:,.0f} requests")
+    ambiguous = report.get("ambiguous")
+    if ambiguous:
+        first = ambiguous["first_alarm"]
+        lines.append(
+            f"ambiguous: {ambiguous['rejections']:,} refused "
+            f"({100 * ambiguous['rejection_rate']:.2f}%; {100 * ambiguous['alpha']:.2f}% of the "
+            f"held-out images at calibration); alarm: "
+            + (f"YES, first at request {first['request']:,}" if first else "no"))
     if report.get("note"):
         lines.append(f"note: {report['note']}")
     return "\n".join(lines)
@@ -183,7 +218,8 @@ def run(model: str | None, version: int | None, alpha: float | None, shift: floa
                            "the rate to watch with --reject_budget")
     if model is None and version is not None:
         raise MonitorError("--version needs --model_dir")
-    promised = {"alpha": None, "confidence": None, "n": None, "guarantee": None}
+    promised = {"alpha": None, "confidence": None, "n": None, "guarantee": None,
+                "ambiguous_rate": None}
     path = None
     if model is not None:
         path = version_dir(model, version, marker="assets/thresholds.json")
@@ -196,11 +232,20 @@ def run(model: str | None, version: int | None, alpha: float | None, shift: floa
                 f"{path / 'assets' / 'thresholds.json'}: the deployed thresholds carry no "
                 "guarantee (exported with --reject_budget=0), so there is no promised rate to "
                 "watch; give one with --reject_budget (e.g. --reject_budget=0.04)")
-    report = monitor(read_rejected(csv_paths), alpha, shift, arl0)
+    rejected, reasons = read_stream(csv_paths)
+    ambiguous = None if reasons is None else reasons == AMBIGUOUS
+    report = monitor(rejected if ambiguous is None else rejected & ~ambiguous, alpha, shift,
+                     arl0)
     report.update(model=str(path) if path else None, csv=list(csv_paths),
-                  alpha_source=source,
+                  alpha_source=source, reason=UNFAMILIAR,
                   model_alpha=promised["alpha"], confidence=promised["confidence"],
-                  guarantee=promised["guarantee"])
+                  guarantee=promised["guarantee"], ambiguous=None)
+    rate = promised["ambiguous_rate"]
+    if ambiguous is not None and rate and 0 < rate * shift < 1:
+        report["ambiguous"] = {**monitor(ambiguous, rate, shift, arl0),
+                               "rate_source": "the held-out images at calibration (measured, "
+                                              "not promised)"}
+        report["alarm"] = report["alarm"] or report["ambiguous"]["alarm"]
     if source == "model" and promised["confidence"] is None:
         report["note"] = ("the guarantee holds on average over calibration draws: this "
                           "model's own rate may lie slightly above alpha, and false alarms "

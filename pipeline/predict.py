@@ -1,7 +1,7 @@
 """Classify image files with an exported model and show what it refused and why.
 
-    python -m pipeline.predict --model_dir=saved_models/sdim_fashion_mnist [--version=N] \
-        [--out=predictions] PATH ...
+    python -m pipeline.predict --model_dir=runs/fashion_mnist-sdim/saved_models/fashion_mnist \
+        [--version=N] [--out=predictions] PATH ...
 
 PATH: image files, folders (searched recursively) or globs. Every file goes to the model as
 its bytes, through `classify_encoded`: decoding, channel conversion and resizing are the

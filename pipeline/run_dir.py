@@ -21,14 +21,13 @@ import csv
 import functools
 import os
 import pathlib
-from collections.abc import Mapping
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from pipeline import artifacts
-from sdim_tf import data, density, rejection, serving
+from sdim_tf import data, rejection, rules, scores, serving
 
 # Of the artifacts below, recorded in every stage's manifest and in train's state.json; a
 # reader refuses another one.
@@ -131,21 +130,30 @@ class Examples(Artifact):
         return [str(f) for f in files]
 
     def dataset(self, split: str, skip: int = 0, limit: int | None = None,
-                batch_size: int = 500, training: bool = False, seed: int = 0
-                ) -> tf.data.Dataset:
+                batch_size: int = 500, training: bool = False, seed: int = 0,
+                indices: list[int] | None = None) -> tf.data.Dataset:
         """Preprocessed (images, labels) batches in file order (training: shuffled and
-        augmented as ingest recorded)."""
+        augmented as ingest recorded): `limit` after `skip`, or those at `indices`."""
         return data.make_dataset(self.shard_files(split), self.image_shape, batch_size,
                                  training=training, seed=seed, skip=skip, limit=limit,
+                                 indices=indices,
                                  augmentation=self.metadata["augmentation"] if training
                                  else "none")
 
-    def arrays(self, split: str, limit: int | None = None, skip: int = 0
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """(images float32 [N, 32, 32, C] in [0, 1], labels [N]): `limit` after `skip`."""
-        batches = list(self.dataset(split, skip, limit).as_numpy_iterator())
+    def arrays(self, split: str, limit: int | None = None, skip: int = 0,
+               indices: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(images float32 [N, 32, 32, C] in [0, 1], labels [N]): `limit` after `skip`, or
+        those at `indices`."""
+        batches = list(self.dataset(split, skip, limit, indices=indices).as_numpy_iterator())
         return (np.concatenate([b[0] for b in batches]).astype(np.float32),
                 np.concatenate([b[1] for b in batches]))
+
+    def labels(self, split: str) -> np.ndarray:
+        """The labels of `split` in file order, read without decoding the images."""
+        feature = {"label": data.FEATURES["label"]}
+        ds = tf.data.TFRecordDataset(self.shard_files(split)).batch(4096).map(
+            lambda s: tf.io.parse_example(s, feature)["label"])
+        return np.concatenate([np.zeros(0, np.int64), *ds.as_numpy_iterator()])
 
 
 class TrainedModel(Artifact):
@@ -191,9 +199,31 @@ class TrainedModel(Artifact):
 
     def examples(self, split: str) -> tuple[int, int] | None:
         """(skip, limit) of the training images the model trained on (`split="trained"`), or
-        of those held out (`"held_out"`, None when nothing was held out)."""
-        ranges = self.state()["examples"]
-        return None if ranges[split] is None else tuple(ranges[split])
+        of those held out (`"held_out"`, None when nothing was held out); for images chosen
+        by position (`selection`), an ArtifactError."""
+        selection = self.selection(split)
+        if selection is not None and "indices" in selection:
+            raise ArtifactError(f"{self.folder / self.STATE}: the {split} images are chosen "
+                                "per class, not a range; read them with selection()")
+        return None if selection is None else (selection["skip"], selection["limit"])
+
+    def selection(self, split: str) -> dict | None:
+        """The training images the model trained on (`split="trained"`), or those held out
+        (`"held_out"`, None when nothing was held out), as `Examples.dataset` arguments:
+        {"skip", "limit"} or {"indices"}."""
+        chosen = self.state()["examples"][split]
+        if chosen is None:
+            return None
+        if isinstance(chosen, dict):
+            return {"indices": list(chosen["indices"])}
+        return {"skip": chosen[0], "limit": chosen[1]}
+
+    @staticmethod
+    def state_examples(selection: dict | None) -> list | dict | None:
+        """A `selection` as state.json keeps it: [skip, limit] or {"indices"}."""
+        if selection is None or "indices" in selection:
+            return selection
+        return [selection["skip"], selection["limit"]]
 
     def history(self) -> list[dict]:
         """The per-epoch rows of history.csv as dicts of floats."""
@@ -238,12 +268,12 @@ def as_float32(model: keras.Model) -> keras.Model:
 
 
 class Calibration(Artifact):
-    """calibrate: the rejection score (density.npz for feature_density) and thresholds.json
-    (per percentile and class; the deployed percentile)."""
+    """calibrate: thresholds.json (the score and its settings, the thresholds per percentile
+    and class, the deployed ones and their promises) and what the score saved to load its
+    scorer (`sdim_tf.scores`: density.npz for feature_density)."""
 
     stage = "calibrate"
-    THRESHOLDS, DENSITY = "thresholds.json", "density.npz"
-    SCORES = ("model", "feature_density")
+    THRESHOLDS = "thresholds.json"
 
     @functools.cached_property
     def saved(self) -> dict:
@@ -251,80 +281,91 @@ class Calibration(Artifact):
         path = self.folder / self.THRESHOLDS
         saved = _read_json(path)
         try:
-            score, names = saved["score"], saved["class_names"]
+            names = saved["class_names"]
             percentiles = {p: np.asarray(v["thresholds"], np.float64)
                            for p, v in rejection.from_json(saved["percentiles"]).items()}
             deployed = saved["deployed"]["percentile"]
+            min_gap = saved["deployed"].get("min_gap")
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{path} is not a calibration ({type(e).__name__}: {e})") \
                 from None
         problems = []
-        if score not in self.SCORES:
-            problems.append(f"unknown score {score!r}")
-        if score == "feature_density" and not saved.get("density_layers"):
-            problems.append("no density_layers")
+        try:
+            self._score(saved)
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(str(e).strip("'\""))
         if deployed not in saved["percentiles"]:
             problems.append(f"deployed percentile {deployed} not calibrated")
         for p, t in percentiles.items():
             if t.shape != (len(names),) or np.isnan(t).any() or (t == -np.inf).any():
                 problems.append(f"percentile {p}: thresholds must be {len(names)} numbers "
                                 "or null")
+        if min_gap is not None and not (isinstance(min_gap, (int, float))
+                                        and np.isfinite(min_gap)):
+            problems.append(f"deployed min_gap must be a number or null, got {min_gap!r}")
         if problems:
             raise ArtifactError(f"{path}: {'; '.join(problems)}")
         return saved
+
+    @staticmethod
+    def _score(saved: dict) -> scores.Score:
+        settings = saved.get("score_settings")
+        if settings is None and saved.get("score") == "feature_density":
+            # written before the score kept its own settings: the density's keys
+            if not saved.get("density_layers"):
+                raise ValueError("no density_layers")
+            settings = {"layers": saved["density_layers"],
+                        "split": bool(saved.get("density_split"))}
+        return scores.get(saved["score"])(**(settings or {}))
 
     def write_thresholds(self, obj: dict) -> None:
         artifacts.write_json(self.folder / self.THRESHOLDS, obj)
 
     @property
-    def score(self) -> str:
-        return self.saved["score"]
+    def score(self) -> scores.Score:
+        """The deployed score (`sdim_tf.scores`), with the settings it was fitted with."""
+        return self._score(self.saved)
 
     def percentiles(self) -> dict:
         """{percentile: {"thresholds": np.ndarray [C], "counts": [C]}}."""
         return rejection.from_json(self.saved["percentiles"])
 
-    def deployed(self) -> tuple[float, np.ndarray]:
-        """(percentile, thresholds [C]) that the run deploys."""
+    def deployed(self) -> tuple[float | str, np.ndarray]:
+        """(percentile, or the rule's name, and the thresholds [C]) that the run deploys."""
         key = self.saved["deployed"]["percentile"]
         (percentile, value), = rejection.from_json({key: self.saved["percentiles"][key]}).items()
         return percentile, value["thresholds"]
 
-    def density_parameters(self) -> dict:
-        """density.npz (no pickle), checked against the layers thresholds.json names."""
-        path = self.folder / self.DENSITY
-        try:
-            with np.load(path, allow_pickle=False) as loaded:
-                parameters = {k: loaded[k] for k in loaded.files}
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"{path} cannot be read ({e}); rerun calibrate with --force") \
-                from None
-        num_classes = len(self.saved["class_names"])
-        for layer in self.saved["density_layers"]:
-            means = parameters.get(f"{layer}/means")
-            factor = parameters.get(f"{layer}/precision_factor")
-            if (means is None or factor is None or means.ndim != 2
-                    or means.shape[0] != num_classes
-                    or factor.shape != (means.shape[1], means.shape[1])
-                    or not (np.isfinite(means).all() and np.isfinite(factor).all())):
-                raise ArtifactError(f"{path}: layer {layer} lacks finite means [C, d] and a "
-                                    "precision factor [d, d]")
-        return parameters
+    def min_gap(self) -> float | None:
+        """The deployed ambiguity threshold on the gap (`rules.ambiguous`); None: no answer
+        is refused as ambiguous (also for calibrations written before it existed)."""
+        return self.saved["deployed"].get("min_gap")
 
-    def write_density(self, parameters: Mapping[str, np.ndarray]) -> None:
-        with artifacts.atomic_file(self.folder / self.DENSITY, suffix=".npz") as tmp:
-            np.savez(tmp, **parameters)
+    def promises(self) -> dict:
+        """{reason: what the deployed refusal promises, in words}; None for no ambiguity
+        threshold."""
+        deployed = self.saved["deployed"]
+        ambiguity = deployed.get("ambiguity") or {}
+        return {rejection.UNFAMILIAR: deployed.get("promise", deployed.get("guarantee")),
+                rejection.AMBIGUOUS: ambiguity.get("promise")}
+
+    def rules(self) -> tuple[rules.Rule, rules.Rule | None]:
+        """(the unfamiliar rule, the ambiguity rule or None) with the settings calibrate
+        chose the deployed thresholds with."""
+        deployed = self.saved["deployed"]
+        if "unfamiliar" not in deployed:
+            raise ArtifactError(f"{self.folder / self.THRESHOLDS} does not record its rules' "
+                                "settings; rerun calibrate with --force")
+        return tuple(None if record is None else rules.build(record["rule"], record)
+                     for record in (deployed["unfamiliar"], deployed.get("ambiguity")))
 
     def scoring_model(self, classifier: keras.Model) -> keras.Model:
         """What the run deploys on top of `classifier`: images -> [N, C] class scores (the
-        classifier itself, or its fitted density.FeatureDensity)."""
-        if self.score != "feature_density":
-            return classifier
-        scorer = density.FeatureDensity(classifier, len(self.saved["class_names"]),
-                                        self.saved["density_layers"],
-                                        bool(self.saved.get("density_split")))
-        scorer.load_parameters(self.density_parameters())
-        return scorer
+        classifier itself, or its fitted scorer, as the score loads it)."""
+        try:
+            return self.score.load(classifier, self.folder)
+        except ValueError as e:
+            raise ArtifactError(f"{e}; rerun calibrate with --force") from None
 
 
 class Evaluation(Artifact):
@@ -397,9 +438,10 @@ class Run:
 
 def rejecting_classifier(examples: Examples, model: TrainedModel, calibration: Calibration,
                limits: serving.Limits | None = None) -> serving.RejectingClassifier:
-    """What a run deploys, in one object: the scoring model, the deployed thresholds and the
-    decision rule, for the run's input size and classes."""
+    """What a run deploys, in one object: the scoring model, the deployed thresholds (and
+    ambiguity threshold) and the decision rule, for the run's input size and classes."""
     shape = examples.image_shape
     return serving.RejectingClassifier(
         calibration.scoring_model(model.best()), calibration.deployed()[1], shape[-1],
-        shape[:2], class_names=examples.class_names, limits=limits)
+        shape[:2], class_names=examples.class_names, limits=limits,
+        min_gap=calibration.min_gap())

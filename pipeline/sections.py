@@ -144,9 +144,17 @@ class Section:
 
 def _replace(obj, changes: dict):
     own = {path[0]: v for path, v in changes.items() if len(path) == 1}
+    fields = {f.name: f for f in dataclasses.fields(obj)}
     for name in {path[0] for path in changes if len(path) > 1}:
-        own[name] = _replace(getattr(obj, name), {p[1:]: v for p, v in changes.items()
-                                                  if len(p) > 1 and p[0] == name})
+        try:
+            own[name] = _replace(getattr(obj, name), {p[1:]: v for p, v in changes.items()
+                                                      if len(p) > 1 and p[0] == name})
+        except ConfigError:
+            raise
+        except ValueError as e:  # a library's settings refusing a value: "<field> must ..."
+            if "helps" not in fields[name].metadata:
+                raise
+            raise ConfigError(f"--{fields[name].metadata['prefix']}{e}") from None
     return dataclasses.replace(obj, **own)
 
 

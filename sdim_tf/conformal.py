@@ -51,6 +51,19 @@ def minimum_samples(alpha: float, confidence: float | None = None) -> int:
     return int(math.ceil(math.log(1 - confidence) / math.log(1 - alpha) - 1e-9))
 
 
+def attainable(alpha: float, confidence: float | None, n: int
+               ) -> tuple[float, float | None]:
+    """The strongest promise `n` held-out scores support for budget `alpha`, as (alpha,
+    confidence): as asked from `minimum_samples(alpha, confidence)` scores; else on average
+    (confidence None) from `minimum_samples(alpha)`; else on average at the smallest budget
+    n scores promise, 1 / (n + 1) (the lowest score is the threshold)."""
+    if n >= minimum_samples(alpha, confidence):
+        return alpha, confidence
+    if n >= minimum_samples(alpha):
+        return alpha, None
+    return 1.0 / (n + 1), None
+
+
 def promise(alpha: float, confidence: float | None, n: int) -> str:
     """The guarantee in plain words, for the model card."""
     how = f"with {100 * confidence:g}% confidence" if confidence else "on average"

@@ -13,6 +13,11 @@ class), each standardised by its own chi-square mean and spread. With training, 
 features become in-distribution-like outside that span while staying far within it
 (docs/results.md, "Why rejection decays"); in the joint distance the rest's d-C+1 directions
 drown the C-1.
+
+Few images for a layer's dimension (your own folders of a few hundred images against the
+default layers' 1792 dimensions) make the sample covariance's inverse fit the training
+images alone; `covariance="auto"` then shrinks it (OAS, from the same streaming sums) when
+that predicts held-out training images better (`choose_covariance`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,15 @@ DEFAULT_LAYERS = ("quad3", "quad4", "head")
 DEFAULT_SPLIT = True
 # Marks a layer set scored with split terms (the monitor's layer sets, their score names).
 SPLIT = "split"
+# The pooled covariance's estimators, and "auto" (`choose_covariance`): the sample one from
+# SHRINK_BELOW x d images up, OAS below d, else the better on held-out folds of the training
+# images. 90 images of 3 classes on the default layers (1792 dimensions) fitted with the
+# sample covariance scored new images near -1e7 against +10 for the fitted ones; OAS
+# shrinkage brought them to about -10.
+ESTIMATORS = ("sample", "oas")
+COVARIANCES = ("auto", *ESTIMATORS)
+SHRINK_BELOW = 10
+FOLDS = 5
 
 
 class TiedGaussianStats:
@@ -50,23 +64,146 @@ class TiedGaussianStats:
         np.add.at(self.sums, labels, x)
         self.outer += x.T @ x
 
-    def fit(self, ridge: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def num_images(self) -> int:
+        return int(self.counts.sum())
+
+    def minus(self, part: TiedGaussianStats) -> TiedGaussianStats:
+        """The sums of the images not in `part` (a subset of these)."""
+        rest = TiedGaussianStats(len(self.counts), len(self.outer))
+        rest.counts, rest.sums = self.counts - part.counts, self.sums - part.sums
+        rest.outer = self.outer - part.outer
+        return rest
+
+    def fit(self, ridge: float = 1e-6, covariance: str = "sample"
+            ) -> tuple[np.ndarray, np.ndarray]:
         """(means [C, d], precision Cholesky factor L [d, d]: precision = L L^T).
 
-        The covariance gets `ridge` x its mean variance on the diagonal: pooled ReLU features
-        can have channels that never fire, whose variance is 0.
+        `covariance`: "sample", the pooled sample covariance, or "oas", shrunk towards a
+        multiple of the identity (`oas_shrinkage`). The covariance then gets `ridge` x its
+        mean variance on the diagonal: pooled ReLU features can have channels that never
+        fire, whose variance is 0.
         """
+        means, covariance = self.covariance(ridge, covariance)
+        precision = np.linalg.inv(covariance)
+        precision = (precision + precision.T) / 2
+        return means, np.linalg.cholesky(precision)
+
+    def covariance(self, ridge: float = 1e-6, covariance: str = "sample"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(means [C, d], the covariance `fit` inverts [d, d])."""
+        if covariance not in ESTIMATORS:
+            raise ValueError(f"covariance must be one of {', '.join(ESTIMATORS)}, got "
+                             f"{covariance!r}")
         if (self.counts == 0).any():
             missing = np.flatnonzero(self.counts == 0).tolist()
             raise ValueError(f"no training sample of class(es) {missing}: cannot fit their mean")
         means = self.sums / self.counts[:, None]
         n = self.counts.sum()
-        covariance = (self.outer - (means * self.counts[:, None]).T @ means) / n
-        dim = len(covariance)
-        covariance += ridge * max(np.trace(covariance) / dim, 1e-12) * np.eye(dim)
-        precision = np.linalg.inv(covariance)
-        precision = (precision + precision.T) / 2
-        return means, np.linalg.cholesky(precision)
+        pooled = (self.outer - (means * self.counts[:, None]).T @ means) / n
+        if covariance == "oas":
+            pooled = shrink(pooled, oas_shrinkage(pooled, n))
+        dim = len(pooled)
+        pooled += ridge * max(np.trace(pooled) / dim, 1e-12) * np.eye(dim)
+        return means, pooled
+
+    def scatter(self, means: np.ndarray) -> np.ndarray:
+        """[d, d]: the sum over these images of (x - mu_label)(x - mu_label)^T for other class
+        means `means`, from the sums alone (no second pass over the images)."""
+        return (self.outer - self.sums.T @ means - means.T @ self.sums
+                + (means * self.counts[:, None]).T @ means)
+
+
+def oas_shrinkage(covariance: np.ndarray, n: float) -> float:
+    """Oracle Approximating Shrinkage (Chen et al. 2010, eq. 23, as scikit-learn's OAS): the
+    weight s of mu I in (1 - s) S + s mu I, mu = tr(S) / d, for the sample covariance S of n
+    images; from tr(S) and tr(S^2) alone."""
+    dim = len(covariance)
+    mu = np.trace(covariance) / dim
+    mean_square = np.mean(covariance**2)  # tr(S^2) / d^2
+    denominator = (n + 1) * (mean_square - mu**2 / dim)
+    return 1.0 if denominator == 0 else float(min((mean_square + mu**2) / denominator, 1.0))
+
+
+def shrink(covariance: np.ndarray, shrinkage: float) -> np.ndarray:
+    """(1 - shrinkage) S + shrinkage tr(S) / d I."""
+    dim = len(covariance)
+    shrunk = (1.0 - shrinkage) * covariance
+    shrunk[np.diag_indices(dim)] += shrinkage * np.trace(covariance) / dim
+    return shrunk
+
+
+def choose_covariance(stats: TiedGaussianStats, folds: Sequence[TiedGaussianStats] | None,
+                      ridge: float = 1e-6, covariance: str = "auto") -> dict:
+    """The covariance estimator of one layer and why, as the fit records it.
+
+    "auto": the sample covariance from SHRINK_BELOW x d images up (its inverse is then
+    stable); OAS for fewer images than dimensions (the sample covariance is singular);
+    between, of "sample" and "oas" the one whose fit on the other folds gives the `folds`'
+    images (a partition of the fitted ones) the higher mean log-density.
+    """
+    n, dim = stats.num_images, len(stats.outer)
+    record = {"images": n, "dimensions": dim}
+    if covariance != "auto":
+        chosen, why = covariance, "set by the caller"
+    elif n >= SHRINK_BELOW * dim:
+        chosen, why = "sample", f"{n} images >= {SHRINK_BELOW} x {dim} dimensions"
+    elif n < dim:
+        chosen, why = "oas", f"{n} images < {dim} dimensions: the sample covariance is singular"
+    else:
+        held_out = _cross_validated(stats, folds or (), ridge)
+        if held_out is None:
+            chosen = "oas"
+            why = (f"{n} images < {SHRINK_BELOW} x {dim} dimensions, too few to hold some "
+                   "out for each class")
+        else:
+            chosen = max(held_out, key=held_out.get)
+            why = (f"{n} images < {SHRINK_BELOW} x {dim} dimensions: of {', '.join(held_out)}, "
+                   f"the higher mean log-density of held-out training images over "
+                   f"{len(folds)} folds")
+            record["held_out_log_density"] = {k: round(v, 4) for k, v in held_out.items()}
+    pooled = stats.covariance(0.0, "sample")[1]
+    record.update(covariance=chosen, why=why, shrinkage=round(
+        oas_shrinkage(pooled, n), 6) if chosen == "oas" else 0.0)
+    return record
+
+
+def held_out_log_density(fitted: TiedGaussianStats, held_out: TiedGaussianStats,
+                         ridge: float = 1e-6) -> dict[str, float]:
+    """{estimator: the mean log-density of the `held_out` images under the Gaussians fitted
+    on `fitted` with it}. Both estimators share the pooled covariance's eigenvectors, so one
+    eigendecomposition serves them (a d = 1024 layer's inverse per fold and estimator took
+    seconds on 2 cores)."""
+    means, pooled = fitted.covariance(0.0, "sample")
+    dim, n = len(pooled), held_out.counts.sum()
+    eigenvalues, vectors = np.linalg.eigh(pooled)
+    eigenvalues = np.maximum(eigenvalues, 0.0)
+    # diag(V^T M V) of the held-out scatter M: its spread along each eigenvector
+    spread = np.einsum("ij,ij->j", vectors, held_out.scatter(means) @ vectors)
+    mean_variance = np.trace(pooled) / dim  # kept by shrinkage
+    result = {}
+    for kind in ESTIMATORS:
+        values = eigenvalues
+        if kind == "oas":
+            shrinkage = oas_shrinkage(pooled, fitted.counts.sum())
+            values = (1.0 - shrinkage) * eigenvalues + shrinkage * mean_variance
+        values = values + ridge * max(mean_variance, 1e-12)  # as `TiedGaussianStats.fit`
+        result[kind] = float(-0.5 * (dim * np.log(2 * np.pi) + np.log(values).sum()
+                                     + (spread / values).sum() / n))
+    return result
+
+
+def _cross_validated(stats, folds, ridge) -> dict[str, float] | None:
+    """{estimator: the mean over `folds` of its held-out log-density}; None when a fold
+    leaves a class without images to fit."""
+    values = []
+    for fold in folds:
+        rest = stats.minus(fold)
+        if (rest.counts < 1).any() or fold.num_images == 0:
+            return None
+        values.append(held_out_log_density(rest, fold, ridge))
+    return {kind: float(np.mean([v[kind] for v in values])) for kind in ESTIMATORS} \
+        if values else None
 
 
 class TiedGaussianScores(keras.layers.Layer):
@@ -207,6 +344,8 @@ class FeatureDensity(keras.Model):
         self.density_scores = TiedGaussianScores(
             num_classes, {name: dims[name] for name in self.layer_names}, split,
             name="density_scores")
+        # per layer, the covariance estimator `fit_features` chose and why
+        self.fit_record: dict[str, dict] = {}
         self.built = True
 
     def call(self, images, training=None):
@@ -219,12 +358,20 @@ class FeatureDensity(keras.Model):
         return self.density_scores(features), self.classifier.logits_from_features(features)
 
     def fit_features(self, batches: Iterable, ridge: float = 1e-6, progress=None,
-                     encode=None) -> int:
+                     encode=None, covariance: str = "sample") -> int:
         """Fits every layer from (images, labels) batches (no augmentation); returns N.
-        `encode`: an `encode_function()` kept by a caller that refits, so that it is traced
-        once (a new one costs seconds)."""
+        `covariance`: "sample", "oas" or "auto" (`choose_covariance`); what each layer got
+        and why is in `fit_record` afterwards. `encode`: an `encode_function()` kept by a
+        caller that refits, so that it is traced once (a new one costs seconds)."""
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {', '.join(COVARIANCES)}, got "
+                             f"{covariance!r}")
         stats = {name: TiedGaussianStats(self.num_classes, dim)
                  for name, dim in self.density_scores.dims.items()}
+        # image i of the stream goes to fold i % FOLDS, while a layer may need them
+        folds = {name: [TiedGaussianStats(self.num_classes, dim) for _ in range(FOLDS)]
+                 for name, dim in self.density_scores.dims.items()} \
+            if covariance == "auto" else {}
         encode = encode or self.encode_function()
         n = 0
         for images, labels in batches:
@@ -232,14 +379,22 @@ class FeatureDensity(keras.Model):
             if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
                                  f"{labels.min()}..{labels.max()}")
+            fold_of = (n + np.arange(len(labels))) % FOLDS
             for name, value in encode(images).items():
-                stats[name].update(value.numpy(), labels)
+                value = value.numpy()
+                stats[name].update(value, labels)
+                if name in folds and n < SHRINK_BELOW * len(stats[name].outer):
+                    for k, fold in enumerate(folds[name]):
+                        fold.update(value[fold_of == k], labels[fold_of == k])
             n += len(labels)
             if progress is not None:
                 progress(n)
+        self.fit_record = {}
         for name, stat in stats.items():
-            means, factor = stat.fit(ridge)
+            record = choose_covariance(stat, folds.get(name), ridge, covariance)
+            means, factor = stat.fit(ridge, record["covariance"])
             self.density_scores.set_gaussians(name, means, factor)
+            self.fit_record[name] = record
         return n
 
     def encode_function(self):

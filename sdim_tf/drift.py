@@ -4,7 +4,9 @@ The exported thresholds promise a rejection rate of at most alpha on images draw
 calibration images (`sdim_tf.conformal`). In production that promise fails silently: the
 inputs drift (a new camera, a new product line) and the model rejects more. This module
 watches the stream of `rejected` flags, in arrival order, and raises an alarm when the
-rejection rate rises above alpha.
+rejection rate rises above alpha. One CUSUM watches one reason of refusal against its own
+rate (`pipeline.monitor` runs one for the unfamiliar refusals against alpha and one for the
+ambiguous ones against their held-out rate).
 
 Design:
 

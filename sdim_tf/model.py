@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from sdim_tf import losses, mutual_info, outliers
+from sdim_tf import robust as _robust
 from sdim_tf.class_conditional import ClassConditionalGaussians
 from sdim_tf.encoder import ResNetEncoder
 
@@ -20,6 +21,7 @@ class _Classifier(keras.Model):
     """
 
     loss_names: tuple[str, ...] = ("loss",)
+    robust: _robust.RobustTraining = _robust.RobustTraining()  # adversarial training: off
 
     def _make_trackers(self):
         self.trackers = {name: keras.metrics.Mean(name=name) for name in self.loss_names}
@@ -55,8 +57,9 @@ class _Classifier(keras.Model):
     def train_step(self, data):
         images, labels = data[:2]
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        images, extra = _robust.training_inputs(self.robust, self, images, labels)
         with tf.GradientTape() as tape:
-            terms, logits = self._loss_terms(images, labels, training=True)
+            terms, logits = self._loss_terms(images, labels, training=True, **extra)
             scaled = terms["loss"] / replicas
         grads = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
@@ -92,7 +95,9 @@ class SDIM(_Classifier):
     `outlier_weight` > 0 (not in the paper; off by default) it adds that weight times
     `losses.outlier_margin_loss` on 2x2 mosaics of a quarter of each batch
     (`outliers.batch_mosaics`), encoded in the same pass as the batch (its batch-norm
-    statistics include them).
+    statistics include them). With `robust` (`sdim_tf.robust.RobustTraining` or its config;
+    off by default) each training step adds terms on adversarial examples of the batch,
+    encoded in the same pass, or (`clean=False`) trains on them in place of the batch.
     """
 
     loss_names = ("loss", "mi_loss", "nll_loss", "lm_loss")
@@ -103,12 +108,13 @@ class SDIM(_Classifier):
                  mi_bound: str = "jsd", critic_units: int = 256,
                  local_stage: int | None = None, log_scale_floor: float | None = None,
                  filters: Sequence[int] = (32, 64, 128, 256), outlier_weight: float = 0.0,
-                 outlier_margin: float = 10.0, **kwargs):
+                 outlier_margin: float = 10.0, robust: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         if outlier_weight < 0:
             raise ValueError(f"outlier_weight must be >= 0, got {outlier_weight}")
-        if outlier_weight:
-            self.loss_names = (*SDIM.loss_names, "om_loss")
+        self.robust = _robust.RobustTraining.from_config(robust)
+        self.loss_names = (*SDIM.loss_names, *("om_loss",) * bool(outlier_weight),
+                           *self.robust.loss_names * self.robust.enabled)
         if critic not in mutual_info.CRITICS:
             raise ValueError(f"unknown critic {critic!r}; known: "
                              f"{', '.join(mutual_info.CRITICS)}")
@@ -122,6 +128,8 @@ class SDIM(_Classifier):
             local_stage=local_stage or mutual_info.DEFAULT_LOCAL_STAGE[critic],
             log_scale_floor=log_scale_floor, filters=tuple(filters),
             outlier_weight=outlier_weight, outlier_margin=outlier_margin)
+        if self.robust.enabled:  # absent when off: configs saved before it load unchanged
+            self.config["robust"] = self.robust.to_config()
         c = self.config
         self.encoder = ResNetEncoder(n, rep_dim, filters, c["local_stage"], name="encoder")
         self.critic = mutual_info.CRITICS[critic](critic_units, name="critic")
@@ -148,17 +156,20 @@ class SDIM(_Classifier):
         """The summed log p(x|c) = log p(z|c) for every class, [N, C] (an alias of call)."""
         return self(images, training=training)
 
-    def _loss_terms(self, images, labels, training):
+    def _loss_terms(self, images, labels, training, adversarial=None):
         c = self.config
         n = tf.shape(images)[0]
         count = tf.maximum(n // 4, 1)
-        batch = images
+        batch = [images]
         if c["outlier_weight"]:
             # One pass with the batch, so the mosaics share its normalisation: encoded apart
             # (moving statistics) they teach the encoder that inference-mode features are
             # outliers, and clean test images fall with them.
-            batch = tf.concat([images, outliers.batch_mosaics(images, count)], axis=0)
-        local, encoded = self.encoder(batch, training=training)
+            batch.append(outliers.batch_mosaics(images, count))
+        if adversarial is not None:  # last, in the same pass for the same reason
+            batch.append(tf.cast(adversarial, images.dtype))
+        local, encoded = self.encoder(tf.concat(batch, axis=0) if len(batch) > 1 else images,
+                                      training=training)
         local, z = local[:n], encoded[:n]
         ll = self.class_conditional(z)
         per_dim_ll = ll / c["rep_dim"]
@@ -173,9 +184,15 @@ class SDIM(_Classifier):
         terms = {"mi_loss": mi, "nll_loss": nll, "lm_loss": lm}
         if c["outlier_weight"]:
             terms["om_loss"] = losses.outlier_margin_loss(
-                self.class_conditional(encoded[n:]) / c["rep_dim"],
+                self.class_conditional(encoded[n:n + count]) / c["rep_dim"],
                 losses.true_class(per_dim_ll[:count], labels[:count]), c["outlier_margin"])
             total += c["outlier_weight"] * terms["om_loss"]
+        if adversarial is not None:
+            added, robust_terms = _robust.loss_terms(
+                self.robust, self.class_conditional(encoded[-n:]) / c["rep_dim"], per_dim_ll,
+                labels, c["margin"], c["beta"], c["gamma"])
+            total += added
+            terms.update(robust_terms)
         return {"loss": total, **terms}, ll
 
 

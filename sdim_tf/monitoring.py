@@ -4,7 +4,7 @@ Rejection decays with training (docs/results.md: 98.4% of MNIST rejected by a Fa
 model at 8 epochs, 82% at 50) while accuracy keeps rising, so it has to be watched like a
 loss. `rejection_quality` measures, for the model's own log p(x|c) and for tied Gaussians
 (`sdim_tf.density.FeatureDensity`) on sets of encoder layers, the deployed rule
-(`sdim_tf.budget_rules`, what the calibrate stage deploys): one threshold shared by all
+(a rule of `sdim_tf.rules`, as the calibrate stage deploys it): one threshold shared by all
 classes, by default split conformal on the held-out images' top scores, else ("percentile")
 the largest percentile of the correct ones rejecting at most `budget` of the held-out images;
 then the share of each outlier set it rejects and the AUROC held-out vs outliers.
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from sdim_tf import budget_rules, density, metrics, rejection
+from sdim_tf import density, metrics, rejection, rules
 
 MODEL_SCORE = "model"
 
@@ -86,10 +86,15 @@ class RejectionMonitor:
                  layers: Sequence[Sequence[str]] = (layer_set(),),
                  batch_size: int = 500, rule: str = "conformal",
                  confidence: float | None = 0.95):
-        budget_rules.check_rule(rule)
+        # the unfamiliar rule with the budget as its setting, one threshold for all classes
+        settings = {"alpha": budget, "budget": budget, "confidence": confidence,
+                    "grouping": "shared"}
+        if rule not in rules.names(rejection.UNFAMILIAR):
+            raise ValueError(f"rule must be one of {', '.join(rules.names(rejection.UNFAMILIAR))}"
+                             f", got {rule!r}")
+        self.rule = rules.build(rule, settings)
         self.fit, self.held_out, self.outliers = fit, held_out, dict(outliers)
         self.budget, self.batch_size = budget, batch_size
-        self.rule, self.confidence = rule, confidence
         self.layer_sets = [tuple(s) for s in layers]
         needed = [name for name in density.LAYERS if any(name in s for s in self.layer_sets)]
         num_classes = int(model.config["num_classes"])
@@ -133,12 +138,14 @@ class RejectionMonitor:
         result["seconds"] = round(time.perf_counter() - started, 3)
         return result
 
-    def _threshold(self, log_likelihoods: np.ndarray) -> tuple[float | None, float]:
-        """(percentile or None, the shared threshold) on the held-out scores."""
-        chosen = budget_rules.budget_thresholds(log_likelihoods, self.budget, rule=self.rule,
-                                                labels=self.held_out[1],
-                                                confidence=self.confidence)
-        return chosen.percentile, float(chosen.thresholds[0])
+    def _threshold(self, class_scores: np.ndarray) -> tuple[float | None, float]:
+        """(percentile or None, the shared threshold) on the held-out scores; -inf (none
+        rejected) when the held-out images are too few for the rule's promise."""
+        try:
+            chosen = self.rule.calibrate(class_scores, self.held_out[1])
+        except rules.CalibrationError:
+            return None, -math.inf
+        return chosen.record.get("percentile"), float(chosen.thresholds[0])
 
     def _refit(self) -> None:
         images, labels = self.fit
@@ -204,12 +211,12 @@ def _quality(scores: dict, labels: np.ndarray, outliers: list,
     """The shared threshold (percentile or None, value) on one score's [N, C] outputs of every
     image set."""
     labels = np.asarray(labels).reshape(-1)
-    log_likelihoods = scores["held_out"]
+    class_scores = scores["held_out"]
     percentile, value = threshold
-    thresholds = np.full(log_likelihoods.shape[1], value)
+    thresholds = np.full(class_scores.shape[1], value)
     top = {k: v.max(axis=1) for k, v in scores.items()}
     rejected = {k: _rejected(v, thresholds) for k, v in scores.items()}
-    result = {"accuracy": _accuracy(log_likelihoods, labels),
+    result = {"accuracy": _accuracy(class_scores, labels),
               **({} if percentile is None else {"percentile": float(percentile)}),
               "threshold": float(value),
               "rejected": _share(rejected["held_out"]),
@@ -232,15 +239,15 @@ def _quality(scores: dict, labels: np.ndarray, outliers: list,
     return result
 
 
-def _rejected(log_likelihoods: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+def _rejected(class_scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """The deployed rule (equation 9, `rejection.decide`)."""
-    if not len(log_likelihoods):
+    if not len(class_scores):
         return np.zeros(0, bool)
-    return rejection.decide(log_likelihoods, thresholds).rejected.numpy()
+    return rejection.decide(class_scores, thresholds).rejected.numpy()
 
 
-def _accuracy(log_likelihoods: np.ndarray, labels: np.ndarray) -> float:
-    return float((log_likelihoods.argmax(axis=1) == labels).mean()) if len(labels) else math.nan
+def _accuracy(class_scores: np.ndarray, labels: np.ndarray) -> float:
+    return float((class_scores.argmax(axis=1) == labels).mean()) if len(labels) else math.nan
 
 
 def _share(flags: np.ndarray) -> float:

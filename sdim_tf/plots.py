@@ -12,11 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def class_histograms(in_ll: np.ndarray, in_labels: np.ndarray, ood_ll: np.ndarray,
+def class_histograms(in_scores: np.ndarray, in_labels: np.ndarray, ood_scores: np.ndarray,
                      thresholds: Sequence[float], class_names: Sequence[str],
-                     path: str | os.PathLike, ood_name: str = "OOD") -> None:
-    """Paper Figure 2 style: per class c, log p(x|c) of test samples of class c, of the OOD
-    samples, and the threshold delta_c."""
+                     path: str | os.PathLike, ood_name: str = "OOD",
+                     score_name: str = "log p(x | y=c)",
+                     threshold_name: str = "threshold") -> None:
+    """Paper Figure 2 style: per class c, the class-c score (`score_name`, the paper's
+    log p(x|c) by default) of test samples of class c, of the OOD samples, and the threshold
+    delta_c (`threshold_name` in the legend)."""
     num = len(class_names)
     cols = min(5, num)
     rows = -(-num // cols)
@@ -25,19 +28,20 @@ def class_histograms(in_ll: np.ndarray, in_labels: np.ndarray, ood_ll: np.ndarra
         if c >= num:
             ax.axis("off")
             continue
-        inside = in_ll[in_labels == c, c]
-        outside = ood_ll[:, c]
+        inside = in_scores[in_labels == c, c]
+        outside = ood_scores[:, c]
         low = np.percentile(np.concatenate([inside, outside]), 1)
         high = max(inside.max(initial=-np.inf), outside.max(initial=-np.inf))
         bins = np.linspace(low, high, 40)
         ax.hist(np.clip(inside, low, None), bins, alpha=0.6, density=True, label="in (test)")
         ax.hist(np.clip(outside, low, None), bins, alpha=0.6, density=True, label=ood_name)
         if np.isfinite(thresholds[c]):
-            ax.axvline(thresholds[c], color="k", linestyle="--", linewidth=1, label="threshold")
+            ax.axvline(thresholds[c], color="k", linestyle="--", linewidth=1,
+                       label=threshold_name)
         ax.set_title(f"{c}: {class_names[c]}", fontsize=9)
         ax.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=7)
-    fig.supxlabel("log p(x | y=c)  (values below the 1st percentile of the plot are clipped)",
+    fig.supxlabel(f"{score_name}  (values below the 1st percentile of the plot are clipped)",
                   fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -212,12 +216,19 @@ def training_curves(rows: Sequence[dict], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def risk_coverage(curves: dict, path: str | os.PathLike) -> None:
-    """Risk (errors among the accepted) against coverage, one line per image set."""
+def risk_coverage(curves: dict, path: str | os.PathLike, points: dict | None = None,
+                  title: str | None = None) -> None:
+    """Risk (errors among the accepted) against coverage, one line per image set; `points`
+    ({label: (coverage, risk)}) marks chosen operating points."""
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
     for name, curve in curves.items():
         ax.plot(100 * np.asarray(curve["coverage"]), 100 * np.asarray(curve["risk"]),
                 marker="o", markersize=3, label=name.replace("_", " "))
+    for label, (coverage, risk) in (points or {}).items():
+        ax.plot([100 * coverage], [100 * risk], marker="*", markersize=12, linestyle="none",
+                label=label)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.set_xlabel("coverage (% accepted, best scores first)")
     ax.set_ylabel("risk (% wrong among accepted)")
     ax.grid(alpha=0.3)

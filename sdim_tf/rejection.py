@@ -180,6 +180,29 @@ def decide(class_scores, thresholds, valid=None, min_gap=None) -> Decision:
     return Decision(class_ids, score, threshold, rejected, gaps, least, unfamiliar, ambiguous)
 
 
+def outcomes(decision: Decision, labels=None) -> dict:
+    """What a decision did to a set of images, as shares of all of them: accepted
+    (`coverage`), refused as unfamiliar, refused as ambiguous; with `labels`, the accuracy,
+    the accuracy among the accepted (None when none is) and the silent error (accepted and
+    wrong). Without labels (images of no known class) every accepted answer is wrong: the
+    silent error is the coverage."""
+    rejected = decision.rejected.numpy()
+    n, accepted = len(rejected), ~rejected
+    result = {"images": int(n), "coverage": _mean(accepted), "rejected": _mean(rejected),
+              UNFAMILIAR: _mean(decision.unfamiliar.numpy()),
+              AMBIGUOUS: _mean(decision.ambiguous.numpy())}
+    if labels is None:
+        return {**result, "silent_error": result["coverage"]}
+    right = decision.class_ids.numpy() == np.asarray(labels).reshape(-1)
+    return {**result, "accuracy": _mean(right),
+            "accuracy_on_accepted": _mean(right[accepted]) if accepted.any() else None,
+            "silent_error": _mean(accepted & ~right)}
+
+
+def _mean(flags: np.ndarray) -> float:
+    return float(np.mean(flags)) if len(flags) else math.nan
+
+
 def _cast_thresholds(thresholds, dtype) -> tf.Tensor:
     if not (tf.is_tensor(thresholds) or isinstance(thresholds, tf.Variable)):
         thresholds = np.asarray(thresholds, np.float64)  # not through float32

@@ -8,6 +8,10 @@ input validation:
 images at the dataset's source size and preprocesses them with `data.preprocess` (the
 training pipeline's own function); `classify_encoded` takes PNG/JPEG bytes. Rows with NaN,
 Inf or pixels outside [0, 1] are answered as rejected; the rest of the batch is classified.
+
+Every output follows the deployed score `class_scores`: `class_ids` is its argmax,
+`class_name` that class's name, `probabilities` its softmax (argmax `class_ids`), `score`
+and `gap` its best value and margin.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ class RejectingClassifier(tf.Module):
         self.limits = limits or Limits()
         self.num_classes = len(thresholds)
         self.class_names = list(class_names) if class_names is not None else None
+        # the `class_name` output: REST clients read no assets
+        self._names = tf.constant(self.class_names or [str(c) for c in range(len(thresholds))])
         self.channels = int(channels)
         self.source_size = tuple(int(s) for s in source_size)
         # +inf (a class never correctly classified in calibration) stays +inf: always rejected.
@@ -148,17 +154,18 @@ class RejectingClassifier(tf.Module):
             refused = tf.fill(tf.shape(finite), "")
         valid = finite & in_range & tf.equal(refused, "")
         clean = tf.where(valid[:, None, None, None], images, tf.zeros_like(images))
-        scores, ll = self.model.scores_and_logits(clean)
-        invalid = tf.fill(tf.shape(ll), -np.inf)
-        scores = tf.where(valid[:, None], tf.cast(scores, tf.float32), invalid)
-        ll = tf.where(valid[:, None], tf.cast(ll, tf.float32), invalid)
+        # Only the deployed score is answered: the classifier's own logits (the SDIM head's
+        # log-likelihoods) can name another class than the density's argmax.
+        scores, _ = self.model.scores_and_logits(clean)
+        scores = tf.where(valid[:, None], tf.cast(scores, tf.float32),
+                          tf.fill(tf.shape(scores), -np.inf))
         decision = rejection.decide(scores, self.thresholds, valid, self.min_gap)
-        probabilities = tf.where(valid[:, None], tf.nn.softmax(ll), tf.zeros_like(ll))
+        probabilities = tf.where(valid[:, None], tf.nn.softmax(scores), tf.zeros_like(scores))
         reason = tf.where(tf.not_equal(refused, ""), refused,
                           tf.where(~finite, "non_finite",
                                    tf.where(~in_range, "out_of_range", decision.reasons())))
-        return {"class_scores": scores, "log_likelihoods": ll,
-                "class_ids": decision.class_ids, "max_log_likelihood": tf.reduce_max(ll, axis=1),
+        return {"class_scores": scores, "class_ids": decision.class_ids,
+                "class_name": tf.gather(self._names, decision.class_ids),
                 "score": decision.score, "threshold": decision.threshold,
                 "gap": decision.gap, "min_gap": decision.min_gap,
                 "rejected": decision.rejected, "reason": reason,

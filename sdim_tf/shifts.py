@@ -168,7 +168,8 @@ def measure(deployable, images: np.ndarray, labels: np.ndarray, seed: int = 0,
 
     `deployable` has `class_scores(batches)` and `decide(scores)` (a
     `serving.RejectingClassifier`). Per corruption and severity: accuracy, the rejected
-    share and the silent error (accepted and wrong, a share of all images); the
+    share (and the shares refused as unfamiliar and as ambiguous) and the silent error
+    (accepted and wrong, a share of all images); the
     risk-coverage area of the deployed score (lower is better) on clean images and on all
     corruptions at MIDDLE_SEVERITY pooled; `mean_silent_error_middle` averages the
     corruptions at MIDDLE_SEVERITY.
@@ -178,7 +179,7 @@ def measure(deployable, images: np.ndarray, labels: np.ndarray, seed: int = 0,
     killed run kept (the evaluate stage resumes so). `progress(done, total)` is called
     after each part.
     """
-    from sdim_tf import data, metrics  # TensorFlow for the forward pass
+    from sdim_tf import data, metrics, rejection  # TensorFlow for the forward pass
 
     labels = np.asarray(labels)
 
@@ -193,7 +194,9 @@ def measure(deployable, images: np.ndarray, labels: np.ndarray, seed: int = 0,
         predicted, rejected = decision.class_ids.numpy(), decision.rejected.numpy()
         return ({"accuracy": float((predicted == labels).mean()),
                  "rejected": float(rejected.mean()),
-                 "silent_error": metrics.silent_error(predicted, labels, rejected)},
+                 "silent_error": metrics.silent_error(predicted, labels, rejected),
+                 **{reason: float(getattr(decision, reason).numpy().mean())
+                    for reason in (rejection.UNFAMILIAR, rejection.AMBIGUOUS)}},
                 decision.score.numpy(), predicted == labels)
 
     clean, score, correct = rule(keep("clean", lambda: {"scores": class_scores(images)})[

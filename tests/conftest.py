@@ -48,6 +48,5 @@ def tiny_run(tmp_path_factory, data_dir):
     from pipeline.config import PipelineConfig
 
     base = tmp_path_factory.mktemp("tiny_run")
-    config = PipelineConfig.from_flat(**TINY, data_dir=str(data_dir), run_dir=str(base / "run"),
-                                      export_dir=str(base / "saved_models"))
+    config = PipelineConfig.from_flat(**TINY, data_dir=str(data_dir), run_dir=str(base / "run"))
     return config, run.run(config)

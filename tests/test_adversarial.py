@@ -442,3 +442,25 @@ def test_square_accepted_finds_the_easy_case_and_not_the_infeasible_one(feasibil
     np.testing.assert_array_equal(
         result.success, _undetected_numpy(numpy_logits(result.adversarial), labels[pick],
                                           thresholds))
+
+
+def test_an_undetected_success_also_passes_the_gap():
+    """With an ambiguity threshold the attacker must also lead the second class by min_gap:
+    the acceptance is `rejection.decide`'s, and the margin loss asks for the gap."""
+    rule = adversarial.Acceptance(np.array([1.0, 2.0, 3.0]), min_gap=1.5)
+    scores = np.array([[0.0, 5.0, 1.0],   # class 1 leads class 2 by 4: accepted, wrong
+                       [0.0, 5.0, 4.0],   # leads by 1 < 1.5: refused as ambiguous
+                       [0.0, 5.0, 3.5]])  # leads by 1.5 exactly: accepted
+    labels = np.array([0, 0, 0])
+    assert adversarial.undetected_success(scores, labels, rule).tolist() == [True, False, True]
+    assert adversarial.undetected_success(scores, labels, rule.thresholds).tolist() == [
+        True, True, True]
+    # row 1, towards class 1: over its threshold by 3, ahead of class 2 by 1: the gap hinge
+    # relu(4 + 1.5 - 5) = 0.5; without min_gap relu(4 - 5) = 0
+    packed = rule.packed()
+    assert packed.tolist() == [1.0, 2.0, 3.0, 1.5]
+    targets = np.array([1, 1, 1])
+    np.testing.assert_allclose(adversarial.margin_loss(scores, labels, targets, packed)
+                               .numpy(), [0.0, 0.5, 0.0])
+    np.testing.assert_allclose(adversarial.margin_loss(scores, labels, targets,
+                                                       rule.thresholds).numpy(), [0, 0, 0])

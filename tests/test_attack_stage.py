@@ -12,7 +12,7 @@ from pipeline import artifacts, faults, run
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.run_dir import Run
 from pipeline.stages import attack
-from sdim_tf import adversarial, rejection
+from sdim_tf import adversarial, rejection, scores
 
 SMALL = dict(attack_images=4, attack_epsilons=(0.0, 0.3), attack_pgd_steps=2,
              attack_deepfool_steps=5, attack_boundary_images=3, attack_boundary_steps=5,
@@ -246,7 +246,8 @@ def test_cw_confidences_are_multiples_of_the_held_out_spread(attacked, deployed)
                                                                                  rel=1e-4)
     # the paper's score keeps the paper's confidences
     paper = attack._cw_confidences(types.SimpleNamespace(settings=adversarial.AttackSettings()),
-                                   None, types.SimpleNamespace(score="model"), None)
+                                   None, types.SimpleNamespace(score=scores.get("model")()),
+                                   None)
     assert paper[0] == (0.0, 500.0, 1000.0)
 
 

@@ -189,3 +189,18 @@ def test_decay_geometry_against_hand_computed_parts():
     assert probe["auroc_rest"] == probe["auroc_full"] == 0.5
     assert probe["auroc_between"] == 1.0
     assert "auroc_full" not in result["sets"]["held"]
+
+
+def test_a_run_with_an_ambiguity_threshold_reports_both_refusals(tmp_path):
+    _write_run(tmp_path, 0.92, 0.03, 0.95, 0.99)
+    path = tmp_path / "evaluate" / "report.json"
+    report = json.loads(path.read_text())
+    report.update(min_gap=2.5, deployed={
+        "test": {"rejected": 0.21, "ambiguous": 0.18, "accuracy_on_accepted": 0.985},
+        "ood": {"mnist": {"rejected": 0.97}}})
+    path.write_text(json.dumps(report))
+    figures = run_figures.figures(tmp_path)
+    assert figures["test_rejected"] == pytest.approx(21.0)  # not the thresholds' 3.0
+    assert figures["test_ambiguous"] == pytest.approx(18.0)
+    assert figures["accuracy_on_accepted"] == pytest.approx(98.5)
+    assert figures["mnist_rejected"] == figures["ood_rejected/mnist"] == pytest.approx(97.0)

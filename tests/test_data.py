@@ -1,18 +1,24 @@
 """sdim_tf.data: IDX files, sources, preprocessing and augmentation against numpy references."""
 
+import dataclasses
 import gzip
+import http.server
 import pathlib
+import socket
+import threading
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from sdim_tf import data
+from sdim_tf.data import tfds_source
+from tests import image_files
 
 
 def _write_split(folder: pathlib.Path, images, labels, split="train", gz=True):
     folder.mkdir(parents=True, exist_ok=True)
-    stems = data._IDX_NAMES[split]
+    stems = data.IDX_NAMES[split]
     suffix = ".gz" if gz else ""
     data.save_idx(images, folder / (stems[0] + suffix))
     data.save_idx(labels, folder / (stems[1] + suffix))
@@ -105,10 +111,21 @@ def test_unknown_dataset():
         data.load_split("cifar100", "train")
 
 
-def test_empty_data_dir_names_every_source(tmp_path, monkeypatch):
+def test_empty_data_dir_names_the_layout(tmp_path, monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    with pytest.raises(data.DataError, match=r"--data_dir .*: no train data for 'mnist'"):
+    with pytest.raises(data.DataError) as raised:
         data.load_split("mnist", "train", data_dir=str(tmp_path))
+    assert str(raised.value) == (
+        f"--data_dir {tmp_path}: no data for 'mnist' (expected FOLDER/mnist/"
+        "{train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+        f"t10k-labels-idx1-ubyte.gz}} with FOLDER={tmp_path})")
+
+
+def test_idx_folder_without_the_test_split(tmp_path):
+    _write_split(tmp_path / "mnist", np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.uint8))
+    data.load_split("mnist", "train", data_dir=str(tmp_path))
+    with pytest.raises(data.DataError, match=r"mnist: no test data \(expected t10k-images"):
+        data.load_split("mnist", "test", data_dir=str(tmp_path))
 
 
 def test_missing_data_dir(tmp_path):
@@ -116,10 +133,102 @@ def test_missing_data_dir(tmp_path):
         data.load_split("mnist", "train", data_dir=str(tmp_path / "absent"))
 
 
-def test_no_source_message_names_all_three():
-    message = data._no_source_message("mnist", "offline")
-    for word in ("--data_dir", data.DATA_DIR_ENV, "tfds"):
-        assert word in message
+def test_no_source_message_names_the_sources_and_the_layout():
+    message = tfds_source.no_source_message(data.get_spec("cifar10"), "offline")
+    for words in ("--data_dir=FOLDER", f"{data.DATA_DIR_ENV}=FOLDER", "tfds",
+                  "FOLDER/cifar10/train/<class>/*.png and FOLDER/cifar10/test/<class>/*.png"):
+        assert words in message
+
+
+def test_sdim_data_dir_naming_no_folder_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "absent"))
+    with pytest.raises(data.DataError) as raised:
+        data.load_split("fashion_mnist", "test")
+    text = str(raised.value)
+    assert text.startswith(f"{data.DATA_DIR_ENV}={tmp_path / 'absent'}: no such folder; unset")
+    assert "FOLDER/fashion_mnist/{train-images-idx3-ubyte.gz" in text and "\n" not in text
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_probe_tells_an_answer_from_none():
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)  # any answer: the server is reachable
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert tfds_source.unreachable(f"http://127.0.0.1:{server.server_port}/x") == ""
+    finally:
+        server.shutdown()
+    port = _closed_port()
+    assert tfds_source.unreachable(f"http://127.0.0.1:{port}/") == (
+        f"127.0.0.1:{port} unreachable: ConnectionError")
+
+
+def test_download_without_network_fails_before_tfds_starts(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # nothing prepared there
+    port = _closed_port()
+    spec = dataclasses.replace(data.DATASETS["mnist"], download_url=f"http://127.0.0.1:{port}/")
+    monkeypatch.setitem(data.DATASETS, "mnist", spec)
+    with pytest.raises(data.DataError) as raised:
+        data.load_split("mnist", "test")
+    text = str(raised.value)
+    assert f"tfds cannot download it: 127.0.0.1:{port} unreachable" in text
+    assert "FOLDER/mnist/{train-images-idx3-ubyte.gz" in text and "--data_dir=FOLDER" in text
+    assert not any(tmp_path.rglob("*")), "tfds started a download"
+
+
+def test_image_folder_needs_a_folder(monkeypatch):
+    monkeypatch.setenv(data.DATA_DIR_ENV, "/work")  # never read for your own images
+    with pytest.raises(data.DataError, match=r"'image_folder' reads your own folder: pass "
+                                             r"--data_dir=DIR; expected DIR/train/<class>"):
+        data.load_split("image_folder", "train")
+
+
+def test_a_registered_dataset_as_image_folders(tmp_path):
+    """mnist as PNG class folders: read at its own 28x28 grey, pixels unchanged."""
+    rng = np.random.default_rng(0)
+    expected = {}
+    for split in data.SPLITS:
+        for digit in data.get_spec("mnist").class_names:
+            for i in range(2):
+                pixels = rng.integers(0, 256, (28, 28, 1), dtype=np.uint8)
+                path = tmp_path / "mnist" / split / digit / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(tf.io.encode_png(pixels).numpy())
+                expected[(split, digit, i)] = pixels
+    loaded = data.load_split_with_source("mnist", "test", data_dir=str(tmp_path))
+    assert loaded.source == f"image_folder:{tmp_path / 'mnist'}"
+    np.testing.assert_array_equal(loaded.labels, np.repeat(np.arange(10), 2))
+    np.testing.assert_array_equal(loaded.images[15], expected[("test", "7", 1)])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (28, 28, 1), (32, 32, 3), (200, 96, 3)])
+@pytest.mark.parametrize("label", [0, 9, 127, 128, 300, 2**40, -1])
+def test_serialize_example_is_protobuf_s_deterministic_serialization(shape, label):
+    image = np.random.default_rng(label % 7).integers(0, 256, shape, dtype=np.uint8)
+    h, w, c = shape
+    ints = lambda v: tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+    reference = tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+        "label": ints(label), "height": ints(h), "width": ints(w), "channels": ints(c)}))
+    serialized = data.serialize_example(image, label)
+    assert serialized == reference.SerializeToString(deterministic=True)
+    images, labels = data.parse_examples(tf.constant([serialized]), shape)
+    np.testing.assert_array_equal(images.numpy()[0], image)
+    assert labels.numpy()[0] == label
 
 
 def test_raw_and_gz_files_and_env_var(tmp_path, monkeypatch):
@@ -144,7 +253,7 @@ def test_tfds_source_with_mock_data(monkeypatch):
     assert loaded.labels.shape == (7,) and ((0 <= loaded.labels) & (loaded.labels < 10)).all()
 
 
-def test_image_folder(tmp_path):
+def test_image_folder_same_size_pixels_unchanged(tmp_path):
     rng = np.random.default_rng(1)
     expected = {}
     for split in ("train", "test"):
@@ -152,7 +261,7 @@ def test_image_folder(tmp_path):
             folder = tmp_path / split / name
             folder.mkdir(parents=True)
             for i in range(3):
-                image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
                 (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
                 expected[(split, name, i)] = image
     loaded = data.load_split_with_source("image_folder", "test", data_dir=str(tmp_path))
@@ -170,29 +279,39 @@ def test_image_folder_rejects_unknown_test_class(tmp_path):
         data.load_split("image_folder", "test", data_dir=str(tmp_path))
 
 
-def test_image_folder_undecodable(tmp_path):
-    (tmp_path / "train" / "a").mkdir(parents=True)
-    (tmp_path / "train" / "a" / "0.png").write_bytes(b"not a png")
-    with pytest.raises(data.DataError, match=r"0\.png: cannot decode"):
-        data.load_split("image_folder", "train", data_dir=str(tmp_path))
+def test_image_folder_mixed_sizes_are_resized(tmp_path):
+    rng = np.random.default_rng(2)
+    sources = {}
+    for split in data.SPLITS:
+        for name in ("a", "b"):
+            for i, shape in enumerate([(20, 45, 3), (32, 32, 3)]):
+                pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+                path = tmp_path / split / name / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(tf.io.encode_png(pixels).numpy())
+                sources[(split, name, i)] = pixels
+    loaded = data.load_split_with_source("image_folder", "train", data_dir=str(tmp_path))
+    assert loaded.images.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(loaded.images[3], sources[("train", "b", 1)])
+    expected = image_files.fit(sources[("train", "a", 0)], 32, "stretch")
+    assert np.abs(loaded.images[0].astype(int) - expected).max() <= 1
 
 
-def _bilinear_reference(image: np.ndarray, size: int) -> np.ndarray:
-    """Half-pixel-centre bilinear resize, written out in numpy."""
-    h, w = image.shape
-
-    def weights(n_in):
-        src = (np.arange(size) + 0.5) * n_in / size - 0.5
-        src = np.clip(src, 0, n_in - 1)
-        lo = np.floor(src).astype(int)
-        hi = np.minimum(lo + 1, n_in - 1)
-        return lo, hi, src - lo
-
-    r0, r1, fr = weights(h)
-    c0, c1, fc = weights(w)
-    top = image[r0][:, c0] * (1 - fc) + image[r0][:, c1] * fc
-    bottom = image[r1][:, c0] * (1 - fc) + image[r1][:, c1] * fc
-    return top * (1 - fr[:, None]) + bottom * fr[:, None]
+def test_image_folder_skips_an_undecodable_file(tmp_path):
+    rng = np.random.default_rng(3)
+    for split in data.SPLITS:
+        for name in ("a", "b"):
+            for i in range(2):
+                path = tmp_path / split / name / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(tf.io.encode_png(rng.integers(0, 256, (4, 4, 3),
+                                                               dtype=np.uint8)).numpy())
+    (tmp_path / "train" / "a" / "2.png").write_bytes(b"not a png")
+    loaded = data.load_split_with_source("image_folder", "train", data_dir=str(tmp_path))
+    assert [p.name for p in loaded.files] == ["0.png", "1.png", "0.png", "1.png"]
+    strict = data.FolderOptions(on_bad_file="fail")
+    with pytest.raises(data.DataError, match=r"2\.png: undecodable: .*--on_bad_file=skip"):
+        data.load_split_with_source("image_folder", "train", str(tmp_path), options=strict)
 
 
 def test_preprocess_resizes_bilinear_and_scales(data_dir):
@@ -200,8 +319,8 @@ def test_preprocess_resizes_bilinear_and_scales(data_dir):
     out = data.preprocess(image[..., None]).numpy()
     assert out.shape == (3, 32, 32, 1) and out.dtype == np.float32
     for i in range(3):
-        expected = _bilinear_reference(image[i].astype(np.float64) / 255.0, 32)
-        np.testing.assert_allclose(out[i, ..., 0], expected, atol=1e-5)
+        expected = image_files.bilinear(image[i, ..., None].astype(np.float64) / 255.0, 32, 32)
+        np.testing.assert_allclose(out[i], expected, atol=1e-5)
     assert out.min() >= 0.0 and out.max() <= 1.0
 
 

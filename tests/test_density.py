@@ -131,3 +131,156 @@ def test_split_terms_match_the_projection_in_the_precision_metric():
     np.testing.assert_allclose(fresh.predict(queries, verbose=0), got, rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError, match="split terms need layers of more than 2"):
         density.TiedGaussianScores(3, {"tiny": 2}, split=True)
+
+
+def _grouped(rng, n, dim, num_classes=3):
+    """Features of `num_classes` shifted groups with a low-rank (anisotropic) covariance."""
+    labels = np.arange(n) % num_classes
+    mixing = rng.normal(size=(dim, dim)) * np.geomspace(1.0, 1e-2, dim)
+    x = rng.normal(size=(n, dim)) @ mixing.T + 2.0 * labels[:, None]
+    return x, labels
+
+
+def test_oas_is_scikit_learns_on_the_class_centred_features():
+    from sklearn.covariance import OAS
+
+    rng = np.random.default_rng(3)
+    x, labels = _grouped(rng, 60, 40)
+    stats = density.TiedGaussianStats(3, 40)
+    for i in range(0, 60, 25):
+        stats.update(x[i:i + 25], labels[i:i + 25])
+    means, shrunk = stats.covariance(ridge=0.0, covariance="oas")
+    centred = x - np.stack([x[labels == c].mean(0) for c in range(3)])[labels]
+    reference = OAS(assume_centered=True).fit(centred)
+    np.testing.assert_allclose(shrunk, reference.covariance_, rtol=1e-9, atol=1e-12)
+    pooled = stats.covariance(ridge=0.0)[1]
+    assert density.oas_shrinkage(pooled, 60) == pytest.approx(reference.shrinkage_, rel=1e-9)
+    assert 0 < reference.shrinkage_ < 1
+    means, factor = stats.fit(ridge=0.0, covariance="oas")
+    np.testing.assert_allclose(factor @ factor.T, np.linalg.inv(reference.covariance_),
+                               rtol=1e-6)
+
+
+def test_held_out_log_density_is_scipys_for_both_estimators():
+    from scipy import stats as scipy_stats
+    from sklearn.covariance import OAS
+
+    rng = np.random.default_rng(4)
+    x, labels = _grouped(rng, 50, 12)
+    held = np.arange(50) % 4 == 0
+    fitted, held_out = density.TiedGaussianStats(3, 12), density.TiedGaussianStats(3, 12)
+    fitted.update(x[~held], labels[~held])
+    held_out.update(x[held], labels[held])
+    got = density.held_out_log_density(fitted, held_out, ridge=1e-3)
+    fx, fl = x[~held], labels[~held]
+    means = np.stack([fx[fl == c].mean(0) for c in range(3)])
+    centred = fx - means[fl]
+    for kind, covariance in (("sample", centred.T @ centred / len(fx)),
+                             ("oas", OAS(assume_centered=True).fit(centred).covariance_)):
+        covariance = covariance + 1e-3 * np.trace(covariance) / 12 * np.eye(12)
+        expected = np.mean([scipy_stats.multivariate_normal(means[c], covariance).logpdf(v)
+                            for v, c in zip(x[held], labels[held], strict=True)])
+        assert got[kind] == pytest.approx(expected, rel=1e-9)
+
+
+def _fold_reference(x, labels, kind, ridge, folds=density.FOLDS):
+    """Mean over folds (image i in fold i % folds) of the held-out images' mean log-density
+    under the estimator fitted, by the textbook, on the other folds."""
+    from scipy import stats as scipy_stats
+    from sklearn.covariance import OAS
+
+    values = []
+    for k in range(folds):
+        held = np.arange(len(x)) % folds == k
+        fx, fl = x[~held], labels[~held]
+        means = np.stack([fx[fl == c].mean(0) for c in range(3)])
+        centred = fx - means[fl]
+        cov = (OAS(assume_centered=True).fit(centred).covariance_ if kind == "oas"
+               else centred.T @ centred / len(fx))
+        cov = cov + ridge * np.trace(cov) / len(cov) * np.eye(len(cov))
+        values.append(np.mean([scipy_stats.multivariate_normal(means[c], cov).logpdf(v)
+                               for v, c in zip(x[held], labels[held], strict=True)]))
+    return float(np.mean(values))
+
+
+def test_auto_covariance_follows_its_rule_and_the_held_out_folds():
+    rng = np.random.default_rng(5)
+    model = sdim_tf.SDIM(3, (32, 32, 1), rep_dim=16)
+    images = rng.uniform(0, 1, (90, 32, 32, 1)).astype(np.float32)
+    images[30:60] *= 0.3
+    images[60:] = np.clip(images[60:] + 0.5, 0, 1)
+    labels = np.repeat(np.arange(3), 30)
+    order = rng.permutation(90)  # any order: folds go by position in the stream
+    images, labels = images[order], labels[order]
+    scorer = density.FeatureDensity(model, 3, ("stage1", "z"), split=False)
+    batches = [(images[i:i + 40], labels[i:i + 40]) for i in range(0, 90, 40)]
+    assert scorer.fit_features(batches, covariance="auto") == 90
+    features = {k: v.numpy().astype(np.float64) for k, v in
+                model.encoder.features(images, training=False).items()}
+    for layer in ("stage1", "z"):
+        record, dim = scorer.fit_record[layer], features[layer].shape[1]
+        assert (record["images"], record["dimensions"]) == (90, dim) and 90 < 10 * dim
+        expected = {kind: _fold_reference(features[layer], labels, kind, 1e-6)
+                    for kind in density.ESTIMATORS}
+        for kind, value in record["held_out_log_density"].items():
+            assert value == pytest.approx(expected[kind], abs=1e-3 + 1e-6 * abs(expected[kind]))
+        assert record["covariance"] == max(expected, key=expected.get)
+        assert "held-out training images over 5 folds" in record["why"]
+    # the chosen estimator is the one fitted
+    chosen = density.TiedGaussianStats(3, features["z"].shape[1])
+    chosen.update(features["z"], labels)
+    means, factor = chosen.fit(1e-6, scorer.fit_record["z"]["covariance"])
+    np.testing.assert_allclose(scorer.density_scores.precision_factors["z"].numpy(), factor,
+                               rtol=1e-4, atol=1e-4 * np.abs(factor).max())
+
+
+def test_enough_images_keep_the_sample_covariance_bit_for_bit():
+    rng = np.random.default_rng(6)
+    x, labels = _grouped(rng, 400, 8)  # 400 >= 10 x 8
+    stats = density.TiedGaussianStats(3, 8)
+    stats.update(x, labels)
+    record = density.choose_covariance(stats, None)
+    assert record == {"images": 400, "dimensions": 8, "covariance": "sample",
+                      "why": "400 images >= 10 x 8 dimensions", "shrinkage": 0.0}
+    model = sdim_tf.SDIM(3, (32, 32, 1), rep_dim=8)
+    images = rng.uniform(0, 1, (200, 32, 32, 1)).astype(np.float32)
+    batches = [(images[i:i + 64], np.arange(i, min(i + 64, 200)) % 3)
+               for i in range(0, 200, 64)]
+    auto = density.FeatureDensity(model, 3, ("z",), split=False)
+    auto.fit_features(batches, covariance="auto")  # 200 >= 10 x 8 (z)
+    sample = density.FeatureDensity(model, 3, ("z",), split=False)
+    sample.fit_features(batches)
+    for key, value in sample.parameters().items():
+        np.testing.assert_array_equal(auto.parameters()[key], value)
+    assert auto.fit_record["z"]["covariance"] == "sample"
+    few = density.TiedGaussianStats(3, 8)
+    few.update(x[:7], labels[:7])  # fewer images than dimensions: no folds needed
+    assert density.choose_covariance(few, None) == {
+        "images": 7, "dimensions": 8, "covariance": "oas", "shrinkage": round(
+            density.oas_shrinkage(few.covariance(0.0)[1], 7), 6),
+        "why": "7 images < 8 dimensions: the sample covariance is singular"}
+    with pytest.raises(ValueError, match="covariance must be one of auto, sample, oas"):
+        sample.fit_features(batches, covariance="ledoit")
+
+
+@pytest.mark.parametrize("n, dim, spread, chosen", [(90, 20, 1e-2, "sample"),
+                                                    (60, 40, 1e-2, "oas")])
+def test_held_out_folds_choose_either_estimator(n, dim, spread, chosen):
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 3
+    mixing = rng.normal(size=(dim, dim)) * np.geomspace(1.0, spread, dim)
+    x = rng.normal(size=(n, dim)) @ mixing.T + 2.0 * labels[:, None]
+    stats = density.TiedGaussianStats(3, dim)
+    stats.update(x, labels)
+    folds = [density.TiedGaussianStats(3, dim) for _ in range(density.FOLDS)]
+    for k, fold in enumerate(folds):
+        held = np.arange(n) % density.FOLDS == k
+        fold.update(x[held], labels[held])
+    record = density.choose_covariance(stats, folds)
+    expected = {kind: _fold_reference(x, labels, kind, 1e-6) for kind in density.ESTIMATORS}
+    assert max(expected, key=expected.get) == record["covariance"] == chosen
+    for kind, value in record["held_out_log_density"].items():
+        assert value == pytest.approx(expected[kind], abs=1e-3)
+    pooled = stats.covariance(0.0)[1]
+    assert record["shrinkage"] == (round(density.oas_shrinkage(pooled, n), 6)
+                                   if chosen == "oas" else 0.0)

@@ -292,3 +292,38 @@ def test_cli_inputs_and_errors(tmp_path, model):
     ]:
         with pytest.raises(ValueError, match=message):
             monitor.run(*args)
+
+
+def test_each_reason_is_watched_against_its_own_rate(tmp_path):
+    """A model with an ambiguity threshold: the ambiguous refusals are left out of the
+    unfamiliar stream (its alpha stays the promise) and watched against the held-out share
+    refused as ambiguous; here only they drift."""
+    version = tmp_path / "m" / "1" / "assets"
+    version.mkdir(parents=True)
+    version.joinpath("thresholds.json").write_text(json.dumps({"deployed": {
+        "percentile": "conformal", "alpha": ALPHA, "confidence": 0.95, "n": 2500,
+        "guarantee": GUARANTEE, "min_gap": 3.0, "held_out": {"ambiguous": 0.1}}}))
+    rng = np.random.default_rng(5)
+    unfamiliar = _stream(rng, [(ALPHA, 8000)])
+    ambiguous = ~unfamiliar & _stream(rng, [(0.1, 4000), (0.3, 4000)])
+    rows = ["path,rejected,reason"] + [
+        f"{i},{str(u or a).lower()},{'unfamiliar' if u else 'ambiguous' if a else ''}"
+        for i, (u, a) in enumerate(zip(unfamiliar, ambiguous, strict=True))]
+    (tmp_path / "p.csv").write_text("\n".join(rows) + "\n")
+    report = monitor.run(str(tmp_path / "m"), None, None, 2.0, 10_000, [str(tmp_path / "p.csv")])
+    alone = drift.scan(unfamiliar, ALPHA)
+    assert report["reason"] == "unfamiliar" and report["rejections"] == int(unfamiliar.sum())
+    assert report["alarms"] == len(alone.alarms)
+    watched = drift.scan(ambiguous, 0.1)
+    assert report["ambiguous"]["alpha"] == 0.1
+    assert report["ambiguous"]["rejections"] == int(ambiguous.sum())
+    assert report["ambiguous"]["first_alarm"]["request"] == watched.first_alarm.index + 1
+    assert report["ambiguous"]["first_alarm"]["request"] > 4000 and report["alarm"] is True
+    assert "ambiguous: " in monitor.summary(report) and "alarm: YES, first at request" in \
+        monitor.summary(report).split("ambiguous: ")[1]
+    # without a reason column the stream is every rejection, against alpha
+    (tmp_path / "old.csv").write_text("rejected\n" + "\n".join(
+        str(u or a).lower() for u, a in zip(unfamiliar, ambiguous, strict=True)) + "\n")
+    old = monitor.run(str(tmp_path / "m"), None, None, 2.0, 10_000, [str(tmp_path / "old.csv")])
+    assert old["ambiguous"] is None
+    assert old["rejections"] == int((unfamiliar | ambiguous).sum())

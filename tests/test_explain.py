@@ -8,7 +8,7 @@ import sdim_tf
 from pipeline import artifacts
 from pipeline.run_dir import Run
 from pipeline.stages import explain as explain_stage
-from sdim_tf import density, explain, plots
+from sdim_tf import explain, plots
 
 
 def _with_moving_statistics(model):
@@ -30,34 +30,6 @@ def test_functional_view_gives_the_models_logits(cls, kwargs):
                                model.predict(images, verbose=0), rtol=1e-5, atol=1e-4)
     assert {id(v) for v in view.weights} <= {id(v) for v in model.weights}  # shared
     assert view.get_layer(explain.last_block_name(model)).name == "stage4_block1"
-
-
-def test_class_means_are_what_the_caption_names():
-    rng = np.random.default_rng(3)
-    z, labels = rng.normal(size=(60, 8)), np.repeat([0, 2], 30)  # class 1: no image
-    sdim = sdim_tf.SDIM(3, (32, 32, 1), rep_dim=8)
-    sdim(np.zeros((1, 32, 32, 1), np.float32))
-    means, which = explain_stage.class_means(sdim, z, labels, 3)
-    np.testing.assert_array_equal(means, sdim.class_conditional.embedding.numpy()[:, :8])
-    assert which == "the means of SDIM's class-conditional Gaussians"
-    # a density over SDIM without z: still the Gaussians' means
-    scorer = density.FeatureDensity(sdim, 3, ("head",))
-    np.testing.assert_array_equal(explain_stage.class_means(scorer, z, labels, 3)[0],
-                                  sdim.class_conditional.embedding.numpy()[:, :8])
-    # a density on z: its fitted means
-    on_z = density.FeatureDensity(sdim, 3, ("z",))
-    fitted = rng.normal(size=(3, 8)).astype(np.float32)
-    on_z.density_scores.set_gaussians("z", fitted, np.eye(8))
-    means, which = explain_stage.class_means(on_z, z, labels, 3)
-    np.testing.assert_allclose(means, fitted)
-    assert which == "the fitted density's means on z"
-    # the discriminative network: the mean of each class's points, none for an absent class
-    discriminative = sdim_tf.DiscriminativeClassifier(3, (32, 32, 1))
-    means, which = explain_stage.class_means(discriminative, z, labels, 3)
-    np.testing.assert_allclose(means[0], z[:30].sum(0) / 30)
-    np.testing.assert_allclose(means[2], z[30:].sum(0) / 30)
-    assert np.isnan(means[1]).all()
-    assert which == "the mean of the class's test images shown"
 
 
 def test_the_scatter_draws_a_star_per_class_mean(tmp_path, monkeypatch):
@@ -129,7 +101,7 @@ def test_explain_stage_writes_its_pictures(tiny_run):
         else:  # one row per image, the image and three maps
             assert width == int(1.9 * 4 * 90) and height % int(2.0 * 90) == 0
     assert {"maps_accepted.png", "representations.png", "training_curves.png"} <= set(outputs)
-    # the caption names the stars' means: the default density is not on z, the model is SDIM
-    assert "each class's mean as a star (the means of SDIM's class-conditional Gaussians)" in md
-    assert "the predicted class's score (the tied Gaussians' class score" in md
+    assert "each class's mean z over these images as a star" in md
+    assert ("Each map shows which pixels move the deployed score, the predicted class's summed "
+            "standardised tied-Gaussian score on the encoder layers quad3, quad4, head") in md
     assert "[explain.md](explain/explain.md)" in (run_dir / "README.md").read_text()

@@ -62,9 +62,10 @@ def test_plain_tensorflow_process_gives_the_in_memory_answers(exported, tmp_path
     got = np.load(tmp_path / "out.npz")
     for name in serving.SIGNATURES:
         expected = getattr(module, name)(tf.constant(inputs[name]))
-        # float32 graph vs the same graph: log-likelihoods of several hundred agree to 1e-4.
-        np.testing.assert_allclose(got[f"{name}/log_likelihoods"],
-                                   expected["log_likelihoods"].numpy(), rtol=1e-4)
+        # float32 graph vs the same graph: scores of several hundred agree to 1e-4.
+        np.testing.assert_allclose(got[f"{name}/class_scores"],
+                                   expected["class_scores"].numpy(), rtol=1e-4,
+                                   atol=1e-4 * np.abs(expected["class_scores"].numpy()).max())
         np.testing.assert_array_equal(got[f"{name}/class_ids"], expected["class_ids"].numpy())
         np.testing.assert_array_equal(got[f"{name}/rejected"], expected["rejected"].numpy())
         # the restored tf.function (README's faster Python call) runs the same graph
@@ -72,30 +73,36 @@ def test_plain_tensorflow_process_gives_the_in_memory_answers(exported, tmp_path
             np.testing.assert_array_equal(got[f"function_{key}"], got[key], err_msg=key)
     # The three ways in are one model: PNG and raw uint8 give the float signature's answer.
     for name in ("classify_raw", "classify_encoded"):
-        np.testing.assert_allclose(got[f"{name}/log_likelihoods"],
-                                   got["serving_default/log_likelihoods"], rtol=1e-5)
+        np.testing.assert_allclose(got[f"{name}/class_scores"],
+                                   got["serving_default/class_scores"], rtol=1e-5,
+                                   atol=1e-5 * np.abs(got["serving_default/class_scores"]).max())
     out = {k.split("/")[1]: got[k] for k in got.files if k.startswith("serving_default/")}
     np.testing.assert_array_equal(out["class_ids"], out["class_scores"].argmax(1))
     np.testing.assert_allclose(out["score"], out["class_scores"].max(1))
-    np.testing.assert_allclose(out["max_log_likelihood"], out["log_likelihoods"].max(1))
+    names = np.array(module.class_names)
+    assert out["class_name"].astype(str).tolist() == names[out["class_ids"]].tolist()
     thresholds = module.thresholds.numpy()
     np.testing.assert_array_equal(out["threshold"], thresholds[out["class_ids"]])
     np.testing.assert_array_equal(out["rejected"], out["score"] < out["threshold"])
+    # softmax of the deployed scores: it peaks at class_ids (the head's own log-likelihoods,
+    # which may name another class, are no output)
     np.testing.assert_allclose(out["probabilities"].sum(1), 1.0, rtol=1e-5)
+    rows = np.arange(len(out["class_ids"]))
+    np.testing.assert_array_equal(out["probabilities"][rows, out["class_ids"]],
+                                  out["probabilities"].max(1))
+    assert not {"log_likelihoods", "max_log_likelihood"} & set(out)
 
 
 def test_deployed_scores_are_the_calibrated_scorers(exported, tiny_run):
-    """class_scores are the fitted density's, log_likelihoods the SDIM head's, and the
-    thresholds the calibrated ones (on this run's default --score=feature_density)."""
+    """class_scores are the fitted density's and the thresholds the calibrated ones (on this
+    run's default --score=feature_density)."""
     _, module, raw = exported
     _, run_dir = tiny_run
     images = data.preprocess(raw).numpy()
     out = module.serving_default(tf.constant(images))
     scores = Run(run_dir).scoring_model().predict(images, verbose=0)
-    log_likelihoods = Run(run_dir).model.best().predict(images, verbose=0)
     np.testing.assert_allclose(out["class_scores"].numpy(), scores, rtol=1e-4,
                                atol=1e-4 * np.abs(scores).max())
-    np.testing.assert_allclose(out["log_likelihoods"].numpy(), log_likelihoods, rtol=1e-4)
     saved = artifacts.read_json(run_dir / "calibrate" / "thresholds.json")
     key = saved["deployed"]["percentile"]
     thresholds = np.array(saved["percentiles"][key]["thresholds"], np.float64)
@@ -115,7 +122,8 @@ def test_saved_model_cli(exported, tmp_path):
                         ("classify_encoded", "DT_STRING")):
         block = shown.split(f"signature_def['{name}']")[1].split("signature_def[")[0]
         assert f"dtype: {dtype}" in block and "outputs['rejected']" in block
-        assert "shape: (-1, 10)" in block  # log_likelihoods and probabilities
+        assert "shape: (-1, 10)" in block  # class_scores and probabilities
+        assert "outputs['class_name']" in block and "log_likelihood" not in block
     saved_model_cli_answers(path, data.preprocess(raw[:3]).numpy(), tmp_path)
 
 
@@ -174,7 +182,7 @@ def test_illegal_pixels_are_rejected_rows(exported):
         assert out["reason"].numpy()[row] == (b"unfamiliar" if clean["rejected"][row]
                                               else b"")
     for row in (0, 5):  # the legal rows are answered as before
-        np.testing.assert_array_equal(out["log_likelihoods"][row], clean["log_likelihoods"][row])
+        np.testing.assert_array_equal(out["class_scores"][row], clean["class_scores"][row])
         assert out["rejected"][row] == clean["rejected"][row]
 
 

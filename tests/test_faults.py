@@ -40,7 +40,9 @@ FILE_SIZE_LIMIT = 1 << 20
 
 
 def _args(root: pathlib.Path, epochs: int, stages: str, data_dir: pathlib.Path) -> list[str]:
+    # a smoke run: published beside its run as a subset, whatever the gate says
     return [f"--run_dir={root / 'run'}", f"--export_dir={root / 'saved_models'}",
+            "--export_subset", "--force_export",
             f"--epochs={epochs}", "--train_limit=256", "--batch_size=64",
             "--validation_split=0", "--reject_budget=0", "--shift_images=0",
             "--lr_schedule=constant",  # so the 2-epoch run can be taken to 3
@@ -67,7 +69,7 @@ def _pipeline(args: list[str], fault: str | None = None, limit_file_size: bool =
 def _facts(root: pathlib.Path, model: bool = False) -> dict:
     """What a run left on disk: per stage folder, whether it is committed (manifest) and which
     outputs differ from their recorded sha256; temporaries; history; exported versions."""
-    run_dir, model_dir = root / "run", root / "saved_models" / "sdim_fashion_mnist"
+    run_dir, model_dir = root / "run", root / "saved_models" / "fashion_mnist"
     stages = {}
     for folder in sorted(p for p in run_dir.iterdir() if p.is_dir()):
         if not folder.name.startswith("."):
@@ -200,7 +202,7 @@ def test_a_kill_in_export_publishes_no_version_and_the_rerun_a_complete_one(down
     _assert_sound(trial.after_rerun, epochs=3)
     assert trial.after_rerun["versions"] == [1]
     assert trial.after_rerun["export_temps"] == []  # the killed export's folder removed
-    _assert_versions_complete(downstream["root"] / "saved_models" / "sdim_fashion_mnist")
+    _assert_versions_complete(downstream["root"] / "saved_models" / "fashion_mnist")
 
 
 def test_a_kill_in_evaluate_resumes_after_its_finished_parts(downstream, data_dir):
@@ -258,7 +260,7 @@ def test_a_full_disk_in_export_is_one_line_and_leaves_nothing_half_written(downs
                                                                              data_dir):
     root = downstream["root"].parent / "disk_full"
     shutil.copytree(downstream["root"], root)
-    model_dir = root / "saved_models" / "sdim_fashion_mnist"
+    model_dir = root / "saved_models" / "fashion_mnist"
     before = sorted(p.name for p in model_dir.iterdir())
     args = _args(root, 3, "export", data_dir)
     line = _one_line_error(_pipeline(args, limit_file_size=True))
@@ -296,8 +298,8 @@ def _copy(downstream, tmp_path) -> tuple[pathlib.Path, PipelineConfig]:
     return run_dir, PipelineConfig.from_flat(
         dataset="fashion_mnist", epochs=3, train_limit=256, batch_size=64,
         validation_split=0, reject_budget=0, shift_images=0, lr_schedule="constant",
-        run_dir=str(run_dir),
-        export_dir=str(tmp_path / "root" / "saved_models"))
+        run_dir=str(run_dir), export_dir=str(tmp_path / "root" / "saved_models"),
+        export_subset=True, force_export=True)
 
 
 def _flip(path: pathlib.Path, offset: int) -> None:
@@ -324,7 +326,7 @@ def test_an_edited_thresholds_file_is_named_downstream_and_not_exported(downstre
     root = tmp_path / "root"
     line = _one_line_error(_pipeline(_args(root, 3, "export", data_dir)))
     assert str(thresholds) in line and "changed since calibrate wrote it" in line
-    assert sorted(p.name for p in (root / "saved_models" / "sdim_fashion_mnist").iterdir()
+    assert sorted(p.name for p in (root / "saved_models" / "fashion_mnist").iterdir()
                   if p.name.isdigit()) == ["1"]
 
 
@@ -338,7 +340,7 @@ def test_an_edited_thresholds_file_is_named_downstream_and_not_exported(downstre
     ("export", lambda d: _flip(d / "train" / TrainedModel.BEST, 1000),
      r"train/checkpoints/best\.keras changed since train wrote it"),
     # the fitted density read by evaluate
-    ("evaluate", lambda d: _flip(d / "calibrate" / Calibration.DENSITY, 2000),
+    ("evaluate", lambda d: _flip(d / "calibrate" / "density.npz", 2000),
      r"calibrate/density\.npz changed since calibrate wrote it"),
 ])
 def test_a_corrupted_upstream_artifact_is_named(downstream, tmp_path, stage, corrupt, message):

@@ -28,6 +28,7 @@ LARGEST_BATCH = 256
 
 def _spec(thresholds=(0.0,) * 10) -> fs.Spec:
     return fs.Spec(reasons=frozenset(serving.REASONS), thresholds=tuple(thresholds),
+                   class_names=tuple(f"c{i}" for i in range(len(thresholds))),
                    channels=1, source_size=(28, 28), image_size=data.IMAGE_SIZE,
                    jpeg_scan_bytes=encoded.JPEG_SCAN_BYTES,
                    jpeg_max_segments=encoded.JPEG_MAX_SEGMENTS,
@@ -159,14 +160,14 @@ def _answer() -> dict[str, np.ndarray]:
     """A correct answer to 4 rows: accepted, below threshold, non-finite input, and above
     threshold with a gap of 0.5 below min_gap 1."""
     scores = np.array([[1.0, 3.0], [2.0, 0.5], [-np.inf, -np.inf], [2.5, 3.0]], np.float32)
-    return {"class_scores": scores, "log_likelihoods": scores.copy(),
+    return {"class_scores": scores,
             "probabilities": np.array([[0.1, 0.9], [0.8, 0.2], [0, 0], [0.4, 0.6]], np.float32),
             "class_ids": np.array([1, 0, 0, 1]),
+            "class_name": np.array([b"c1", b"c0", b"c0", b"c1"], object),
             "score": np.array([3.0, 2.0, -np.inf, 3.0], np.float32),
             "threshold": np.array([2.5, 2.5, 2.5, 2.5], np.float32),
             "gap": np.array([2.0, 1.5, -np.inf, 0.5], np.float32),
             "min_gap": np.array([1.0, 1.0, 1.0, 1.0], np.float32),
-            "max_log_likelihood": np.array([3.0, 2.0, -np.inf, 3.0], np.float32),
             "rejected": np.array([False, True, True, True]),
             "reason": np.array([b"", b"unfamiliar", b"non_finite", b"ambiguous"], object)}
 
@@ -205,6 +206,10 @@ VIOLATIONS = {
     "invalid row with a gap": (lambda o: o["gap"].__setitem__(2, 0.0), "not -inf"),
     "wrong reason for the row": (lambda o: o["reason"].__setitem__(2, b"out_of_range"),
                                  "unexpected reason"),
+    "class_name of another class": (lambda o: o["class_name"].__setitem__(0, b"c0"),
+                                    "class_name is not"),
+    "probabilities peak elsewhere": (lambda o: o["probabilities"].__setitem__(
+        0, np.array([0.9, 0.1], np.float32)), "peak at another class"),
 }
 
 

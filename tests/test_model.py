@@ -112,6 +112,7 @@ def test_outlier_margin_term_on_batch_mosaics():
     (sdim_tf.SDIM, {"critic": "dot", "margin": 5.0}),
     (sdim_tf.SDIM, {"critic": "concat", "outlier_weight": 0.1, "outlier_margin": 4.0}),
     (sdim_tf.SDIM, {"critic": "concat", "log_scale_floor": -3.9}),
+    (sdim_tf.SDIM, {"robust": {"epsilon": 0.1, "attack": "fgsm", "mode": "both"}}),
     (sdim_tf.DiscriminativeClassifier, {}),
 ])
 def test_keras_round_trip(tmp_path, cls, kwargs):

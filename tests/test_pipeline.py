@@ -232,14 +232,24 @@ def test_collapse_guard_stops_a_finite_divergence(tiny_run, monkeypatch):
     ([0.50], 0.20, True),                # the edges: learned at 0.5, at 2/C
     ([], 0.05, False),                   # the first epoch
 ])
-def test_collapse_by_hand(accuracies, now, diverged):
+def test_collapse_by_hand(accuracies, now, diverged, num_classes=10):
     history = [{"epoch": e + 1, "accuracy": a} for e, a in enumerate(accuracies)]
-    why = train.collapse(history, {"loss": 1.0, "accuracy": now}, num_classes=10)
+    why = train.collapse(history, {"loss": 1.0, "accuracy": now}, num_classes=num_classes)
     assert (why is not None) == diverged
     if diverged:
         best = max(accuracies)
         assert why.startswith(f"train accuracy {now:.3f} against {best:.3f} in epoch "
                               f"{accuracies.index(best) + 1}")
+
+
+@pytest.mark.parametrize("accuracies, now, diverged", [
+    ([0.868], 0.988, False),      # learning on: never a collapse (twice chance is 1.0)
+    ([0.70], 0.55, False),        # never clearly learned: best below 0.75
+    ([0.80, 0.90], 0.71, False),  # above halfway back to chance, (0.5 + 0.9) / 2 = 0.70
+    ([0.80, 0.90], 0.70, True),   # at it
+])
+def test_collapse_by_hand_two_classes(accuracies, now, diverged):
+    test_collapse_by_hand(accuracies, now, diverged, num_classes=2)
 
 
 def test_zero_epochs_keep_the_untrained_network(tiny_run):
@@ -271,13 +281,13 @@ def test_zero_epochs_keep_the_untrained_network(tiny_run):
 def test_config_errors():
     with pytest.raises(ConfigError, match="--dataset: unknown dataset 'imagenet'"):
         PipelineConfig.from_flat(dataset="imagenet").resolve()
-    with pytest.raises(ConfigError, match=r"--train_limit=64 is smaller than one batch"):
-        PipelineConfig.from_flat(train_limit=64).resolve()
+    with pytest.raises(ConfigError, match=r"--train_limit must be >= 2, got 1"):
+        PipelineConfig.from_flat(train_limit=1).resolve()
     with pytest.raises(ConfigError, match=r"--stages: unknown \['deploy'\]"):
         PipelineConfig.from_flat(stages=("deploy",)).resolve(run.STAGE_NAMES)
     with pytest.raises(ConfigError, match="--batch_size must be >= 2"):
         PipelineConfig.from_flat(batch_size=1).resolve()
-    with pytest.raises(ConfigError, match="--score must be one of model, feature_density"):
+    with pytest.raises(ConfigError, match="--score must be one of feature_density, model"):
         PipelineConfig.from_flat(score="energy").resolve()
     with pytest.raises(ConfigError, match=r"--density_layers must be a non-empty subset"):
         PipelineConfig.from_flat(density_layers=("stage5",)).resolve()
@@ -292,9 +302,28 @@ def test_config_errors():
     with pytest.raises(ConfigError, match=r"--reject_budget=0.04 promises .* --validation_split"
                        r"=N \(at least 74 images\)"):
         PipelineConfig.from_flat(validation_split=0).resolve()
-    assert PipelineConfig.from_flat(dataset="image_folder").resolve().calibrate.reject_budget == 0
+    assert PipelineConfig.from_flat(dataset="image_folder").resolve().calibrate.reject_budget \
+        == 0.04  # on the held-out share of each class
     with pytest.raises(ConfigError, match=r"--reject_confidence must lie in \[0, 1\)"):
         PipelineConfig.from_flat(reject_confidence=1.0).resolve()
+    # the second refusal: off by default; its promise needs held-out images too
+    calibrate = PipelineConfig.from_flat().resolve().calibrate
+    assert (calibrate.max_error, calibrate.unfamiliar_rule) == (0, "conformal")
+    assert PipelineConfig.from_flat(dataset="image_folder").resolve().calibrate \
+        .unfamiliar_rule == "conformal"  # the held-out share of each class carries a budget
+    assert PipelineConfig.from_flat(reject_budget=0).resolve().calibrate \
+        .unfamiliar_rule == "percentile"
+    with pytest.raises(ConfigError, match=r"--max_error must lie in \[0, 1\)"):
+        PipelineConfig.from_flat(max_error=1.5).resolve()
+    with pytest.raises(ConfigError, match=r"--max_error=0.05 promises its error rate on "
+                       r"held-out images: pass --validation_split=N, --validation_fraction or "
+                       r"--max_error=0"):
+        PipelineConfig.from_flat(max_error=0.05, validation_split=0, reject_budget=0).resolve()
+    with pytest.raises(ConfigError, match="--unfamiliar_rule=conformal needs --reject_budget"):
+        PipelineConfig.from_flat(unfamiliar_rule="conformal", reject_budget=0).resolve()
+    with pytest.raises(ConfigError, match="--unfamiliar_rule must be one of conformal, "
+                                          "percentile"):
+        PipelineConfig.from_flat(unfamiliar_rule="median").resolve()
     assert PipelineConfig.from_flat(dataset="cifar10").resolve().model.n == 3
     assert PipelineConfig.from_flat(model="discriminative").resolve().run_dir.endswith(
         "fashion_mnist-discriminative")
@@ -309,12 +338,14 @@ def test_each_flag_keys_the_stages_that_read_it():
         for name in run.stage_settings(stage, config):
             owners.setdefault(name, []).append(stage.name)
     flags = {leaf.name for leaf in sections.leaves(PipelineConfig)}
-    assert set(owners) == flags - {"run_dir", "stages", "force", "jit_compile", "distribute"}
+    assert set(owners) == flags - {"run_dir", "stages", "force", "jit_compile", "distribute",
+                                   "export_subset", "force_export"}
     assert owners["dataset"] == owners["data_dir"] == ["ingest", "evaluate", "explain"]
-    assert owners["margin"] == owners["seed"] == owners["validation_split"] == ["train"]
+    assert owners["margin"] == owners["seed"] == owners["validation_split"] == \
+        owners["validation_fraction"] == ["train"]
     assert owners["score"] == owners["reject_budget"] == owners["percentiles"] == ["calibrate"]
     assert owners["shift_images"] == ["evaluate"]
-    assert owners["export_dir"] == owners["max_batch"] == ["export"]
+    assert owners["export_dir"] == owners["model_name"] == owners["max_batch"] == ["export"]
     assert owners["attack_images"] == owners["attack_baseline"] == ["attack"]
 
 
@@ -345,7 +376,7 @@ def test_help_lists_the_flags_by_stage_and_the_attack_flags_under_helpfull(tmp_p
 def test_cli_user_errors_are_one_line(tmp_path, tiny_run, data_dir):
     _, run_dir = tiny_run
     _assert_one_line_error(_cli(["--dataset=imagenet"], tmp_path), "unknown dataset")
-    _assert_one_line_error(_cli(["--train_limit=10"], tmp_path), "--train_limit")
+    _assert_one_line_error(_cli(["--train_limit=1"], tmp_path), "--train_limit")
     _assert_one_line_error(_cli(["--percentiles=1,x"], tmp_path),
                            "--percentiles must be numbers, got ['1', 'x']")
     _assert_one_line_error(_cli(["--attack_images=0", "--attack_cw_steps=0"], tmp_path),
@@ -416,18 +447,27 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
     assert config.train.validation_split == 5000
     assert saved["source"] == "validation" and saved["examples"] == {
         "skip": 55000, "limit": 5000, "num_samples": 5000}
-    assert saved["score"] == "feature_density" and saved["density_split"] is True  # defaults
+    assert saved["score"] == "feature_density" and saved["score_settings"]["split"] is True
     # The fitted densities are numpy's class means and pooled covariance of the features
-    # of the 1024 trained images (no augmentation).
+    # of the 1024 trained images (no augmentation), shrunk by scikit-learn's OAS where the
+    # fit chose it: 1024 images are from d to 10 x d on every default layer, where held-out
+    # folds choose.
+    from sklearn.covariance import OAS
+
     images, train_labels = run_view.examples.arrays("train", limit=1024)
     features = run_view.model.best().encoder.features(images, training=False)
-    parameters = np.load(run_dir / "calibrate" / Calibration.DENSITY)
-    for layer in saved["density_layers"]:
+    parameters = np.load(run_dir / "calibrate" / "density.npz")
+    for layer in saved["score_settings"]["layers"]:
+        record = saved["density_fit"]["covariance"][layer]
         x = features[layer].numpy().astype(np.float64)
+        assert (record["images"], record["dimensions"]) == (1024, x.shape[1])
+        assert "held-out training images over 5 folds" in record["why"]
         means = np.stack([x[train_labels == c].mean(0) for c in range(10)])
         np.testing.assert_allclose(parameters[f"{layer}/means"], means, rtol=1e-3,
                                    atol=1e-4 * np.abs(means).max())
-        covariance = np.cov((x - means[train_labels]).T, bias=True)
+        centred = x - means[train_labels]
+        covariance = OAS(assume_centered=True).fit(centred).covariance_ \
+            if record["covariance"] == "oas" else np.cov(centred.T, bias=True)
         factor = parameters[f"{layer}/precision_factor"].astype(np.float64)
         inverse = np.linalg.inv(factor)
         recovered = inverse.T @ inverse  # (L L^T)^-1 = covariance + ridge
@@ -442,7 +482,7 @@ def test_calibrate_and_evaluate_outputs(tiny_run):
     from scipy import stats
 
     assert saved["threshold_rule"] == config.calibrate.threshold_rule == "shared"
-    assert saved["deployed"]["percentile"] == "conformal"
+    assert saved["deployed"]["percentile"] == "conformal" and saved["deployed"]["min_gap"] is None
     ks = np.arange(1, 5001)
     k = ks[stats.binom.cdf(ks - 1, 5000, config.calibrate.reject_budget) <= 0.05].max()
     assert 150 < k < 200  # below the 200 of the plain 4% budget

@@ -79,8 +79,55 @@ def test_split_conformal_names_what_is_short():
                        match=r"too few held-out images predicted as \['b \(4\)', 'c \(2\)'\] "
                              r"for a per-class 4% guarantee \(each class needs 74\)"):
         rules.SplitConformal(grouping="per_class").calibrate(scores, labels, ["a", "b", "c"])
-    with pytest.raises(rules.CalibrationError,
-                       match="a 4% guarantee needs at least 74 held-out images; got 10"):
-        rules.SplitConformal().calibrate(scores[:10], labels[:10])
+    # shared, too few for the promise asked: the strongest 10 images support, on average at
+    # 1 / (10 + 1), whose threshold is the lowest top score
+    few = rules.SplitConformal().calibrate(scores[:10] + np.arange(10)[:, None], labels[:10])
+    assert few.record["alpha"] == pytest.approx(1 / 11) and few.record["confidence"] is None
+    assert few.record["asked"] == {"alpha": 0.04, "confidence": 0.95}
+    assert few.thresholds.tolist() == [1.0] * 3
     with pytest.raises(ValueError, match="alpha must lie in"):
         rules.SplitConformal(alpha=0)
+
+
+def test_percentile_with_a_budget_is_the_largest_within_it():
+    """The monitor's rule: the largest percentile (steps of 0.05) whose shared threshold
+    rejects at most the budget of the calibration images, checked against numpy."""
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(400, 3))
+    labels = np.where(rng.uniform(size=400) < 0.8, scores.argmax(1), rng.integers(0, 3, 400))
+    chosen = rules.Percentile(grouping="shared", budget=0.1).calibrate(scores, labels)
+    top, correct = scores.max(1), scores.argmax(1) == labels
+    ordered = np.sort(top[correct])
+
+    def rejected(p):  # the authors' percentile: index floor(p / 100 * n)
+        return (top < ordered[int(np.floor(p / 100 * len(ordered)))]).mean()
+
+    p = chosen.record["percentile"]
+    assert rejected(p) <= 0.1 < rejected(p + 0.05)
+    np.testing.assert_array_equal(chosen.thresholds,
+                                  [ordered[int(np.floor(p / 100 * len(ordered)))]] * 3)
+    assert chosen.record["budget"] == 0.1 and "the largest rejecting at most 10%" in \
+        chosen.promise
+    with pytest.raises(ValueError, match=r"budget must lie in \(0, 1\)"):
+        rules.Percentile(budget=1.5)
+
+
+def test_rules_built_from_settings_and_listed_by_refusal():
+    assert rules.names("unfamiliar") == ("conformal", "percentile")
+    assert rules.names("ambiguous") == ("ambiguous",)
+    # settings a rule does not have are left out; the others keep their defaults
+    assert rules.build("conformal", {"alpha": 0.1, "max_error": 0.2, "grouping": "per_class"}
+                       ) == rules.SplitConformal(alpha=0.1, grouping="per_class")
+    assert rules.build("ambiguous", {"max_error": 0.2}) == rules.Ambiguous(max_error=0.2)
+
+
+def test_calibrate_both_names_the_rule_that_cannot_keep_its_promise():
+    rng = np.random.default_rng(0)
+    scores, labels = rng.normal(size=(40, 3)), rng.integers(0, 3, 40)
+    with pytest.raises(rules.CalibrationError, match=r"^conformal: too few held-out images "
+                                                     r"predicted as"):
+        rules.calibrate_both(scores, labels, rules.SplitConformal(grouping="per_class"),
+                             rules.Ambiguous(max_error=0.01))
+    with pytest.raises(rules.CalibrationError, match=r"^ambiguous: no gap threshold"):
+        rules.calibrate_both(scores, labels, rules.Percentile(grouping="shared"),
+                             rules.Ambiguous(max_error=0.01))

@@ -55,21 +55,56 @@ def test_an_invalid_calibration_is_named(tmp_path, changes, message):
 
 
 def test_density_parameters_are_checked_and_read_without_pickle(tmp_path):
+    import sdim_tf
+    from sdim_tf import scores
+
     calibration = _calibration(tmp_path / "calibrate")
+    classifier = sdim_tf.SDIM(3, (32, 32, 1), rep_dim=4)
+    path = tmp_path / "calibrate" / scores.FeatureDensityScore.FILE
     good = {"z/means": np.zeros((3, 4), np.float32),
             "z/precision_factor": np.eye(4, dtype=np.float32)}
-    calibration.write_density(good)
-    assert set(calibration.density_parameters()) == set(good)
+    np.savez(path, **good)
+    assert tuple(calibration.scoring_model(classifier).layer_names) == ("z",)
     for bad in ({**good, "z/means": np.zeros((2, 4))},
                 {**good, "z/precision_factor": np.full((4, 4), np.nan)},
                 {"z/means": good["z/means"]}):
-        calibration.write_density(bad)
+        np.savez(path, **bad)
         with pytest.raises(ArtifactError, match="density.npz: layer z"):
-            calibration.density_parameters()
-    np.savez(tmp_path / "calibrate" / "density.npz", **{
-        "z/means": np.array([{"a": 1}], dtype=object), "z/precision_factor": np.eye(4)})
+            calibration.scoring_model(classifier)
+    np.savez(path, **{"z/means": np.array([{"a": 1}], dtype=object),
+                      "z/precision_factor": np.eye(4)})
     with pytest.raises(ArtifactError, match="density.npz cannot be read"):
-        calibration.density_parameters()
+        calibration.scoring_model(classifier)
+
+
+def test_a_calibration_without_ambiguity_or_score_settings_still_loads(tmp_path):
+    """thresholds.json written before the second refusal and the scores' own settings: no
+    min_gap (no answer refused as ambiguous), the density's settings from its own keys."""
+    from sdim_tf import scores
+
+    calibration = _calibration(tmp_path / "old", density_split=True)
+    assert calibration.min_gap() is None
+    assert calibration.score == scores.FeatureDensityScore(layers=("z",), split=True)
+    assert calibration.promises() == {"unfamiliar": None, "ambiguous": None}
+    with pytest.raises(ArtifactError, match="does not record its rules' settings"):
+        calibration.rules()
+    deployed = {"percentile": "3.5", "rule": "conformal", "min_gap": 2.5,
+                "promise": "rejects at most 4%", "unfamiliar": {
+                    "rule": "conformal", "alpha": 0.04, "confidence": None,
+                    "grouping": "shared", "counts": [5, 5, 5], "promise": "rejects at most 4%"},
+                "ambiguity": {"rule": "ambiguous", "max_error": 0.05, "confidence": 0.9,
+                              "promise": "at most 5% wrong"}}
+    new = _calibration(tmp_path / "new", score="model", score_settings={}, deployed=deployed)
+    assert new.min_gap() == 2.5 and new.score == scores.ModelScore()
+    assert new.promises() == {"unfamiliar": "rejects at most 4%",
+                              "ambiguous": "at most 5% wrong"}
+    from sdim_tf import rules
+
+    assert new.rules() == (rules.SplitConformal(alpha=0.04, confidence=None),
+                           rules.Ambiguous(max_error=0.05, confidence=0.9))
+    bad = _calibration(tmp_path / "bad", deployed={**deployed, "min_gap": "wide"})
+    with pytest.raises(ArtifactError, match="deployed min_gap must be a number or null"):
+        bad.deployed()
 
 
 @pytest.mark.parametrize("changes, split", [({}, False), ({"density_split": False}, False),
@@ -83,7 +118,8 @@ def test_the_scoring_model_follows_density_split(tmp_path, changes, split):
     rng = np.random.default_rng(0)
     means = rng.normal(size=(3, 8)).astype(np.float32)
     factor = np.tril(rng.normal(size=(8, 8))) + 4 * np.eye(8)
-    calibration.write_density({"z/means": means, "z/precision_factor": factor.astype(np.float32)})
+    np.savez(tmp_path / "calibrate" / "density.npz",
+             **{"z/means": means, "z/precision_factor": factor.astype(np.float32)})
     classifier = sdim_tf.SDIM(3, (32, 32, 1), rep_dim=8)
     scorer = calibration.scoring_model(classifier)
     assert scorer.split is split

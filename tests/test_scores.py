@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import sdim_tf
-from pipeline.stages import evaluate, export
 from sdim_tf import density, scores
 
 
@@ -27,16 +26,19 @@ def test_registry_and_the_words_of_todays_reports():
         scores.get("energy")
     model_score, density_score = scores.ModelScore(), scores.FeatureDensityScore(
         layers=["quad3", "head"], split=True)
-    saved = {"density_layers": ["quad3", "head"], "density_split": True}
-    assert model_score.description == export.SCORE_TEXT["model"](saved)
-    assert density_score.description == export.SCORE_TEXT["feature_density"](saved)
-    assert model_score.report_note == evaluate.SCORES["model"]
-    assert density_score.report_note == evaluate.SCORES["feature_density"]
+    assert model_score.description == ("the predicted class's output of the model (SDIM: "
+                                       "log p(x|c))")
+    assert density_score.description == (
+        "the predicted class's summed standardised tied-Gaussian score on the encoder layers "
+        "quad3, head (split terms) (sdim_tf.density; output class_scores)")
     assert (model_score.default_grouping, density_score.default_grouping) == (
         "per_class", "shared")
     assert scores.get("feature_density")(**density_score.settings()) == density_score
     assert scores.FeatureDensityScore().settings() == {
-        "layers": list(density.DEFAULT_LAYERS), "split": density.DEFAULT_SPLIT}
+        "layers": list(density.DEFAULT_LAYERS), "split": density.DEFAULT_SPLIT,
+        "covariance": "auto"}
+    with pytest.raises(ValueError, match="covariance must be one of auto, sample, oas"):
+        scores.FeatureDensityScore(covariance="ledoit")
     with pytest.raises(ValueError, match="layers must be a non-empty subset"):
         scores.FeatureDensityScore(layers=("stage9",))
 
@@ -55,7 +57,7 @@ def test_feature_density_fits_saves_and_loads(model_and_images, tmp_path):
     score = scores.FeatureDensityScore(layers=("stage1", "z"), split=False)
     scorer = score.fit(model, batches)
     reference = density.FeatureDensity(model, 3, ("stage1", "z"), split=False)
-    reference.fit_features(batches)
+    reference.fit_features(batches, covariance=score.covariance)
     queries = images[::7]
     expected = reference.predict(queries, verbose=0)
     np.testing.assert_array_equal(scorer.predict(queries, verbose=0), expected)

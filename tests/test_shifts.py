@@ -329,10 +329,13 @@ class _BrightnessClassifier:
             labels.append(np.asarray(batch_labels))
         return np.concatenate(scores), np.concatenate(labels)
 
+    def __init__(self, min_gap=None):
+        self.min_gap = min_gap
+
     def decide(self, scores):
         from sdim_tf import rejection
 
-        return rejection.decide(scores, [0.08, 0.08])
+        return rejection.decide(scores, [0.08, 0.08], min_gap=self.min_gap)
 
 
 def test_measure_counts_accuracy_rejection_and_silent_errors_by_hand():
@@ -342,11 +345,19 @@ def test_measure_counts_accuracy_rejection_and_silent_errors_by_hand():
     images = np.broadcast_to(means[:, None, None, None], (4, 32, 32, 1)).copy()
     labels = np.array([0, 1, 1, 1])
     result = shifts.measure(_BrightnessClassifier(), images, labels, severities=(3,))
-    assert result["clean"] == {"accuracy": 0.75, "rejected": 0.5, "silent_error": 0.0}
+    assert result["clean"] == {"accuracy": 0.75, "rejected": 0.5, "silent_error": 0.0,
+                               "unfamiliar": 0.5, "ambiguous": 0.0}
     # brightness +0.3 (severity 3): means 0.4, 0.75, 0.85, 1.0 -> predicted 0, 1, 1, 1,
     # scores 0.1, 0.25, 0.35, 0.5: none rejected, all right
     assert result["corruptions"]["brightness"]["3"] == {"accuracy": 1.0, "rejected": 0.0,
-                                                        "silent_error": 0.0}
+                                                        "silent_error": 0.0,
+                                                        "unfamiliar": 0.0, "ambiguous": 0.0}
+    # with min_gap 0.85 the gaps (twice the scores) 0.2, 0.5, 0.7 are ambiguous, 1.0 is not
+    gapped = shifts.measure(_BrightnessClassifier(min_gap=0.85), images, labels,
+                            severities=(3,))
+    assert gapped["corruptions"]["brightness"]["3"] == {"accuracy": 1.0, "rejected": 0.75,
+                                                        "silent_error": 0.0,
+                                                        "unfamiliar": 0.0, "ambiguous": 0.75}
     # contrast leaves a flat image as it is
     assert result["corruptions"]["contrast"]["3"] == result["clean"]
     # clean: by score 0.4 (right), 0.4 (right), then 0.05 (wrong), 0.05 (right), tied pairs:

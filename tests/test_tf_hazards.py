@@ -15,7 +15,9 @@ import keras
 import numpy as np
 import pytest
 
+import sdim_tf
 from pipeline.run_dir import ArtifactError, Calibration, load_checkpoint
+from sdim_tf import scores
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -99,13 +101,18 @@ def test_a_density_file_carrying_a_pickle_is_refused_unrun(tmp_path):
     marker = tmp_path / "ran"
     folder = tmp_path / "calibrate"
     folder.mkdir()
-    np.savez(folder / Calibration.DENSITY, **{
+    (folder / Calibration.THRESHOLDS).write_text(json.dumps({
+        "score": "feature_density", "score_settings": {"layers": ["z"], "split": False},
+        "class_names": ["a", "b", "c"], "deployed": {"percentile": "1"},
+        "percentiles": {"1": {"thresholds": [0.0, 0.0, 0.0], "counts": [1, 1, 1]}}}))
+    density_file = folder / scores.FeatureDensityScore.FILE
+    np.savez(density_file, **{
         "z/means": np.array([_Payload(marker)], dtype=object),
         "z/precision_factor": np.eye(4)})
     with pytest.raises(ArtifactError, match="density.npz cannot be read.*allow_pickle=False"):
-        Calibration(folder).density_parameters()
+        Calibration(folder).scoring_model(sdim_tf.SDIM(3, (32, 32, 1), rep_dim=4))
     assert not marker.exists()
-    with np.load(folder / Calibration.DENSITY, allow_pickle=True) as unsafe:
+    with np.load(density_file, allow_pickle=True) as unsafe:
         unsafe["z/means"]  # noqa: B018 - the control: loading with pickle runs the payload
     assert marker.exists()
 

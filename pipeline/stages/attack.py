@@ -56,7 +56,7 @@ class Target:
     name: str
     deployable: object  # serving.RejectingClassifier
     classifier: object  # ART's view of its scoring model
-    thresholds: np.ndarray  # deployed, [C]
+    rule: adversarial.Acceptance  # deployed: thresholds [C] and min_gap
     percentiles: dict  # {percentile: thresholds [C]}, for the paper's detection rates
     clean: np.ndarray  # class scores of the test images
     attacked: np.ndarray  # test indices classified correctly and accepted, in order
@@ -101,14 +101,14 @@ def _target(name: str, made_of: dict, images, labels, batch_size: int, key: dict
     classifier = adversarial.art_classifier(deployable.model, deployable.num_classes,
                                             images.shape[1:], batch_size)
     clean = classifier.predict(images)
-    thresholds = calibration.deployed()[1]
-    accepted = ~rejection.decide(clean, thresholds).rejected.numpy()
+    rule = adversarial.Acceptance(calibration.deployed()[1], calibration.min_gap())
+    accepted = ~deployable.decide(clean).rejected.numpy()
     attacked = np.flatnonzero((clean.argmax(1) == labels) & accepted)
     if len(attacked) == 0:
         raise ConfigError(f"attack: {name} classifies correctly and accepts none of the first "
                           f"{len(labels)} test images")
     percentiles = {p: v["thresholds"] for p, v in calibration.percentiles().items()}
-    return Target(name, deployable, classifier, thresholds, percentiles, clean, attacked, key)
+    return Target(name, deployable, classifier, rule, percentiles, clean, attacked, key)
 
 
 def _baseline(config, upstream: dict) -> tuple[dict, dict] | None:
@@ -134,8 +134,7 @@ def _clean(target: Target, labels) -> dict:
     """The deployed rule on the clean test images the attacked set comes from."""
     return {"images": int(len(labels)),
             "accuracy": float((target.clean.argmax(1) == labels).mean()),
-            "rejected": float(rejection.decide(target.clean, target.thresholds)
-                              .rejected.numpy().mean()),
+            "rejected": float(target.deployable.decide(target.clean).rejected.numpy().mean()),
             "attackable": int(len(target.attacked))}
 
 
@@ -201,7 +200,7 @@ def _curve(ctx: Context, target: Target, attack: str) -> tuple[dict, dict]:
             scores.append(predicted[at_chosen])
         arrays = {**ctx.chosen(target, s.images), "epsilon": np.asarray(s.epsilons),
                   "adversarial": np.stack(adversarials), "scores": np.stack(scores)}
-        arrays["undetected"] = _undetected(arrays["scores"], arrays["label"], target.thresholds)
+        arrays["undetected"] = _undetected(arrays["scores"], arrays["label"], target.rule)
         return {"accuracy": accuracy, "images": int(len(first)),
                 "seconds": round(time.time() - started, 1)}, arrays
 
@@ -234,7 +233,7 @@ def _untargeted(ctx: Context, target: Target, attack: str) -> tuple[dict, dict]:
         if attack == "local_search":  # ours, so it can report its rounds; ART's cannot
             extra["progress"] = _rounds_logger(attack, len(chosen["label"]), key["steps"])
         result = fn(target.classifier, chosen["original"], chosen["label"], s, **extra)
-        arrays = _result_arrays(chosen, result, target.thresholds)
+        arrays = _result_arrays(chosen, result, target.rule)
         return _summary(target, arrays, result.seconds), arrays
 
     return ctx.keep(attack, key, compute)
@@ -271,7 +270,7 @@ def _carlini(ctx: Context, target: Target, kappa: float) -> tuple[dict, dict]:
         logging.info("attack: CW-L2 kappa=%g, %d attacks", kappa, len(chosen["label"]))
         result = adversarial.carlini_l2(target.classifier, chosen["original"],
                                         chosen["target"], kappa, s)
-        arrays = _result_arrays(chosen, result, target.thresholds)
+        arrays = _result_arrays(chosen, result, target.rule)
         return {**_summary(target, arrays, result.seconds), "kappa": kappa}, arrays
 
     return ctx.keep(f"cw_l2_k{kappa:g}", key, compute)
@@ -283,14 +282,13 @@ def _cw_confidences(ctx: Context, target: Target, calibration, examples) -> tupl
     s = ctx.settings
     if s.cw_confidences is not None:
         return s.cw_confidences, {"rule": "--attack_cw_confidences"}
-    if calibration.score == "model":
-        return PAPER_KAPPAS, {"rule": "the paper's, on the model's own score"}
-    held_out = calibration.saved["examples"]
-    key = {"skip": held_out["skip"], "limit": held_out["limit"]}
+    if getattr(calibration.score, "paper", False):
+        return PAPER_KAPPAS, {"rule": "the paper's, on the paper's score"}
+    # {"skip", "limit"} or {"indices"} of the training split, and their count
+    key = {k: v for k, v in calibration.saved["examples"].items() if k != "num_samples"}
 
     def compute():
-        scores, _ = rejection.class_scores(target.scorer, examples.dataset(
-            "train", held_out["skip"], held_out["limit"]))
+        scores, _ = rejection.class_scores(target.scorer, examples.dataset("train", **key))
         top = scores.max(1)
         return {"std": float(top.std()), "images": int(len(top))}, {}
 
@@ -343,13 +341,13 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
             faults.point(EPSILON_DONE, name)
 
         curve = adversarial.pgd_accepted_curve(
-            target.scorer, chosen["original"], chosen["label"], target.thresholds,
+            target.scorer, chosen["original"], chosen["label"], target.rule,
             epsilons=epsilons, norm=norm, steps=steps, restarts=restarts,
             schedule=s.accepted_schedule, batch_size=s.batch_size, seed=s.seed, done=done,
             on_result=keep_epsilon)
         return {"epsilons": list(epsilons), "steps": steps, "restarts": restarts,
                 "schedule": s.accepted_schedule, "seconds": round(curve.seconds, 1)}, \
-            _arrays(chosen, target.thresholds, curve.adversarial, curve.scores, curve.success,
+            _arrays(chosen, target.rule, curve.adversarial, curve.scores, curve.success,
                     epsilons)
 
     summary, arrays = _by_epsilon(*ctx.keep(name, key, compute))
@@ -385,12 +383,12 @@ def _square(ctx: Context, target: Target) -> tuple[dict, dict]:
     def compute():
         logging.info("attack: square_accepted on %d attacked images", len(chosen["label"]))
         results = [adversarial.square_accepted(
-            target.scorer, chosen["original"], chosen["label"], target.thresholds,
+            target.scorer, chosen["original"], chosen["label"], target.rule,
             epsilon=e, queries=s.square_queries, seed=s.seed, batch_size=s.batch_size)
             for e in s.accepted_epsilons]
         return {"epsilons": list(s.accepted_epsilons), "queries": s.square_queries,
                 "seconds": round(sum(r.seconds for r in results), 1)}, _arrays(
-            chosen, target.thresholds, np.stack([r.adversarial for r in results]),
+            chosen, target.rule, np.stack([r.adversarial for r in results]),
             np.stack([r.logits for r in results]), np.stack([r.success for r in results]),
             s.accepted_epsilons)
 
@@ -408,9 +406,9 @@ def _cw_accepted(ctx: Context, target: Target, part: str) -> tuple[dict, dict]:
     def compute():
         logging.info("attack: cw_accepted, %d attacks", len(chosen["label"]))
         result = adversarial.carlini_accepted(
-            target.scorer, chosen["original"], chosen["target"], target.thresholds,
+            target.scorer, chosen["original"], chosen["target"], target.rule,
             steps=s.accepted_steps, search_steps=s.cw_search_steps, batch_size=s.batch_size)
-        arrays = _result_arrays(chosen, result, target.thresholds)
+        arrays = _result_arrays(chosen, result, target.rule)
         return {**_summary(target, arrays, result.seconds), "kappa": 0.0}, arrays
 
     return ctx.keep(part, key, compute)
@@ -594,12 +592,14 @@ def _report_head(dataset: str, ctx: Context, targets: dict, main: Target, calibr
                  ) -> dict:
     """The report's settings, clean rejection rates and thresholds; empty attack sections."""
     first = int(main.attacked[0])
-    return {"dataset": dataset, "model": main.name, "score": calibration.score,
+    return {"dataset": dataset, "model": main.name, "score": calibration.score.name,
+            "paper_score": bool(getattr(calibration.score, "paper", False)),
             "settings": dataclasses.asdict(ctx.settings), "budgets": attack_report.BUDGETS,
             "clean": {n: _clean(t, ctx.labels) for n, t in targets.items()},
             "thresholds": {str(p): [float(x) for x in t] for p, t in main.percentiles.items()},
             "deployed": {"percentile": str(calibration.deployed()[0]),
-                         "thresholds": [float(x) for x in main.thresholds]},
+                         "thresholds": [float(x) for x in main.rule.thresholds],
+                         "min_gap": main.rule.min_gap},
             "curves": {}, "curves_undetected": {}, "untargeted": {}, "cw_l2": {},
             "adaptive": {}, "sanity": {},
             "first_image": {"index": first, "label": names[ctx.labels[first]]}}
@@ -693,10 +693,13 @@ def _write(stage_dir: pathlib.Path, report: dict, names, examples: dict, sets: d
         plots.undetected_curves(panels, stage_dir / UNDETECTED_PNG)
         outputs.append(UNDETECTED_PNG)
     thresholds = report["deployed"]["thresholds"]
+    shown = report["first_image"]["scores"]
+    reasons = rejection.decide(np.asarray(list(shown.values())), thresholds,
+                               min_gap=report["deployed"].get("min_gap")).reasons().numpy()
     captions = []
-    for name, sc in report["first_image"]["scores"].items():
+    for (name, sc), reason in zip(shown.items(), reasons, strict=True):
         c = int(np.argmax(sc))
-        verdict = "rejected" if sc[c] < thresholds[c] else "accepted"
+        verdict = f"rejected ({reason.decode()})" if reason else "accepted"
         captions.append(f"{name}\n{names[c]}: {sc[c]:.1f} vs {thresholds[c]:.1f}\n{verdict}")
     plots.image_grid([examples[k][0] for k in report["first_image"]["scores"]], captions,
                      stage_dir / EXAMPLES_PNG, columns=min(5, len(captions)),

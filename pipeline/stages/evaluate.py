@@ -20,7 +20,7 @@ from absl import logging
 from pipeline import artifacts, console, faults
 from pipeline.markdown import percent
 from pipeline.run_dir import Evaluation, rejecting_classifier
-from sdim_tf import data, metrics, ood_data, plots, shifts
+from sdim_tf import data, metrics, ood_data, plots, rejection, shifts
 
 # The evaluation of a discriminative run beside this one (runs/<dataset>-discriminative), an
 # optional input: its test accuracy goes in Table 1.
@@ -67,44 +67,54 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     dataset, seed, shift_images = config.data.dataset, trained.seed, config.evaluate.shift_images
     deployable = rejecting_classifier(examples, trained, calibration)
     percentiles = calibration.percentiles()
+    score, deployed = calibration.score, calibration.saved["deployed"]
     parts = artifacts.Parts(stage_dir / PARTS, artifacts.input_hashes(
         {name: upstream[name].folder for name in ("ingest", "train", "calibrate")}))
     keep = _keeper(parts, {"seed": seed})
     test = keep("test", lambda: _scores(deployable, examples.dataset("test")))
-    test_ll, test_labels = test["scores"], test["labels"]
+    test_scores, test_labels = test["scores"], test["labels"]
     sdim = trained.kind == "sdim"
     kinds = metrics.SDIM_SCORES if sdim else metrics.DISCRIMINATIVE_SCORES
     report = {"dataset": dataset, "model": trained.kind,
-              "score": calibration.score,
-              "deployed_percentile": calibration.saved["deployed"]["percentile"],
-              "guarantee": calibration.saved["deployed"].get("guarantee"),
+              "score": score.name, "score_note": score.report_note,
+              "threshold_rule": calibration.saved.get("threshold_rule"),
+              "unfamiliar_rule": deployed["rule"],
+              "deployed_percentile": deployed["percentile"],
+              "guarantee": deployed.get("guarantee"),
+              "promises": calibration.promises(), "min_gap": calibration.min_gap(),
               "num_test": int(len(test_labels)),
-              "accuracy": float((test_ll.argmax(1) == test_labels).mean()),
-              "selective": {str(p): metrics.selective(test_ll, test_labels, v["thresholds"])
+              "accuracy": float((test_scores.argmax(1) == test_labels).mean()),
+              "selective": {str(p): metrics.selective(test_scores, test_labels, v["thresholds"])
                             for p, v in percentiles.items()},
-              "ood": {}}
+              "ood": {},
+              "deployed": {"test": rejection.outcomes(deployable.decide(test_scores), test_labels),
+                           "ood": {}}}
     sets, missing = ood_data.ood_sets(dataset, examples.image_shape, config.data.data_dir,
                                       seed)
     report["ood_unavailable"] = missing
     figures = []
     for name, images in sets.items():
-        ood_ll = keep(f"ood_{name}", functools.partial(
+        ood_scores = keep(f"ood_{name}", functools.partial(
             _scores, deployable, data.image_batches(images)))["scores"]
         report["ood"][name] = {
-            "num": int(len(ood_ll)),
+            "num": int(len(ood_scores)),
             "classwise_detection_rate": {
-                str(p): metrics.classwise_detection_rate(ood_ll, v["thresholds"])
+                str(p): metrics.classwise_detection_rate(ood_scores, v["thresholds"])
                 for p, v in percentiles.items()},
             "decision_rejection_rate": {
-                str(p): metrics.decision_rejection_rate(ood_ll, v["thresholds"])
+                str(p): metrics.decision_rejection_rate(ood_scores, v["thresholds"])
                 for p, v in percentiles.items()},
-            "separation": metrics.separation(test_ll, ood_ll, kinds)}
+            "separation": metrics.separation(test_scores, ood_scores, kinds)}
+        report["deployed"]["ood"][name] = rejection.outcomes(deployable.decide(ood_scores))
         if name in ood_data.OOD_PAIRS.get(dataset, []) or name == "uniform_noise":
-            figure = f"histograms_{name}.png"
-            first = next(iter(percentiles.values()))["thresholds"]
-            plots.class_histograms(test_ll, test_labels, ood_ll, first, examples.class_names,
-                                   stage_dir / figure, ood_name=name)
+            figure, drawn = f"histograms_{name}.png", calibration.deployed()[1]
+            plots.class_histograms(test_scores, test_labels, ood_scores, drawn,
+                                   examples.class_names, stage_dir / figure, ood_name=name,
+                                   score_name=score_axis(score.name),
+                                   threshold_name=f"deployed ({deployed['percentile']})")
             figures.append(figure)
+            report.setdefault("drawn_thresholds", {})[figure] = rejection.to_json(
+                {deployed["percentile"]: {"thresholds": drawn, "counts": []}})
         logging.info("evaluate: %s: decision-rule rejection %s", name,
                      report["ood"][name]["decision_rejection_rate"])
     if shift_images:
@@ -132,10 +142,9 @@ def _scores(deployable, batches) -> dict[str, np.ndarray]:
     return {"scores": scores, "labels": labels}
 
 
-SCORES = {"model": "the model's own log p(x|c) of the predicted class (the paper's).",
-          "feature_density": "tied Gaussians on encoder layers fitted after training "
-                             "(sdim_tf.density), the predicted class's summed standardised "
-                             "score. Columns named after log-likelihoods hold this score."}
+def score_axis(score: str) -> str:
+    """The axis label of the class-c score of `score` (a registry name)."""
+    return f"class-c score ({score})"
 
 
 def _ordinal(p: str) -> str:
@@ -183,15 +192,64 @@ def _shift_lines(shifted: dict) -> list[str]:
     return lines
 
 
+def _rule_lines(report: dict) -> list[str]:
+    """The deployed refusals in words: the score, the thresholds and what each promises."""
+    grouping = {"per_class": "one per predicted class", "shared": "one shared by all "
+                "classes"}.get(report.get("threshold_rule"), "per class")
+    promises = report.get("promises") or {}
+    lines = [f"{report['num_test']} test images. Score ({report.get('score')}): "
+             f"{report.get('score_note', '')}", "",
+             f"Deployed refusals (the SavedModel's): unfamiliar, a score below the "
+             f"{report.get('unfamiliar_rule', 'percentile')} rule's thresholds ({grouping}; "
+             f"row {report.get('deployed_percentile')} of Table 2)"
+             + (f": it {promises['unfamiliar']}." if promises.get("unfamiliar") else ".")]
+    if report.get("min_gap") is not None:
+        lines.append(f"Ambiguous: a gap between the two best class scores below "
+                     f"{report['min_gap']:.4g}: {promises.get('ambiguous')}.")
+    else:
+        lines.append("No ambiguity threshold (--max_error=0): no answer is refused as "
+                     "ambiguous.")
+    lines += ["", "The percentile rows of Table 2 are the paper's (section 5): percentiles of "
+              "the score over correctly classified calibration images, "
+              + ("per class." if report.get("threshold_rule") != "shared"
+                 else "shared by all classes.")]
+    return lines
+
+
+def _outcome_row(name: str, v: dict) -> str:
+    accuracy = v.get("accuracy_on_accepted")
+    return (f"| {name} | {v['images']} | {percent(v['coverage'])} | "
+            f"{'—' if accuracy is None else percent(accuracy)} | {percent(v['silent_error'])} "
+            f"| {percent(v['unfamiliar'])} | {percent(v['ambiguous'])} |")
+
+
+def _deployed_lines(report: dict) -> list[str]:
+    deployed = report["deployed"]
+    lines = ["", "## The deployed rule: answers given, refusals by reason", "",
+             "Coverage: the share of images answered; silent error: answered and wrong, a "
+             "share of all images (every answer on an OOD set is wrong).", "",
+             "| images | n | coverage | accuracy on accepted | silent error | unfamiliar | "
+             "ambiguous |", "|---|---|---|---|---|---|---|",
+             _outcome_row("test", deployed["test"])]
+    lines += [_outcome_row(name, v) for name, v in deployed["ood"].items()]
+    shifted = report.get("shifts")
+    if shifted and shifts.MIDDLE_SEVERITY in shifted["severities"]:
+        cells = [v[str(shifts.MIDDLE_SEVERITY)] for v in shifted["corruptions"].values()]
+        if cells and "unfamiliar" in cells[0]:
+            mean = {k: float(np.mean([c[k] for c in cells]))
+                    for k in ("rejected", "silent_error", "unfamiliar", "ambiguous")}
+            lines.append(f"| shifted, severity {shifts.MIDDLE_SEVERITY} (mean of "
+                         f"{len(cells)} corruptions) | {shifted['images']} | "
+                         f"{percent(1 - mean['rejected'])} | — | "
+                         f"{percent(mean['silent_error'])} | {percent(mean['unfamiliar'])} | "
+                         f"{percent(mean['ambiguous'])} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     ds, model = report["dataset"], report["model"]
     paper_acc = PAPER["accuracy"].get(ds)
-    lines = [f"# Evaluation: {ds} ({model})", "",
-             f"{report['num_test']} test images. Score: {SCORES.get(report.get('score'), '')}"
-             " Thresholds: per class, percentiles of the score over correctly classified "
-             "calibration images (paper section 5); the SavedModel applies "
-             f"{_thresholds_name(str(report.get('deployed_percentile')))}"
-             + (f": it {report['guarantee']}." if report.get("guarantee") else "."), "",
+    lines = [f"# Evaluation: {ds} ({model})", "", *_rule_lines(report), "",
              "## Table 1: clean test accuracy", "",
              "| model | ours | paper |", "|---|---|---|",
              f"| {model} | {percent(report['accuracy'])} | "
@@ -200,7 +258,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| discriminative | {percent(report['discriminative_accuracy'])} | "
                      f"{_paper_pct(paper_acc, 1)} |")
     lines += ["", "## Table 2: decision with rejection on the test set", "",
-              "| percentile | acc. left | reject rate | paper acc. left | paper reject rate |",
+              "Thresholds on the score alone (the gap is not applied here).", "",
+              "| thresholds | acc. left | reject rate | paper acc. left | paper reject rate |",
               "|---|---|---|---|---|"]
     paper_sel = PAPER["selective"].get(ds)
     for i, (p, v) in enumerate(report["selective"].items()):
@@ -208,41 +267,59 @@ def markdown(report: dict) -> str:
                  if paper_sel and i < 2 else "— | —")
         lines.append(f"| {p} | {percent(v['accuracy_left'])} | {percent(v['reject_rate'])} "
                      f"| {paper} |")
-    lines += ["", "## Table 3: out-of-distribution inputs", "",
-              "Class-wise detection: the paper's metric (for each class c, the share of OOD "
-              "inputs with log p(x|c) below that class's threshold, averaged over classes). "
-              "Rule rejects: the share the deployed decision rule (equation 9) rejects. "
-              "AUROC and FPR at 95% TPR need no threshold (positives = test images).", ""]
+    if report.get("deployed"):
+        lines += _deployed_lines(report)
     percentiles = list(report["selective"])
-    header = "| OOD set | " + " | ".join(
-        f"class-wise det. p{p} | rule rejects p{p}" for p in percentiles)
-    kinds = list(next(iter(report["ood"].values()))["separation"])
-    header += " | " + " | ".join(f"AUROC {k} | FPR95 {k}" for k in kinds) + " | paper |"
-    lines += [header, "|" + "---|" * (1 + 2 * len(percentiles) + 2 * len(kinds) + 1)]
+    first = report.get("deployed_percentile") or percentiles[0]
+    kinds = list(next(iter(report["ood"].values()))["separation"]) if report["ood"] else []
+    lines += ["", "## Table 3: out-of-distribution inputs", "",
+              f"Rejected: the share the deployed rule refuses (thresholds {first}"
+              + (" and the gap" if report.get("min_gap") is not None else "") + "). "
+              f"AUROC and FPR at 95% TPR need no threshold (positives = test images; the "
+              f"{kinds[0] if kinds else ''} of the class scores; other summaries in "
+              "report.json).", "",
+              "| OOD set | rejected | AUROC | FPR95 | paper (class-wise det. p1 / p2) |",
+              "|---|---|---|---|---|"]
     for name, v in report["ood"].items():
         paper = PAPER["ood"].get((ds, name))
-        cells = [f"{percent(v['classwise_detection_rate'][p])} | "
-                 f"{percent(v['decision_rejection_rate'][p])}" for p in percentiles]
-        cells += [f"{v['separation'][k]['auroc']:.4f} | "
-                  f"{percent(v['separation'][k]['fpr_at_95_tpr'])}" for k in kinds]
-        paper_cell = " / ".join(f"{x:.2f}%" for x in paper) if paper else "—"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper_cell} |")
+        deployed = report.get("deployed", {}).get("ood", {}).get(name)
+        rejected = deployed["rejected"] if deployed else v["decision_rejection_rate"][first]
+        separation = v["separation"][kinds[0]]
+        lines.append(f"| {name} | {percent(rejected)} | {separation['auroc']:.4f} | "
+                     f"{percent(separation['fpr_at_95_tpr'])} | "
+                     + (" / ".join(f"{x:.2f}%" for x in paper) if paper else "—") + " |")
+    lines += ["", "### Table 3b: the paper's class-wise detection", "",
+              "For each class c, the share of OOD inputs whose class-c score is below that "
+              "class's threshold, averaged over classes (the paper's metric; it counts an "
+              "input per class, not by the one decision a user receives).", "",
+              "| OOD set | " + " | ".join(percentiles) + " |",
+              "|---|" + "---|" * len(percentiles)]
+    for name, v in report["ood"].items():
+        lines.append(f"| {name} | " + " | ".join(
+            percent(v["classwise_detection_rate"][p]) for p in percentiles) + " |")
     for name, why in report.get("ood_unavailable", {}).items():
         lines.append(f"\n{name}: not evaluated ({why.splitlines()[0][:200]}).")
     if report.get("shifts"):
         lines += _shift_lines(report["shifts"])
-    first = report.get("deployed_percentile") or percentiles[0]
     lines += ["", "## What this means", ""]
-    lines.append(
-        f"At {_thresholds_name(first)} the model keeps "
-        f"{percent(1 - report['selective'][first]['reject_rate'])} of the test images and is "
-        f"right on {percent(report['selective'][first]['accuracy_left'])} of those.")
-    for name, v in report["ood"].items():
+    test = report.get("deployed", {}).get("test")
+    if test:
         lines.append(
-            f"Of {v['num']} {name} inputs, the deployed rule refuses "
-            f"{percent(v['decision_rejection_rate'][first])}; the paper's class-wise metric "
-            f"says {percent(v['classwise_detection_rate'][first])} (it counts an input per "
-            "class, not by the one decision a user receives).")
+            f"The deployed rule answers {percent(test['coverage'])} of the test images and "
+            f"is right on {percent(test['accuracy_on_accepted'] or 0)} of those; it refuses "
+            f"{percent(test['unfamiliar'])} as unfamiliar and {percent(test['ambiguous'])} as "
+            "ambiguous.")
+    else:
+        lines.append(
+            f"At {_thresholds_name(first)} the model keeps "
+            f"{percent(1 - report['selective'][first]['reject_rate'])} of the test images and "
+            f"is right on {percent(report['selective'][first]['accuracy_left'])} of those.")
+    for name, v in report["ood"].items():
+        deployed = report.get("deployed", {}).get("ood", {}).get(name)
+        refused = deployed["rejected"] if deployed else v["decision_rejection_rate"][first]
+        lines.append(
+            f"Of {v['num']} {name} inputs, the deployed rule refuses {percent(refused)}; the "
+            f"paper's class-wise metric says {percent(v['classwise_detection_rate'][first])}.")
     if report.get("figures"):
         lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
     return "\n".join(lines) + "\n"

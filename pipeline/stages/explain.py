@@ -22,34 +22,14 @@ CURVES_PNG, REPRESENTATIONS_PNG = "training_curves.png", "representations.png"
 GROUPS = {"accepted": "accepted test images", "rejected": "rejected test images",
           "ood": "rejected OOD images"}
 PER_GROUP = 6
-SCORES = {"model": "the network's own output, for SDIM log p(x|c)",
-          "feature_density": "the tied Gaussians' class score on encoder layers"}
 TEST_IMAGES, OOD_IMAGES = 2000, 500
 
 
-def _caption(names, logits, threshold, label=None) -> str:
+def _caption(names, logits, threshold, label=None, reason="") -> str:
     c = int(np.argmax(logits))
-    verdict = "accepted" if logits[c] >= threshold[c] else "rejected"
+    verdict = f"rejected ({reason})" if reason else "accepted"
     truth = "" if label is None else f" (true: {names[label]})"
     return f"{names[c]}{truth}\nscore {logits[c]:.1f} / thr {threshold[c]:.1f}\n{verdict}"
-
-
-def class_means(model, z: np.ndarray, labels: np.ndarray, num_classes: int
-                ) -> tuple[np.ndarray, str]:
-    """([num_classes, d] class means in the space of z, what they are): the fitted density's
-    on z, else SDIM's class-conditional Gaussians', else the mean z of each class's images
-    in `z` (NaN for a class without any)."""
-    base = getattr(model, "classifier", model)
-    if "z" in getattr(model, "layer_names", ()):
-        return model.density_scores.means["z"].numpy(), "the fitted density's means on z"
-    if hasattr(base, "class_conditional"):
-        return (np.asarray(base.class_conditional.means),
-                "the means of SDIM's class-conditional Gaussians")
-    means = np.full((num_classes, z.shape[1]), np.nan)
-    for c in range(num_classes):
-        if (labels == c).any():
-            means[c] = z[labels == c].mean(0)
-    return means, "the mean of the class's test images shown"
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
@@ -59,7 +39,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     deployable = rejecting_classifier(examples, trained, upstream["calibrate"])
     model = deployable.model
     percentile, thresholds = upstream["calibrate"].deployed()
-    score = SCORES.get(upstream["calibrate"].score, upstream["calibrate"].score)
+    score = upstream["calibrate"].score.description
     images, labels = examples.arrays("test", limit=TEST_IMAGES)
     logits = model.predict(images, batch_size=500, verbose=0).astype(np.float64)
     rejected = deployable.decide(logits).rejected.numpy()
@@ -89,9 +69,11 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         predicted = pool_logits[chosen].argmax(1)
         maps = {m: explain.attribution_maps(view, pool[chosen], predicted, m, block,
                                             seed=seed) for m in explain.METHODS}
+        reasons = deployable.decide(pool_logits[chosen]).reasons().numpy()
         captions = [_caption(names, pool_logits[i], thresholds,
-                             None if pool_labels is None else int(pool_labels[i]))
-                    for i in chosen]
+                             None if pool_labels is None else int(pool_labels[i]),
+                             reason.decode()) for i, reason in zip(chosen, reasons,
+                                                                   strict=True)]
         figure = f"maps_{group}.png"
         plots.attribution_grid(pool[chosen], maps, captions, stage_dir / figure,
                                title=f"{title}: maps of the predicted class's score")
@@ -102,9 +84,11 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     z = explain.representations(model, images)
     ood_z = explain.representations(model, ood)
     project, ratios = explain.pca(z)
-    means, which = class_means(model, z, labels, len(names))
+    # whatever the score, the classes' mean z over these test images
+    means = project(np.stack([z[labels == c].mean(0) if (labels == c).any()
+                              else np.full(z.shape[1], np.nan) for c in range(len(names))]))
     plots.representation_scatter(
-        project(z), labels, names, stage_dir / REPRESENTATIONS_PNG, means=project(means),
+        project(z), labels, names, stage_dir / REPRESENTATIONS_PNG, means=means,
         ood=project(ood_z), ood_name=ood_name,
         axis_labels=[f"PC {i + 1} ({100 * r:.1f}% of variance)" for i, r in enumerate(ratios)])
     rows = trained.history()
@@ -119,14 +103,14 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
             f"applies). Of the first {len(images)} test images the rule rejects "
             f"{100 * rejected.mean():.1f}%; of {len(ood)} {ood_name} images "
             f"{100 * ood_rejected.mean():.1f}%.", "",
-            f"Each map shows which pixels move the predicted class's score ({score}): Saliency "
+            f"Each map shows which pixels move the deployed score, {score}: Saliency "
             "(|gradient|), SmoothGrad (gradients averaged over noisy copies) and GradCAM++ "
             f"(on the last residual block, `{block}`), each scaled to [0, 1] per image.", "",
             *sections,
             "## Representations", "",
             f"PCA of z for {len(images)} test images (the two axes explain "
-            f"{100 * ratios.sum():.1f}% of the variance), each class's mean as a star "
-            f"({which}), {len(ood)} {ood_name} images as black crosses.", "",
+            f"{100 * ratios.sum():.1f}% of the variance), each class's mean z over these "
+            f"images as a star, {len(ood)} {ood_name} images as black crosses.", "",
             f"![representations]({REPRESENTATIONS_PNG})", "",
             "## Training", "",
             trained_text + " Losses, the network's own accuracy (train, and test on the "

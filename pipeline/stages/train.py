@@ -25,15 +25,27 @@ from absl import logging
 import sdim_tf
 from pipeline import artifacts, checkpoints, console, faults, summary
 from pipeline.checkpoints import TrainingError
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import ModelConfig, TrainConfig, selection_size
 from pipeline.run_dir import TrainedModel
-from sdim_tf import data, monitoring, outlier_proxies, precision
+from sdim_tf import (
+    conformal,
+    data,
+    monitoring,
+    outlier_proxies,
+    overfitting_guard,
+    precision,
+    robust,
+)
 
 # Per-epoch watching, within ~5% of an epoch (history.csv: test_seconds, monitor_seconds):
 # test accuracy on the first TEST_SUBSET test images (all of them after the last epoch), and
 # the deployed-style rejection quality (sdim_tf.monitoring) on held-out images.
 TEST_SUBSET = 1000
 MONITOR_FIT, MONITOR_HELD_OUT, MONITOR_OUTLIERS = 2000, 1000, 250
+# With adversarial training: FGSM and PGD-10 accuracy on the first GUARD_IMAGES held-out
+# images each epoch (sdim_tf.overfitting_guard), about 2% of an MNIST epoch.
+GUARD_IMAGES, GUARD_COLUMNS = 256, ("robust/fgsm_accuracy", "robust/pgd_accuracy")
+PART_CLASSES = 4  # outlier_proxies.part_partners' classes per part outlier
 
 
 def make_strategy(kind: str) -> tf.distribute.Strategy:
@@ -85,7 +97,7 @@ def build_model(config: ModelConfig, training: TrainConfig, num_classes: int, ch
             critic=config.critic, alpha=config.alpha, beta=config.beta, gamma=config.gamma,
             margin=config.margin, mi_bound=config.mi_bound,
             log_scale_floor=config.log_scale_floor, outlier_weight=config.outlier_weight,
-            outlier_margin=config.outlier_margin)
+            outlier_margin=config.outlier_margin, robust=config.robust.to_config())
     else:
         model = sdim_tf.DiscriminativeClassifier(num_classes, input_shape, n=config.n)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(training, steps_per_epoch)))
@@ -146,36 +158,51 @@ def test_accuracy(predict, dataset: tf.data.Dataset) -> float:
     return correct / max(total, 1)
 
 
-def monitor_data(training: TrainConfig, examples, num_train: int) -> dict | None:
+def monitor_data(training: TrainConfig, examples, trained: dict, held_out: dict | None
+                 ) -> dict | None:
     """The fixed images `monitoring.rejection_quality` watches each epoch: a trained subset
-    for the fit, held-out images (None without --validation_split) and outliers built from
-    them."""
-    if not training.validation_split:
+    for the fit, held-out images (None without any held out) and outliers built from them;
+    `trained`, `held_out`: `TrainConfig.split_examples`' selections."""
+    if held_out is None:
         logging.info("train: no held-out images (--validation_split=0): rejection quality "
                      "is not watched")
         return None
-    fit = examples.arrays("train", limit=min(MONITOR_FIT, num_train))
-    held_out = examples.arrays("train", skip=examples.num_examples("train")
-                               - training.validation_split,
-                               limit=min(MONITOR_HELD_OUT, training.validation_split))
-    sources = held_out[0][:MONITOR_OUTLIERS], held_out[1][:MONITOR_OUTLIERS]
-    built = {**outlier_proxies.proxy_outliers(sources[0], training.seed),
-             **outlier_proxies.part_outliers(*sources, seed=training.seed)}
     watch = training.watch
+    needed = conformal.minimum_samples(watch.budget, watch.confidence)
+    if selection_size(held_out) < needed:
+        logging.info("train: %d held-out images, fewer than the %d a %g%% budget needs: "
+                     "rejection quality is not watched", selection_size(held_out), needed,
+                     100 * watch.budget)
+        return None
+    fit = examples.arrays("train", **_first(trained, MONITOR_FIT))
+    held_out = examples.arrays("train", **_first(held_out, MONITOR_HELD_OUT))
+    sources = held_out[0][:MONITOR_OUTLIERS], held_out[1][:MONITOR_OUTLIERS]
+    built = outlier_proxies.proxy_outliers(sources[0], training.seed)
+    if len(np.unique(sources[1])) >= PART_CLASSES:  # parts of that many classes
+        built.update(outlier_proxies.part_outliers(*sources, seed=training.seed))
     return {"fit": fit, "held_out": held_out, "outliers": built, "budget": watch.budget,
             "layers": (monitoring.layer_set(watch.layers, watch.split),),
             "rule": "conformal", "confidence": watch.confidence}
 
 
+def _first(selection: dict, count: int) -> dict:
+    """The first `count` images of a selection."""
+    if "indices" in selection:
+        return {"indices": selection["indices"][:count]}
+    return {"skip": selection["skip"], "limit": min(count, selection["limit"])}
+
+
 def collapse(history: list[dict], logs: dict, num_classes: int) -> str | None:
     """Why training diverged though its loss stayed finite, or None: a model that had learned
-    (train accuracy >= 0.5 in some epoch) falling to at most twice chance in this one."""
+    (train accuracy >= 0.5, and >= 0.75 for two classes, in some epoch) falling to at most
+    twice chance, or halfway back to chance if that is lower (two classes), in this one."""
     if "accuracy" not in logs:
         return None
+    chance = 1.0 / num_classes
     best = max(history, key=lambda row: row.get("accuracy", 0.0), default=None)
-    if best is None or best.get("accuracy", 0.0) < 0.5:
+    if best is None or best.get("accuracy", 0.0) < max(0.5, 1.5 * chance):
         return None
-    if logs["accuracy"] > 2.0 / num_classes:
+    if logs["accuracy"] > min(2.0 * chance, (chance + best["accuracy"]) / 2):
         return None
     return (f"train accuracy {logs['accuracy']:.3f} against {best['accuracy']:.3f} in epoch "
             f"{best['epoch']} (loss {logs.get('loss')})")
@@ -188,6 +215,40 @@ def _watch(monitor: monitoring.RejectionMonitor | None) -> dict:
     quality = monitor()
     return {f"monitor/{k}": round(v, 6) for k, v in monitoring.flat(quality).items()
             if "/outlier_" not in k and k != "seconds"}
+
+
+def _guard(settings: robust.RobustTraining, seed: int, model, watched: dict | None,
+           history: list[dict]) -> overfitting_guard.OverfittingGuard | None:
+    """The catastrophic-overfitting guard of an adversarially trained run with held-out
+    images (None otherwise), its history carried over from the epochs already trained."""
+    if not settings.enabled or watched is None:
+        return None
+    images, labels = (a[:GUARD_IMAGES] for a in watched["held_out"])
+    guard = overfitting_guard.OverfittingGuard(model, images, labels, settings.epsilon,
+                                               seed=seed)
+    guard.history = [overfitting_guard.Measurement(*(row[k] for k in GUARD_COLUMNS))
+                     for row in history if all(k in row for k in GUARD_COLUMNS)]
+    return guard
+
+
+def _check_guard(guard, settings: robust.RobustTraining, epoch: int,
+                 trained: TrainedModel) -> dict:
+    """This epoch's guard columns; raises TrainingError on a collapse where the adversarial
+    examples are to be classified (--robust_mode=reject only logs it: there they need not
+    be)."""
+    if guard is None:
+        return {}
+    measured, why = guard.check()
+    if why and settings.classifies:
+        raise TrainingError(
+            f"catastrophic overfitting in epoch {epoch} ({why}, epsilon "
+            f"{settings.epsilon:g}); the last good checkpoint (epoch {epoch - 1}) is kept "
+            f"in {trained.last_path}; train afresh (--force) with --robust_attack=pgd, or "
+            "a smaller --robust_step_size")
+    if why:
+        logging.warning("train: epoch %d: %s", epoch, why)
+    return dict(zip(GUARD_COLUMNS, (round(measured.fgsm_accuracy, 6),
+                                    round(measured.pgd_accuracy, 6)), strict=True))
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
@@ -245,16 +306,21 @@ class _Loop:
     strategy: tf.distribute.Strategy
     state: dict
     chief: bool
-    num_train: int
+    trained_images: dict  # the selection of the training split it trains on
+    batch: int
     steps: int
     hardware: precision.Hardware
+    robust: robust.RobustTraining
+    held_out: dict | None = None
 
     def __post_init__(self):
         self.test_ds = self.examples.dataset("test", limit=TEST_SUBSET)
-        watched = monitor_data(self.training, self.examples, self.num_train) \
-            if self.chief else None
+        watched = monitor_data(self.training, self.examples, self.trained_images,
+                               self.held_out) if self.chief else None
         self.monitor = monitoring.RejectionMonitor(self.model, **watched) if watched else None
         self.predict = class_predictor(self.model)
+        self.guard = _guard(self.robust, self.training.seed, self.model, watched,
+                            self.state["history"])
         self.options = tf.data.Options()
         self.options.experimental_distribute.auto_shard_policy = \
             tf.data.experimental.AutoShardPolicy.DATA
@@ -275,7 +341,7 @@ class _Loop:
         """(the epoch's training metrics, its history row so far)."""
         start = time.time()
         train_ds = self.examples.dataset(
-            "train", limit=self.num_train, batch_size=self.training.batch_size, training=True,
+            "train", **self.trained_images, batch_size=self.batch, training=True,
             seed=self.training.seed * 100_003 + epoch).with_options(self.options)
         step_seconds = []
         logs = run_epoch(self.step, self.model, self.strategy, train_ds, self.steps,
@@ -291,6 +357,7 @@ class _Loop:
                 "resumes from it and may diverge again, a lower --learning_rate (or "
                 "--outlier_weight) starts afresh")
         row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()}}
+        row.update(_check_guard(self.guard, self.robust, epoch, self.trained))
         if self.training.lr_schedule != "constant":  # the rate the next step would take
             row["learning_rate"] = float(self.model.optimizer.learning_rate)
         self.measure(epoch, row)
@@ -343,9 +410,19 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
         tf.config.experimental.enable_op_determinism()
     strategy = make_strategy(training.distribute)
     chief = is_chief(strategy)
+    if examples.num_classes < 2:
+        raise data.DataError(f"{examples.dataset_name}: {examples.num_classes} class "
+                             f"({', '.join(examples.class_names)}); a classifier needs at "
+                             "least 2: add a folder of images per class")
     num_examples = examples.num_examples("train")
-    _, num_train = training.train_examples(num_examples)
-    steps = num_train // training.batch_size
+    trained_images, held_out = training.split_examples(num_examples,
+                                                       lambda: examples.labels("train"))
+    num_train = selection_size(trained_images)
+    batch = training.batch(num_train)
+    if batch < training.batch_size:
+        logging.warning("train: %d training images, fewer than --batch_size=%d: batches of %d",
+                        num_train, training.batch_size, batch)
+    steps = num_train // batch
     resume_hash = _resume_hash(model_config, training, examples)
     state = _resume(training, trained, resume_hash, chief)
     hardware = precision.Hardware.detect()
@@ -362,14 +439,16 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
             state = {"resume_hash": resume_hash(), "epoch": 0, "best_loss": None,
                      "best_epoch": None, "history": [], "precision": chosen,
                      "precision_reason": why}
-    held_out = training.held_out(num_examples)
-    state["examples"] = {"trained": [0, num_train], "held_out": held_out and list(held_out)}
+    state["examples"] = {"trained": TrainedModel.state_examples(trained_images),
+                         "held_out": TrainedModel.state_examples(held_out)}
     state["epochs"] = training.epochs  # planned: names the length a scheduled run needs
+    if model_config.robust.enabled:
+        state["robust"] = model_config.robust.to_config()
     logging.info("train: %s, %s trainable parameters, strategy %s with %d replica(s)",
                  type(model).__name__, f"{model.trainable_parameter_count():,}",
                  type(strategy).__name__, strategy.num_replicas_in_sync)
-    loop = _Loop(training, trained, examples, model, strategy, state, chief, num_train, steps,
-                 hardware)
+    loop = _Loop(training, trained, examples, model, strategy, state, chief, trained_images,
+                 batch, steps, hardware, model_config.robust, held_out)
     if training.epochs == 0 and chief and state["epoch"] == 0:
         loop.untrained()
     for epoch in range(state["epoch"] + 1, training.epochs + 1):

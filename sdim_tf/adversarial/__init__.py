@@ -14,7 +14,7 @@ Adversarial examples are "detected" when the rejection rule (equation 9) refuses
   `pgd`, `carlini`, `square`: the adaptive attacks.
 """
 
-from sdim_tf.adversarial.accepted import margin_loss, undetected_success
+from sdim_tf.adversarial.accepted import Acceptance, margin_loss, undetected_success
 from sdim_tf.adversarial.carlini import carlini_accepted
 from sdim_tf.adversarial.classifier import art_classifier
 from sdim_tf.adversarial.paper import (
@@ -52,7 +52,8 @@ from sdim_tf.adversarial.square import square_accepted
 
 __all__ = [
     "ADAPTIVE_ATTACKS", "ATTACKS", "CURVE_ATTACKS", "SCHEDULES", "UNTARGETED_ATTACKS",
-    "AcceptedCurve", "AttackResult", "AttackSettings", "accuracy_curve", "art_classifier",
+    "Acceptance", "AcceptedCurve", "AttackResult", "AttackSettings", "accuracy_curve",
+    "art_classifier",
     "boundary", "carlini_accepted", "carlini_l2", "curve_examples", "deepfool",
     "detection_rates", "first_correct", "l2_distances", "local_search", "local_search_attack",
     "margin_loss", "pgd_accepted", "pgd_accepted_curve", "square_accepted", "step_sizes",

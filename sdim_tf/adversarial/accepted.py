@@ -1,11 +1,15 @@
 """What the adaptive attacks aim at: an "undetected" adversarial example, wrong (or the
-target) and accepted by the rejection rule (equation 9), which they know; the loss they
-descend and the compiled pieces they share.
+target) and accepted by the deployed rule (equation 9 and, with an ambiguity threshold,
+the gap), which they know; the loss they descend and the compiled pieces they share.
+
+The rule travels as one float vector: the thresholds [C], then min_gap when there is one
+(`Acceptance.packed`); a vector of C thresholds alone has no ambiguity threshold.
 """
 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -14,13 +18,40 @@ from sdim_tf import rejection
 from sdim_tf.adversarial.results import AttackResult
 
 
+class Acceptance(NamedTuple):
+    """The deployed rule an undetected success must pass: `thresholds` [C] on the predicted
+    class's score and, unless None, `min_gap` on the gap (`rejection.decide`)."""
+
+    thresholds: np.ndarray
+    min_gap: float | None = None
+
+    def packed(self) -> np.ndarray:
+        """float32 [C] or [C + 1]: the thresholds, then min_gap if any."""
+        extra = [] if self.min_gap is None else [self.min_gap]
+        return np.asarray([*np.asarray(self.thresholds, np.float64), *extra], np.float32)
+
+
+def _packed(rule) -> np.ndarray:
+    """An `Acceptance` or thresholds [C] as the vector the compiled pieces take."""
+    return rule.packed() if isinstance(rule, Acceptance) else np.asarray(rule, np.float32)
+
+
+def _unpack(rule, num_classes):
+    """(thresholds [C], min_gap: -inf when the vector holds only the thresholds)."""
+    rule = tf.cast(rule, tf.float32)
+    return rule[:num_classes], tf.concat([rule, [-np.inf]], 0)[num_classes]
+
+
 def float_scores(scorer, images):
     return tf.cast(scorer(images), tf.float32)  # bfloat16 scores would round the margins
 
 
 def reached(scores, labels, targets, thresholds):
-    """Equation 9 accepts the answer and it is the target (targets >= 0) or else wrong."""
-    decision = rejection.decide(scores, thresholds)
+    """The deployed rule (`thresholds`: [C], or packed with min_gap) accepts the answer and
+    it is the target (targets >= 0) or else wrong."""
+    scores = tf.cast(scores, tf.float32)
+    thresholds, min_gap = _unpack(thresholds, tf.shape(scores)[1])
+    decision = rejection.decide(scores, thresholds, min_gap=min_gap)
     predicted = tf.cast(decision.class_ids, tf.int32)
     labels, targets = tf.cast(labels, tf.int32), tf.cast(targets, tf.int32)
     hit = tf.where(targets >= 0, predicted == targets, predicted != labels)
@@ -28,19 +59,23 @@ def reached(scores, labels, targets, thresholds):
 
 
 def undetected_success(scores, labels, thresholds) -> np.ndarray:
-    """Misclassified and accepted by the deployed rule (`rejection.decide`), bool [N]."""
+    """Misclassified and accepted by the deployed rule (`rejection.decide`; `thresholds`: an
+    `Acceptance` or thresholds [C]), bool [N]."""
     labels = np.asarray(labels)
-    return reached(scores, labels, np.full(len(labels), -1), thresholds).numpy()
+    return reached(scores, labels, np.full(len(labels), -1), _packed(thresholds)).numpy()
 
 
 def margin_loss(scores, labels, targets, thresholds, margin=0.0):
-    """Per image relu(t_k - s_k + margin) + relu(max_{j != k} s_j - s_k + margin): zero once
-    class k clears its threshold and leads every other class by `margin`. k is the target, or
-    where targets < 0 the wrong class closest to an undetected success."""
+    """Per image relu(t_k - s_k + margin) + relu(max_{j != k} s_j + g - s_k + margin) with
+    g = max(min_gap, 0): zero once class k clears its threshold and leads every other class
+    by the ambiguity threshold and `margin`. k is the target, or where targets < 0 the wrong
+    class closest to an undetected success. `thresholds`: [C], or packed with min_gap."""
     scores = tf.cast(scores, tf.float32)
+    thresholds, min_gap = _unpack(thresholds, tf.shape(scores)[1])
     top = tf.math.top_k(scores, 2).values
     rivals = tf.where(scores == top[:, :1], top[:, 1:], top[:, :1])  # best other class
-    over_threshold, ahead = scores - tf.cast(thresholds, tf.float32), scores - rivals
+    over_threshold = scores - thresholds
+    ahead = scores - rivals - tf.maximum(min_gap, 0.0)
     closeness = tf.where(tf.one_hot(labels, tf.shape(scores)[1]) > 0, -np.inf,
                          tf.minimum(over_threshold, ahead))
     k = tf.where(targets >= 0, targets, tf.argmax(closeness, 1, output_type=tf.int32))
@@ -77,7 +112,7 @@ def attack_inputs(images, labels, targets, thresholds):
     labels = np.asarray(labels, np.int32)
     targets = np.full(len(images), -1, np.int32) if targets is None \
         else np.asarray(targets, np.int32)
-    return images, labels, targets, tf.constant(np.asarray(thresholds), tf.float32)
+    return images, labels, targets, tf.constant(_packed(thresholds), tf.float32)
 
 
 def accepted_result(name, evaluate, adversarial, labels, targets, thresholds, batch_size,

@@ -1,7 +1,8 @@
 """Threshold rules, found by name: `rules.get("conformal")(alpha=0.04)`.
 
 - `percentile` (the paper's): a percentile of the correctly classified calibration images'
-  scores, per class or shared; no promise for new images.
+  scores, per class or shared (or the largest rejecting at most a budget of them); no
+  promise for new images.
 - `conformal`: split conformal, shared or per predicted class; refuses at most alpha of
   new images like the held-out ones.
 - `ambiguous`: the second refusal, a threshold on the gap between the two best class
@@ -10,6 +11,9 @@
 `calibrate_both` calibrates an unfamiliar rule and, optionally, `ambiguous` on held-out
 class scores; `rejection.decide` applies what they return.
 """
+
+import importlib
+import pkgutil
 
 from sdim_tf.rules import ambiguous, percentile, split_conformal
 from sdim_tf.rules.ambiguous import Ambiguous, calibrate_both
@@ -20,11 +24,17 @@ from sdim_tf.rules.registry import (
     Calibrated,
     CalibrationError,
     Rule,
+    build,
     get,
+    names,
     register,
 )
 from sdim_tf.rules.split_conformal import SplitConformal
 
 __all__ = ["GROUPINGS", "RULES", "Ambiguous", "Calibrated", "CalibrationError", "Percentile",
-           "Rule", "SplitConformal", "ambiguous", "calibrate_both", "get", "percentile",
-           "register", "split_conformal"]
+           "Rule", "SplitConformal", "ambiguous", "build", "calibrate_both", "get", "names",
+           "percentile", "register", "split_conformal"]
+
+# every module of the package registers what it defines: a new one needs no line here
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -122,11 +122,18 @@ def split(n: int) -> tuple[np.ndarray, np.ndarray]:
 def calibrate_both(class_scores, labels, unfamiliar, ambiguous: Ambiguous | None = None,
                    class_names=None) -> tuple[Calibrated, Calibrated | None]:
     """Both refusals on held-out images: without `ambiguous`, `unfamiliar` on all of them;
-    with it, each on its half (`split`)."""
+    with it, each on its half (`split`). A CalibrationError starts with the rule's name."""
     scores, labels = rejection.check_scores(class_scores, labels)
+    first, second = split(len(labels)) if ambiguous is not None else (slice(None), None)
+    thresholds = _named(unfamiliar, scores[first], labels[first], class_names)
     if ambiguous is None:
-        return unfamiliar.calibrate(scores, labels, class_names), None
-    first, second = split(len(labels))
-    thresholds = unfamiliar.calibrate(scores[first], labels[first], class_names)
-    return thresholds, ambiguous.calibrate(scores[second], labels[second], class_names,
-                                           thresholds.thresholds)
+        return thresholds, None
+    return thresholds, _named(ambiguous, scores[second], labels[second], class_names,
+                              thresholds.thresholds)
+
+
+def _named(rule, *args) -> Calibrated:
+    try:
+        return rule.calibrate(*args)
+    except CalibrationError as e:
+        raise CalibrationError(f"{rule.name}: {e}") from None

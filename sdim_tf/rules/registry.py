@@ -6,8 +6,9 @@ record that states its promise in words. Two kinds of refusal use them:
 - `rejection.UNFAMILIAR`: thresholds [C] on the predicted class's score (equation 9);
 - `rejection.AMBIGUOUS`: one threshold on the confidence (`rejection.confidence`).
 
-`rejection.decide` applies both. A new rule is one module with a class decorated by
-`@register`, imported by `sdim_tf.rules`.
+`rejection.decide` applies both. A new rule is one module of `sdim_tf/rules/` (the package
+imports every module) with a class decorated by `@register`; the pipeline's
+`--unfamiliar_rule` or `--ambiguity_rule` then offers it by name.
 """
 
 from __future__ import annotations
@@ -51,6 +52,18 @@ class Rule(Protocol):
 
 RULES = Registry("rule")
 register, get = RULES.register, RULES.get
+
+
+def names(refusal: str) -> tuple[str, ...]:
+    """The registered rules of one kind of refusal, by name."""
+    return tuple(n for n in RULES.names() if RULES.classes[n].refusal == refusal)
+
+
+def build(name: str, values: dict) -> Rule:
+    """Rule `name` with those of its settings that `values` ({setting: value}) holds; the
+    others keep their defaults."""
+    cls = get(name)
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
 def check_grouping(grouping: str) -> None:

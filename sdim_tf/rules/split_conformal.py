@@ -43,12 +43,11 @@ class SplitConformal:
         names = class_names or [str(c) for c in range(num_classes)]
         top, predicted = scores.max(1), scores.argmax(1)
         needed = conformal.minimum_samples(self.alpha, self.confidence)
+        alpha, confidence = self.alpha, self.confidence
         if self.grouping == "shared":
             groups = [top]
-            if len(top) < needed:
-                raise CalibrationError(
-                    f"a {percent(self.alpha)} guarantee needs at least {needed} held-out "
-                    f"images; got {len(top)}")
+            # too few held-out images: the strongest promise they support, recorded as such
+            alpha, confidence = conformal.attainable(alpha, confidence, len(top))
         else:
             groups = [top[predicted == c] for c in range(num_classes)]
             few = [f"{names[c]} ({len(g)})" for c, g in enumerate(groups) if len(g) < needed]
@@ -57,14 +56,18 @@ class SplitConformal:
                     f"too few held-out images predicted as {few} for a per-class "
                     f"{percent(self.alpha)} guarantee (each class needs {needed}); share the "
                     "threshold or hold out more images")
-        thresholds = [conformal.threshold(g, self.alpha, self.confidence) for g in groups]
+        thresholds = [conformal.threshold(g, alpha, confidence) for g in groups]
         repeat = num_classes // len(groups)
         return Calibrated(np.asarray(thresholds * repeat), {
-            "rule": self.name, "grouping": self.grouping, "alpha": self.alpha,
-            "confidence": self.confidence, "n": int(len(top)),
+            "rule": self.name, "grouping": self.grouping, "alpha": alpha,
+            "confidence": confidence, "n": int(len(top)),
+            "asked": {"alpha": self.alpha, "confidence": self.confidence},
             "counts": [int(len(g)) for g in groups] * repeat,
-            "promise": self.promise(len(top))})
+            "promise": self._words(alpha, confidence, len(top))})
 
     def promise(self, n: int) -> str:
-        text = conformal.promise(self.alpha, self.confidence, n)
+        return self._words(self.alpha, self.confidence, n)
+
+    def _words(self, alpha: float, confidence: float | None, n: int) -> str:
+        text = conformal.promise(alpha, confidence, n)
         return text + "; for each predicted class" if self.grouping == "per_class" else text

@@ -31,6 +31,9 @@ class FeatureDensityScore:
 
     layers: tuple[str, ...] = density.DEFAULT_LAYERS
     split: bool = density.DEFAULT_SPLIT
+    # the pooled covariance's estimator per layer (density.choose_covariance); "auto" keeps
+    # the sample covariance from density.SHRINK_BELOW x d training images up
+    covariance: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -39,6 +42,9 @@ class FeatureDensityScore:
         if unknown or not self.layers:
             raise ValueError(f"layers must be a non-empty subset of "
                              f"{', '.join(density.LAYERS)}; got {list(self.layers)}")
+        if self.covariance not in density.COVARIANCES:
+            raise ValueError(f"covariance must be one of {', '.join(density.COVARIANCES)}; "
+                             f"got {self.covariance!r}")
 
     @property
     def description(self) -> str:
@@ -47,7 +53,8 @@ class FeatureDensityScore:
                 "(sdim_tf.density; output class_scores)")
 
     def settings(self) -> dict:
-        return {"layers": list(self.layers), "split": self.split}
+        return {"layers": list(self.layers), "split": self.split,
+                "covariance": self.covariance}
 
     def scorer(self, model) -> density.FeatureDensity:
         """Unfitted: identity precision and zero means until `fit` or `load`."""
@@ -58,7 +65,7 @@ class FeatureDensityScore:
         if batches is None:
             raise ValueError("feature_density is fitted on training images: pass batches")
         scorer = self.scorer(model)
-        scorer.fit_features(batches, progress=progress)
+        scorer.fit_features(batches, progress=progress, covariance=self.covariance)
         return scorer
 
     def save(self, scorer, folder) -> list[str]:

@@ -14,6 +14,7 @@ class ModelScore:
     """The classifier is its own scorer: nothing to fit or save."""
 
     name = "model"
+    paper = True  # the paper's figures and settings on its scale apply
     default_grouping = "per_class"  # the paper's
     report_note = "the model's own log p(x|c) of the predicted class (the paper's)."
 

@@ -4,8 +4,10 @@ A score is fitted on a trained classifier (and, if it needs them, training image
 scorer: a Keras model mapping images to class scores [N, C] whose argmax is the predicted
 class and whose maximum the rule thresholds, with `scores_and_logits(images)` (the class
 scores and the classifier's own logits from one pass) for `serving.RejectingClassifier`.
-A new score is one module with a class decorated by `@register`, imported by
-`sdim_tf.scores`.
+A new score is one module of `sdim_tf/scores/` (the package imports every module) with a
+class decorated by `@register`; `pipeline.config.SCORE_FLAGS` says which calibrate flag sets
+a setting not named after its flag. Optional: `paper = True` marks the paper's own score,
+on whose scale the paper's settings apply (e.g. its CW confidences).
 """
 
 from __future__ import annotations

@@ -1,0 +1,297 @@
+"""Adversarial training (sdim_tf.robust) and its overfitting guard, against closed forms on
+linear models and numpy references."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import sdim_tf
+from pipeline.stages import train
+from sdim_tf import overfitting_guard, robust
+
+
+def _linear(weights, bias, policy):
+    """A Keras linear scorer [N, 4, 4, 1] -> [N, C] under the dtype `policy`."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
+                                  keras.layers.Dense(weights.shape[1])])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    model.layers[-1].set_weights([weights, bias])
+    return model
+
+
+def _two_classes(seed=0, n=6):
+    """Images inside [0.2, 0.8] (epsilon 0.1 never clips), two classes whose weights differ
+    by at least 0.1 per pixel (bfloat16 keeps every sign)."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0.2, 0.8, (n, 4, 4, 1)).astype(np.float32)
+    diff = rng.choice([-1.0, 1.0], 16) * rng.uniform(0.1, 1.0, 16)
+    weights = np.stack([np.zeros(16), diff], axis=1).astype(np.float32)
+    labels = np.arange(n) % 2
+    return images, labels, weights
+
+
+def test_margin_objective_is_best_wrong_minus_true():
+    scores = np.array([[3.0, 1.0, 2.5], [-4.0, -1.0, -9.0], [0.0, 7.0, 7.5]], np.float32)
+    labels = np.array([0, 1, 2])
+    expected = [2.5 - 3.0, -4.0 - (-1.0), 7.0 - 7.5]
+    np.testing.assert_allclose(robust.margin_objective(scores, labels), expected)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_pgd_reaches_the_linear_optimum(policy):
+    """For a linear score the margin is linear in x: its maximum over the L-inf ball is the
+    corner x + epsilon sign(w_wrong - w_true); PGD from a random start reaches it once its
+    path (2.5 epsilon) exceeds the ball's diameter. The input gradient is float32 whatever
+    the model computes in, so the steps land exactly on the grid."""
+    images, labels, weights = _two_classes()
+    model = _linear(weights, np.zeros(2, np.float32), policy)
+    epsilon = 0.1
+    x = robust.perturb(model, images, labels, epsilon, steps=4, step_size=2.5 * epsilon / 4)
+    assert x.dtype == tf.float32
+    direction = np.where(labels[:, None] == 0, 1.0, -1.0) * np.sign(weights[:, 1])
+    expected = images + epsilon * direction.reshape(-1, 4, 4, 1)
+    np.testing.assert_allclose(x.numpy(), expected, atol=1e-6)
+
+
+def test_fgsm_from_a_random_start_in_closed_form():
+    """FGSM-RS: from start d0, one step of 1.25 epsilon along the sign, projected: per pixel
+    min(d0 + 1.25 epsilon, epsilon) along the sign, the corner wherever the start is not
+    more than 0.25 epsilon against it. At the image borders, the clip to [0, 1] holds."""
+    images, labels, weights = _two_classes(seed=1)
+    images[0, 0, 0, 0], images[1, 0, 0, 0] = 0.97, 0.02  # the clip to [0, 1] bites here
+    model = _linear(weights, np.zeros(2, np.float32), "float32")
+    epsilon = 0.1
+    start = np.random.default_rng(2).uniform(-epsilon, epsilon, images.shape).astype(np.float32)
+    settings = robust.RobustTraining(epsilon=epsilon, attack="fgsm")
+    assert settings.iterations == 1 and settings.step == pytest.approx(0.125)
+    x = robust.perturb(model, images, labels, epsilon, settings.iterations, settings.step,
+                       start=tf.constant(start)).numpy()
+    sign = (np.where(labels[:, None] == 0, 1.0, -1.0) * np.sign(weights[:, 1])).reshape(
+        -1, 4, 4, 1)
+    along = sign * start  # the start's component along the ascent direction
+    delta = sign * np.minimum(along + 1.25 * epsilon, epsilon)
+    expected = np.clip(images + delta, 0.0, 1.0)
+    np.testing.assert_allclose(x, expected, atol=1e-6)
+    corner = along >= -0.25 * epsilon
+    assert 0.5 < corner.mean() < 0.8  # 62.5% expected
+    np.testing.assert_allclose(np.abs(x - images)[corner & (images > 0.1) & (images < 0.9)],
+                               epsilon, atol=1e-6)
+
+
+def test_pgd_follows_the_best_wrong_class():
+    """Three classes: the gradient is the best wrong class's weights minus the true
+    class's; where one wrong class dominates, PGD ends at its corner."""
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0.2, 0.8, (4, 4, 4, 1)).astype(np.float32)
+    strong = rng.choice([-1.0, 1.0], 16) * rng.uniform(0.5, 1.0, 16)
+    weights = np.stack([np.zeros(16), strong, 0.01 * strong[::-1]], 1).astype(np.float32)
+    bias = np.array([0.0, 0.0, -50.0], np.float32)  # class 2 never the best wrong class
+    model = _linear(weights, bias, "float32")
+    labels = np.zeros(4, int)
+    x = robust.perturb(model, images, labels, 0.05, steps=5, step_size=0.05)
+    np.testing.assert_allclose(x.numpy(), images + 0.05 * np.sign(strong).reshape(4, 4, 1),
+                               atol=1e-6)
+
+
+def test_settings_validate_and_name_their_terms():
+    assert not robust.RobustTraining().enabled
+    pgd = robust.RobustTraining(epsilon=0.3, steps=6)
+    assert pgd.step == pytest.approx(2.5 * 0.3 / 6) and pgd.iterations == 6
+    assert robust.RobustTraining(epsilon=0.3, step_size=0.01).step == 0.01
+    assert robust.RobustTraining(epsilon=0.1, mode="both").loss_names == (
+        "adv_nll_loss", "adv_lm_loss", "adv_reject_loss", "adv_accuracy")
+    assert robust.RobustTraining(epsilon=0.1, mode="reject").loss_names == (
+        "adv_reject_loss", "adv_accuracy")
+    for bad, message in [(dict(epsilon=-0.1), "epsilon must be >= 0"),
+                         (dict(attack="cw"), "attack must be one of pgd, fgsm"),
+                         (dict(mode="x"), "mode must be one of classify, reject, both"),
+                         (dict(steps=0), "steps must be >= 1"),
+                         (dict(weight=0), "weight must be > 0"),
+                         (dict(clean=False, mode="both"), "clean=False .* needs mode classify")]:
+        with pytest.raises(ValueError, match=message):
+            robust.RobustTraining(**bad)
+
+
+def test_training_inputs_beside_or_in_place_of_the_batch():
+    """Off: the batch alone. On: the batch and its adversarial examples (the PGD corner of a
+    linear model), or with clean=False these in place of the batch."""
+    images, labels, weights = _two_classes(seed=7)
+    model = _linear(weights, np.zeros(2, np.float32), "float32")
+    off = robust.RobustTraining()
+    x, extra = robust.training_inputs(off, model, images, labels)
+    assert x is images and extra == {}
+    corner = images + 0.1 * (np.where(labels[:, None] == 0, 1.0, -1.0)
+                             * np.sign(weights[:, 1])).reshape(-1, 4, 4, 1)
+    beside = robust.RobustTraining(epsilon=0.1, steps=4)
+    x, extra = robust.training_inputs(beside, model, images, labels)
+    assert x is images and set(extra) == {"adversarial"}
+    np.testing.assert_allclose(extra["adversarial"], corner, atol=1e-6)
+    instead = robust.RobustTraining(epsilon=0.1, steps=4, clean=False)
+    x, extra = robust.training_inputs(instead, model, images, labels)
+    assert extra == {} and instead.loss_names == ()
+    np.testing.assert_allclose(x, corner, atol=1e-6)
+
+
+def test_loss_terms_against_numpy():
+    rng = np.random.default_rng(4)
+    adversarial_ll = rng.normal(0, 5, (6, 3)).astype(np.float32)
+    clean_ll = rng.normal(0, 5, (6, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    settings = robust.RobustTraining(epsilon=0.1, mode="both", weight=0.5, margin=2.0)
+    added, terms = robust.loss_terms(settings, adversarial_ll, clean_ll, labels,
+                                     lm_margin=3.0, beta=2.0, gamma=0.25)
+    true = adversarial_ll[np.arange(6), labels]
+    nll = -true.mean()
+    false = np.ones((6, 3), bool)
+    false[np.arange(6), labels] = False
+    lm = np.mean([np.sum(np.maximum(adversarial_ll[i][false[i]] + 3.0 - true[i], 0) ** 2) / 2
+                  for i in range(6)])
+    reject = np.mean(np.maximum(adversarial_ll.max(1) + 2.0
+                                - clean_ll[np.arange(6), labels], 0) ** 2)
+    np.testing.assert_allclose(terms["adv_nll_loss"], nll, rtol=1e-6)
+    np.testing.assert_allclose(terms["adv_lm_loss"], lm, rtol=1e-5)
+    np.testing.assert_allclose(terms["adv_reject_loss"], reject, rtol=1e-5)
+    np.testing.assert_allclose(added, 0.5 * (2.0 * nll + 0.25 * lm + reject), rtol=1e-5)
+    np.testing.assert_allclose(terms["adv_accuracy"],
+                               np.mean(adversarial_ll.argmax(1) == labels))
+    # the reject term's reference is held: only the adversarial examples move
+    clean = tf.Variable(clean_ll)
+    with tf.GradientTape() as tape:
+        _, terms = robust.loss_terms(settings, adversarial_ll, clean, labels, 3.0)
+    assert tape.gradient(terms["adv_reject_loss"], clean) is None
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_train_step_smoke(policy):
+    """A few SDIM training steps with adversarial training under tf.distribute in both
+    precisions: finite losses, and the adversarial examples cost more than the clean
+    images (averaged over the steps)."""
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = sdim_tf.SDIM(3, (32, 32, 1), rep_dim=8, filters=(8, 8, 16, 16),
+                             robust=dict(epsilon=0.2, steps=3, mode="both"))
+        model.compile()
+        strategy = tf.distribute.get_strategy()
+        step = train.make_train_step(model, strategy)
+        rng = np.random.default_rng(5)
+        images = rng.random((64, 32, 32, 1), np.float32)
+        labels = np.arange(64) % 3
+        data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
+        logs = train.run_epoch(step, model, strategy, data, steps=4, progress=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert set(robust.RobustTraining(epsilon=1, mode="both").loss_names) < set(logs)
+    assert all(np.isfinite(v) for v in logs.values())
+    assert logs["adv_nll_loss"] > logs["nll_loss"]
+    assert logs["adv_lm_loss"] > logs["lm_loss"]
+    assert logs["adv_accuracy"] <= logs["accuracy"]
+    np.testing.assert_allclose(logs["loss"], logs["mi_loss"] + logs["nll_loss"]
+                               + logs["lm_loss"] + logs["adv_nll_loss"] + logs["adv_lm_loss"]
+                               + logs["adv_reject_loss"], rtol=1e-4)
+
+
+def test_collapse_rules():
+    m = overfitting_guard.Measurement
+    collapse = overfitting_guard.collapse
+    assert collapse([], m(0.1, 0.0)) is None  # never robust yet: no collapse
+    assert collapse([m(0.3, 0.1)], m(0.3, 0.02)) is None  # fell from below `least`
+    assert collapse([m(0.6, 0.5), m(0.7, 0.6)], m(0.65, 0.55)) is None
+    assert "fell below 0.5 x its best 0.600" in collapse([m(0.6, 0.5), m(0.7, 0.6)],
+                                                         m(0.3, 0.29))
+    assert "FGSM accuracy 0.900 exceeds PGD accuracy 0.500" in collapse([], m(0.9, 0.5))
+
+
+def test_guard_measures_pgd_accuracy_and_catches_a_planted_collapse():
+    """Two-class linear models, whose PGD accuracy at epsilon is in closed form: image i
+    (class 0) stays right iff its margin b0 - b1 - w.x_i exceeds epsilon ||w||_1 (no clip:
+    the images lie in [0.2, 0.8]). The planted collapse: the same bias, weights 10x."""
+    rng = np.random.default_rng(6)
+    images = rng.uniform(0.2, 0.8, (40, 4, 4, 1)).astype(np.float32)
+    labels = np.zeros(40, int)
+    diff = rng.uniform(0.05, 0.15, 16).astype(np.float32)  # w.x >= 0.2 ||w||_1
+    flat = images.reshape(40, -1).astype(np.float64)
+    bias = np.array([float(np.median(flat @ diff)) + 0.1 * np.abs(diff).sum(), 0.0],
+                    np.float32)
+
+    def robust_share(scale):  # the closed form
+        w = scale * diff.astype(np.float64)
+        return np.mean(bias[0] - flat @ w > 0.1 * np.abs(w).sum())
+
+    model = _linear(np.stack([np.zeros(16), diff], 1).astype(np.float32), bias, "float32")
+    guard = overfitting_guard.OverfittingGuard(model, images, labels, 0.1, pgd_steps=10,
+                                               batch_size=16)
+    measured, why = guard.check()
+    assert 0.3 < robust_share(1) < 0.7
+    assert measured.pgd_accuracy == pytest.approx(robust_share(1)) and why is None
+    assert measured.fgsm_accuracy >= measured.pgd_accuracy
+    model.layers[-1].set_weights([np.stack([np.zeros(16), 10 * diff], 1), bias])
+    measured, why = guard.check()
+    assert robust_share(10) == 0 and measured.pgd_accuracy == 0
+    assert f"PGD accuracy 0.000 fell below 0.5 x its best {robust_share(1):.3f}" in why
+    assert len(guard.history) == 2
+
+
+class _Planted:
+    def __init__(self, why):
+        self.why = why
+
+    def check(self):
+        return overfitting_guard.Measurement(0.9, 0.1), self.why
+
+
+def test_train_stage_stops_on_a_collapse(tmp_path):
+    from pipeline.config import PipelineConfig
+    from pipeline.run_dir import TrainedModel
+
+    trained = TrainedModel(tmp_path)
+    settings = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1,
+                                        robust_attack="fgsm").model.robust
+    with pytest.raises(train.TrainingError, match="catastrophic overfitting in epoch 3 "
+                       r"\(FGSM wins, epsilon 0.1\); .*--robust_attack=pgd"):
+        train._check_guard(_Planted("FGSM wins"), settings, 3, trained)
+    assert train._check_guard(_Planted(None), settings, 3, trained) == {
+        "robust/fgsm_accuracy": 0.9, "robust/pgd_accuracy": 0.1}
+    rejecting = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1,
+                                         robust_mode="reject").model.robust
+    assert train._check_guard(_Planted("FGSM wins"), rejecting, 3, trained)[
+        "robust/pgd_accuracy"] == 0.1
+
+
+def test_flags_validate_and_key_the_train_stage():
+    from pipeline.config import ConfigError, PipelineConfig
+
+    plain = PipelineConfig.from_flat(dataset="mnist").resolve()
+    assert plain.model.flat(keyed_only=True)["robust_epsilon"] == 0
+    on = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1,
+                                  robust_mode="both").resolve()
+    assert on.model.flat(keyed_only=True)["robust_mode"] == "both"
+    in_place = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1, robust_clean=False)
+    assert in_place.resolve().model.flat(keyed_only=True)["robust_clean"] is False
+    assert on.model.robust == robust.RobustTraining(epsilon=0.1, mode="both")
+    for bad, message in [(dict(robust_epsilon=-1.0), "--robust_epsilon must be >= 0"),
+                         (dict(robust_epsilon=0.1, robust_steps=0), "--robust_steps must be"),
+                         (dict(robust_epsilon=0.1, model="discriminative"),
+                          "--robust_epsilon=0.1 needs --model=sdim")]:
+        with pytest.raises(ConfigError, match=message):
+            PipelineConfig.from_flat(dataset="mnist", **bad).resolve()
+
+
+def test_train_stage_guard_resumes_its_history():
+    """A resumed run's guard compares with the epochs already trained (history.csv rows);
+    without adversarial training or held-out images there is none."""
+    images, labels, weights = _two_classes(seed=8, n=300)
+    model = _linear(weights, np.zeros(2, np.float32), "float32")
+    watched = {"held_out": (images, labels)}
+    rows = [{"epoch": 1, "robust/fgsm_accuracy": 0.7, "robust/pgd_accuracy": 0.6},
+            {"epoch": 2, "loss": 1.0}]
+    settings = robust.RobustTraining(epsilon=0.1)
+    guard = train._guard(settings, 0, model, watched, rows)
+    assert guard.history == [overfitting_guard.Measurement(0.7, 0.6)]
+    assert guard.images.shape[0] == train.GUARD_IMAGES and guard.epsilon == 0.1
+    assert train._guard(settings, 0, model, None, rows) is None
+    assert train._guard(robust.RobustTraining(), 0, model, watched, rows) is None

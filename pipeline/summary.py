@@ -12,7 +12,7 @@ import pathlib
 from pipeline import console
 from pipeline import run_dir as run_dirs
 from pipeline.markdown import percent
-from sdim_tf import monitoring, ood_data, shifts
+from sdim_tf import monitoring, ood_data, rejection, shifts
 
 # The separation kinds (sdim_tf.metrics) that rank by the top class score, as the rule does.
 TOP_SCORES = ("max_log_likelihood", "max_logit")
@@ -32,26 +32,27 @@ def headline(run_dir: str | pathlib.Path) -> list[tuple[str, str]]:
     return rows
 
 
-def silent_error(selective: dict) -> float:
-    """Accepted and wrong, a share of all test images, from Table 2's figures."""
-    return (1 - selective["reject_rate"]) * (1 - selective["accuracy_left"])
-
-
 def _evaluation(report: dict) -> list[tuple[str, str]]:
     deployed = str(report["deployed_percentile"])
-    kept = report["selective"][deployed]
+    # what the SavedModel does (both refusals), else the deployed thresholds' Table 2 row
+    test = report.get("deployed", {}).get("test") or _outcomes(report["selective"][deployed])
     rows = [("test accuracy", f"{percent(report['accuracy'])} of {report['num_test']} test "
                               "images"),
-            ("test images rejected", percent(kept["reject_rate"])),
-            ("right among the accepted", percent(kept["accuracy_left"])),
-            ("silent error", f"{percent(silent_error(kept))} (accepted and wrong, a share of "
+            ("test images rejected", percent(test["rejected"])
+             + (f" ({percent(test['ambiguous'])} as ambiguous)" if test.get("ambiguous")
+                else "")),
+            ("right among the accepted", percent(test["accuracy_on_accepted"])),
+            ("silent error", f"{percent(test['silent_error'])} (accepted and wrong, a share of "
                              "all test images)")]
-    if report.get("guarantee"):
-        rows.append(("promise", report["guarantee"]))
+    promises = report.get("promises") or {rejection.UNFAMILIAR: report.get("guarantee")}
+    rows += [("promise" if reason == rejection.UNFAMILIAR else f"promise ({reason})", promise)
+             for reason, promise in promises.items() if promise]
     paired = ood_data.OOD_PAIRS.get(report["dataset"], [])
     others = []
     for name, ood in report["ood"].items():
-        rejected = percent(ood["decision_rejection_rate"][deployed])
+        refused = report.get("deployed", {}).get("ood", {}).get(name)
+        rejected = percent(refused["rejected"] if refused
+                           else ood["decision_rejection_rate"][deployed])
         if name in paired:
             rows.append((f"{name} rejected / AUROC", f"{rejected} / {_auroc(ood):.4f} "
                                                      f"({ood['num']} images never seen)"))
@@ -65,6 +66,13 @@ def _evaluation(report: dict) -> list[tuple[str, str]]:
                      f"({len(shifted['corruptions'])} corruptions at severity "
                      f"{shifts.MIDDLE_SEVERITY}, first {shifted['images']} test images)"))
     return rows
+
+
+def _outcomes(selective: dict) -> dict:
+    """Table 2's row (accuracy left, reject rate) as `rejection.outcomes` names them."""
+    return {"rejected": selective["reject_rate"],
+            "accuracy_on_accepted": selective["accuracy_left"],
+            "silent_error": (1 - selective["reject_rate"]) * (1 - selective["accuracy_left"])}
 
 
 def _auroc(ood: dict) -> float:

@@ -2,6 +2,7 @@
 --verbose, progress lines that suit a log file, one line per epoch."""
 
 import io
+import json
 import os
 import pathlib
 import re
@@ -142,3 +143,46 @@ def test_the_epoch_line():
                                             "held-out rejected 4.0%  outliers rejected 50.0%  "
                                             "50 min 00 s")
     assert summary.epoch_line({"epoch": 1, "loss": 0.5}, 1) == "epoch 1/1  loss 0.5"
+
+
+def test_the_headline_of_a_report_with_both_refusals(tmp_path):
+    """What the SavedModel does (report["deployed"]) leads; both promises are named."""
+    evaluate = tmp_path / "evaluate"
+    evaluate.mkdir()
+    report = {
+        "dataset": "fashion_mnist", "num_test": 10000, "accuracy": 0.9516,
+        "deployed_percentile": "conformal",
+        "selective": {"conformal": {"accuracy": 0.9516, "accuracy_left": 0.97,
+                                    "reject_rate": 0.035}},
+        "promises": {"unfamiliar": "rejects at most 4% of images", "ambiguous": None},
+        "deployed": {"test": {"rejected": 0.05, "ambiguous": 0.015,
+                              "accuracy_on_accepted": 0.98, "silent_error": 0.019},
+                     "ood": {"mnist": {"rejected": 0.9669}}},
+        "ood": {"mnist": {"num": 10000, "decision_rejection_rate": {"conformal": 0.9},
+                          "separation": {"logsumexp": {"auroc": 0.5},
+                                         "max_log_likelihood": {"auroc": 0.99291}}},
+                "uniform_noise": {"num": 2000, "decision_rejection_rate": {"conformal": 1.0},
+                                  "separation": {"max_log_likelihood": {"auroc": 1.0}}}},
+        "shifts": {"images": 2000, "corruptions": {f"c{i}": {} for i in range(11)},
+                   "mean_silent_error_middle": 0.0523}}
+    (evaluate / "report.json").write_text(json.dumps(report))
+    (evaluate / "manifest.json").write_text("{}")
+    assert summary.headline(tmp_path) == [
+        ("test accuracy", "95.16% of 10000 test images"),
+        ("test images rejected", "5.00% (1.50% as ambiguous)"),
+        ("right among the accepted", "98.00%"),
+        ("silent error", "1.90% (accepted and wrong, a share of all test images)"),
+        ("promise", "rejects at most 4% of images"),
+        ("mnist rejected / AUROC", "96.69% / 0.9929 (10000 images never seen)"),
+        ("other outliers rejected", "uniform_noise 100.00%"),
+        ("silent error, corrupted", "5.23% (11 corruptions at severity 3, first 2000 test "
+                                    "images)")]
+    # a report without the SavedModel's outcomes: the deployed row of Table 2
+    del report["deployed"], report["promises"]
+    report["guarantee"] = "rejects at most 4%"
+    (evaluate / "report.json").write_text(json.dumps(report))
+    rows = dict(summary.headline(tmp_path))
+    assert rows["test images rejected"] == "3.50%"
+    assert rows["silent error"].startswith(f"{100 * 0.965 * 0.03:.2f}% ")
+    assert rows["promise"] == "rejects at most 4%"
+    assert rows["mnist rejected / AUROC"].startswith("90.00% / 0.9929")

@@ -70,7 +70,8 @@ def test_the_closing_lines_and_the_run_readme_lead_with_the_figures(tiny_run):
     assert figures["right among the accepted"] == f"{100 * (~wrong[~rejected]).mean():.2f}%"
     assert figures["silent error"] == (f"{100 * (wrong & ~rejected).mean():.2f}% (accepted and "
                                        "wrong, a share of all test images)")
-    assert figures["promise"] == report["guarantee"]
+    assert figures["promise"] == report["promises"]["unfamiliar"] and "%" in figures["promise"]
+    assert "promise (ambiguous)" not in figures  # no --max_error
     assert figures["mnist rejected / AUROC"].startswith(
         f"{100 * mnist['decision_rejection_rate'][str(report['deployed_percentile'])]:.2f}% / "
         f"{mnist['separation']['max_log_likelihood']['auroc']:.4f} (10000 images never seen")
@@ -89,8 +90,7 @@ def test_the_closing_lines_and_the_run_readme_lead_with_the_figures(tiny_run):
     assert readme[5 + len(figures)] == (
         f"Command: `python -m pipeline.run --dataset=fashion_mnist "
         f"--data_dir={config.data.data_dir} --epochs=2 --lr_schedule=constant "
-        f"--train_limit=1024 --shift_images=200 --export_dir={config.export.export_dir} "
-        f"--run_dir={run_dir}`")
+        f"--train_limit=1024 --shift_images=200 --run_dir={run_dir}`")
 
 
 def test_best_checkpoint_gives_the_logged_test_accuracy(tiny_run, data_dir):

@@ -113,7 +113,7 @@ def test_the_saved_model_loads_as_shown(smoke, folder, monkeypatch):
 def test_predict_and_monitor_on_a_folder_as_shown(smoke, folder):
     text = section(README, "Using the model")
     (predict,) = [b.strip() for b in blocks(text, "bash") if "pipeline.predict" in b]
-    monitor = " ".join(re.search(r"`(python -m pipeline\.monitor [^`]*)`", text)
+    monitor = " ".join(re.search(r"`(python -m pipeline\.monitor\s[^`]*)`", text)
                        .group(1).split())
     images, _ = data.load_split("fashion_mnist", "test")
     (folder / "my_images").mkdir()

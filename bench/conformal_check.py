@@ -32,7 +32,7 @@ flags.DEFINE_string("checkpoint", None, "A .keras checkpoint trained on the firs
                     "Fashion-MNIST training images.")
 flags.DEFINE_string("data_dir", os.environ.get("SDIM_DATA_DIR"), "Folder of the IDX files.")
 flags.DEFINE_integer("fit_images", 10000, "Trained images the tied Gaussians are fitted on.")
-flags.DEFINE_float("alpha", 0.04, "The reject budget.")
+flags.DEFINE_float("reject_budget", 0.04, "The reject budget alpha (as pipeline.run's).")
 flags.DEFINE_float("confidence", 0.95, "Confidence of the high-probability rule.")
 flags.DEFINE_integer("draws", 2000, "Simulated calibration draws.")
 flags.DEFINE_integer("calibration_size", 5000, "Held-out images per simulated draw.")
@@ -62,12 +62,12 @@ def main(argv):
         scores, _ = rejection.class_scores(scorer, data.image_batches(images))
         top[name] = scores.max(1)
     record = {"command": " ".join(["python -m bench.conformal_check", *sys.argv[1:]]),
-              "machine": machine(), "checkpoint": FLAGS.checkpoint, "alpha": FLAGS.alpha,
+              "machine": machine(), "checkpoint": FLAGS.checkpoint, "alpha": FLAGS.reject_budget,
               "confidence": FLAGS.confidence, "deployed": {}}
     for label, confidence in (("high_probability", FLAGS.confidence), ("marginal", None)):
-        t = conformal.threshold(top["held_out"], FLAGS.alpha, confidence)
+        t = conformal.threshold(top["held_out"], FLAGS.reject_budget, confidence)
         record["deployed"][label] = {
-            "order_statistic": conformal.order_statistic(len(top["held_out"]), FLAGS.alpha,
+            "order_statistic": conformal.order_statistic(len(top["held_out"]), FLAGS.reject_budget,
                                                          confidence),
             "threshold": t, **{f"{k}_rejected": float((v < t).mean()) for k, v in top.items()}}
     rng = np.random.default_rng(0)
@@ -78,13 +78,13 @@ def main(argv):
         calibration, rest = pool[order[:FLAGS.calibration_size]], pool[
             order[FLAGS.calibration_size:]]
         for label, confidence in (("high_probability", FLAGS.confidence), ("marginal", None)):
-            t = conformal.threshold(calibration, FLAGS.alpha, confidence)
+            t = conformal.threshold(calibration, FLAGS.reject_budget, confidence)
             rates[label].append(float((rest < t).mean()))
     record["simulation"] = {
         "pool": int(len(pool)), "calibration_size": FLAGS.calibration_size,
         "draws": FLAGS.draws,
         **{label: {"mean_rate": float(np.mean(r)), "share_over_alpha":
-                   float(np.mean(np.array(r) > FLAGS.alpha)),
+                   float(np.mean(np.array(r) > FLAGS.reject_budget)),
                    "quantiles_5_50_95": np.quantile(r, [0.05, 0.5, 0.95]).tolist()}
            for label, r in rates.items()}}
     artifacts.write_json(FLAGS.out, record)

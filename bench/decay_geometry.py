@@ -16,7 +16,7 @@ Sets: held-out images (the last 5000 training images), the outliers built from t
 never used to choose anything).
 
 python -m bench.decay_geometry --checkpoints='/work/runs/fm-default/epochs/epoch_*.keras' \
-    --epochs=1,2,5,10,20,30,40,50 --out=bench/results/decay_geometry.json
+    --checkpoint_epochs=1,2,5,10,20,30,40,50 --out=bench/results/decay_geometry.json
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from sdim_tf import density, monitoring
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Glob of per-epoch .keras checkpoints (epoch_<k>).")
-flags.DEFINE_string("epochs", "", "Only these epochs, comma separated (default: all).")
+flags.DEFINE_string("checkpoint_epochs", "", "Only these epochs' checkpoints, comma separated "
+                    "(default: all).")
 flags.DEFINE_string("layers", "head,quad3,quad4", "Layers to measure, comma separated.")
 flags.DEFINE_string("out", "bench/results/decay_geometry.json", "Where the JSON goes.")
 define_data_flags(held_out_images=2000)
@@ -54,7 +55,7 @@ flags.DEFINE_float("top_share", 0.1, "The share of covariance directions of most
 
 def main(argv):
     del argv
-    paths = in_epoch_order(FLAGS.checkpoints, epochs=FLAGS.epochs)
+    paths = in_epoch_order(FLAGS.checkpoints, epochs=FLAGS.checkpoint_epochs)
     layers = tuple(name for name in FLAGS.layers.split(",") if name)
     unknown = sorted(set(layers) - set(density.LAYERS))
     if unknown or not layers:

@@ -29,7 +29,8 @@ from pipeline import artifacts
 from sdim_tf import drift
 
 FLAGS = flags.FLAGS
-flags.DEFINE_float("alpha", 0.04, "The guaranteed rejection rate.")
+flags.DEFINE_float("reject_budget", 0.04, "The guaranteed rejection rate alpha (as "
+                   "pipeline.run's and pipeline.monitor's).")
 flags.DEFINE_float("shift", drift.DEFAULT_SHIFT, "The CUSUM's p1 / alpha.")
 flags.DEFINE_float("arl0", drift.DEFAULT_ARL0, "Least in-control mean run length.")
 flags.DEFINE_integer("streams", 2000, "Seeded streams per measurement.")
@@ -65,7 +66,7 @@ def describe(values: np.ndarray) -> dict:
 
 def main(argv):
     del argv
-    alpha = FLAGS.alpha
+    alpha = FLAGS.reject_budget
     started = time.time()
     cusum = drift.BernoulliCusum(alpha, FLAGS.shift, FLAGS.arl0)
     h = cusum.threshold

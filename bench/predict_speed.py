@@ -1,7 +1,7 @@
 """Throughput of `pipeline.predict` on a folder of real test images written as PNG files.
 
     python -m bench.predict_speed \
-        --model=runs/fashion_mnist-sdim/saved_models/fashion_mnist [--files=10000]
+        --model_dir=runs/fashion_mnist-sdim/saved_models/fashion_mnist [--files=10000]
 
 Times, in one process: loading the SavedModel, classifying the files (reading, batching,
 `classify_encoded`), and writing the CSVs and the report (contact sheets with saliency).
@@ -23,7 +23,7 @@ from bench import machine
 from pipeline import deployed, predict
 from sdim_tf import data
 
-flags.DEFINE_string("model", None, "Folder of SavedModel versions (the newest is used).")
+flags.DEFINE_string("model_dir", None, "Folder of SavedModel versions (the newest is used).")
 flags.DEFINE_integer("files", 10000, "PNG files to classify (test images, repeated if needed).")
 flags.DEFINE_string("dataset", "fashion_mnist", "Whose test images to write.")
 flags.DEFINE_string("out", None, "JSON results (default: "
@@ -40,7 +40,7 @@ def main(argv):
             (folder / f"{i:06d}.png").write_bytes(
                 tf.io.encode_png(images[i % len(images)]).numpy())
         started = time.perf_counter()
-        predictor = predict.Predictor(deployed.version_dir(FLAGS.model))
+        predictor = predict.Predictor(deployed.version_dir(FLAGS.model_dir))
         loaded = time.perf_counter()
         files, _ = predict.image_files([str(folder)])
         predictions, errors = predict.predict(predictor, files, progress=False)
@@ -63,5 +63,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("model")
+    flags.mark_flag_as_required("model_dir")
     app.run(main)

@@ -20,6 +20,7 @@ from absl import app, flags
 from pipeline.config import PipelineConfig
 from pipeline.run_dir import Examples
 from pipeline.stages import ingest, train
+from sdim_tf import precision
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name.")
@@ -28,14 +29,15 @@ flags.DEFINE_string("critic", "concat", "SDIM critic.")
 flags.DEFINE_integer("epochs", 10, "Epochs.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("seed", 0, "Seed.")
-flags.DEFINE_string("mixed_precision", None, "Keras dtype policy, e.g. mixed_bfloat16.")
+flags.DEFINE_enum("mixed_precision", "float32", precision.PRECISIONS, "Training compute "
+                  "dtype, as pipeline.run's (auto: bfloat16 where the hardware has it natively).")
 
 
 def main(argv):
     del argv
     keras.utils.set_random_seed(FLAGS.seed)
-    if FLAGS.mixed_precision:
-        keras.mixed_precision.set_global_policy(FLAGS.mixed_precision)
+    chosen, _ = precision.resolve(FLAGS.mixed_precision, precision.Hardware.detect())
+    keras.mixed_precision.set_global_policy(precision.POLICIES[chosen])
     examples = Examples(pathlib.Path(tempfile.mkdtemp()) / FLAGS.dataset)
     ingest.ingest(FLAGS.dataset, examples.folder)
     train_ds = examples.dataset("train", batch_size=FLAGS.batch_size, training=True,
@@ -48,8 +50,8 @@ def main(argv):
                               examples.image_shape[-1],
                               examples.num_examples("train") // FLAGS.batch_size)
     name = f"train_curve_{FLAGS.model}_{FLAGS.critic if FLAGS.model == 'sdim' else 'none'}"
-    if FLAGS.mixed_precision:
-        name += f"_{FLAGS.mixed_precision}"
+    if chosen != "float32":
+        name += f"_{chosen}"
     out = pathlib.Path("bench/results") / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"command": " ".join(sys.argv), "machine": {"cpus": os.cpu_count(),

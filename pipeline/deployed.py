@@ -22,20 +22,20 @@ def version_dir(model: str, version: int | None = None,
     that reads only the assets may ask for assets/thresholds.json instead)."""
     path = pathlib.Path(model)
     if not path.is_dir():
-        raise DeployedModelError(f"--model={model}: no such folder")
+        raise DeployedModelError(f"--model_dir={model}: no such folder")
     if (path / marker).is_file():
         if version is not None:
-            raise DeployedModelError(f"--model={model} is a version folder; drop --version "
-                                     "or point --model at the folder of versions")
+            raise DeployedModelError(f"--model_dir={model} is a version folder; drop --version "
+                                     "or point --model_dir at the folder of versions")
         return path
     versions = sorted(int(p.name) for p in path.iterdir()
                       if p.name.isdigit() and (p / marker).is_file())
     if not versions:
-        raise DeployedModelError(f"--model={model}: no exported version (no <N>/{marker})")
+        raise DeployedModelError(f"--model_dir={model}: no exported version (no <N>/{marker})")
     if version is None:
         return path / str(versions[-1])
     if version not in versions:
-        raise DeployedModelError(f"--model={model}: no version {version}; found "
+        raise DeployedModelError(f"--model_dir={model}: no version {version}; found "
                                  f"{', '.join(map(str, versions))}")
     return path / str(version)
 

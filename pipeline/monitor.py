@@ -1,14 +1,15 @@
 """Watch a deployed model's rejections for drift: `python -m pipeline.monitor`.
 
-    python -m pipeline.monitor --model=saved_models/sdim_fashion_mnist [--version=N] \
-        [--reject_budget=A] [--shift=2] [--arl0=10000] [--out=monitor.json] PREDICTIONS.csv ...
+    python -m pipeline.monitor --model_dir=runs/fashion_mnist-sdim/saved_models/fashion_mnist \
+        [--version=N] [--reject_budget=A] [--shift=2] [--arl0=10000] [--out=monitor.json] \
+        PREDICTIONS.csv ...
 
 Reads the `rejected` column of the CSV files (one stream, in argument order, each file's
 rows in arrival order: true/false, True/False or 1/0) and runs the CUSUM of
 `sdim_tf.drift` per reason of refusal:
 
 - unfamiliar, against the rate the model guarantees: `alpha` of the `deployed` entry of
-  `assets/thresholds.json` in the version folder (`--model` is a folder of numbered
+  `assets/thresholds.json` in the version folder (`--model_dir` is a folder of numbered
   versions, the newest by default, or one version). Every rejected row counts but those
   whose `reason` is ambiguous. `--reject_budget` (the rate the deployment promises, as the
   pipeline's flag of that name) overrides it, and is needed for a model exported without a
@@ -32,6 +33,10 @@ count from 1 (the n-th data row of the stream). Exit code 0 whether or not an al
 
 from __future__ import annotations
 
+# First: as the program, it imports TensorFlow without TensorFlow's start-up lines.
+from pipeline import console
+
+# isort: split
 import csv
 import pathlib
 import sys
@@ -51,9 +56,9 @@ UNFAMILIAR, AMBIGUOUS = "unfamiliar", "ambiguous"
 
 def _define_flags() -> None:
     # Defined only when run as a program: importing this module (tests, other tools) then
-    # registers no flag names, which pipeline.predict shares (--model, --version, --out).
-    flags.DEFINE_string("model", None, "Folder of numbered SavedModel versions, or one version "
-                        "(only assets/thresholds.json is read).")
+    # registers no flag names, which pipeline.predict shares (--model_dir, --version, --out).
+    flags.DEFINE_string("model_dir", None, "Folder of numbered SavedModel versions, or one "
+                        "version (only assets/thresholds.json is read).")
     flags.DEFINE_integer("version", None, "Version to read (default: the newest).")
     flags.DEFINE_float("reject_budget", None, "The guaranteed rejection rate alpha to watch; "
                        "default: the model's (thresholds.json, deployed.alpha).")
@@ -62,6 +67,7 @@ def _define_flags() -> None:
     flags.DEFINE_float("arl0", drift.DEFAULT_ARL0, "Least mean number of requests to a false "
                        "alarm when the rate is alpha.")
     flags.DEFINE_string("out", None, "Also write the summary as JSON to this file.")
+    console.define_flags()
 
 
 class MonitorError(ValueError):
@@ -208,10 +214,10 @@ def run(model: str | None, version: int | None, alpha: float | None, shift: floa
     if not csv_paths:
         raise MonitorError("give the CSV file(s) of rejections (a `rejected` column)")
     if model is None and alpha is None:
-        raise MonitorError("--model is required (a folder of SavedModel versions), or give "
+        raise MonitorError("--model_dir is required (a folder of SavedModel versions), or give "
                            "the rate to watch with --reject_budget")
     if model is None and version is not None:
-        raise MonitorError("--version needs --model")
+        raise MonitorError("--version needs --model_dir")
     promised = {"alpha": None, "confidence": None, "n": None, "guarantee": None,
                 "ambiguous_rate": None}
     path = None
@@ -248,8 +254,9 @@ def run(model: str | None, version: int | None, alpha: float | None, shift: floa
 
 
 def main(argv):
+    console.setup(FLAGS.verbose)
     try:
-        report = run(FLAGS.model, FLAGS.version, FLAGS.reject_budget, FLAGS.shift, FLAGS.arl0,
+        report = run(FLAGS.model_dir, FLAGS.version, FLAGS.reject_budget, FLAGS.shift, FLAGS.arl0,
                      argv[1:])
     except ValueError as e:  # MonitorError, DeployedModelError, drift's checks of the flags
         sys.exit(f"error: {e}")
@@ -260,4 +267,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

@@ -1,7 +1,7 @@
 """Classify image files with an exported model and show what it refused and why.
 
-    python -m pipeline.predict --model=saved_models/sdim_fashion_mnist [--version=N] \
-        [--out=predictions] PATH ...
+    python -m pipeline.predict --model_dir=runs/fashion_mnist-sdim/saved_models/fashion_mnist \
+        [--version=N] [--out=predictions] PATH ...
 
 PATH: image files, folders (searched recursively) or globs. Every file goes to the model as
 its bytes, through `classify_encoded`: decoding, channel conversion and resizing are the
@@ -21,6 +21,10 @@ usage error or when no file could be classified.
 
 from __future__ import annotations
 
+# First: as the program, it imports TensorFlow without TensorFlow's start-up lines.
+from pipeline import console
+
+# isort: split
 import csv
 import dataclasses
 import glob
@@ -33,7 +37,6 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
-from tqdm import tqdm
 
 from pipeline.deployed import DeployedModelError, asset, version_dir
 
@@ -42,14 +45,15 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """Defined when run as a program only: pipeline.run's flags share the global registry
-    (--model) when both modules are imported in one process."""
-    flags.DEFINE_string("model", None, "Folder of numbered SavedModel versions, or one "
+    (--batch_size) when both modules are imported in one process."""
+    flags.DEFINE_string("model_dir", None, "Folder of numbered SavedModel versions, or one "
                         "version.")
     flags.DEFINE_integer("version", None, "Version to load (default: the newest).")
     flags.DEFINE_string("out", "predictions", "Folder for predictions.csv, errors.csv and "
                         "the report (created; files of an earlier run there are replaced).")
     flags.DEFINE_integer("batch_size", 64, "Files per request.")
     flags.DEFINE_integer("report_images", 24, "Images per contact sheet of the report.")
+    console.define_flags()
 
 
 PREDICTION_COLUMNS = ("path", "class_name", "score", "threshold", "margin", "rejected", "reason")
@@ -191,17 +195,17 @@ def predict(predictor: Predictor, files: list[str], batch_size: int = 64,
     limits = predictor.limits
     batch_size = min(batch_size, limits["max_batch"])
     predictions, errors = [], []
-    bar = tqdm(total=len(files), unit="file", disable=not progress,
-               mininterval=0.5 if sys.stderr.isatty() else 30)
-    for paths, contents, unread in batches(files, batch_size, limits["max_request_bytes"],
-                                           limits["max_image_bytes"]):
-        errors += unread
-        if paths:
-            p, e = predictor.classify(paths, contents)
-            predictions += p
-            errors += e
-        bar.update(len(paths) + len(unread))
-    bar.close()
+    done = 0
+    with console.Progress("predict", len(files), "file", every=30, shown=progress) as bar:
+        for paths, contents, unread in batches(files, batch_size, limits["max_request_bytes"],
+                                               limits["max_image_bytes"]):
+            errors += unread
+            if paths:
+                p, e = predictor.classify(paths, contents)
+                predictions += p
+                errors += e
+            done += len(paths) + len(unread)
+            bar.update(done)
     return sorted(predictions, key=lambda p: p.path), sorted(errors)
 
 
@@ -280,14 +284,15 @@ def write(predictor: Predictor, predictions: list[Prediction], errors: list, out
 
 
 def main(argv):
-    if not FLAGS.model:
-        sys.exit("error: --model is required (a folder of SavedModel versions)")
+    console.setup(FLAGS.verbose)
+    if not FLAGS.model_dir:
+        sys.exit("error: --model_dir is required (a folder of SavedModel versions)")
     if len(argv) < 2:
         sys.exit("error: give at least one image file, folder or glob")
     if FLAGS.batch_size < 1 or FLAGS.report_images < 0:
         sys.exit("error: --batch_size must be >= 1 and --report_images >= 0")
     try:
-        path = version_dir(FLAGS.model, FLAGS.version)
+        path = version_dir(FLAGS.model_dir, FLAGS.version)
         predictor = Predictor(path)
     except DeployedModelError as e:
         sys.exit(f"error: {e}")
@@ -307,4 +312,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

@@ -6,6 +6,10 @@ times, versions); a stage whose manifest matches is skipped, `--force` reruns it
 
 from __future__ import annotations
 
+# First: as the program, it imports TensorFlow without TensorFlow's start-up lines.
+from pipeline import console
+
+# isort: split
 import contextlib
 import dataclasses
 import errno
@@ -18,7 +22,7 @@ from collections.abc import Callable, Iterator
 import tensorflow as tf
 from absl import app, flags, logging
 
-from pipeline import artifacts, sections
+from pipeline import artifacts, sections, summary
 from pipeline import config as configs
 from pipeline import run_dir as run_dirs
 from pipeline.config import ConfigError, PipelineConfig
@@ -124,7 +128,9 @@ def _check_writable(run_dir: pathlib.Path) -> None:
         raise ConfigError(f"--run_dir {run_dir} is not writable ({e.strerror or e})") from None
 
 
-def _write_run_readme(run_dir: pathlib.Path, config: PipelineConfig) -> None:
+def command(config: PipelineConfig) -> str:
+    """The command line of `config`: its dataset and the flags that differ from the
+    defaults."""
     default = PipelineConfig().flat()
 
     def text(v):
@@ -132,11 +138,22 @@ def _write_run_readme(run_dir: pathlib.Path, config: PipelineConfig) -> None:
             return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
         return v
 
-    flags_used = " ".join(f"--{name}={text(v)}" for name, v in config.flat().items()
-                          if v != default[name] and name not in ("n", "run_dir", "force"))
-    lines = [f"# Run: {config.data.dataset} ({config.model.model})", "",
-             f"Command: `python -m pipeline.run {flags_used} --run_dir={run_dir}`", "",
-             "| stage | report | finished | outputs |", "|---|---|---|---|"]
+    flags_used = [f"--{name}={text(v)}" for name, v in config.flat().items()
+                  if v != default[name] and name not in ("dataset", "run_dir", "force")]
+    return " ".join(["python -m pipeline.run", f"--dataset={config.data.dataset}",
+                     *flags_used, f"--run_dir={config.run_dir}"])
+
+
+def _write_run_readme(run_dir: pathlib.Path, config: PipelineConfig, given: PipelineConfig
+                      ) -> None:
+    """README.md: the headline figures, the command (`given`: the flags as passed), each
+    stage's reports and outputs."""
+    figures = summary.headline(run_dir)
+    lines = [f"# Run: {config.data.dataset} ({config.model.model})", ""]
+    if figures:
+        lines += summary.markdown(figures) + [""]
+    lines += [f"Command: `{command(given.replace(run_dir=str(run_dir)))}`", "",
+              "| stage | report | finished | outputs |", "|---|---|---|---|"]
     for stage in STAGES:
         manifest = run_dir / stage.name / artifacts.MANIFEST
         if not manifest.exists():
@@ -175,11 +192,13 @@ def _inputs(stage: Stage, store: run_dirs.Run, config: PipelineConfig) -> dict:
 
 def run(config: PipelineConfig) -> pathlib.Path:
     """Runs the selected stages of `config`; returns the run directory."""
-    config = config.resolve(STAGE_NAMES)
+    given, config = config, config.resolve(STAGE_NAMES)
     run_dir = pathlib.Path(config.run_dir)
     _check_writable(run_dir)
     selected = [s for s in STAGES
                 if (s.name in config.stages if config.stages else s.default)]
+    logging.info("run: %s (%s) in %s; stages %s", config.data.dataset, config.model.model,
+                 run_dir, ", ".join(s.name for s in selected))
     for stale in artifacts.remove_stale_temps(run_dir):
         logging.info("removed %s, left by a process that died while writing it", stale)
     store = run_dirs.Run(run_dir)
@@ -218,7 +237,7 @@ def run(config: PipelineConfig) -> pathlib.Path:
                                      schema_version=run_dirs.SCHEMA_VERSION)
         logging.info("%s: done in %.1f s", stage.name, time.time() - started)
     with _storage_errors(f"{run_dir / 'README.md'}"):
-        _write_run_readme(run_dir, config)
+        _write_run_readme(run_dir, config, given)
     return run_dir
 
 
@@ -227,18 +246,27 @@ FLAGS = flags.FLAGS
 # (absl's --help shows the main module's), only --helpfull.
 HELP_GROUPS = {"data": "Data", "model": "Model", "train": "Training", "calibrate": "Rejection",
                "evaluate": "Evaluation", "export": "Export", "run": "Run"}
-sections.define_flags(PipelineConfig, tuple(HELP_GROUPS),
-                      module_name=sys.argv[0] if __name__ == "__main__" else __name__)
+_MAIN_MODULE = sys.argv[0] if __name__ == "__main__" else __name__
+sections.define_flags(PipelineConfig, tuple(HELP_GROUPS), module_name=_MAIN_MODULE)
 configs.define_attack_flags()
+console.define_flags(module_name=_MAIN_MODULE)
+
+
+def help_text() -> str:
+    verbose = flags.text_wrap(f"--[no]verbose: {console.VERBOSE_HELP} (default: 'false')",
+                              indent="      ", firstline_indent="  ")
+    return (__doc__.strip() + "\n\nMost runs set only --dataset, --data_dir, --epochs, "
+            "--run_dir and --export_dir.\n" + sections.help_text(PipelineConfig, HELP_GROUPS) + "\n"
+            + verbose + "\n\nThe attack stage's flags (--attack*): --helpfull.")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing; --help lists the flags by group, in the order a run uses them."""
+    """absl's parsing; --help lists the flags by group, in the order a run uses them; a bad
+    flag is one `error:` line."""
     if any(a in ("--help", "-help", "--helpshort", "-helpshort", "-?") for a in argv[1:]):
-        print(__doc__.strip() + "\n" + sections.help_text(PipelineConfig, HELP_GROUPS)
-              + "\n\nThe attack stage's flags (--attack*): --helpfull.")
+        print(help_text())
         sys.exit(0)
-    return app.parse_flags_with_usage(argv)
+    return console.parse_flags(argv)
 
 
 def config_from_flags() -> PipelineConfig:
@@ -246,17 +274,25 @@ def config_from_flags() -> PipelineConfig:
                                        for leaf in sections.leaves(PipelineConfig)})
 
 
+def closing(run_dir: pathlib.Path, seconds: float) -> str:
+    """The lines a finished run ends with: where its report is, then its headline figures."""
+    figures = summary.headline(run_dir)
+    return (f"Run finished in {console.duration(seconds)}; its report: {run_dir / 'README.md'}"
+            + ("\n" + summary.text(figures) if figures else ""))
+
+
 def main(argv):
+    console.setup(FLAGS.verbose)
     if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
+        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
+    started = time.time()
     try:
         run_dir = run(config_from_flags())
+        print(closing(run_dir, time.time() - started))
     except USER_ERRORS as e:
-        logging.error("%s", e)
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: rerun the same command to resume")
-    logging.info("run finished: %s", run_dir / "README.md")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ trained classifier as one, sharing its layers (and so its weights).
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -63,24 +65,28 @@ def attribution_maps(view: keras.Model, images: np.ndarray, classes: np.ndarray,
     def score(output):
         return tf.gather(output, classes, axis=1, batch_dims=1)
 
-    if method in ("saliency", "smoothgrad"):
-        tf.random.set_seed(seed)  # SmoothGrad's noise
-        maps = Saliency(view, clone=False)(
-            score, images, smooth_samples=smooth_samples if method == "smoothgrad" else 0,
-            smooth_noise=0.2)
-    elif method == "gradcam++":
-        if block is None:
-            raise ValueError("gradcam++ needs the feature-map layer name (`block`)")
-        # GradCAM++ weighs by exp(score), which underflows to 0 for log-likelihoods in the
-        # hundreds; the normalised map is invariant to a per-image shift, so shift to 0.
-        def shifted(output):
-            picked = score(output)
-            return picked - tf.stop_gradient(picked)
-
-        maps = GradcamPlusPlus(view, clone=False)(shifted, images, penultimate_layer=block,
-                                                   seek_penultimate_conv_layer=False)
-    else:
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method == "gradcam++" and block is None:
+        raise ValueError("gradcam++ needs the feature-map layer name (`block`)")
+    with warnings.catch_warnings():
+        # tf-keras-vis calls the one-input view with a list of one tensor; Keras warns.
+        warnings.filterwarnings("ignore", "The structure of `inputs` doesn't match",
+                                UserWarning)
+        if method in ("saliency", "smoothgrad"):
+            tf.random.set_seed(seed)  # SmoothGrad's noise
+            maps = Saliency(view, clone=False)(
+                score, images, smooth_samples=smooth_samples if method == "smoothgrad" else 0,
+                smooth_noise=0.2)
+        else:
+            # GradCAM++ weighs by exp(score), which underflows to 0 for log-likelihoods in
+            # the hundreds; the normalised map is invariant to a per-image shift: shift to 0.
+            def shifted(output):
+                picked = score(output)
+                return picked - tf.stop_gradient(picked)
+
+            maps = GradcamPlusPlus(view, clone=False)(shifted, images, penultimate_layer=block,
+                                                       seek_penultimate_conv_layer=False)
     return np.nan_to_num(np.asarray(maps, np.float32))
 
 

@@ -8,6 +8,7 @@ p-th percentile of log p(x|y=c) over the correctly classified training samples o
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -208,13 +209,24 @@ def _cast_thresholds(thresholds, dtype) -> tf.Tensor:
     return tf.cast(thresholds, dtype)
 
 
+# scorer -> its forward pass, traced once per scorer and batch shape rather than once per call
+# (the evaluate stage scores ~60 image sets with one scorer); the function holds the scorer
+# weakly, so an entry goes with its scorer.
+_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _forward(scorer):
+    forward = _FORWARD.get(scorer)
+    if forward is None:
+        held = weakref.ref(scorer)
+        forward = _FORWARD[scorer] = tf.function(
+            lambda images: held()(images, training=False))
+    return forward
+
+
 def class_scores(scorer, batches) -> tuple[np.ndarray, np.ndarray]:
     """(scorer's [N, C] class scores as float64, labels [N]) over (images, labels) batches."""
-
-    @tf.function
-    def forward(images):
-        return scorer(images, training=False)
-
+    forward = _forward(scorer)
     outputs, labels = [], []
     for images, batch_labels in batches:
         outputs.append(forward(images).numpy())

@@ -162,7 +162,8 @@ def _compute(part: str, compute: Callable[[], dict]) -> dict:
 
 def measure(deployable, images: np.ndarray, labels: np.ndarray, seed: int = 0,
             severities: tuple[int, ...] = SEVERITIES,
-            keep: Callable[[str, Callable[[], dict]], dict] = _compute) -> dict:
+            keep: Callable[[str, Callable[[], dict]], dict] = _compute,
+            progress: Callable[[int, int], None] | None = None) -> dict:
     """The deployed rule on clean and shifted `images` (float32 [N, H, W, C] in [0, 1]).
 
     `deployable` has `class_scores(batches)` and `decide(scores)` (a
@@ -175,7 +176,8 @@ def measure(deployable, images: np.ndarray, labels: np.ndarray, seed: int = 0,
 
     The class scores come in parts, "clean" and one per corruption ({severity: scores}):
     `keep(part, compute)` returns what `compute()` would, and may return what an earlier,
-    killed run kept (the evaluate stage resumes so).
+    killed run kept (the evaluate stage resumes so). `progress(done, total)` is called
+    after each part.
     """
     from sdim_tf import data, metrics, rejection  # TensorFlow for the forward pass
 
@@ -203,9 +205,12 @@ def measure(deployable, images: np.ndarray, labels: np.ndarray, seed: int = 0,
               "parameters": {k: list(v) for k, v in PARAMETERS.items()},
               "clean": clean, "corruptions": {}}
     pooled_scores, pooled_correct = [], []
-    for name in CORRUPTIONS:
+    report = progress or (lambda done, total: None)
+    report(1, 1 + len(CORRUPTIONS))
+    for i, name in enumerate(CORRUPTIONS, start=2):
         result["corruptions"][name] = {}
         by_severity = keep(name, functools.partial(shifted_scores, name))
+        report(i, 1 + len(CORRUPTIONS))
         for severity in severities:
             figures, shifted_score, shifted_correct = rule(by_severity[str(severity)])
             result["corruptions"][name][str(severity)] = figures

@@ -212,7 +212,7 @@ def _cli(*args, cwd):
 def test_cli_end_to_end(tmp_path, model):
     flags = _stream(np.random.default_rng(11), [(ALPHA, 3000), (3 * ALPHA, 3000)])
     csv = _write_csv(tmp_path / "predictions.csv", flags)
-    done = _cli("--model", model, "--version=1", "--out", tmp_path / "monitor.json", csv,
+    done = _cli("--model_dir", model, "--version=1", "--out", tmp_path / "monitor.json", csv,
                 cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "monitor.json").read_text())
@@ -241,15 +241,15 @@ def test_cli_errors_are_one_line_and_exit_code_1(tmp_path, model, monkeypatch, c
             (model, csv, "no guarantee (exported with --reject_budget=0)"),  # newest: v2
             (model / "1", no_column, "no `rejected` column (columns: path, class_name")):
         monkeypatch.setattr(monitor, "FLAGS", types.SimpleNamespace(
-            model=str(model_flag), version=None, reject_budget=None, shift=2.0, arl0=1e4,
-            out=None))
+            model_dir=str(model_flag), version=None, reject_budget=None, shift=2.0,
+            arl0=1e4, out=None, verbose=False))
         with pytest.raises(SystemExit) as exited:
             monitor.main(["monitor", str(path)])
         text = str(exited.value.code)  # a string: Python prints it to stderr, exit code 1
         assert text.startswith("error: ") and message in text and "\n" not in text
     monkeypatch.setattr(monitor, "FLAGS", types.SimpleNamespace(
-        model=str(model), version=None, reject_budget=0.04, shift=2.0, arl0=1e4,
-        out=str(tmp_path / "o.json")))
+        model_dir=str(model), version=None, reject_budget=0.04, shift=2.0, arl0=1e4,
+        out=str(tmp_path / "o.json"), verbose=False))
     monitor.main(["monitor", str(csv)])  # no alarm: returns, exit code 0
     assert "alarm: no" in capsys.readouterr().out
     assert json.loads((tmp_path / "o.json").read_text())["alarm"] is False
@@ -284,7 +284,7 @@ def test_cli_inputs_and_errors(tmp_path, model):
         ((str(model), 1, None, 2.0, 1e4, [str(empty)]), "no rows"),
         ((str(model), 1, None, 2.0, 1e4, [str(tmp_path / "none.csv")]), "cannot read"),
         ((str(model), None, None, 2.0, 1e4, [str(csv)]), "no guarantee.*--reject_budget"),
-        ((None, None, None, 2.0, 1e4, [str(csv)]), "--model is required"),
+        ((None, None, None, 2.0, 1e4, [str(csv)]), "--model_dir is required"),
         ((str(model), 3, None, 2.0, 1e4, [str(csv)]), "no version 3; found 1, 2"),
         ((str(tmp_path / "nowhere"), None, None, 2.0, 1e4, [str(csv)]), "no such folder"),
         ((str(model), 1, None, 1.0, 1e4, [str(csv)]), "shift must be > 1"),

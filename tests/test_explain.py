@@ -8,7 +8,7 @@ import sdim_tf
 from pipeline import artifacts
 from pipeline.run_dir import Run
 from pipeline.stages import explain as explain_stage
-from sdim_tf import explain
+from sdim_tf import explain, plots
 
 
 def _with_moving_statistics(model):
@@ -30,6 +30,27 @@ def test_functional_view_gives_the_models_logits(cls, kwargs):
                                model.predict(images, verbose=0), rtol=1e-5, atol=1e-4)
     assert {id(v) for v in view.weights} <= {id(v) for v in model.weights}  # shared
     assert view.get_layer(explain.last_block_name(model)).name == "stage4_block1"
+
+
+def test_the_scatter_draws_a_star_per_class_mean(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    scatter = matplotlib.axes.Axes.scatter
+
+    def recording(self, x, y, *args, **kwargs):
+        drawn.append((kwargs.get("marker"), np.column_stack([x, y])))
+        return scatter(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", recording)
+    rng = np.random.default_rng(4)
+    points, means = rng.normal(size=(40, 2)), rng.normal(size=(3, 2))
+    plots.representation_scatter(points, np.arange(40) % 3, ["a", "b", "c"],
+                                 tmp_path / "r.png", means=means, ood=rng.normal(size=(5, 2)))
+    stars = [xy for marker, xy in drawn if marker == "*"]
+    assert len(stars) == 1
+    np.testing.assert_array_equal(stars[0], means)
+    assert [len(xy) for marker, xy in drawn if marker == "x"] == [5]
 
 
 def test_pca_matches_the_eigen_decomposition():
@@ -80,4 +101,7 @@ def test_explain_stage_writes_its_pictures(tiny_run):
         else:  # one row per image, the image and three maps
             assert width == int(1.9 * 4 * 90) and height % int(2.0 * 90) == 0
     assert {"maps_accepted.png", "representations.png", "training_curves.png"} <= set(outputs)
+    assert "each class's mean z over these images as a star" in md
+    assert ("Each map shows which pixels move the deployed score, the predicted class's summed "
+            "standardised tied-Gaussian score on the encoder layers quad3, quad4, head") in md
     assert "[explain.md](explain/explain.md)" in (run_dir / "README.md").read_text()

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import artifacts, faults, run, sections
+from pipeline import artifacts, faults, run, sections, summary
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.run_dir import Run, TrainedModel
 from pipeline.stages import train
@@ -50,6 +50,47 @@ def test_tiny_run_writes_every_output(tiny_run):
     for stage in DEFAULT_STAGES:
         assert f"[{stage}]({stage}/)" in readme
     assert any((run_dir / "train" / "logs" / "train").iterdir())  # TensorBoard events
+
+
+def test_the_closing_lines_and_the_run_readme_lead_with_the_figures(tiny_run):
+    """The headline figures against the test scores evaluate kept, decided by hand."""
+    config, run_dir = tiny_run
+    with np.load(run_dir / "evaluate" / "parts" / "test.npz") as kept:
+        scores, labels = kept["scores"], kept["labels"]
+    _, thresholds = Run(run_dir).calibration.deployed()
+    predicted = scores.argmax(1)
+    rejected = ~(scores.max(1) >= thresholds[predicted])
+    wrong = predicted != labels
+    report = artifacts.read_json(run_dir / "evaluate" / "report.json")
+    export = artifacts.read_json(run_dir / "export" / "export.json")
+    mnist = report["ood"]["mnist"]
+    figures = dict(summary.headline(run_dir))
+    assert figures["test accuracy"] == f"{100 * (~wrong).mean():.2f}% of 10000 test images"
+    assert figures["test images rejected"] == f"{100 * rejected.mean():.2f}%"
+    assert figures["right among the accepted"] == f"{100 * (~wrong[~rejected]).mean():.2f}%"
+    assert figures["silent error"] == (f"{100 * (wrong & ~rejected).mean():.2f}% (accepted and "
+                                       "wrong, a share of all test images)")
+    assert figures["promise"] == report["promises"]["unfamiliar"] and "%" in figures["promise"]
+    assert "promise (ambiguous)" not in figures  # no --max_error
+    assert figures["mnist rejected / AUROC"].startswith(
+        f"{100 * mnist['decision_rejection_rate'][str(report['deployed_percentile'])]:.2f}% / "
+        f"{mnist['separation']['max_log_likelihood']['auroc']:.4f} (10000 images never seen")
+    assert figures["silent error, corrupted"].startswith(
+        f"{100 * report['shifts']['mean_silent_error_middle']:.2f}% (11 corruptions at "
+        "severity 3, first 200 test images)")
+    assert figures["SavedModel"] == f"{export['path']} (version {export['version']})"
+    closing = run.closing(run_dir, 581.2).splitlines()
+    assert closing[0] == f"Run finished in 9 min 41 s; its report: {run_dir / 'README.md'}"
+    assert [line.split("  ", 2)[1].strip() for line in closing[1:]] == list(figures)
+    assert all(line.endswith(value) for line, value in zip(closing[1:], figures.values(),
+                                                           strict=True))
+    readme = (run_dir / "README.md").read_text().splitlines()
+    assert readme[2:4] == ["| figure | value |", "|---|---|"]
+    assert readme[4:4 + len(figures)] == [f"| {k} | {v} |" for k, v in figures.items()]
+    assert readme[5 + len(figures)] == (
+        f"Command: `python -m pipeline.run --dataset=fashion_mnist "
+        f"--data_dir={config.data.data_dir} --epochs=2 --lr_schedule=constant "
+        f"--train_limit=1024 --shift_images=200 --run_dir={run_dir}`")
 
 
 def test_best_checkpoint_gives_the_logged_test_accuracy(tiny_run, data_dir):
@@ -382,7 +423,14 @@ def test_killed_training_resumes(tmp_path, tiny_run):
     result = _cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming after epoch {done} of 3" in result.stderr
-    assert [r["epoch"] for r in TrainedModel(work / "train").history()] == [1, 2, 3]
+    history = TrainedModel(work / "train").history()
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    # one line per epoch trained here, from its history row; no figures without evaluate
+    assert [line.split(" ", 1)[1] for line in result.stderr.splitlines()
+            if " train: epoch " in line] == [f"train: {summary.epoch_line(row, 3)}"
+                                             for row in history[1:]]
+    assert result.stdout.startswith("Run finished in ") and result.stdout.endswith(
+        f"; its report: {work / 'README.md'}\n")
     final = keras.models.load_model(work / "train" / TrainedModel.LAST)
     assert int(final.optimizer.iterations) == 3 * (256 // 64)  # no step lost or repeated
 

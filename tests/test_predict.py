@@ -61,7 +61,7 @@ def test_cli_answers_as_the_signatures_do(folder, model, tmp_path):
     root, images, bad = folder
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.predict", f"--model={model.parent}", f"--out={out}",
+        [sys.executable, "-m", "pipeline.predict", f"--model_dir={model.parent}", f"--out={out}",
          str(root)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _read(out / "predictions.csv")
@@ -137,7 +137,7 @@ def test_saliency_is_the_derivative_of_the_served_score(folder, model):
 def test_nothing_classified_is_an_error(folder, model, tmp_path):
     root, _, _ = folder
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.predict", f"--model={model.parent}",
+        [sys.executable, "-m", "pipeline.predict", f"--model_dir={model.parent}",
          f"--out={tmp_path}", str(root / "notes.txt"), str(root / "missing*.png")],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1

@@ -378,15 +378,19 @@ def test_measure_takes_kept_parts_instead_of_computing_them():
     images = np.broadcast_to(np.array([0.1, 0.45, 0.55, 0.9], np.float32)[:, None, None, None],
                              (4, 32, 32, 1)).copy()
     labels = np.array([0, 1, 1, 1])
-    kept = {}
+    kept, reported = {}, []
 
     def keep_computed(part, compute):
         kept[part] = compute()
         return kept[part]
 
+    def progress(done, total):  # after each part, when it is kept
+        reported.append((done, total, len(kept)))
+
     first = shifts.measure(_BrightnessClassifier(), images, labels, severities=(2, 3),
-                           keep=keep_computed)
+                           keep=keep_computed, progress=progress)
     assert sorted(kept) == sorted(["clean", *shifts.CORRUPTIONS])
+    assert reported == [(i, 12, i) for i in range(1, 13)]
     assert all(sorted(kept[name]) == ["2", "3"] for name in shifts.CORRUPTIONS)
     again = shifts.measure(_NoForwardPass(), images, labels, severities=(2, 3),
                            keep=lambda part, compute: kept[part])

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import pathlib
 
-import keras
 import numpy as np
 from absl import logging
 
+from pipeline import console
 from pipeline.config import ConfigError
 from pipeline.run_dir import Calibration
 from sdim_tf import rejection, rules
@@ -39,9 +39,9 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     count = len(selection["indices"]) if "indices" in selection else selection["limit"]
     logging.info("calibrate: fitting the score %s on up to %d training images", score.name,
                  count)
-    bar = keras.utils.Progbar(count, unit_name="image")
-    scorer = score.fit(trained.best(), examples.dataset("train", **selection),
-                       progress=bar.update)
+    with console.Progress(f"calibrate: {score.name} fit", count, "image") as bar:
+        scorer = score.fit(trained.best(), examples.dataset("train", **selection),
+                           progress=bar.update)
     outputs = [Calibration.THRESHOLDS, *score.save(scorer, stage_dir)]
     fit_record = getattr(scorer, "fit_record", None)
     for name, record in (fit_record or {}).items():

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from absl import logging
 
-from pipeline import artifacts, faults
+from pipeline import artifacts, console, faults
 from pipeline.markdown import percent
 from pipeline.run_dir import Evaluation, rejecting_classifier
 from sdim_tf import data, metrics, ood_data, plots, rejection, shifts
@@ -121,9 +121,10 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         images, labels = examples.arrays("test", limit=shift_images)
         logging.info("evaluate: shift suite, %d corruptions x %d severities on %d test images",
                      len(shifts.CORRUPTIONS), len(shifts.SEVERITIES), len(labels))
-        report["shifts"] = shifts.measure(deployable, images, labels, seed, keep=_keeper(
-            parts, {"seed": seed, "images": shift_images, "parameters": shifts.PARAMETERS},
-            prefix="shift_"))
+        with console.Progress("evaluate: shift suite", 1 + len(shifts.CORRUPTIONS), "part") as bar:
+            report["shifts"] = shifts.measure(deployable, images, labels, seed, keep=_keeper(
+                parts, {"seed": seed, "images": shift_images, "parameters": shifts.PARAMETERS},
+                prefix="shift_"), progress=lambda done, total: bar.update(done))
         plots.risk_coverage(report["shifts"]["risk_coverage"], stage_dir / RISK_COVERAGE_PNG)
         figures.append(RISK_COVERAGE_PNG)
     report["figures"] = figures

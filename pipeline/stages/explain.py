@@ -1,7 +1,7 @@
 """Explain: why test and OOD images were accepted or rejected, and what the model learned.
 
-Saliency, SmoothGrad and GradCAM++ maps (tf-keras-vis) of the predicted class's
-log-likelihood for accepted test images, rejected test images and rejected OOD images; a
+Saliency, SmoothGrad and GradCAM++ maps (tf-keras-vis) of the predicted class's score
+(the deployed one) for accepted test images, rejected test images and rejected OOD images; a
 PCA picture of the representations z with the class means and OOD points; training curves.
 Thresholds are those the export applies (calibrate's deployed percentile).
 """
@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from pipeline import artifacts
+from pipeline import artifacts, summary
 from pipeline.run_dir import rejecting_classifier
 from sdim_tf import data, explain, ood_data, plots
 
@@ -39,6 +39,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     deployable = rejecting_classifier(examples, trained, upstream["calibrate"])
     model = deployable.model
     percentile, thresholds = upstream["calibrate"].deployed()
+    score = upstream["calibrate"].score.description
     images, labels = examples.arrays("test", limit=TEST_IMAGES)
     logits = model.predict(images, batch_size=500, verbose=0).astype(np.float64)
     rejected = deployable.decide(logits).rejected.numpy()
@@ -94,24 +95,27 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     plots.training_curves(rows, stage_dir / CURVES_PNG)
     outputs += [REPRESENTATIONS_PNG, CURVES_PNG]
 
-    last = rows[-1] if rows else {}
+    epochs = f"{len(rows)} epoch{'s' * (len(rows) != 1)}"
+    trained_text = (f"{epochs}; the last: {summary.epoch_line(rows[-1], len(rows))}." if rows
+                    else "No epoch: the untrained network (--epochs=0).")
     text = [f"# Explanations: {dataset} ({trained.kind})", "",
             f"Thresholds: {percentile} (what the export "
             f"applies). Of the first {len(images)} test images the rule rejects "
             f"{100 * rejected.mean():.1f}%; of {len(ood)} {ood_name} images "
             f"{100 * ood_rejected.mean():.1f}%.", "",
-            "Each map shows which pixels move the predicted class's log-likelihood: Saliency "
+            f"Each map shows which pixels move the deployed score, {score}: Saliency "
             "(|gradient|), SmoothGrad (gradients averaged over noisy copies) and GradCAM++ "
             f"(on the last residual block, `{block}`), each scaled to [0, 1] per image.", "",
             *sections,
             "## Representations", "",
             f"PCA of z for {len(images)} test images (the two axes explain "
-            f"{100 * ratios.sum():.1f}% of the variance), class means as stars, "
-            f"{len(ood)} {ood_name} images as black crosses.", "",
+            f"{100 * ratios.sum():.1f}% of the variance), each class's mean z over these "
+            f"images as a star, {len(ood)} {ood_name} images as black crosses.", "",
             f"![representations]({REPRESENTATIONS_PNG})", "",
             "## Training", "",
-            f"{len(rows)} epochs; last: " + ", ".join(
-                f"{k} {v:.4g}" for k, v in last.items() if k != "epoch"), "",
+            trained_text + " Losses, the network's own accuracy (train, and test on the "
+            "first 1000 test images) and the rejection watched each epoch on held-out images "
+            "(history.csv):", "",
             f"![training curves]({CURVES_PNG})", ""]
     artifacts.write_text(stage_dir / EXPLAIN_MD, "\n".join(text))
     return [EXPLAIN_MD, *outputs]

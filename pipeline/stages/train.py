@@ -8,12 +8,12 @@ The paper evaluates the checkpoint of least training loss: later stages use
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import pathlib
-import sys
 import time
 from collections.abc import Callable
 
@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 import sdim_tf
-from pipeline import artifacts, checkpoints, faults
+from pipeline import artifacts, checkpoints, console, faults, summary
 from pipeline.checkpoints import TrainingError
 from pipeline.config import ModelConfig, TrainConfig, selection_size
 from pipeline.run_dir import TrainedModel
@@ -121,25 +121,25 @@ def make_train_step(model: keras.Model, strategy: tf.distribute.Strategy,
     return step
 
 
-def run_epoch(step, model, strategy, dataset, steps: int, progress: bool = True,
+def run_epoch(step, model, strategy, dataset, steps: int, progress: str | None = None,
               step_seconds: list | None = None) -> dict:
     """`steps` global batches through `step` (from make_train_step); the epoch's metrics.
-    Each step's wall time is appended to `step_seconds` (reading the metrics waits for it)."""
+    `progress`: the label of a console.Progress over the steps (None: no progress). Each
+    step's wall time is appended to `step_seconds` (reading the metrics waits for it)."""
     for metric in model.metrics:
         metric.reset_state()
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    # A bar redrawn per step floods logs that are not a terminal: there, one line per epoch.
-    verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
-    bar = keras.utils.Progbar(steps, verbose=verbose,
-                              stateful_metrics=[m.name for m in model.metrics])
     logs = {}
-    for i in range(steps):
-        started = time.perf_counter()
-        logs = {k: float(v) for k, v in step(iterator).items()}
-        if step_seconds is not None:
-            step_seconds.append(time.perf_counter() - started)
-        bar.update(i + 1, list(logs.items()))
-        faults.point("train.step")
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(console.Progress(progress, steps)) if progress else None
+        for i in range(steps):
+            started = time.perf_counter()
+            logs = {k: float(v) for k, v in step(iterator).items()}
+            if step_seconds is not None:
+                step_seconds.append(time.perf_counter() - started)
+            if bar is not None:
+                bar.update(i + 1, **{k: logs[k] for k in ("loss", "accuracy") if k in logs})
+            faults.point("train.step")
     return logs
 
 
@@ -343,9 +343,9 @@ class _Loop:
         train_ds = self.examples.dataset(
             "train", **self.trained_images, batch_size=self.batch, training=True,
             seed=self.training.seed * 100_003 + epoch).with_options(self.options)
-        logging.info("train: epoch %d/%d", epoch, self.training.epochs)
         step_seconds = []
         logs = run_epoch(self.step, self.model, self.strategy, train_ds, self.steps,
+                         progress=f"train: epoch {epoch}/{self.training.epochs}",
                          step_seconds=step_seconds)
         train_seconds = time.time() - start
         why = (f"loss {logs.get('loss')}" if not all(math.isfinite(v) for v in logs.values())
@@ -389,7 +389,7 @@ class _Loop:
                                                  state.get("checkpoints", {}))
         row["checkpoint_seconds"] = round(time.time() - started, 2)
         row["seconds"] = round(time.time() - start, 2)
-        logging.info("train: epoch %d: %s", epoch, row)
+        logging.info("train: %s", summary.epoch_line(row, self.training.epochs))
         if best:
             state["best_loss"], state["best_epoch"] = logs["loss"], epoch
         with self.writer.as_default(step=epoch):
@@ -440,8 +440,8 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
     state["epochs"] = training.epochs  # planned: names the length a scheduled run needs
     if model_config.robust.enabled:
         state["robust"] = model_config.robust.to_config()
-    logging.info("train: %s, %d trainable parameters, strategy %s with %d replica(s)",
-                 type(model).__name__, model.trainable_parameter_count(),
+    logging.info("train: %s, %s trainable parameters, strategy %s with %d replica(s)",
+                 type(model).__name__, f"{model.trainable_parameter_count():,}",
                  type(strategy).__name__, strategy.num_replicas_in_sync)
     loop = _Loop(training, trained, examples, model, strategy, state, chief, trained_images,
                  batch, steps, hardware, model_config.robust, held_out)

@@ -175,6 +175,10 @@ def test_a_class_too_small_to_split(tmp_path):
         _listing(tmp_path)
     assert "class 'a' has 3 usable images" in _one_line(raised)
     assert "needs 4 (2 to train, 2 to test)" in str(raised.value)
+    image_files.class_folders(tmp_path / "one", {"train": {"a": 9, "b": 1}})
+    with pytest.raises(data.DataError) as raised:
+        _listing(tmp_path / "one")
+    assert "class 'b' has 1 usable image in" in _one_line(raised)
 
 
 def test_no_test_folder_and_no_fraction(tmp_path):

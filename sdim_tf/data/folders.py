@@ -382,7 +382,8 @@ def split_off_test(listing: Listing, fraction: float, seed: int) -> None:
         name = listing.class_names[label]
         if len(items) < 2 * MIN_PER_CLASS:
             raise DataError(
-                f"class {name!r} has {len(items)} usable images in {listing.folder}; splitting "
+                f"class {name!r} has {len(items)} usable image{'s' * (len(items) != 1)} in "
+                f"{listing.folder}; splitting "
                 f"off a test split needs {2 * MIN_PER_CLASS} ({MIN_PER_CLASS} to train, "
                 f"{MIN_PER_CLASS} to test): add images, or give a test/ folder")
         n_test = min(max(round(len(items) * fraction), MIN_PER_CLASS),

@@ -31,9 +31,10 @@ setup(
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "Pillow", "adversarial-robustness-toolbox>=1.18",
                  "hypothesis>=6.100",  # bench/fuzz_signatures.py
-                 "apache-beam[tfrecord]>=2.78", "google-crc32c"],  # tests/test_ingest_beam.py
+                 "apache-beam[tfrecord]>=2.78", "google-crc32c"],  # test_ingest_beam, test_predict
         "attacks": ["adversarial-robustness-toolbox>=1.18"],
-        # The Beam ingest driver (sdim_tf.data.beam); [tfrecord] brings the CRC32C library
+        # The Beam drivers of ingest (sdim_tf.data.beam) and pipeline.predict
+        # (pipeline.predict_beam); [tfrecord] brings the CRC32C library
         # WriteToTFRecord needs, google-crc32c its fast implementation.
         "beam": ["apache-beam[tfrecord]>=2.78", "google-crc32c"],
         # CUDA and cuDNN wheels for TensorFlow on Linux GPUs (not tested here: no GPU).

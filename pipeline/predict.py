@@ -1,11 +1,15 @@
 """Classify image files with an exported model and show what it refused and why.
 
     python -m pipeline.predict --model_dir=runs/fashion_mnist-sdim/saved_models/fashion_mnist \
-        [--version=N] [--out=predictions] PATH ...
+        [--version=N] [--out=predictions] [--driver=local|beam] PATH ...
 
 PATH: image files, folders (searched recursively) or globs. Every file goes to the model as
 its bytes, through `classify_encoded`: decoding, channel conversion and resizing are the
-model's own graph, so the answers are the ones a server gives. Writes to --out:
+model's own graph, so the answers are the ones a server gives. The local driver sends the
+requests one after the other in this process; `--driver=beam` runs them as an Apache Beam
+pipeline (`pipeline.predict_beam`, RunInference; `--beam_pipeline_args`) with the same
+answers (a score to float rounding: it depends on the other files of its request). Writes
+to --out:
 
 - `predictions.csv`: path, class_name, score, threshold, margin (score - threshold),
   rejected, reason; one row per classified file, in sorted path order;
@@ -38,9 +42,12 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from pipeline import classify
+from pipeline.classify import Prediction
 from pipeline.deployed import DeployedModelError, asset, version_dir
 
 FLAGS = flags.FLAGS
+DRIVERS = ("local", "beam")
 
 
 def define_flags() -> None:
@@ -53,31 +60,17 @@ def define_flags() -> None:
                         "the report (created; files of an earlier run there are replaced).")
     flags.DEFINE_integer("batch_size", 64, "Files per request.")
     flags.DEFINE_integer("report_images", 24, "Images per contact sheet of the report.")
+    flags.DEFINE_enum("driver", "local", list(DRIVERS), "local: the requests one after the other "
+                      "in this process; beam: an Apache Beam pipeline, RunInference on the "
+                      "batches (pip install sdim-tf[beam]).")
+    flags.DEFINE_list("beam_pipeline_args", [], "With --driver=beam: options of the Beam "
+                      "pipeline (--runner=..., --direct_num_workers=...); default the "
+                      "in-process DirectRunner.")
     console.define_flags()
 
 
 PREDICTION_COLUMNS = ("path", "class_name", "score", "threshold", "margin", "rejected", "reason")
 ERROR_COLUMNS = ("path", "reason")
-ANSWERED = ("", "unfamiliar", "ambiguous")  # reasons of rows the model classified
-
-
-@dataclasses.dataclass
-class Prediction:
-    path: str
-    class_name: str
-    score: float
-    threshold: float
-    rejected: bool
-    reason: str
-
-    @property
-    def margin(self) -> float:
-        return self.score - self.threshold
-
-    def row(self) -> dict:
-        return {"path": self.path, "class_name": self.class_name, "score": repr(self.score),
-                "threshold": repr(self.threshold), "margin": repr(self.margin),
-                "rejected": str(self.rejected).lower(), "reason": self.reason}
 
 
 def image_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -115,34 +108,9 @@ class Predictor:
                                      f"{sorted(missing)}")
 
     def classify(self, paths: list[str], contents: list[bytes]):
-        """-> ([Prediction], [(path, reason)]). A request the model refuses whole (a body
-        that fails to decode after a valid header) is retried file by file, so that one
-        bad file costs only itself."""
-        try:
-            out = self.loaded.signatures["classify_encoded"](
-                images=tf.constant(contents, tf.string))
-        except tf.errors.InvalidArgumentError as e:
-            if len(paths) == 1:
-                return [], [(paths[0], "decode_failed: " + e.message.splitlines()[0][:200])]
-            predictions, errors = [], []
-            for path, content in zip(paths, contents, strict=True):
-                p, err = self.classify([path], [content])
-                predictions += p
-                errors += err
-            return predictions, errors
-        predictions, errors = [], []
-        class_ids = out["class_ids"].numpy()
-        score, threshold = out["score"].numpy(), out["threshold"].numpy()
-        rejected, reasons = out["rejected"].numpy(), out["reason"].numpy()
-        for i, path in enumerate(paths):
-            reason = reasons[i].decode()
-            if reason not in ANSWERED:
-                errors.append((path, reason))
-                continue
-            predictions.append(Prediction(path, self.class_names[class_ids[i]],
-                                          float(score[i]), float(threshold[i]),
-                                          bool(rejected[i]), reason))
-        return predictions, errors
+        """-> ([Prediction], [(path, reason)]) of one request (see `classify.classify`)."""
+        return classify.split(classify.classify(self.loaded, self.class_names, paths,
+                                                contents))
 
     def preprocess(self, contents: list[bytes]) -> np.ndarray:
         """The float images [N, 32, 32, C] the model classifies for these encoded bytes."""
@@ -171,14 +139,9 @@ def batches(files: list[str], batch_size: int, max_request_bytes: int, max_image
     model's batch and byte limits; unreadable or oversize files go to errors unread."""
     paths, contents, size, errors = [], [], 0, []
     for path in files:
-        try:
-            length = os.path.getsize(path)
-            if length > max_image_bytes:
-                errors.append((path, "too_large"))
-                continue
-            content = pathlib.Path(path).read_bytes()
-        except OSError as e:
-            errors.append((path, f"unreadable: {e.strerror or e}"))
+        content, reason = classify.read(path, max_image_bytes)
+        if content is None:
+            errors.append((path, reason))
             continue
         if paths and (len(paths) == batch_size or size + len(content) > max_request_bytes):
             yield paths, contents, errors
@@ -192,13 +155,12 @@ def batches(files: list[str], batch_size: int, max_request_bytes: int, max_image
 
 def predict(predictor: Predictor, files: list[str], batch_size: int = 64,
             progress: bool = True) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    limits = predictor.limits
-    batch_size = min(batch_size, limits["max_batch"])
+    """The local driver: requests one after the other in this process."""
+    limits = classify.RequestLimits.of(predictor.limits, batch_size)
     predictions, errors = [], []
     done = 0
     with console.Progress("predict", len(files), "file", every=30, shown=progress) as bar:
-        for paths, contents, unread in batches(files, batch_size, limits["max_request_bytes"],
-                                               limits["max_image_bytes"]):
+        for paths, contents, unread in batches(files, **dataclasses.asdict(limits)):
             errors += unread
             if paths:
                 p, e = predictor.classify(paths, contents)
@@ -250,7 +212,7 @@ def report(predictor: Predictor, predictions: list[Prediction], errors: list, ou
             ("Rejected (lowest margin first)", rejected, "rejected.png"),
             ("Accepted, closest to the threshold", accepted, "accepted_near_threshold.png")):
         lines += [f"## {title}: {min(len(chosen), per_sheet)} of {len(chosen)}", ""]
-        if chosen:
+        if chosen and per_sheet:  # --report_images=0: counts only
             rows = _sheet(predictor, chosen[:per_sheet], out / name)
             lines += [f"![{title}]({name})", "", "Each image as the model saw it (32x32), "
                       "then the saliency of its score laid over it.", "", *header, *rows, ""]
@@ -283,6 +245,23 @@ def write(predictor: Predictor, predictions: list[Prediction], errors: list, out
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _predict_beam(predictor: Predictor, files: list[str], out: pathlib.Path):
+    """The beam driver, with its errors as one line."""
+    try:
+        from pipeline import predict_beam  # apache_beam: an optional dependency
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("apache_beam"):
+            raise
+        sys.exit("error: --driver=beam needs Apache Beam: pip install sdim-tf[beam]")
+    try:
+        return predict_beam.predict(
+            predictor.path, predictor.class_names,
+            classify.RequestLimits.of(predictor.limits, FLAGS.batch_size), files,
+            FLAGS.beam_pipeline_args, out)
+    except predict_beam.BeamOptionsError as e:
+        sys.exit(f"error: {e}")
+
+
 def main(argv):
     console.setup(FLAGS.verbose)
     if not FLAGS.model_dir:
@@ -291,15 +270,20 @@ def main(argv):
         sys.exit("error: give at least one image file, folder or glob")
     if FLAGS.batch_size < 1 or FLAGS.report_images < 0:
         sys.exit("error: --batch_size must be >= 1 and --report_images >= 0")
+    if FLAGS.beam_pipeline_args and FLAGS.driver != "beam":
+        sys.exit("error: --beam_pipeline_args needs --driver=beam")
     try:
         path = version_dir(FLAGS.model_dir, FLAGS.version)
         predictor = Predictor(path)
     except DeployedModelError as e:
         sys.exit(f"error: {e}")
     files, missing = image_files(argv[1:])
-    predictions, errors = predict(predictor, files, FLAGS.batch_size)
-    errors = sorted(errors + missing)
     out = pathlib.Path(FLAGS.out)
+    if FLAGS.driver == "beam":
+        predictions, errors = _predict_beam(predictor, files, out)
+    else:
+        predictions, errors = predict(predictor, files, FLAGS.batch_size)
+    errors = sorted(errors + missing)
     write(predictor, predictions, errors, out, FLAGS.report_images)
     rejected = sum(p.rejected for p in predictions)
     print(f"{path}: {len(predictions)} classified ({len(predictions) - rejected} accepted, "

@@ -2,16 +2,19 @@
 that cannot be classified, against the exported signatures' own answers."""
 
 import csv
+import dataclasses
 import pathlib
 import subprocess
 import sys
 
+import apache_beam as beam
 import numpy as np
 import pytest
 import tensorflow as tf
+from apache_beam.testing.util import assert_that, equal_to
 
 from bench.header_bombs import png_header
-from pipeline import deployed, predict
+from pipeline import classify, deployed, predict, predict_beam
 from pipeline.run_dir import Run
 from sdim_tf import data
 
@@ -57,12 +60,16 @@ def _read(path):
         return list(csv.DictReader(f))
 
 
+def _cli(model, out, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", f"--model_dir={model.parent}", f"--out={out}",
+         *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 def test_cli_answers_as_the_signatures_do(folder, model, tmp_path):
     root, images, bad = folder
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.predict", f"--model_dir={model.parent}", f"--out={out}",
-         str(root)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = _cli(model, out, root)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _read(out / "predictions.csv")
     assert [r["path"] for r in rows] == sorted(str(p) for p in images)
@@ -136,10 +143,7 @@ def test_saliency_is_the_derivative_of_the_served_score(folder, model):
 
 def test_nothing_classified_is_an_error(folder, model, tmp_path):
     root, _, _ = folder
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.predict", f"--model_dir={model.parent}",
-         f"--out={tmp_path}", str(root / "notes.txt"), str(root / "missing*.png")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = _cli(model, tmp_path, root / "notes.txt", root / "missing*.png")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: no file could be classified (2 listed in {tmp_path}/errors.csv)")
@@ -187,3 +191,68 @@ def test_batches_keep_the_request_limits(tmp_path):
     assert errors[1][0] == files[5] and errors[1][1].startswith("unreadable: ")
     got = list(predict.batches(files, batch_size=2, max_request_bytes=100, max_image_bytes=10))
     assert [b[0] for b in got] == [files[0:2], [files[2], files[4]]]
+
+
+def test_beam_driver_writes_what_the_local_driver_writes(folder, model, tmp_path):
+    """One file per request: the float scores of a request depend on its other files, and
+    BatchElements groups the files otherwise than the local driver."""
+    root, images, bad = folder
+    for driver in ("local", "beam"):
+        result = _cli(model, tmp_path / driver, f"--driver={driver}", "--batch_size=1",
+                      "--report_images=0", root)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("predictions.csv", "errors.csv"):
+        assert (tmp_path / "beam" / name).read_text() == (tmp_path / "local" / name).read_text()
+    assert [r["path"] for r in _read(tmp_path / "beam" / "predictions.csv")] == sorted(
+        str(p) for p in images)
+    assert len(_read(tmp_path / "beam" / "errors.csv")) == len(bad)
+    assert sorted(p.name for p in (tmp_path / "beam").iterdir()) == [
+        "errors.csv", "predictions.csv", "predictions.md"]
+
+
+def test_beam_driver_in_batches(folder, model, tmp_path):
+    """At the default batch size: a request refused whole (corrupt.png) is retried file by
+    file on the workers too."""
+    root, _, bad = folder
+    predictor = predict.Predictor(model)
+    files, _ = predict.image_files([str(root)])
+    local = predict.predict(predictor, files, progress=False)
+    beam_run = predict_beam.predict(model, predictor.class_names,
+                                    classify.RequestLimits.of(predictor.limits, 64), files,
+                                    work_dir=tmp_path / "work")
+    assert beam_run[1] == local[1] and len(local[1]) == len(bad)
+    assert not (tmp_path / "work").exists()
+    for got, expected in zip(*(run[0] for run in (beam_run, local)), strict=True):
+        assert (got.path, got.class_name, got.threshold, got.rejected, got.reason) == (
+            expected.path, expected.class_name, expected.threshold, expected.rejected,
+            expected.reason)
+        np.testing.assert_allclose(got.score, expected.score, rtol=1e-5)
+
+
+def test_beam_batches_keep_the_request_limits(tmp_path):
+    """BatchElements with the handler's arguments, on the files in order, makes the local
+    driver's requests."""
+    sizes = [3, 3, 3, 5, 2, 6, 1]
+    files = []
+    for i, n in enumerate(sizes):
+        files.append(str(tmp_path / f"{i}"))
+        pathlib.Path(files[-1]).write_bytes(b"x" * n)
+    limits = classify.RequestLimits(batch_size=2, max_request_bytes=7, max_image_bytes=10)
+    handler = predict_beam.EncodedImagesHandler(tmp_path, [], limits)
+    expected = [b[0] for b in predict.batches(files, **dataclasses.asdict(limits))]
+    assert expected == [files[0:2], [files[2]], files[3:5], files[5:7]]  # by hand
+    with beam.Pipeline() as pipeline:
+        batches = (pipeline
+                   | beam.Create([(f, pathlib.Path(f).read_bytes()) for f in files],
+                                 reshuffle=False)
+                   | beam.BatchElements(**handler.batch_elements_kwargs())
+                   | beam.Map(lambda batch: [path for path, _ in batch]))
+        assert_that(batches, equal_to(expected))
+
+
+def test_beam_pipeline_args_reach_beam(tmp_path):
+    with pytest.raises(predict_beam.BeamOptionsError,
+                       match=r"^--beam_pipeline_args: Unexpected pipeline runner: NoSuchRunner"):
+        predict_beam.predict(tmp_path, [], classify.RequestLimits(1, 1, 1), [],
+                             ["--runner=NoSuchRunner"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -66,7 +66,7 @@ class DataConfig(Section):
     data_dir: Optional[str] = option(None, "Folder holding <dataset>/train-images-idx3-ubyte.gz "
                                      "etc. (or <dataset>/train/<class>/ images); default: "
                                      "$SDIM_DATA_DIR, then tfds.")
-    folder: data.FolderOptions = library(data.FolderOptions, data.FolderOptions.helps())
+    folder: data.FolderOptions = library(data.FolderOptions)
 
     def validate(self) -> None:
         try:
@@ -94,22 +94,7 @@ class ModelConfig(Section):
                                    "training images (not in the paper; 0: off).")
     outlier_margin: float = option(10.0, "Margin K per dimension of the outlier-margin term, "
                                    "below the true class of the mosaic's first image.")
-    robust: robust.RobustTraining = library(robust.RobustTraining, {
-        "epsilon": "Adversarial training: L-inf budget of the examples each training step makes "
-                   "against the model's class scores (not in the paper; 0: off).",
-        "attack": ("pgd: PGD from a random start; fgsm: one step of 1.25 epsilon from a random "
-                   "start (fast).", robust.ATTACKS),
-        "steps": "PGD steps of --robust_attack=pgd.",
-        "step_size": "Step of the training attack; default 2.5 epsilon / steps (pgd), 1.25 "
-                     "epsilon (fgsm).",
-        "mode": ("classify: the supervised losses on the adversarial examples; reject: their "
-                 "best class score --robust_margin per dimension below the clean true class, so "
-                 "the threshold refuses them; both.", robust.MODES),
-        "weight": "Weight of the adversarial terms.",
-        "margin": "Margin K per dimension of the reject term.",
-        "clean": "Keep the clean batch in the loss beside its adversarial examples; "
-                 "--norobust_clean: these alone in its place (Madry et al.; about one pass "
-                 "cheaper; --robust_mode=classify only)."}, prefix="robust_")
+    robust: robust.RobustTraining = library(robust.RobustTraining, prefix="robust_")
 
     def checks(self) -> list:
         return [(self.n >= 1, f"--n must be >= 1, got {self.n}"),
@@ -352,17 +337,7 @@ class ExportConfig(Section):
                                 "than the deployed budget).", key=False)
     destination: str = derived(str, "Where the model goes: --export_dir, else "
                                "<run_dir>/saved_models.")
-    limits: serving.Limits = library(serving.Limits, {
-        "max_image_side": "Export: classify_encoded refuses (reason too_large) an image whose "
-                          "header declares a longer side.",
-        "max_image_bytes": "Export: ... or more bytes.",
-        "max_request_bytes": "Export: classify_encoded refuses a request of more bytes "
-                             "(InvalidArgument).",
-        "max_request_pixels": "Export: classify_encoded refuses a request whose images' headers "
-                              "declare more pixels in all (InvalidArgument; decoding time grows "
-                              "with them).",
-        "max_batch": "Export: every signature refuses a request of more images "
-                     "(InvalidArgument)."})
+    limits: serving.Limits = library(serving.Limits)
 
     def checks(self) -> list:
         return [self.counts(),
@@ -382,44 +357,6 @@ def subset_refusal(train_limit: int | None, export_dir: str | None,
             "drop --export_dir (the model then goes to <run_dir>/saved_models)")
 
 
-ATTACK_HELP = {
-    "images": "The curves (FGSM, PGD, adaptive PGD) and DeepFool attack the first N test images "
-              "the deployed model classifies correctly and accepts (paper: 1000).",
-    "epsilons": "L-inf budgets of the FGSM and PGD curves in the model's input space (32x32 "
-                "images in [0, 1]; paper Figures 4 and 5: 0 to 0.5).",
-    "pgd_steps": "PGD iterations (cleverhans' default, as in the paper).",
-    "pgd_step_size": "PGD step, capped at each epsilon.",
-    "deepfool_steps": "DeepFool iterations.",
-    "boundary_images": "Boundary attacks the first N attacked images.",
-    "boundary_steps": "Boundary attack iterations (ART's default 5000 takes hours per image "
-                      "on 2 cores).",
-    "local_search_images": "LocalSearch attacks the first N attacked images.",
-    "local_search_rounds": "LocalSearch rounds (Narodytska & Kasiviswanathan: 150).",
-    "cw_images": "Targeted CW-L2 (and cw_accepted) attack the first N attacked images towards "
-                 "every other class.",
-    "cw_confidences": "CW-L2 confidences kappa on the scale of the attacked score; default per "
-                      "--score: 0,500,1000 for model (the paper's), 0,1,2,4 times the standard "
-                      "deviation of the held-out images' top scores for feature_density.",
-    "cw_steps": "CW-L2 gradient steps per binary-search step.",
-    "cw_search_steps": "CW-L2 (and cw_accepted) binary-search steps over the constant c.",
-    "accepted_epsilons": "L-inf budgets of the adaptive PGD curve (pgd_accepted_linf) and "
-                         "square_accepted.",
-    "accepted_l2_epsilons": "L2 budgets of the adaptive PGD curve pgd_accepted_l2.",
-    "accepted_steps": "Steps of the adaptive attacks (PGD per restart; cw_accepted per "
-                      "binary-search step).",
-    "accepted_restarts": "Starts of the adaptive PGD (the first from the image, the others at "
-                         "random in the ball); pgd_accepted_linf_doubled runs twice the steps "
-                         "and restarts.",
-    "accepted_schedule": ("Step sizes of the adaptive PGD: cosine (from epsilon down to 0; more "
-                          "steps search longer) or constant (2.5 epsilon / steps, Madry et "
-                          "al.).", adversarial.SCHEDULES),
-    "square_images": "square_accepted (gradient-free, a sanity check) attacks the first N "
-                     "attacked images.",
-    "square_queries": "Queries per image of square_accepted.",
-    "replay_images": "Adversarial images per attack replayed against the exported SavedModel.",
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class AttackConfig(Section):
     """The opt-in attack stage (paper section 5.3): adversarial.AttackSettings, capped for a
@@ -427,7 +364,7 @@ class AttackConfig(Section):
 
     attacks: tuple[str, ...] = option(adversarial.ATTACKS, "Attacks of the attack stage "
                                       "(opt-in: --stages=attack, after a run).")
-    settings: adversarial.AttackSettings = library(adversarial.AttackSettings, ATTACK_HELP,
+    settings: adversarial.AttackSettings = library(adversarial.AttackSettings,
                                                    prefix="attack_")
     attack_baseline: Optional[str] = option(
         None, "run_dir of a --model=discriminative run of the same dataset with its own "

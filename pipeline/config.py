@@ -10,12 +10,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable
 from typing import Optional
 
-import numpy as np
-
-from pipeline import sections
+from pipeline import sections, selection
 from pipeline.sections import ConfigError, Section, check, derived, library, option
 from sdim_tf import (
     adversarial,
@@ -55,9 +52,6 @@ PRESETS = {name: {"n": n, "validation_split": 5000, "validation_fraction": 0.0,
 PRESETS["image_folder"] = {"n": 1, "validation_split": 0, "validation_fraction": 0.2,
                            "reject_budget": 0.04, "max_error": 0}
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# --validation_fraction holds out at least this many images of a class (half of a class of
-# fewer than twice as many), so that small folders still calibrate on every class.
-HELD_OUT_MIN = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +133,8 @@ class TrainConfig(Section):
         "unless --validation_fraction.")
     validation_fraction: Optional[float] = option(
         None, "Hold out this share of each class's training images for calibration (at "
-        f"least {HELD_OUT_MIN} per class, drawn with --seed) instead of the last N; default "
-        "per dataset (0.2 for image_folder, whose images come in class order; else 0).")
+        f"least {selection.HELD_OUT_MIN} per class, drawn with --seed) instead of the last N; "
+        "default per dataset (0.2 for image_folder, whose images come in class order; else 0).")
     distribute: str = option("auto", "auto: MirroredStrategy on >1 GPU, "
                              "MultiWorkerMirroredStrategy when TF_CONFIG names several workers, "
                              "else the default strategy.", DISTRIBUTE, key=False)
@@ -173,49 +167,9 @@ class TrainConfig(Section):
     def holds_out(self) -> bool:
         return bool(self.validation_split or self.validation_fraction)
 
-    def split_examples(self, num_train: int, labels: Callable[[], np.ndarray]
-                       ) -> tuple[dict, dict | None]:
-        """(the images the model trains on, those held out for calibration or None), each an
-        `Examples.dataset` selection of the training split: {"skip", "limit"} or {"indices"}
-        (sorted positions). `labels()`: the training labels in file order, read for
-        --validation_fraction only."""
-        if self.validation_fraction:
-            held = per_class_held_out(labels(), self.validation_fraction, self.seed)
-            trained = np.setdiff1d(np.arange(num_train), held)
-            if self.train_limit and self.train_limit < len(trained):
-                trained = np.sort(np.random.default_rng(self.seed).permutation(
-                    trained)[:self.train_limit])
-            return {"indices": trained.tolist()}, {"indices": held.tolist()}
-        v = self.validation_split
-        available = num_train - v
-        if available < 2:
-            raise ConfigError(f"--validation_split={v} leaves {max(available, 0)} of the "
-                              f"{num_train} training images to train on; hold out fewer")
-        trained = {"skip": 0, "limit": min(available, self.train_limit or available)}
-        return trained, ({"skip": available, "limit": v} if v else None)
-
     def batch(self, num_trained: int) -> int:
         """The global batch: --batch_size, or all the images when there are fewer."""
         return min(self.batch_size, num_trained)
-
-
-def selection_size(selection: dict) -> int:
-    """The number of images of a `TrainConfig.split_examples` selection."""
-    return len(selection["indices"]) if "indices" in selection else int(selection["limit"])
-
-
-def per_class_held_out(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Sorted positions of the held-out images: round(fraction x n_c) of each class's n_c
-    (at least min(HELD_OUT_MIN, n_c // 2), at most n_c - 1), drawn with `seed`."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    held = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        n = len(members)
-        count = min(max(int(round(fraction * n)), min(HELD_OUT_MIN, n // 2)), n - 1)
-        held.append(rng.permutation(members)[:count])
-    return np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,17 +300,6 @@ class ExportConfig(Section):
                  "starting with a letter or digit (a folder and a TF Serving model name)")]
 
 
-def subset_refusal(train_limit: int | None, export_dir: str | None,
-                   export_subset: bool) -> str | None:
-    """Why a run may not publish into `export_dir`, or None: a model trained on
-    --train_limit images becomes a serving directory's version only under --export_subset."""
-    if not (train_limit and export_dir and not export_subset):
-        return None
-    return (f"--train_limit={train_limit} trains on a subset, which --export_dir={export_dir} "
-            "would serve as its next version: pass --export_subset to publish it there, or "
-            "drop --export_dir (the model then goes to <run_dir>/saved_models)")
-
-
 @dataclasses.dataclass(frozen=True)
 class AttackConfig(Section):
     """The opt-in attack stage (paper section 5.3): adversarial.AttackSettings, capped for a
@@ -441,8 +384,8 @@ class PipelineConfig(Section):
                  f"{conformal.minimum_samples(budget, confidence or None) if budget else 0} "
                  f"images), --validation_fraction or --reject_budget=0 (--export_percentile, "
                  "no guarantee)"),
-                (not (refusal := subset_refusal(t.train_limit, c.export.export_dir,
-                                                c.export.export_subset)), refusal),
+                (not (refusal := selection.subset_refusal(
+                    t.train_limit, c.export.export_dir, c.export.export_subset)), refusal),
                 (c.stages is None or not set(c.stages) - set(known_stages),
                  f"--stages: unknown {sorted(set(c.stages or ()) - set(known_stages))}; "
                  f"known: {', '.join(known_stages)}")])

@@ -27,6 +27,7 @@ from absl import app, flags
 
 from bench import run_figures
 from bench.machine import machine
+from pipeline import selection
 from pipeline.config import PipelineConfig
 from pipeline.run_dir import Examples, TrainedModel
 from pipeline.stages import train
@@ -70,8 +71,8 @@ def held_out_figures(run_dir: pathlib.Path) -> dict:
     training = PipelineConfig.from_flat(dataset=FLAGS.dataset,
                                         seed=int(FLAGS.seeds[0])).resolve().train
     examples = Examples(run_dir / "ingest")
-    selections = training.split_examples(examples.num_examples("train"),
-                                         lambda: examples.labels("train"))
+    selections = selection.split_examples(training, examples.num_examples("train"),
+                                          lambda: examples.labels("train"))
     model = keras.models.load_model(run_dir / "train" / TrainedModel.BEST, compile=False)
     quality = monitoring.rejection_quality(model, **train.monitor_data(training, examples,
                                                                           *selections))

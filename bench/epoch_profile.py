@@ -17,8 +17,8 @@ import numpy as np
 from absl import app, flags
 
 from bench import machine
-from pipeline import artifacts
-from pipeline.config import PipelineConfig, selection_size
+from pipeline import artifacts, selection
+from pipeline.config import PipelineConfig
 from pipeline.run_dir import Run
 
 PROFILED = ("train_seconds", "step_ms_median", "test_seconds", "monitor_seconds",
@@ -63,9 +63,9 @@ def _steps(view: Run) -> int | None:
     training = PipelineConfig.from_flat(**{k: trained[k] for k in (
         "validation_split", "validation_fraction", "train_limit", "batch_size")
         if k in trained}).train
-    selection, _ = training.split_examples(view.examples.num_examples("train"),
-                                           lambda: view.examples.labels("train"))
-    limit = selection_size(selection)
+    trained, _ = selection.split_examples(training, view.examples.num_examples("train"),
+                                          lambda: view.examples.labels("train"))
+    limit = selection.size(trained)
     return limit // training.batch(limit)
 
 

@@ -90,33 +90,17 @@ def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     os.replace(tmp, final)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def remove_stale_temps(folder: str | os.PathLike) -> list[pathlib.Path]:
     """Removes the temporaries under `folder` whose writer is dead (a killed run's); returns
     them. Nothing reads them, but a checkpoint's or a dataset's can weigh megabytes."""
-    removed = []
-    for root, dirs, files in os.walk(folder):
-        for name in [*dirs, *files]:
-            match = TEMP.match(name)
-            if match is None or _alive(int(match.group(2))):
-                continue
-            path = pathlib.Path(root) / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-                dirs.remove(name)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+    from sdim_tf import temporaries  # here: sdim_tf imports TensorFlow, this module does not
+
+    return temporaries.remove_dead(folder, _writer)
+
+
+def _writer(name: str) -> int | None:
+    match = TEMP.match(name)
+    return None if match is None else int(match.group(2))
 
 
 def read_json(path: str | os.PathLike) -> Any:

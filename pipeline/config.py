@@ -10,12 +10,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable
 from typing import Optional
 
-import numpy as np
-
-from pipeline import sections
+from pipeline import sections, selection
 from pipeline.sections import ConfigError, Section, check, derived, library, option
 from sdim_tf import (
     adversarial,
@@ -55,9 +52,6 @@ PRESETS = {name: {"n": n, "validation_split": 5000, "validation_fraction": 0.0,
 PRESETS["image_folder"] = {"n": 1, "validation_split": 0, "validation_fraction": 0.2,
                            "reject_budget": 0.04, "max_error": 0}
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# --validation_fraction holds out at least this many images of a class (half of a class of
-# fewer than twice as many), so that small folders still calibrate on every class.
-HELD_OUT_MIN = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +60,7 @@ class DataConfig(Section):
     data_dir: Optional[str] = option(None, "Folder holding <dataset>/train-images-idx3-ubyte.gz "
                                      "etc. (or <dataset>/train/<class>/ images); default: "
                                      "$SDIM_DATA_DIR, then tfds.")
-    folder: data.FolderOptions = library(data.FolderOptions, data.FolderOptions.helps())
+    folder: data.FolderOptions = library(data.FolderOptions)
 
     def validate(self) -> None:
         try:
@@ -94,22 +88,7 @@ class ModelConfig(Section):
                                    "training images (not in the paper; 0: off).")
     outlier_margin: float = option(10.0, "Margin K per dimension of the outlier-margin term, "
                                    "below the true class of the mosaic's first image.")
-    robust: robust.RobustTraining = library(robust.RobustTraining, {
-        "epsilon": "Adversarial training: L-inf budget of the examples each training step makes "
-                   "against the model's class scores (not in the paper; 0: off).",
-        "attack": ("pgd: PGD from a random start; fgsm: one step of 1.25 epsilon from a random "
-                   "start (fast).", robust.ATTACKS),
-        "steps": "PGD steps of --robust_attack=pgd.",
-        "step_size": "Step of the training attack; default 2.5 epsilon / steps (pgd), 1.25 "
-                     "epsilon (fgsm).",
-        "mode": ("classify: the supervised losses on the adversarial examples; reject: their "
-                 "best class score --robust_margin per dimension below the clean true class, so "
-                 "the threshold refuses them; both.", robust.MODES),
-        "weight": "Weight of the adversarial terms.",
-        "margin": "Margin K per dimension of the reject term.",
-        "clean": "Keep the clean batch in the loss beside its adversarial examples; "
-                 "--norobust_clean: these alone in its place (Madry et al.; about one pass "
-                 "cheaper; --robust_mode=classify only)."}, prefix="robust_")
+    robust: robust.RobustTraining = library(robust.RobustTraining, prefix="robust_")
 
     def checks(self) -> list:
         return [(self.n >= 1, f"--n must be >= 1, got {self.n}"),
@@ -154,8 +133,8 @@ class TrainConfig(Section):
         "unless --validation_fraction.")
     validation_fraction: Optional[float] = option(
         None, "Hold out this share of each class's training images for calibration (at "
-        f"least {HELD_OUT_MIN} per class, drawn with --seed) instead of the last N; default "
-        "per dataset (0.2 for image_folder, whose images come in class order; else 0).")
+        f"least {selection.HELD_OUT_MIN} per class, drawn with --seed) instead of the last N; "
+        "default per dataset (0.2 for image_folder, whose images come in class order; else 0).")
     distribute: str = option("auto", "auto: MirroredStrategy on >1 GPU, "
                              "MultiWorkerMirroredStrategy when TF_CONFIG names several workers, "
                              "else the default strategy.", DISTRIBUTE, key=False)
@@ -188,49 +167,9 @@ class TrainConfig(Section):
     def holds_out(self) -> bool:
         return bool(self.validation_split or self.validation_fraction)
 
-    def split_examples(self, num_train: int, labels: Callable[[], np.ndarray]
-                       ) -> tuple[dict, dict | None]:
-        """(the images the model trains on, those held out for calibration or None), each an
-        `Examples.dataset` selection of the training split: {"skip", "limit"} or {"indices"}
-        (sorted positions). `labels()`: the training labels in file order, read for
-        --validation_fraction only."""
-        if self.validation_fraction:
-            held = per_class_held_out(labels(), self.validation_fraction, self.seed)
-            trained = np.setdiff1d(np.arange(num_train), held)
-            if self.train_limit and self.train_limit < len(trained):
-                trained = np.sort(np.random.default_rng(self.seed).permutation(
-                    trained)[:self.train_limit])
-            return {"indices": trained.tolist()}, {"indices": held.tolist()}
-        v = self.validation_split
-        available = num_train - v
-        if available < 2:
-            raise ConfigError(f"--validation_split={v} leaves {max(available, 0)} of the "
-                              f"{num_train} training images to train on; hold out fewer")
-        trained = {"skip": 0, "limit": min(available, self.train_limit or available)}
-        return trained, ({"skip": available, "limit": v} if v else None)
-
     def batch(self, num_trained: int) -> int:
         """The global batch: --batch_size, or all the images when there are fewer."""
         return min(self.batch_size, num_trained)
-
-
-def selection_size(selection: dict) -> int:
-    """The number of images of a `TrainConfig.split_examples` selection."""
-    return len(selection["indices"]) if "indices" in selection else int(selection["limit"])
-
-
-def per_class_held_out(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Sorted positions of the held-out images: round(fraction x n_c) of each class's n_c
-    (at least min(HELD_OUT_MIN, n_c // 2), at most n_c - 1), drawn with `seed`."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    held = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        n = len(members)
-        count = min(max(int(round(fraction * n)), min(HELD_OUT_MIN, n // 2)), n - 1)
-        held.append(rng.permutation(members)[:count])
-    return np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,72 +291,13 @@ class ExportConfig(Section):
                                 "than the deployed budget).", key=False)
     destination: str = derived(str, "Where the model goes: --export_dir, else "
                                "<run_dir>/saved_models.")
-    limits: serving.Limits = library(serving.Limits, {
-        "max_image_side": "Export: classify_encoded refuses (reason too_large) an image whose "
-                          "header declares a longer side.",
-        "max_image_bytes": "Export: ... or more bytes.",
-        "max_request_bytes": "Export: classify_encoded refuses a request of more bytes "
-                             "(InvalidArgument).",
-        "max_request_pixels": "Export: classify_encoded refuses a request whose images' headers "
-                              "declare more pixels in all (InvalidArgument; decoding time grows "
-                              "with them).",
-        "max_batch": "Export: every signature refuses a request of more images "
-                     "(InvalidArgument)."})
+    limits: serving.Limits = library(serving.Limits)
 
     def checks(self) -> list:
         return [self.counts(),
                 (self.model_name is None or MODEL_NAME.fullmatch(self.model_name) is not None,
                  f"--model_name={self.model_name!r}: letters, digits, '.', '_' and '-' only, "
                  "starting with a letter or digit (a folder and a TF Serving model name)")]
-
-
-def subset_refusal(train_limit: int | None, export_dir: str | None,
-                   export_subset: bool) -> str | None:
-    """Why a run may not publish into `export_dir`, or None: a model trained on
-    --train_limit images becomes a serving directory's version only under --export_subset."""
-    if not (train_limit and export_dir and not export_subset):
-        return None
-    return (f"--train_limit={train_limit} trains on a subset, which --export_dir={export_dir} "
-            "would serve as its next version: pass --export_subset to publish it there, or "
-            "drop --export_dir (the model then goes to <run_dir>/saved_models)")
-
-
-ATTACK_HELP = {
-    "images": "The curves (FGSM, PGD, adaptive PGD) and DeepFool attack the first N test images "
-              "the deployed model classifies correctly and accepts (paper: 1000).",
-    "epsilons": "L-inf budgets of the FGSM and PGD curves in the model's input space (32x32 "
-                "images in [0, 1]; paper Figures 4 and 5: 0 to 0.5).",
-    "pgd_steps": "PGD iterations (cleverhans' default, as in the paper).",
-    "pgd_step_size": "PGD step, capped at each epsilon.",
-    "deepfool_steps": "DeepFool iterations.",
-    "boundary_images": "Boundary attacks the first N attacked images.",
-    "boundary_steps": "Boundary attack iterations (ART's default 5000 takes hours per image "
-                      "on 2 cores).",
-    "local_search_images": "LocalSearch attacks the first N attacked images.",
-    "local_search_rounds": "LocalSearch rounds (Narodytska & Kasiviswanathan: 150).",
-    "cw_images": "Targeted CW-L2 (and cw_accepted) attack the first N attacked images towards "
-                 "every other class.",
-    "cw_confidences": "CW-L2 confidences kappa on the scale of the attacked score; default per "
-                      "--score: 0,500,1000 for model (the paper's), 0,1,2,4 times the standard "
-                      "deviation of the held-out images' top scores for feature_density.",
-    "cw_steps": "CW-L2 gradient steps per binary-search step.",
-    "cw_search_steps": "CW-L2 (and cw_accepted) binary-search steps over the constant c.",
-    "accepted_epsilons": "L-inf budgets of the adaptive PGD curve (pgd_accepted_linf) and "
-                         "square_accepted.",
-    "accepted_l2_epsilons": "L2 budgets of the adaptive PGD curve pgd_accepted_l2.",
-    "accepted_steps": "Steps of the adaptive attacks (PGD per restart; cw_accepted per "
-                      "binary-search step).",
-    "accepted_restarts": "Starts of the adaptive PGD (the first from the image, the others at "
-                         "random in the ball); pgd_accepted_linf_doubled runs twice the steps "
-                         "and restarts.",
-    "accepted_schedule": ("Step sizes of the adaptive PGD: cosine (from epsilon down to 0; more "
-                          "steps search longer) or constant (2.5 epsilon / steps, Madry et "
-                          "al.).", adversarial.SCHEDULES),
-    "square_images": "square_accepted (gradient-free, a sanity check) attacks the first N "
-                     "attacked images.",
-    "square_queries": "Queries per image of square_accepted.",
-    "replay_images": "Adversarial images per attack replayed against the exported SavedModel.",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,7 +307,7 @@ class AttackConfig(Section):
 
     attacks: tuple[str, ...] = option(adversarial.ATTACKS, "Attacks of the attack stage "
                                       "(opt-in: --stages=attack, after a run).")
-    settings: adversarial.AttackSettings = library(adversarial.AttackSettings, ATTACK_HELP,
+    settings: adversarial.AttackSettings = library(adversarial.AttackSettings,
                                                    prefix="attack_")
     attack_baseline: Optional[str] = option(
         None, "run_dir of a --model=discriminative run of the same dataset with its own "
@@ -504,8 +384,8 @@ class PipelineConfig(Section):
                  f"{conformal.minimum_samples(budget, confidence or None) if budget else 0} "
                  f"images), --validation_fraction or --reject_budget=0 (--export_percentile, "
                  "no guarantee)"),
-                (not (refusal := subset_refusal(t.train_limit, c.export.export_dir,
-                                                c.export.export_subset)), refusal),
+                (not (refusal := selection.subset_refusal(
+                    t.train_limit, c.export.export_dir, c.export.export_subset)), refusal),
                 (c.stages is None or not set(c.stages) - set(known_stages),
                  f"--stages: unknown {sorted(set(c.stages or ()) - set(known_stages))}; "
                  f"known: {', '.join(known_stages)}")])

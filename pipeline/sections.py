@@ -33,10 +33,10 @@ def derived(factory, help: str):
     return dataclasses.field(default_factory=factory, metadata={"help": help})
 
 
-def library(cls, helps: dict, prefix: str = ""):
-    """A library's settings dataclass as it is: its fields named in `helps` ({name: help, or
-    (help, choices)}) are the flags `prefix + name`; the others keep the library's values."""
-    return dataclasses.field(default_factory=cls, metadata={"helps": helps, "prefix": prefix})
+def library(cls, prefix: str = ""):
+    """A library's settings dataclass as it is: its fields with a help (`sdim_tf.settings`)
+    are the flags `prefix + name`; the others keep the library's values."""
+    return dataclasses.field(default_factory=cls, metadata={"library": True, "prefix": prefix})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,19 +78,15 @@ class Leaf:
 @functools.cache
 def leaves(cls) -> tuple[Leaf, ...]:
     """The flags of config class `cls`, its sections' and libraries' included, in order."""
-    def walk(cls, path=(), helps=None, prefix=""):
+    def walk(cls, path=(), prefix=None):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             meta, where = f.metadata, (*path, f.name)
-            if "helps" in meta or Section in getattr(hints[f.name], "__mro__", ()):
-                yield from walk(hints[f.name], where, meta.get("helps"), meta.get("prefix", ""))
-            elif helps is not None and f.name in helps:
-                text, choices = (helps[f.name], None) if isinstance(helps[f.name], str) \
-                    else helps[f.name]
-                yield Leaf(prefix + f.name, where, hints[f.name], f.default, text, choices, True)
-            elif helps is None and meta.get("flag"):
-                yield Leaf(f.name, where, hints[f.name], f.default, meta["help"],
-                           meta["choices"], meta["key"])
+            if "library" in meta or Section in getattr(hints[f.name], "__mro__", ()):
+                yield from walk(hints[f.name], where, meta.get("prefix"))
+            elif meta.get("flag") or (prefix is not None and "help" in meta):
+                yield Leaf((prefix or "") + f.name, where, hints[f.name], f.default,
+                           meta["help"], meta["choices"], meta.get("key", True))
     return tuple(walk(cls))
 
 
@@ -152,7 +148,7 @@ def _replace(obj, changes: dict):
         except ConfigError:
             raise
         except ValueError as e:  # a library's settings refusing a value: "<field> must ..."
-            if "helps" not in fields[name].metadata:
+            if "library" not in fields[name].metadata:
                 raise
             raise ConfigError(f"--{fields[name].metadata['prefix']}{e}") from None
     return dataclasses.replace(obj, **own)

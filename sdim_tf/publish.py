@@ -4,7 +4,6 @@ layout: `<export_dir>/<model_name>/<version>/`), never a partial one.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pathlib
@@ -13,6 +12,7 @@ import socket
 import tempfile
 from collections.abc import Callable
 
+from sdim_tf import temporaries
 from sdim_tf.serving import RejectingClassifier
 
 
@@ -32,25 +32,13 @@ def _temp_prefix() -> str:
     return f"{TEMP_PREFIX}{os.getpid()}-{socket.gethostname()}-"
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only whether the process exists
-    except OSError as e:
-        return e.errno != errno.ESRCH  # EPERM: another user's, alive
-    return True
-
-
-def remove_stale_temps(model_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Removes the temporary folders of exports into `model_dir` killed on this host;
-    returns them."""
-    removed = []
-    for folder in model_dir.glob(TEMP_PREFIX + "*"):
-        pid, _, rest = folder.name[len(TEMP_PREFIX):].partition("-")
-        host = rest.rpartition("-")[0]  # mkdtemp's random part holds no "-"
-        if pid.isdigit() and host == socket.gethostname() and not _running(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
+def _writer(name: str) -> int | None:
+    """The pid of the export on this host writing into the temporary folder `name`."""
+    pid, _, rest = name.removeprefix(TEMP_PREFIX).partition("-")
+    host = rest.rpartition("-")[0]  # mkdtemp's random part holds no "-"
+    if name.startswith(TEMP_PREFIX) and pid.isdigit() and host == socket.gethostname():
+        return int(pid)
+    return None
 
 
 def export(module: RejectingClassifier, export_dir: str | os.PathLike, model_name: str,
@@ -61,13 +49,13 @@ def export(module: RejectingClassifier, export_dir: str | os.PathLike, model_nam
 
     Written into a temporary folder and renamed into place, so a polling server never sees
     a partial version; an existing version is never overwritten. Temporary folders of
-    killed exports are removed first (`remove_stale_temps`). `before_rename(folder)` is
-    called with the temporary folder once the SavedModel in it is complete, before the
-    rename (a fault point for tests that kill an export there).
+    killed exports are removed first. `before_rename(folder)` is called with the temporary
+    folder once the SavedModel in it is complete, before the rename (a fault point for tests
+    that kill an export there).
     """
     model_dir = pathlib.Path(export_dir) / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(model_dir)
+    temporaries.remove_dead(model_dir, _writer, recursive=False)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=model_dir))
     try:
         module.archive().write_out(str(tmp), verbose=False)

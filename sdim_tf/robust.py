@@ -24,6 +24,7 @@ import dataclasses
 import tensorflow as tf
 
 from sdim_tf import losses
+from sdim_tf.settings import setting
 
 ATTACKS = ("pgd", "fgsm")
 MODES = ("classify", "reject", "both")
@@ -35,14 +36,23 @@ PGD_PATH = 2.5  # x epsilon / steps: Madry et al.'s step, the path 2.5 epsilon l
 class RobustTraining:
     """How the training step makes and uses adversarial examples; epsilon 0: off."""
 
-    epsilon: float = 0.0  # L-inf budget in the input space ([0, 1] images)
-    attack: str = "pgd"  # pgd or fgsm (one step from a random start)
-    steps: int = 5  # PGD steps (FGSM: 1)
-    step_size: float | None = None  # None: 2.5 epsilon / steps (PGD), 1.25 epsilon (FGSM)
-    mode: str = "classify"  # classify, reject or both
-    weight: float = 1.0  # of the adversarial terms, beside the clean loss
-    margin: float = 10.0  # per dimension, of the reject term (as J_LM's K)
-    clean: bool = True  # False: the adversarial examples in place of the batch (classify)
+    epsilon: float = setting(
+        0.0, "Adversarial training: L-inf budget of the examples each training step makes "
+        "against the model's class scores (not in the paper; 0: off).")
+    attack: str = setting("pgd", "pgd: PGD from a random start; fgsm: one step of 1.25 epsilon "
+                          "from a random start (fast).", ATTACKS)
+    steps: int = setting(5, "PGD steps of --robust_attack=pgd.")
+    step_size: float | None = setting(None, "Step of the training attack; default 2.5 epsilon "
+                                      "/ steps (pgd), 1.25 epsilon (fgsm).")
+    mode: str = setting(
+        "classify", "classify: the supervised losses on the adversarial examples; reject: "
+        "their best class score --robust_margin per dimension below the clean true class, so "
+        "the threshold refuses them; both.", MODES)
+    weight: float = setting(1.0, "Weight of the adversarial terms.")
+    margin: float = setting(10.0, "Margin K per dimension of the reject term.")
+    clean: bool = setting(True, "Keep the clean batch in the loss beside its adversarial "
+                          "examples; --norobust_clean: these alone in its place (Madry et al.; "
+                          "about one pass cheaper; --robust_mode=classify only).")
 
     def __post_init__(self):
         checks = [

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from sdim_tf import data, encoded, rejection
+from sdim_tf.settings import setting
 
 SIGNATURES = ("serving_default", "classify_raw", "classify_encoded")
 # Not a classifier: the float images classify_encoded would classify, for tools that take
@@ -53,16 +54,20 @@ class Limits:
     with the batch; a request over max_batch, max_request_bytes or max_request_pixels is
     refused whole."""
 
-    max_image_side: int = 4096  # pixels, either side, from the PNG/JPEG header
-    max_image_bytes: int = 4 << 20  # one encoded image
-    max_request_bytes: int = 64 << 20  # all encoded images of one request
-    # Decoded pixels of one request, as the headers declare: two 4096 x 4096 images. A 142 KB
-    # 16-bit RGBA PNG of 4096 x 4096 took 0.4 s to decode (2 cores); 64 of them, within the
-    # byte caps, took ~26 s.
-    max_request_pixels: int = 2 * 4096 * 4096
-    # images per request, every signature; at 1024 the fuzz bench's resident memory grew
-    # 772 MiB over its post-load baseline (budget 512 MiB), at <= 256 it stayed within.
-    max_batch: int = 256
+    max_image_side: int = setting(4096, "Export: classify_encoded refuses (reason too_large) "
+                                  "an image whose header declares a longer side.")
+    max_image_bytes: int = setting(4 << 20, "Export: ... or more bytes.")
+    max_request_bytes: int = setting(64 << 20, "Export: classify_encoded refuses a request of "
+                                     "more bytes (InvalidArgument).")
+    # Two 4096 x 4096 images. A 142 KB 16-bit RGBA PNG of 4096 x 4096 took 0.4 s to decode
+    # (2 cores); 64 of them, within the byte caps, took ~26 s.
+    max_request_pixels: int = setting(
+        2 * 4096 * 4096, "Export: classify_encoded refuses a request whose images' headers "
+        "declare more pixels in all (InvalidArgument; decoding time grows with them).")
+    # At 1024 the fuzz bench's resident memory grew 772 MiB over its post-load baseline
+    # (budget 512 MiB), at <= 256 it stayed within.
+    max_batch: int = setting(256, "Export: every signature refuses a request of more images "
+                             "(InvalidArgument).")
 
 
 class RejectingClassifier(tf.Module):

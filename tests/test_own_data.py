@@ -13,8 +13,9 @@ import tensorflow as tf
 from PIL import Image
 
 from pipeline import artifacts, run
-from pipeline.config import ConfigError, PipelineConfig, TrainConfig, per_class_held_out
+from pipeline.config import ConfigError, PipelineConfig, TrainConfig
 from pipeline.run_dir import Run
+from pipeline.selection import per_class_held_out, split_examples
 from pipeline.stages import export
 from sdim_tf import conformal, data
 
@@ -62,20 +63,20 @@ def test_per_class_held_out_counts_are_the_rule_and_seeded():
 def test_split_examples_by_range_or_per_class():
     labels = np.repeat([0, 1, 2], 30)
     fraction = TrainConfig(validation_split=0, validation_fraction=0.2, seed=3)
-    trained, held_out = fraction.split_examples(90, lambda: labels)
+    trained, held_out = split_examples(fraction, 90, lambda: labels)
     assert sorted(trained["indices"] + held_out["indices"]) == list(range(90))
     assert np.bincount(labels[held_out["indices"]]).tolist() == [6, 6, 6]
     limited = TrainConfig(validation_split=0, validation_fraction=0.2, seed=3, train_limit=20)
-    subset, same = limited.split_examples(90, lambda: labels)
+    subset, same = split_examples(limited, 90, lambda: labels)
     assert same == held_out and len(subset["indices"]) == 20
     assert set(subset["indices"]) <= set(trained["indices"])
     assert len(np.unique(labels[subset["indices"]])) == 3  # drawn, not the first 20
     last = TrainConfig(validation_split=5000, validation_fraction=0.0, train_limit=1024)
     unread = lambda: pytest.fail("labels are read for --validation_fraction only")  # noqa: E731
-    assert last.split_examples(60000, unread) == ({"skip": 0, "limit": 1024},
-                                                  {"skip": 55000, "limit": 5000})
+    assert split_examples(last, 60000, unread) == ({"skip": 0, "limit": 1024},
+                                                   {"skip": 55000, "limit": 5000})
     with pytest.raises(ConfigError, match="--validation_split=5000 leaves 0 of the 90"):
-        TrainConfig(validation_split=5000, validation_fraction=0.0).split_examples(90, unread)
+        split_examples(TrainConfig(validation_split=5000, validation_fraction=0.0), 90, unread)
     # fewer images than a batch: the batch shrinks to them
     assert (fraction.batch(72), fraction.batch(500)) == (72, 128)
 

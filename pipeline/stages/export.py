@@ -24,8 +24,8 @@ import tensorflow as tf
 from absl import logging
 from scipy import stats
 
-from pipeline import artifacts, faults
-from pipeline.config import ConfigError, subset_refusal
+from pipeline import artifacts, faults, selection
+from pipeline.config import ConfigError
 from pipeline.run_dir import ExportRecord, rejecting_classifier
 from sdim_tf import data, publish, rejection, serving
 
@@ -126,8 +126,8 @@ def gate(report: dict, saved: dict, num_classes: int) -> dict:
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     examples, trained, calibration = upstream["ingest"], upstream["train"], upstream["calibrate"]
     settings = config.export
-    refusal = subset_refusal(trained.settings.get("train_limit"), settings.export_dir,
-                             settings.export_subset)
+    refusal = selection.subset_refusal(trained.settings.get("train_limit"),
+                                       settings.export_dir, settings.export_subset)
     if refusal:
         raise ConfigError(refusal)
     shape = examples.image_shape

@@ -23,9 +23,9 @@ import tensorflow as tf
 from absl import logging
 
 import sdim_tf
-from pipeline import artifacts, checkpoints, console, faults, summary
+from pipeline import artifacts, checkpoints, console, faults, selection, summary
 from pipeline.checkpoints import TrainingError
-from pipeline.config import ModelConfig, TrainConfig, selection_size
+from pipeline.config import ModelConfig, TrainConfig
 from pipeline.run_dir import TrainedModel
 from sdim_tf import (
     conformal,
@@ -162,20 +162,20 @@ def monitor_data(training: TrainConfig, examples, trained: dict, held_out: dict 
                  ) -> dict | None:
     """The fixed images `monitoring.rejection_quality` watches each epoch: a trained subset
     for the fit, held-out images (None without any held out) and outliers built from them;
-    `trained`, `held_out`: `TrainConfig.split_examples`' selections."""
+    `trained`, `held_out`: `selection.split_examples`' selections."""
     if held_out is None:
         logging.info("train: no held-out images (--validation_split=0): rejection quality "
                      "is not watched")
         return None
     watch = training.watch
     needed = conformal.minimum_samples(watch.budget, watch.confidence)
-    if selection_size(held_out) < needed:
+    if selection.size(held_out) < needed:
         logging.info("train: %d held-out images, fewer than the %d a %g%% budget needs: "
-                     "rejection quality is not watched", selection_size(held_out), needed,
+                     "rejection quality is not watched", selection.size(held_out), needed,
                      100 * watch.budget)
         return None
-    fit = examples.arrays("train", **_first(trained, MONITOR_FIT))
-    held_out = examples.arrays("train", **_first(held_out, MONITOR_HELD_OUT))
+    fit = examples.arrays("train", **selection.first(trained, MONITOR_FIT))
+    held_out = examples.arrays("train", **selection.first(held_out, MONITOR_HELD_OUT))
     sources = held_out[0][:MONITOR_OUTLIERS], held_out[1][:MONITOR_OUTLIERS]
     built = outlier_proxies.proxy_outliers(sources[0], training.seed)
     if len(np.unique(sources[1])) >= PART_CLASSES:  # parts of that many classes
@@ -183,13 +183,6 @@ def monitor_data(training: TrainConfig, examples, trained: dict, held_out: dict 
     return {"fit": fit, "held_out": held_out, "outliers": built, "budget": watch.budget,
             "layers": (monitoring.layer_set(watch.layers, watch.split),),
             "rule": "conformal", "confidence": watch.confidence}
-
-
-def _first(selection: dict, count: int) -> dict:
-    """The first `count` images of a selection."""
-    if "indices" in selection:
-        return {"indices": selection["indices"][:count]}
-    return {"skip": selection["skip"], "limit": min(count, selection["limit"])}
 
 
 def collapse(history: list[dict], logs: dict, num_classes: int) -> str | None:
@@ -411,9 +404,9 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
     strategy = make_strategy(training.distribute)
     chief = is_chief(strategy)
     num_examples = examples.num_examples("train")
-    trained_images, held_out = training.split_examples(num_examples,
-                                                       lambda: examples.labels("train"))
-    num_train = selection_size(trained_images)
+    trained_images, held_out = selection.split_examples(training, num_examples,
+                                                        lambda: examples.labels("train"))
+    num_train = selection.size(trained_images)
     batch = training.batch(num_train)
     if batch < training.batch_size:
         logging.warning("train: %d training images, fewer than --batch_size=%d: batches of %d",

@@ -26,7 +26,6 @@ from sdim_tf.adversarial.paper import (
     local_search_attack,
 )
 from sdim_tf.adversarial.pgd import (
-    SCHEDULES,
     AcceptedCurve,
     pgd_accepted,
     pgd_accepted_curve,
@@ -45,6 +44,7 @@ from sdim_tf.adversarial.settings import (
     ADAPTIVE_ATTACKS,
     ATTACKS,
     CURVE_ATTACKS,
+    SCHEDULES,
     UNTARGETED_ATTACKS,
     AttackSettings,
 )

@@ -19,6 +19,7 @@ from sdim_tf.adversarial.accepted import (
     specs,
 )
 from sdim_tf.adversarial.results import AttackResult
+from sdim_tf.adversarial.settings import SCHEDULES
 
 
 def _per_image_l2(t):
@@ -84,9 +85,6 @@ def _random_starts(rng, images, epsilon, norm):
         radius = epsilon * rng.uniform(0, 1, len(images)) ** (1 / flat.shape[1])
         delta *= (radius / np.linalg.norm(flat, axis=1))[:, None, None, None]
     return np.clip(images + delta, 0, 1).astype(np.float32)
-
-
-SCHEDULES = ("constant", "cosine")
 
 
 def step_sizes(epsilon: float, steps: int, schedule: str = "cosine",

@@ -31,6 +31,7 @@ import numpy as np
 
 from sdim_tf.data.images import RESIZE, sniff
 from sdim_tf.data.registry import SPLITS, DataError
+from sdim_tf.settings import setting
 
 ON_BAD_FILE = ("skip", "fail")
 DRIVERS = ("local", "beam")
@@ -44,41 +45,36 @@ def flag(name: str) -> str:
     return f"--{name}"
 
 
-def _option(default, text: str, choices: Optional[tuple] = None):
-    """A field with its --help text and choices (the pipeline makes flags of them)."""
-    return dataclasses.field(default=default, metadata={"help": text, "choices": choices})
-
-
 @dataclasses.dataclass(frozen=True)
 class FolderOptions:
     """How a folder of your own images becomes examples (dataset `image_folder`). A bad value
     is a DataError "<field> must ...", raised when the options are made."""
 
-    image_size: int = _option(
+    image_size: int = setting(
         32, "Side of the square the images are brought to (the model's input is 32x32).")
-    channels: Optional[int] = _option(
+    channels: Optional[int] = setting(
         None, "1 (grey) or 3 (colour); default: what most images of the folder hold.")
-    resize: str = _option(
+    resize: str = setting(
         "stretch", "stretch: to the square whatever the aspect ratio (as the exported model "
         "resizes); pad: fit the longer side, black bands; crop: the centred square, then "
         "resize.", RESIZE)
-    test_split: float = _option(
+    test_split: float = setting(
         0.2, "Without a test/ folder (or a split column): the share of each class's images "
         "held out as the test split.")
-    split_seed: int = _option(0, "Seed of that per-class draw.")
-    manifest: Optional[str] = _option(
+    split_seed: int = setting(0, "Seed of that per-class draw.")
+    manifest: Optional[str] = setting(
         None, "CSV (path,label[,split]) or JSON lines listing the images instead of class "
         "folders; paths relative to the manifest's folder.")
-    on_bad_file: str = _option(
+    on_bad_file: str = setting(
         "skip", "skip: list undecodable, unreadable, empty, hidden and outside-pointing "
         "files in ingest/skipped.csv and go on; fail: stop at the first one.", ON_BAD_FILE)
-    max_source_side: int = _option(
+    max_source_side: int = setting(
         4096, "Images whose header declares a longer side are skipped, never decoded (the "
         "exported model refuses them too, see --max_image_side).")
-    ingest_driver: str = _option(
+    ingest_driver: str = setting(
         "local", "local: decode in parallel in this process; beam: an Apache Beam pipeline "
         "(pip install sdim-tf[beam]).", DRIVERS)
-    beam_pipeline_args: tuple[str, ...] = _option(
+    beam_pipeline_args: tuple[str, ...] = setting(
         (), "Options of the Beam pipeline (--runner=..., --direct_num_workers=...); "
         "default the in-process DirectRunner.")
 
@@ -95,13 +91,6 @@ class FolderOptions:
                      for name in ("image_size", "max_source_side") if getattr(self, name) < 1]
         if problems:
             raise DataError("; ".join(problems))
-
-    @classmethod
-    def helps(cls) -> dict:
-        """{field: help, or (help, choices)}: the `helps` of pipeline.sections.library."""
-        return {name: (field.metadata["help"], field.metadata["choices"])
-                if field.metadata["choices"] else field.metadata["help"]
-                for name, field in cls.__dataclass_fields__.items()}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)  # one per file: slots halve its memory

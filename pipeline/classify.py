@@ -80,6 +80,16 @@ def answers(outputs: dict, class_names: list[str], paths: list[str]) -> list[Ans
     return found
 
 
+def error_cause(message: str) -> str:
+    """The line of a TensorFlow graph error that says what went wrong: the one before its
+    `[[{{node ...}}]]` line (its first line is "Graph execution error:"), else the first."""
+    lines = [line.strip() for line in message.splitlines()]
+    for i, line in enumerate(lines):
+        if line.startswith("[[") and i and lines[i - 1]:
+            return lines[i - 1]
+    return lines[0] if lines else ""
+
+
 def classify(loaded, class_names: list[str], paths: list[str],
              contents: list[bytes]) -> list[Answer]:
     """One answer per file of one request to the loaded SavedModel. A request the model
@@ -89,7 +99,7 @@ def classify(loaded, class_names: list[str], paths: list[str],
         outputs = loaded.signatures["classify_encoded"](images=tf.constant(contents, tf.string))
     except tf.errors.InvalidArgumentError as e:
         if len(paths) == 1:
-            return [(paths[0], "decode_failed: " + e.message.splitlines()[0][:200])]
+            return [(paths[0], "decode_failed: " + error_cause(e.message)[:200])]
         return [answer for path, content in zip(paths, contents, strict=True)
                 for answer in classify(loaded, class_names, [path], [content])]
     return answers(outputs, class_names, paths)

@@ -77,6 +77,7 @@ def test_cli_answers_as_the_signatures_do(folder, model, tmp_path):
     assert errors["notes.txt"] == "not_png_or_jpeg" and errors["empty.png"] == "not_png_or_jpeg"
     assert errors["huge.png"] == "too_large"
     assert errors["corrupt.png"].startswith("decode_failed: ")
+    assert "Graph execution error" not in errors["corrupt.png"]
     assert len(errors) == len(bad)
 
     loaded = tf.saved_model.load(str(model))
@@ -256,3 +257,13 @@ def test_beam_pipeline_args_reach_beam(tmp_path):
         predict_beam.predict(tmp_path, [], classify.RequestLimits(1, 1, 1), [],
                              ["--runner=NoSuchRunner"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_decode_failure_names_tensorflows_cause():
+    message = ("Graph execution error:\n\nDetected at node map/while/decode_image/DecodeImage "
+               "defined at (most recent call last):\n<stack traces unavailable>\nUnknown image "
+               "file format. One of JPEG, JPEG XL, PNG, GIF, BMP, WebP required.\n\t "
+               "[[{{node map/while/decode_image/DecodeImage}}]] [Op:__inference_f_200]")
+    assert classify.error_cause(message) == ("Unknown image file format. One of JPEG, JPEG XL, "
+                                             "PNG, GIF, BMP, WebP required.")
+    assert classify.error_cause("no node line\nsecond") == "no node line"

@@ -12,6 +12,8 @@ import os
 import re
 from typing import Optional
 
+from absl import flags
+
 from pipeline import sections, selection
 from pipeline.sections import ConfigError, Section, check, derived, library, option
 from sdim_tf import (
@@ -392,6 +394,7 @@ class PipelineConfig(Section):
         return c
 
 
-def define_attack_flags() -> None:
+def define_attack_flags(flag_values=flags.FLAGS) -> None:
     """The attack stage's flags, defined here so that absl's --help leaves them out."""
-    sections.define_flags(PipelineConfig, ("attack",), module_name=__name__)
+    sections.define_flags(PipelineConfig, ("attack",), module_name=__name__,
+                          flag_values=flag_values)

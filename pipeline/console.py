@@ -42,10 +42,10 @@ def verbose_requested(argv: list[str]) -> bool:
     return verbose
 
 
-def define_flags(module_name: str | None = None) -> None:
+def define_flags(module_name: str | None = None, flag_values=flags.FLAGS) -> None:
     """--verbose, listed by --help as a flag of `module_name` (default: the program)."""
-    if "verbose" not in flags.FLAGS:
-        flags.DEFINE_bool("verbose", False, VERBOSE_HELP,
+    if "verbose" not in flag_values:
+        flags.DEFINE_bool("verbose", False, VERBOSE_HELP, flag_values=flag_values,
                           module_name=module_name or sys.argv[0])
 
 

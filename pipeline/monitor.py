@@ -54,20 +54,23 @@ TRUE, FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
 UNFAMILIAR, AMBIGUOUS = "unfamiliar", "ambiguous"
 
 
-def _define_flags() -> None:
+def define_flags(flag_values=flags.FLAGS) -> None:
     # Defined only when run as a program: importing this module (tests, other tools) then
     # registers no flag names, which pipeline.predict shares (--model_dir, --version, --out).
     flags.DEFINE_string("model_dir", None, "Folder of numbered SavedModel versions, or one "
-                        "version (only assets/thresholds.json is read).")
-    flags.DEFINE_integer("version", None, "Version to read (default: the newest).")
+                        "version (only assets/thresholds.json is read).", flag_values=flag_values)
+    flags.DEFINE_integer("version", None, "Version to read (default: the newest).",
+                         flag_values=flag_values)
     flags.DEFINE_float("reject_budget", None, "The guaranteed rejection rate alpha to watch; "
-                       "default: the model's (thresholds.json, deployed.alpha).")
+                       "default: the model's (thresholds.json, deployed.alpha).",
+                       flag_values=flag_values)
     flags.DEFINE_float("shift", drift.DEFAULT_SHIFT, "The rise the alarm is tuned to: "
-                       "rejection rate shift * alpha.")
+                       "rejection rate shift * alpha.", flag_values=flag_values)
     flags.DEFINE_float("arl0", drift.DEFAULT_ARL0, "Least mean number of requests to a false "
-                       "alarm when the rate is alpha.")
-    flags.DEFINE_string("out", None, "Also write the summary as JSON to this file.")
-    console.define_flags()
+                       "alarm when the rate is alpha.", flag_values=flag_values)
+    flags.DEFINE_string("out", None, "Also write the summary as JSON to this file.",
+                        flag_values=flag_values)
+    console.define_flags(flag_values=flag_values)
 
 
 class MonitorError(ValueError):
@@ -266,5 +269,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     app.run(main, flags_parser=console.parse_flags)

@@ -50,23 +50,27 @@ FLAGS = flags.FLAGS
 DRIVERS = ("local", "beam")
 
 
-def define_flags() -> None:
+def define_flags(flag_values=flags.FLAGS) -> None:
     """Defined when run as a program only: pipeline.run's flags share the global registry
-    (--batch_size) when both modules are imported in one process."""
+    (--beam_pipeline_args) when both modules are imported in one process."""
     flags.DEFINE_string("model_dir", None, "Folder of numbered SavedModel versions, or one "
-                        "version.")
-    flags.DEFINE_integer("version", None, "Version to load (default: the newest).")
+                        "version.", flag_values=flag_values)
+    flags.DEFINE_integer("version", None, "Version to load (default: the newest).",
+                         flag_values=flag_values)
     flags.DEFINE_string("out", "predictions", "Folder for predictions.csv, errors.csv and "
-                        "the report (created; files of an earlier run there are replaced).")
-    flags.DEFINE_integer("batch_size", 64, "Files per request.")
-    flags.DEFINE_integer("report_images", 24, "Images per contact sheet of the report.")
+                        "the report (created; files of an earlier run there are replaced).",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("request_files", 64, "Files per request (at most the model's "
+                         "max_batch).", flag_values=flag_values)
+    flags.DEFINE_integer("report_images", 24, "Images per contact sheet of the report.",
+                         flag_values=flag_values)
     flags.DEFINE_enum("driver", "local", list(DRIVERS), "local: the requests one after the other "
                       "in this process; beam: an Apache Beam pipeline, RunInference on the "
-                      "batches (pip install sdim-tf[beam]).")
+                      "batches (pip install sdim-tf[beam]).", flag_values=flag_values)
     flags.DEFINE_list("beam_pipeline_args", [], "With --driver=beam: options of the Beam "
                       "pipeline (--runner=..., --direct_num_workers=...); default the "
-                      "in-process DirectRunner.")
-    console.define_flags()
+                      "in-process DirectRunner.", flag_values=flag_values)
+    console.define_flags(flag_values=flag_values)
 
 
 PREDICTION_COLUMNS = ("path", "class_name", "score", "threshold", "margin", "rejected", "reason")
@@ -256,7 +260,7 @@ def _predict_beam(predictor: Predictor, files: list[str], out: pathlib.Path):
     try:
         return predict_beam.predict(
             predictor.path, predictor.class_names,
-            classify.RequestLimits.of(predictor.limits, FLAGS.batch_size), files,
+            classify.RequestLimits.of(predictor.limits, FLAGS.request_files), files,
             FLAGS.beam_pipeline_args, out)
     except predict_beam.BeamOptionsError as e:
         sys.exit(f"error: {e}")
@@ -268,8 +272,8 @@ def main(argv):
         sys.exit("error: --model_dir is required (a folder of SavedModel versions)")
     if len(argv) < 2:
         sys.exit("error: give at least one image file, folder or glob")
-    if FLAGS.batch_size < 1 or FLAGS.report_images < 0:
-        sys.exit("error: --batch_size must be >= 1 and --report_images >= 0")
+    if FLAGS.request_files < 1 or FLAGS.report_images < 0:
+        sys.exit("error: --request_files must be >= 1 and --report_images >= 0")
     if FLAGS.beam_pipeline_args and FLAGS.driver != "beam":
         sys.exit("error: --beam_pipeline_args needs --driver=beam")
     try:
@@ -282,7 +286,7 @@ def main(argv):
     if FLAGS.driver == "beam":
         predictions, errors = _predict_beam(predictor, files, out)
     else:
-        predictions, errors = predict(predictor, files, FLAGS.batch_size)
+        predictions, errors = predict(predictor, files, FLAGS.request_files)
     errors = sorted(errors + missing)
     write(predictor, predictions, errors, out, FLAGS.report_images)
     rejected = sum(p.rejected for p in predictions)

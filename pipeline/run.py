@@ -247,9 +247,17 @@ FLAGS = flags.FLAGS
 HELP_GROUPS = {"data": "Data", "model": "Model", "train": "Training", "calibrate": "Rejection",
                "evaluate": "Evaluation", "export": "Export", "run": "Run"}
 _MAIN_MODULE = sys.argv[0] if __name__ == "__main__" else __name__
-sections.define_flags(PipelineConfig, tuple(HELP_GROUPS), module_name=_MAIN_MODULE)
-configs.define_attack_flags()
-console.define_flags(module_name=_MAIN_MODULE)
+
+
+def define_flags(flag_values=flags.FLAGS) -> None:
+    """pipeline.run's flags: the config's fields and --verbose."""
+    sections.define_flags(PipelineConfig, tuple(HELP_GROUPS), module_name=_MAIN_MODULE,
+                          flag_values=flag_values)
+    configs.define_attack_flags(flag_values)
+    console.define_flags(module_name=_MAIN_MODULE, flag_values=flag_values)
+
+
+define_flags()
 
 
 def help_text() -> str:

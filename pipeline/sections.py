@@ -154,7 +154,8 @@ def _replace(obj, changes: dict):
     return dataclasses.replace(obj, **own)
 
 
-def define_flags(cls, groups: tuple[str, ...], module_name: str | None = None) -> None:
+def define_flags(cls, groups: tuple[str, ...], module_name: str | None = None,
+                 flag_values=flags.FLAGS) -> None:
     """absl flags for the fields of `groups` of config class `cls`: lists for tuples, enums
     for choices, no default for Optional fields left None."""
     for leaf in (leaf for leaf in leaves(cls) if leaf.group in groups):
@@ -168,7 +169,8 @@ def define_flags(cls, groups: tuple[str, ...], module_name: str | None = None) -
             kind = (typing.get_args(leaf.hint) or (leaf.hint,))[0]
             define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
                       float: flags.DEFINE_float, str: flags.DEFINE_string}[kind]
-        define(name=leaf.name, default=default, help=leaf.help, module_name=module_name)
+        define(name=leaf.name, default=default, help=leaf.help, flag_values=flag_values,
+               module_name=module_name)
 
 
 def help_text(cls, groups: dict[str, str], flag_values=flags.FLAGS) -> str:

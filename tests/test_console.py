@@ -10,12 +10,21 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
 from absl import logging as absl_logging
 
 from pipeline import console, summary
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIME = r"\d\d:\d\d:\d\d"
+# The flags pipeline.run shares by name with pipeline.predict or pipeline.monitor, and why
+# each means the same in both.
+SHARED_FLAGS = {
+    "verbose": "console.define_flags defines it for every command",
+    "beam_pipeline_args": "the options of the Apache Beam pipeline: run's ingest driver, "
+                          "predict's driver",
+    "reject_budget": "the rejection rate alpha the deployment promises: run calibrates it, "
+                     "monitor watches it"}
 
 
 def _command(module: str, *args, cwd) -> subprocess.CompletedProcess:
@@ -65,6 +74,27 @@ def test_log_lines_are_short_and_verbose_gives_absls_own(tmp_path):
     assert loud[-1] == error
     assert any(re.fullmatch(rf"I\d{{4}} {TIME}\.\d+ +\d+ run\.py:\d+\] run: fashion_mnist "
                             rf"\(sdim\) in .*; stages train", line) for line in loud), loud
+
+
+def _flags(define) -> dict[str, flags.Flag]:
+    """The flags `define` makes, in a registry of their own."""
+    flag_values = flags.FlagValues()
+    define(flag_values)
+    return {name: flag_values[name] for name in flag_values}
+
+
+def test_a_flag_name_means_one_thing_across_commands():
+    from pipeline import monitor, predict, run
+
+    ran = _flags(run.define_flags)
+    shared = set()
+    for command in (predict, monitor):
+        own = _flags(command.define_flags)
+        both = set(ran) & set(own)
+        assert both <= set(SHARED_FLAGS), (command.__name__, sorted(both - set(SHARED_FLAGS)))
+        assert all(own[name].flag_type() == ran[name].flag_type() for name in both), both
+        shared |= both
+    assert shared == set(SHARED_FLAGS)  # no stale entry
 
 
 @pytest.mark.parametrize("argv, verbose", [

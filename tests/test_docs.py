@@ -1,6 +1,8 @@
 """The documentation says what is true today: no work history outside CHANGELOG.md, links
-that resolve, a README read in minutes, and the README's commands are the ones CI runs."""
+that resolve, a README read in minutes, the README's commands are the ones CI runs, and the
+flag tables name pipeline.run's flags with their defaults."""
 
+import functools
 import pathlib
 import re
 import shlex
@@ -176,3 +178,125 @@ def test_readme_commands_are_what_ci_runs():
     assert run[0] == _steps(tests)[-1][0] and run[0].startswith("SDIM_DATA_DIR=")
     assert run[1:4] == ["python", "-m", "pipeline.run"]
     assert (ROOT / "pipeline" / "run.py").is_file()
+
+
+# docs/pipeline.md's flag tables: a row's first cell names its flags (`--name`, or
+# `--prefix*` for the flags of the page the row links to), the second their defaults.
+PIPELINE_DOC = ROOT / "docs" / "pipeline.md"
+FLAG_TABLE = "| flag | default | meaning |"
+FLAG_NAME = re.compile(r"`--([a-z0-9_]+\*?)")
+CELL = re.compile(r"(?<!\\)\|")
+# A number as the tables write it: 128, 1e-3, 0 (off), 4 MiB, 2 x 4096²
+QUANTITY = re.compile(r"(\d[\d.e-]*)(?: x (\d+)²)?( MiB)?")
+
+
+def _flag_rows(page: pathlib.Path) -> list[list[str]]:
+    """The cells of every row of the page's flag tables."""
+    rows, inside = [], False
+    for line in page.read_text().splitlines():
+        if line == FLAG_TABLE:
+            inside = True
+        elif inside and line.startswith("|"):
+            if not line.startswith("|---"):
+                rows.append([c.strip() for c in CELL.split(line.strip())[1:-1]])
+        else:
+            inside = False
+    return rows
+
+
+@functools.cache
+def _run_flags() -> dict:
+    """{name: absl flag} of pipeline.run: those --help lists, the attack's (--helpfull)."""
+    from absl import flags
+
+    from pipeline import run
+
+    flag_values = flags.FlagValues()
+    run.define_flags(flag_values)
+    return {name: flag_values[name] for name in flag_values}
+
+
+def _linked_page(cells: list[str]) -> pathlib.Path:
+    targets = [t for t in links(" | ".join(cells)) if ".md" in t]
+    assert targets, f"{cells[0]}: a row of flags by prefix links to the page naming them"
+    return PIPELINE_DOC.parent / targets[0].partition("#")[0]
+
+
+def _is_flag(name: str, every: dict) -> bool:
+    """`name` a flag, `prefix*` the prefix of one, `noname` a boolean flag's negation."""
+    if name.endswith("*"):
+        return any(f.startswith(name[:-1]) for f in every)
+    negated = every.get(name.removeprefix("no")) if name.startswith("no") else None
+    return name in every or negated is not None and negated.flag_type() == "bool"
+
+
+def _documented(page: pathlib.Path, name: str) -> bool:
+    return re.search(rf"`--{name}[`=]", page.read_text()) is not None
+
+
+def _flag_pages() -> list[pathlib.Path]:
+    """pipeline.md and the pages its `--prefix*` rows send the reader to."""
+    return [PIPELINE_DOC, *sorted({_linked_page(cells) for cells in _flag_rows(PIPELINE_DOC)
+                                   if "*" in cells[0]})]
+
+
+def _shows(text: str, default) -> bool:
+    """Whether a table's default cell (one flag's part of it) states the code's default."""
+    if isinstance(default, bool):
+        return text.split()[0] == ("on" if default else "off")
+    if isinstance(default, (int, float)):
+        number = QUANTITY.match(text)
+        if not number:
+            return False
+        value, squared, mib = number.groups()
+        return float(value) * int(squared or 1) ** 2 * (2 ** 20 if mib else 1) == default
+    if isinstance(default, list):  # absl's list flags: the values as strings
+        return text.split()[0].strip("`") == (",".join(default) or "none")
+    shown = re.match(r"`([^`]*)`", text)
+    return bool(shown) and shown[1] == default
+
+
+def test_the_flag_tables_list_every_flag_of_run():
+    every = _run_flags()
+    rows = _flag_rows(PIPELINE_DOC)
+    assert rows, f"no '{FLAG_TABLE}' table in {PIPELINE_DOC.name}"
+    named = {n for cells in rows for n in FLAG_NAME.findall(cells[0])}
+    missing = set(every) - named
+    for cells in rows:
+        for prefix in (n[:-1] for n in FLAG_NAME.findall(cells[0]) if n.endswith("*")):
+            covered = {name for name in every if name.startswith(prefix)}
+            page = _linked_page(cells)
+            assert covered, f"--{prefix}* names no flag"
+            assert all(_documented(page, n) for n in covered), \
+                f"{page.name} lacks {sorted(n for n in covered if not _documented(page, n))}"
+            missing -= covered
+    assert not missing, f"{PIPELINE_DOC.name}'s flag tables lack {sorted(missing)}"
+
+
+@pytest.mark.parametrize("page", _flag_pages(), ids=lambda p: p.name)
+def test_every_flag_a_flag_table_names_is_a_flag_with_that_default(page):
+    every = _run_flags()
+    rows = _flag_rows(page)
+    assert rows
+    unknown, wrong = [], []
+    for cells in rows:
+        unknown += [n for cell in cells for n in FLAG_NAME.findall(cell)
+                    if not _is_flag(n, every)]
+        names = [n for n in FLAG_NAME.findall(cells[0]) if not n.endswith("*")]
+        if not names or not cells[1]:
+            continue
+        parts = [cells[1]] if len(names) == 1 else cells[1].split(", ")
+        assert len(parts) == len(names), f"{page.name}: {cells[0]} has defaults {cells[1]}"
+        # a default of None is filled in from other flags; the cell says how
+        wrong += [f"--{n}: {part!r}, code {every[n].default!r}"
+                  for n, part in zip(names, parts, strict=True) if n in every
+                  and every[n].default is not None and not _shows(part, every[n].default)]
+    assert not unknown, f"{page.name} names flags pipeline.run lacks: {sorted(unknown)}"
+    assert not wrong, f"{page.name}'s defaults differ from the code's: {wrong}"
+
+
+def test_a_default_cell_is_read_as_written():
+    assert _shows("0 (off)", 0.0) and _shows("1e-3", 0.001) and _shows("4 MiB", 4 * 2 ** 20)
+    assert _shows("2 x 4096²", 2 * 4096 ** 2) and not _shows("2 x 4096²", 4096 ** 2)
+    assert _shows("`quad3,quad4,head`", ["quad3", "quad4", "head"]) and _shows("none", [])
+    assert _shows("on", True) and not _shows("off", True) and not _shows("`pgd`", "fgsm")

@@ -1,6 +1,6 @@
-"""The README's library path, from `model.fit` to a calibrated rejecting SavedModel, on a
-tiny SDIM trained for a few steps on real Fashion-MNIST images; the SavedModel loaded back
-answers as the object in memory."""
+"""The library path of docs/development.md, from `model.fit` to a calibrated rejecting
+SavedModel, on a tiny SDIM trained for a few steps on real Fashion-MNIST images; the
+SavedModel loaded back answers as the object in memory."""
 
 import json
 
@@ -25,7 +25,7 @@ def deployed(data_dir, tmp_path_factory):
     train, held_out = slice(0, 3072), slice(3072, 5072)
     train_ds = _batches(images[train], labels[train], 64)
 
-    # The README's sequence ("The model"), with a small network and one epoch.
+    # The sequence of docs/development.md ("The library"), with a small network and one epoch.
     model = sdim_tf.SDIM(num_classes=10, input_shape=(32, 32, 1), filters=(8, 16, 32, 64),
                          rep_dim=16)
     model.compile()

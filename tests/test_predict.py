@@ -199,7 +199,7 @@ def test_beam_driver_writes_what_the_local_driver_writes(folder, model, tmp_path
     BatchElements groups the files otherwise than the local driver."""
     root, images, bad = folder
     for driver in ("local", "beam"):
-        result = _cli(model, tmp_path / driver, f"--driver={driver}", "--batch_size=1",
+        result = _cli(model, tmp_path / driver, f"--driver={driver}", "--request_files=1",
                       "--report_images=0", root)
         assert result.returncode == 0, result.stderr[-3000:]
     for name in ("predictions.csv", "errors.csv"):

@@ -20,15 +20,12 @@ from collections.abc import Iterable, Sequence
 import apache_beam as beam
 import tensorflow as tf
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import classify
+from sdim_tf.data.beam import BeamOptionsError as BeamOptionsError  # predict catches it
+from sdim_tf.data.beam import make_pipeline
 
 _UNREAD = "unread"
-
-
-class BeamOptionsError(ValueError):
-    """pipeline_args Beam cannot run (an unknown runner)."""
 
 
 def _content_bytes(element: tuple[str, bytes]) -> int:
@@ -89,14 +86,6 @@ def _answer_line(result: PredictionResult) -> str:
     return _error_line(answer)
 
 
-def _pipeline(pipeline_args: Sequence[str]) -> beam.Pipeline:
-    try:
-        return beam.Pipeline(options=PipelineOptions(
-            list(pipeline_args) or ["--runner=DirectRunner"]))
-    except ValueError as e:
-        raise BeamOptionsError(f"--beam_pipeline_args: {str(e).splitlines()[0]}") from None
-
-
 def predict(path: str | pathlib.Path, class_names: Sequence[str],
             limits: classify.RequestLimits, files: Sequence[str],
             pipeline_args: Sequence[str] = (), work_dir: str | pathlib.Path = "."
@@ -112,7 +101,7 @@ def predict(path: str | pathlib.Path, class_names: Sequence[str],
         # JSON lines: one line per file whatever characters its path holds
         (work / "files.jsonl").write_text("".join(json.dumps(f) + "\n" for f in files),
                                           encoding="utf-8")
-        with _pipeline(pipeline_args) as pipeline:
+        with make_pipeline(pipeline_args) as pipeline:
             read = (pipeline | "List" >> beam.io.ReadFromText(str(work / "files.jsonl"))
                     | "Spread" >> beam.Reshuffle()
                     | "Read" >> beam.ParDo(_Read(limits.max_image_bytes)).with_outputs(

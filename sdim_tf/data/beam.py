@@ -96,6 +96,20 @@ def _lines(path: pathlib.Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
 
 
+class BeamOptionsError(ValueError):
+    """pipeline_args Beam cannot run (an unknown runner)."""
+
+
+def make_pipeline(pipeline_args: Sequence[str] = ()) -> beam.Pipeline:
+    """A Beam pipeline on the runner `pipeline_args` name, default the in-process
+    DirectRunner; options Beam refuses are one line naming --beam_pipeline_args."""
+    try:
+        return beam.Pipeline(options=PipelineOptions(
+            list(pipeline_args) or ["--runner=DirectRunner"]))
+    except ValueError as e:
+        raise BeamOptionsError(f"--beam_pipeline_args: {str(e).splitlines()[0]}") from None
+
+
 def write_beam(listing: Listing, policy: ImagePolicy, folder: str | os.PathLike,
                on_bad_file: str = "skip", pipeline_args: Sequence[str] = ()) -> Written:
     """The Beam driver: the same shards' examples (in another order) as `write_local`."""
@@ -108,9 +122,8 @@ def write_beam(listing: Listing, policy: ImagePolicy, folder: str | os.PathLike,
     with open(work / "items.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps([split, item.path, item.label]) + "\n" for split in SPLITS
                      for item in listing.items[split])
-    options = PipelineOptions(list(pipeline_args) or ["--runner=DirectRunner"])
     try:
-        with beam.Pipeline(options=options) as pipeline:
+        with make_pipeline(pipeline_args) as pipeline:
             encoded = (pipeline | "List" >> beam.io.ReadFromText(str(work / "items.jsonl"))
                        | "Spread" >> beam.Reshuffle()
                        | "Encode" >> beam.ParDo(_Encode(policy, num_classes)).with_outputs(

@@ -103,7 +103,8 @@ class TheirSDIM:
                 "threads": torch.get_num_threads(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "parameters": self.sdim.cal_parameters(self.model()),
-                "model": vars(self.args) | {"encoder": f"resnet{8 * self.args.n + 2}"}}
+                "model": {k: v for k, v in vars(self.args).items() if k != "peer_dir"}
+                | {"encoder": f"resnet{8 * self.args.n + 2}"}}
 
     def autocast(self, precision: str):
         if precision not in PRECISIONS:

@@ -48,19 +48,20 @@ def ours_over_theirs(figures: dict) -> dict:
     """bench.peer's ratios, ours over theirs, each the median of the rounds' ratios:
     training images/s per precision and critic (above 1: ours trains faster), serving p50
     latency at batch 1 (below 1: ours answers sooner) and images/s at batch 256 (above 1:
-    ours serves more)."""
+    ours serves more); and the images/s per CPU second of each, for shared cores."""
     found = {}
     for precision, sides in figures["training"]["rows"].items():
-        theirs = sides.get("theirs", {}).get("images_per_second")
+        theirs = sides.get("theirs", {})
         for side, row in sides.items():
-            if side.startswith("ours_") and theirs and "images_per_second" in row:
-                found[f"training.{precision}.images_per_second.{side}_over_theirs"] = \
-                    median_ratio(row["images_per_second"]["per_round"], theirs["per_round"])
+            for figure in ("images_per_second", "images_per_cpu_second"):
+                if side.startswith("ours_") and figure in row and figure in theirs:
+                    found[f"training.{precision}.{figure}.{side}_over_theirs"] = median_ratio(
+                        row[figure]["per_round"], theirs[figure]["per_round"])
     rows = figures["serving"]["rows"]
     for side, row in rows.items():
-        if not side.startswith("theirs_") or "unavailable" in row:
-            continue
-        for figure in ("p50_ms_batch_1", "images_per_second_batch_256"):
-            found[f"serving.{figure}.ours_over_{side}"] = median_ratio(
-                rows["ours"][figure]["per_round"], row[figure]["per_round"])
+        for figure in ("p50_ms_batch_1", "images_per_second_batch_256",
+                       "images_per_cpu_second_batch_256"):
+            if side.startswith("theirs_") and figure in row and figure in rows["ours"]:
+                found[f"serving.{figure}.ours_over_{side}"] = median_ratio(
+                    rows["ours"][figure]["per_round"], row[figure]["per_round"])
     return found

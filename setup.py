@@ -37,6 +37,10 @@ setup(
         # (pipeline.predict_beam); [tfrecord] brings the CRC32C library
         # WriteToTFRecord needs, google-crc32c its fast implementation.
         "beam": ["apache-beam[tfrecord]>=2.78", "google-crc32c"],
+        # bench.peer's driver of the authors' PyTorch SDIM in this environment (its default
+        # --peer_python). Install torch's CPU wheel first (pip install torch --index-url
+        # https://download.pytorch.org/whl/cpu): PyPI's Linux wheel is the CUDA build.
+        "peer": ["torch>=2.1"],
         # CUDA and cuDNN wheels for TensorFlow on Linux GPUs (not tested here: no GPU).
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     },

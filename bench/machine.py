@@ -53,3 +53,38 @@ def results_path(name: str, out: str | os.PathLike | None = None) -> pathlib.Pat
     """Where a timing benchmark's JSON goes: <out or bench/results>/<kind>/<name>.json, so that
     the next machine's figures do not overwrite this one's."""
     return pathlib.Path(out or RESULTS) / kind() / f"{name}.json"
+
+
+# FLOP per cycle and core of the widest unit the flags show, by precision, assuming two FMA
+# units per core (Intel Xeon; AMD Zen 4 runs AVX-512 on 256-bit halves: half of this).
+# float32: 2 units x 16 lanes (AVX-512) or 8 (AVX2) x 2 FLOP per FMA. bfloat16: AMX's tile
+# unit 1024 FLOP per cycle; AVX512-BF16's dot product twice float32's rate; emulated bf16
+# (neither flag) computes no faster than float32.
+FLOP_PER_CYCLE = {
+    "float32": (("avx512f", 64), ("avx2", 32)),
+    "bfloat16": (("amx_bf16", 1024), ("avx512_bf16", 128), ("avx512f", 64), ("avx2", 32)),
+}
+FLOP_PER_CYCLE_SCALAR = 4  # SSE: no FMA, 4 lanes
+
+
+def clock_ghz(cpuinfo: str = "/proc/cpuinfo") -> float | None:
+    """The first CPU's clock as /proc/cpuinfo reports it ("cpu MHz"; a VM's nominal clock,
+    without turbo), in GHz; None where it is not reported."""
+    try:
+        text = pathlib.Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "cpu MHz":
+            return float(value) / 1000
+    return None
+
+
+def peak_gflops(flags, cores: int, ghz: float, precision: str) -> dict:
+    """The CPU's peak arithmetic rate for `precision` ("float32" or "bfloat16"): cores x GHz
+    x FLOP per cycle and core (FLOP_PER_CYCLE), with the unit it assumes."""
+    unit, per_cycle = next(((f, n) for f, n in FLOP_PER_CYCLE[precision] if f in flags),
+                           ("sse", FLOP_PER_CYCLE_SCALAR))
+    return {"gflops": round(cores * ghz * per_cycle, 1), "cores": cores, "ghz": ghz,
+            "unit": unit, "flop_per_cycle_per_core": per_cycle}

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 from absl import app, flags
 
+from bench import timing
 from bench.machine import machine, results_path
 from pipeline import artifacts
 from pipeline.config import PipelineConfig
@@ -50,31 +49,19 @@ flags.DEFINE_enum("precision", "auto", list(precision.PRECISIONS), "As --mixed_p
 def _step(flags_of_variant: dict, dataset):
     config = PipelineConfig.from_flat(dataset="mnist", epochs=0, **flags_of_variant).resolve()
     model = train.build_model(config.model, config.train, num_classes=10, channels=1)
-    step = train.make_train_step(model, tf.distribute.get_strategy())
-    iterator = iter(dataset)
-    for _ in range(FLAGS.warmup):
-        step(iterator)["loss"].numpy()
-    return lambda: step(iterator)
+    return timing.training_steps(model, dataset, FLAGS.warmup)
 
 
 def measure() -> dict:
     chosen, why = precision.resolve(FLAGS.precision, precision.Hardware.detect())
     keras.mixed_precision.set_global_policy(precision.POLICIES[chosen])
-    rng = np.random.default_rng(0)
-    images = rng.random((4 * FLAGS.batch_size, 32, 32, 1), np.float32)
-    labels = rng.integers(0, 10, 4 * FLAGS.batch_size)
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(
-        FLAGS.batch_size).cache().repeat()
+    dataset = timing.random_batches(FLAGS.batch_size)
     try:
         steps = {name: _step(VARIANTS[name], dataset) for name in FLAGS.variants}
         seconds = {name: [] for name in steps}
         for _ in range(FLAGS.rounds):
             for name, step in steps.items():
-                started = time.perf_counter()
-                for _ in range(FLAGS.steps):
-                    metrics = step()
-                metrics["loss"].numpy()
-                seconds[name].append((time.perf_counter() - started) / FLAGS.steps)
+                seconds[name].append(step(FLAGS.steps) / FLAGS.steps)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     rows = {}

@@ -24,11 +24,11 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from bench import concurrent_load, ratios, untrained
+from bench import concurrent_load, ratios, timing, untrained
 from bench.machine import RESULTS, machine, results_path
 from pipeline import artifacts
 from pipeline.run_dir import Examples
-from pipeline.stages import ingest, train
+from pipeline.stages import ingest
 from sdim_tf import data, density, publish, rejection, serving
 
 BENCHMARKS = ("training", "input_pipeline", "serving", "serving_threads", "calibration",
@@ -72,31 +72,20 @@ def _save(name: str, figures: dict) -> dict:
 
 def training_throughput() -> dict:
     """Steady-state images/s of one training step (cached random batches: compute only)."""
-    rng = np.random.default_rng(0)
     batch = FLAGS.batch_size
-    images = rng.random((4 * batch, 32, 32, 1), np.float32)
-    labels = rng.integers(0, 10, 4 * batch)
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch).cache().repeat()
-    strategy = tf.distribute.get_strategy()
+    dataset = timing.random_batches(batch)
     rows = {}
     for precision in FLAGS.precisions:
         for kind, critic in (("discriminative", None), ("sdim", "concat"), ("sdim", "dot")):
             keras.mixed_precision.set_global_policy(precision)
             try:
                 model = untrained.model(kind, critic or "concat")
-                step = train.make_train_step(model, strategy)
-                iterator = iter(dataset)
-                for _ in range(FLAGS.warmup):
-                    step(iterator)["loss"].numpy()
-                start = time.perf_counter()
-                for _ in range(FLAGS.steps):
-                    metrics = step(iterator)
-                metrics["loss"].numpy()
-                seconds = time.perf_counter() - start
+                seconds = timing.training_steps(model, dataset, FLAGS.warmup)(FLAGS.steps)
             finally:
                 keras.mixed_precision.set_global_policy("float32")
             name = f"{kind}{'_' + critic if critic else ''}_{precision}"
-            rows[name] = {"images_per_second": round(FLAGS.steps * batch / seconds, 1),
+            rows[name] = {"images_per_second": timing.images_per_second(FLAGS.steps * batch,
+                                                                        seconds),
                           "step_ms": round(1000 * seconds / FLAGS.steps, 1)}
             print(f"training {name}: {rows[name]}", flush=True)
         disc = rows[f"discriminative_{precision}"]["step_ms"]
@@ -170,19 +159,15 @@ def serving_speed(tmp: pathlib.Path) -> dict:
     latencies = {name: [] for name in calls}
     for _ in range(FLAGS.serving_calls):
         for name, (fn, big, _) in batches.items():
-            start = time.perf_counter()
-            _block(fn(big))
-            seconds[name] += time.perf_counter() - start
+            seconds[name] += timing.call_seconds(fn, big, 1)[0]
     for _ in range(FLAGS.serving_calls):
         for name, (fn, _, one) in batches.items():
-            for _ in range(4):
-                start = time.perf_counter()
-                _block(fn(one))
-                latencies[name].append(1000 * (time.perf_counter() - start))
+            latencies[name] += timing.call_seconds(fn, one, 4)
     figures = {name: {
-        "images_per_second_batch_256": round(FLAGS.serving_calls * 256 / seconds[name], 1),
-        "latency_ms_batch_1": {"p50": round(float(np.percentile(latencies[name], 50)), 3),
-                               "p99": round(float(np.percentile(latencies[name], 99)), 3)}}
+        "images_per_second_batch_256": timing.images_per_second(FLAGS.serving_calls * 256,
+                                                                seconds[name]),
+        "latency_ms_batch_1": {"p50": timing.percentile_ms(latencies[name], 50),
+                               "p99": timing.percentile_ms(latencies[name], 99)}}
         for name in calls}
     bare = figures["bare_forward"]
     for name in [n for n in calls if n != "bare_forward"]:
@@ -231,12 +216,6 @@ def serving_threads(tmp: pathlib.Path) -> dict:
     return {"cores": cores, "rows": rows,
             "lowest_latency_batch_1": best("p50_ms_batch_1", min),
             "highest_throughput_batch_256": best("images_per_second_batch_256", max)}
-
-
-def _block(outputs):
-    """Waits for every output (the call returns before async kernels finish)."""
-    for value in tf.nest.flatten(outputs):
-        value.numpy()
 
 
 def reliability(tmp: pathlib.Path) -> dict:

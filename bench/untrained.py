@@ -17,9 +17,13 @@ from pipeline.stages import train
 from sdim_tf import data, publish, serving
 
 
+def config(kind: str = "sdim", critic: str = "concat") -> PipelineConfig:
+    return PipelineConfig.from_flat(model=kind, critic=critic, epochs=0).resolve()
+
+
 def model(kind: str = "sdim", critic: str = "concat"):
-    config = PipelineConfig.from_flat(model=kind, critic=critic, epochs=0).resolve()
-    return train.build_model(config.model, config.train, num_classes=10, channels=1)
+    resolved = config(kind, critic)
+    return train.build_model(resolved.model, resolved.train, num_classes=10, channels=1)
 
 
 def export(export_dir: str | os.PathLike, name: str, raw: np.ndarray | None = None

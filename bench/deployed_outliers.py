@@ -28,14 +28,17 @@ from pipeline.run_dir import Run
 from sdim_tf import data, outlier_proxies, rejection
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run_dir", None, "A run directory whose calibrate stage ran.")
-flags.DEFINE_integer("outlier_images", 1000, "Held-out images the outliers are built from.")
-flags.DEFINE_integer("seed", 0, "Seed of the outlier construction.")
-flags.DEFINE_string("data_dir", None, "Where the datasets are (default: SDIM_DATA_DIR).")
-flags.DEFINE_string("label", None, "Name of the result file (default: the run directory's "
-                    "name).")
-flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "results"),
-                    "Folder of the <machine kind>/ result folders.")
+
+
+def _define_flags() -> None:  # at run time only: tests import this module beside pipeline.run
+    flags.DEFINE_string("run_dir", None, "A run directory whose calibrate stage ran.")
+    flags.DEFINE_integer("outlier_images", 1000, "Held-out images the outliers are built from.")
+    flags.DEFINE_integer("seed", 0, "Seed of the outlier construction.")
+    flags.DEFINE_string("data_dir", None, "Where the datasets are (default: SDIM_DATA_DIR).")
+    flags.DEFINE_string("label", None, "Name of the result file (default: the run directory's "
+                        "name).")
+    flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "results"),
+                        "Folder of the <machine kind>/ result folders.")
 
 
 def outlier_sets(run: Run, count: int, seed: int, data_dir: str | None) -> dict:
@@ -85,4 +88,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -342,12 +342,15 @@ class Calibration(Artifact):
         return self.saved["deployed"].get("min_gap")
 
     def promises(self) -> dict:
-        """{reason: what the deployed refusal promises, in words}; None for no ambiguity
-        threshold."""
+        """{reason: what the deployed refusal promises, in words}; for no ambiguity
+        threshold None, or "none (why)" where the held-out images could not support the
+        preset's."""
         deployed = self.saved["deployed"]
-        ambiguity = deployed.get("ambiguity") or {}
+        ambiguity, unsupported = deployed.get("ambiguity") or {}, deployed.get(
+            "ambiguity_unsupported")
         return {rejection.UNFAMILIAR: deployed.get("promise", deployed.get("guarantee")),
-                rejection.AMBIGUOUS: ambiguity.get("promise")}
+                rejection.AMBIGUOUS: ambiguity.get("promise") or (
+                    f"none ({unsupported})" if unsupported else None)}
 
     def rules(self) -> tuple[rules.Rule, rules.Rule | None]:
         """(the unfamiliar rule, the ambiguity rule or None) with the settings calibrate

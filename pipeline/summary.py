@@ -45,8 +45,9 @@ def _evaluation(report: dict) -> list[tuple[str, str]]:
             ("silent error", f"{percent(test['silent_error'])} (accepted and wrong, a share of "
                              "all test images)")]
     promises = report.get("promises") or {rejection.UNFAMILIAR: report.get("guarantee")}
-    rows += [("promise" if reason == rejection.UNFAMILIAR else f"promise ({reason})", promise)
-             for reason, promise in promises.items() if promise]
+    rows += [("promise" if reason == rejection.UNFAMILIAR else f"promise ({reason})",
+              promises[reason]) for reason in (rejection.UNFAMILIAR, rejection.AMBIGUOUS)
+             if promises.get(reason)]
     paired = ood_data.OOD_PAIRS.get(report["dataset"], [])
     others = []
     for name, ood in report["ood"].items():

@@ -176,3 +176,20 @@ def test_bad_settings_and_hopeless_data_are_clear_errors():
                        match="no gap threshold keeps the error rate at most 2% .* on 40 "
                              "held-out images .40 misclassified."):
         rules.Ambiguous().calibrate(scores, labels)
+
+
+def test_minimum_samples_by_hand_and_against_the_search():
+    # r = 0.5 at confidence 0.7: m = 7 gives k = 3 tests and a first test accepting 4 images
+    # with no error: 1 - 0.1^(1/4) = 0.438 <= 0.5; m = 6 accepts 3: 1 - 0.1^(1/3) = 0.536
+    assert ambiguous.minimum_samples(0.5, 0.7) == 7
+    assert 1 - 0.1 ** (1 / 4) <= 0.5 < 1 - 0.1 ** (1 / 3)
+    for r, confidence in ((0.5, 0.7), (0.02, 0.95), (0.05, 0.9)):
+        m = ambiguous.minimum_samples(r, confidence)
+        gaps = np.linspace(0, 1, m)  # none misclassified: the most any m images allow
+        assert math.isfinite(ambiguous.selective_threshold(
+            gaps, np.zeros(m, bool), r, 1 - confidence)["threshold"])
+        assert ambiguous.selective_threshold(
+            gaps[1:], np.zeros(m - 1, bool), r, 1 - confidence)["threshold"] == math.inf
+    # 2%: the first test accepts 263 of 525 at level 0.05 / 10: 1 - 0.005^(1/263) < 0.02
+    assert ambiguous.minimum_samples(0.02, 0.95) == 525
+    assert 1 - (0.05 / 10) ** (1 / 263) <= 0.02 < 1 - (0.05 / 10) ** (1 / 262)

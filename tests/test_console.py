@@ -184,7 +184,8 @@ def test_the_headline_of_a_report_with_both_refusals(tmp_path):
         "deployed_percentile": "conformal",
         "selective": {"conformal": {"accuracy": 0.9516, "accuracy_left": 0.97,
                                     "reject_rate": 0.035}},
-        "promises": {"unfamiliar": "rejects at most 4% of images", "ambiguous": None},
+        # in the order a sorted JSON writes them; the unfamiliar promise is shown first
+        "promises": {"ambiguous": "at most 2% wrong", "unfamiliar": "rejects at most 4% of images"},
         "deployed": {"test": {"rejected": 0.05, "ambiguous": 0.015,
                               "accuracy_on_accepted": 0.98, "silent_error": 0.019},
                      "ood": {"mnist": {"rejected": 0.9669}}},
@@ -203,6 +204,7 @@ def test_the_headline_of_a_report_with_both_refusals(tmp_path):
         ("right among the accepted", "98.00%"),
         ("silent error", "1.90% (accepted and wrong, a share of all test images)"),
         ("promise", "rejects at most 4% of images"),
+        ("promise (ambiguous)", "at most 2% wrong"),
         ("mnist rejected / AUROC", "96.69% / 0.9929 (10000 images never seen)"),
         ("other outliers rejected", "uniform_noise 100.00%"),
         ("silent error, corrupted", "5.23% (11 corruptions at severity 3, first 2000 test "

@@ -299,25 +299,37 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="--export_percentile=5 is not among"):
         PipelineConfig.from_flat(reject_budget=0, export_percentile=5).resolve()
     # the guarantee needs held-out images: said, with how many (1 - 0.96^74 >= 0.95)
-    with pytest.raises(ConfigError, match=r"--reject_budget=0.04 promises .* --validation_split"
-                       r"=N \(at least 74 images\)"):
+    with pytest.raises(ConfigError, match=r"^--reject_budget=0.04 promises its rate .* "
+                       r"--validation_split=N \(at least 74 images\)"):
         PipelineConfig.from_flat(validation_split=0).resolve()
+    # both promises asked for: twice the 525 images the error promise needs (each rule on its
+    # half); the preset's error promise is left out when nothing is held out
+    with pytest.raises(ConfigError, match=r"^--reject_budget=0.04 and --max_error=0.02 promise "
+                       r"their rates .* \(at least 1050 images\), --validation_fraction or "
+                       r"--reject_budget=0 --max_error=0 "):
+        PipelineConfig.from_flat(validation_split=0, max_error=0.02).resolve()
+    assert PipelineConfig.from_flat(validation_split=0, reject_budget=0).resolve() \
+        .calibrate.max_error == 0
     assert PipelineConfig.from_flat(dataset="image_folder").resolve().calibrate.reject_budget \
         == 0.04  # on the held-out share of each class
     with pytest.raises(ConfigError, match=r"--reject_confidence must lie in \[0, 1\)"):
         PipelineConfig.from_flat(reject_confidence=1.0).resolve()
-    # the second refusal: off by default; its promise needs held-out images too
+    # the second refusal: on for the named datasets, required only when asked for; off for
+    # image folders; its promise needs held-out images too
     calibrate = PipelineConfig.from_flat().resolve().calibrate
-    assert (calibrate.max_error, calibrate.unfamiliar_rule) == (0, "conformal")
+    assert (calibrate.max_error, calibrate.max_error_required, calibrate.unfamiliar_rule) == (
+        0.02, False, "conformal")
+    assert PipelineConfig.from_flat(max_error=0.02).resolve().calibrate.max_error_required
+    assert PipelineConfig.from_flat(dataset="image_folder").resolve().calibrate.max_error == 0
     assert PipelineConfig.from_flat(dataset="image_folder").resolve().calibrate \
         .unfamiliar_rule == "conformal"  # the held-out share of each class carries a budget
     assert PipelineConfig.from_flat(reject_budget=0).resolve().calibrate \
         .unfamiliar_rule == "percentile"
     with pytest.raises(ConfigError, match=r"--max_error must lie in \[0, 1\)"):
         PipelineConfig.from_flat(max_error=1.5).resolve()
-    with pytest.raises(ConfigError, match=r"--max_error=0.05 promises its error rate on "
-                       r"held-out images: pass --validation_split=N, --validation_fraction or "
-                       r"--max_error=0"):
+    with pytest.raises(ConfigError, match=r"^--max_error=0.05 promises its rate on held-out "
+                       r"images: pass --validation_split=N \(at least 394 images\), "
+                       r"--validation_fraction or --max_error=0$"):
         PipelineConfig.from_flat(max_error=0.05, validation_split=0, reject_budget=0).resolve()
     with pytest.raises(ConfigError, match="--unfamiliar_rule=conformal needs --reject_budget"):
         PipelineConfig.from_flat(unfamiliar_rule="conformal", reject_budget=0).resolve()

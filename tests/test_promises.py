@@ -278,3 +278,31 @@ def test_the_evaluation_report_counts_each_reason(promised):
     assert "the conformal rule's thresholds (one shared by all classes" in md
     assert "Thresholds: per class" not in md
     assert "| test | 10000 | " + f"{100 * accepted.mean():.2f}%" in md
+
+
+def test_a_preset_error_promise_is_left_out_where_held_out_images_cannot_support_it(caplog):
+    """Scores of a model right about one time in ten: no gap keeps 2% wrong. The preset's
+    promise is left out with a warning and the unfamiliar thresholds use every held-out
+    image; a --max_error the user gave stops the run with the rule's reason."""
+    from pipeline.config import ConfigError, PipelineConfig
+
+    rng = np.random.default_rng(5)
+    n, c = 2000, 10
+    labels, class_scores = rng.integers(0, c, n), rng.normal(size=(n, c))
+    names = [str(i) for i in range(c)]
+    preset = PipelineConfig.from_flat().resolve().calibrate
+    unfamiliar, ambiguity = preset.refusal_rules()
+    chosen, gap, why = calibrate._calibrate(preset, class_scores, labels, unfamiliar, ambiguity,
+                                            names)
+    assert gap is None and why.startswith("ambiguous: no gap threshold keeps the error rate "
+                                          "at most 2%")
+    assert "deploying without the ambiguous refusal" in caplog.text
+    # split conformal on all 2000 top scores: the k-th smallest, k the largest with
+    # P(Binomial(2000, 0.04) >= k) >= 0.95
+    k = max(j for j in range(1, n) if stats.binom.sf(j - 1, n, 0.04) >= 0.95)
+    np.testing.assert_array_equal(chosen.thresholds,
+                                  np.full(c, np.sort(class_scores.max(1))[k - 1]))
+    required = PipelineConfig.from_flat(max_error=0.02).resolve().calibrate
+    with pytest.raises(ConfigError, match=r"^calibrate: ambiguous: no gap threshold keeps the "
+                       r"error rate at most 2% .* \(--validation_split=2000 held-out images\)$"):
+        calibrate._calibrate(required, class_scores, labels, unfamiliar, ambiguity, names)

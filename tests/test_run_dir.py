@@ -102,6 +102,12 @@ def test_a_calibration_without_ambiguity_or_score_settings_still_loads(tmp_path)
 
     assert new.rules() == (rules.SplitConformal(alpha=0.04, confidence=None),
                            rules.Ambiguous(max_error=0.05, confidence=0.9))
+    # a preset error promise the held-out images could not support: none, and why
+    left_out = {**deployed, "min_gap": None, "ambiguity": None,
+                "ambiguity_unsupported": "ambiguous: no gap threshold keeps 2%"}
+    assert _calibration(tmp_path / "left_out", deployed=left_out).promises() == {
+        "unfamiliar": "rejects at most 4%", "ambiguous": "none (ambiguous: no gap threshold "
+                                                         "keeps 2%)"}
     bad = _calibration(tmp_path / "bad", deployed={**deployed, "min_gap": "wide"})
     with pytest.raises(ArtifactError, match="deployed min_gap must be a number or null"):
         bad.deployed()

@@ -57,11 +57,8 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     tables = {p: rules.build("percentile", {"percentile": p, "grouping": config.threshold_rule})
               .calibrate(class_scores, labels, names) for p in sorted(set(config.percentiles))}
     unfamiliar, ambiguity = config.refusal_rules()
-    try:
-        chosen, gap = rules.calibrate_both(class_scores, labels, unfamiliar, ambiguity, names)
-    except rules.CalibrationError as e:  # it names the rule and what would do
-        raise ConfigError(f"calibrate: {e} (--validation_split={len(labels)} held-out "
-                          "images)") from None
+    chosen, gap, unsupported = _calibrate(config, class_scores, labels, unfamiliar, ambiguity,
+                                          names)
     # the deployed thresholds under their percentile when a table holds the same ones
     key = next((str(p) for p, t in tables.items() if ambiguity is None and np.array_equal(
         t.thresholds, chosen.thresholds)), unfamiliar.name)
@@ -80,6 +77,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                 **{k: chosen.record.get(k) for k in ("alpha", "confidence", "n", "asked")},
                 "unfamiliar": chosen.record,
                 "min_gap": min_gap, "ambiguity": None if gap is None else gap.record,
+                "ambiguity_unsupported": unsupported,
                 "held_out": coverage(class_scores, labels, chosen.thresholds, min_gap)}
     calibration.write_thresholds({
         "score": score.name, "score_settings": score.settings(),
@@ -99,6 +97,23 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     logging.info("calibrate: deploying %s (%s)%s", key, chosen.promise,
                  "" if gap is None else f" and min_gap {min_gap:.4g} ({gap.promise})")
     return outputs
+
+
+def _calibrate(config, class_scores, labels, unfamiliar, ambiguity, names):
+    """(unfamiliar thresholds, ambiguity threshold or None, why the preset's error promise
+    was left out or None). An error promise the held-out images cannot support stops the run
+    when --max_error was given; the preset's is left out, with a warning, so that a weak
+    model (a short run) still deploys its unfamiliar refusal."""
+    try:
+        return (*rules.calibrate_both(class_scores, labels, unfamiliar, ambiguity, names), None)
+    except rules.CalibrationError as e:  # it names the rule and what would do
+        if getattr(e, "refusal", None) != rejection.AMBIGUOUS or config.max_error_required:
+            raise ConfigError(f"calibrate: {e} (--validation_split={len(labels)} held-out "
+                              "images)") from None
+        logging.warning("calibrate: %s; deploying without the ambiguous refusal (no promise "
+                        "on the answers; --max_error=R requires one)", e)
+        chosen, _ = rules.calibrate_both(class_scores, labels, unfamiliar, None, names)
+        return chosen, None, str(e)
 
 
 def coverage(class_scores, labels, thresholds, min_gap) -> dict:

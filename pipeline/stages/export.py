@@ -79,6 +79,7 @@ def rejection_card(calibration) -> dict:
                     "max_error": ambiguity.get("max_error"),
                     "confidence": ambiguity.get("confidence"),
                     "promise": promises[rejection.AMBIGUOUS]}},
+            "ambiguity_unsupported": deployed.get("ambiguity_unsupported"),
             "held_out": deployed.get("held_out")}
 
 

@@ -113,6 +113,16 @@ def selective_threshold(kappa, wrong, max_error: float, delta: float) -> dict:
             "errors": errors, "bound": bound, "tests": tests}
 
 
+def minimum_samples(max_error: float, confidence: float) -> int:
+    """The fewest calibration images (passing the unfamiliar rule) on which SGR can keep
+    `max_error` at all: with none misclassified, its first test, at the median gap, accepts
+    m - m // 2 of m images, and every later test that could pass accepts more."""
+    delta, m = 1 - confidence, 1
+    while upper_bound(0, m - m // 2, delta / max(1, math.ceil(math.log2(m + 1)))) > max_error:
+        m += 1
+    return m
+
+
 def split(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Held-out rows for the unfamiliar rule (even positions) and for `Ambiguous` (odd)."""
     rows = np.arange(n)
@@ -136,4 +146,6 @@ def _named(rule, *args) -> Calibrated:
     try:
         return rule.calibrate(*args)
     except CalibrationError as e:
-        raise CalibrationError(f"{rule.name}: {e}") from None
+        named = CalibrationError(f"{rule.name}: {e}")
+        named.refusal = rule.refusal  # which of the two refusals could not be calibrated
+        raise named from None

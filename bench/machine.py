@@ -62,15 +62,8 @@ FLOP_PER_CYCLE_SCALAR = 4  # SSE: no FMA, 4 lanes
 def clock_ghz(cpuinfo: str = "/proc/cpuinfo") -> float | None:
     """The first CPU's clock as /proc/cpuinfo reports it ("cpu MHz"; a VM's nominal clock,
     without turbo), in GHz; None where it is not reported."""
-    try:
-        text = pathlib.Path(cpuinfo).read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "cpu MHz":
-            return float(value) / 1000
-    return None
+    mhz = precision.cpuinfo_field(("cpu MHz",), cpuinfo)
+    return float(mhz) / 1000 if mhz else None
 
 
 def peak_gflops(flags, cores: int, ghz: float, precision: str) -> dict:

@@ -41,7 +41,7 @@ class Hardware:
         return cls(cpu_flags(), tuple(capabilities), cpu_model())
 
 
-def _cpuinfo(keys: tuple[str, ...], cpuinfo: str) -> str | None:
+def cpuinfo_field(keys: tuple[str, ...], cpuinfo: str) -> str | None:
     """The value of the first /proc/cpuinfo line whose key is one of `keys` (Linux); None
     where there is none or the file is not readable."""
     try:
@@ -57,12 +57,12 @@ def _cpuinfo(keys: tuple[str, ...], cpuinfo: str) -> str | None:
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU's feature flags (Linux); empty where /proc/cpuinfo is not readable."""
-    return frozenset((_cpuinfo(("flags", "Features"), cpuinfo) or "").split())
+    return frozenset((cpuinfo_field(("flags", "Features"), cpuinfo) or "").split())
 
 
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name (Linux); "" where /proc/cpuinfo does not say."""
-    return _cpuinfo(("model name",), cpuinfo) or ""
+    return cpuinfo_field(("model name",), cpuinfo) or ""
 
 
 @contextlib.contextmanager

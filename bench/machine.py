@@ -7,25 +7,17 @@ import os
 import pathlib
 import platform
 
+from sdim_tf import precision
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
 
 
 def machine() -> dict:
-    info = {"cores": os.cpu_count(), "platform": platform.platform(), "cpu": None, "flags": []}
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and info["cpu"] is None:
-            info["cpu"] = value.strip()
-        if key.strip() == "flags":
-            present = set(value.split())
-            info["flags"] = [f for f in CPU_FLAGS if f in present]
-            break
-    return info
+    present = precision.cpu_flags()
+    return {"cores": os.cpu_count(), "platform": platform.platform(),
+            "cpu": precision.cpu_model() or None,
+            "flags": [f for f in CPU_FLAGS if f in present]}
 
 
 KINDS = ("gpu", "amx", "avx512_bf16", "avx512", "avx2", "other")
@@ -70,15 +62,8 @@ FLOP_PER_CYCLE_SCALAR = 4  # SSE: no FMA, 4 lanes
 def clock_ghz(cpuinfo: str = "/proc/cpuinfo") -> float | None:
     """The first CPU's clock as /proc/cpuinfo reports it ("cpu MHz"; a VM's nominal clock,
     without turbo), in GHz; None where it is not reported."""
-    try:
-        text = pathlib.Path(cpuinfo).read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "cpu MHz":
-            return float(value) / 1000
-    return None
+    mhz = precision.cpuinfo_field(("cpu MHz",), cpuinfo)
+    return float(mhz) / 1000 if mhz else None
 
 
 def peak_gflops(flags, cores: int, ghz: float, precision: str) -> dict:

@@ -43,7 +43,8 @@ flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
 flags.DEFINE_integer("steps", 8, "Timed steps per variant and round.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps per variant (tracing).")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
-flags.DEFINE_enum("precision", "auto", list(precision.PRECISIONS), "As --mixed_precision.")
+flags.DEFINE_enum("precision", "auto", list(precision.PRECISIONS), "As --mixed_precision; "
+                  "auto: bfloat16 where the hardware has it natively (not timed).")
 
 
 def _step(flags_of_variant: dict, dataset):

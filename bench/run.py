@@ -26,13 +26,14 @@ from absl import app, flags
 
 from bench import concurrent_load, ratios, timing, untrained
 from bench.machine import RESULTS, machine, results_path
-from pipeline import artifacts
+from pipeline import artifacts, selection
+from pipeline.config import PipelineConfig
 from pipeline.run_dir import Examples
-from pipeline.stages import ingest
-from sdim_tf import data, density, publish, rejection, serving
+from pipeline.stages import ingest, train
+from sdim_tf import data, density, precision, precision_probe, publish, rejection, serving
 
-BENCHMARKS = ("training", "input_pipeline", "serving", "serving_threads", "calibration",
-              "memory", "reliability", "concurrency")
+BENCHMARKS = ("training", "precision_probe", "input_pipeline", "serving", "serving_threads",
+              "calibration", "memory", "reliability", "concurrency")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", list(BENCHMARKS), f"Benchmarks to run: {', '.join(BENCHMARKS)}.")
@@ -75,24 +76,52 @@ def training_throughput() -> dict:
     batch = FLAGS.batch_size
     dataset = timing.random_batches(batch)
     rows = {}
-    for precision in FLAGS.precisions:
+    for policy in FLAGS.precisions:
         for kind, critic in (("discriminative", None), ("sdim", "concat"), ("sdim", "dot")):
-            keras.mixed_precision.set_global_policy(precision)
+            keras.mixed_precision.set_global_policy(policy)
             try:
                 model = untrained.model(kind, critic or "concat")
                 seconds = timing.training_steps(model, dataset, FLAGS.warmup)(FLAGS.steps)
             finally:
                 keras.mixed_precision.set_global_policy("float32")
-            name = f"{kind}{'_' + critic if critic else ''}_{precision}"
+            name = f"{kind}{'_' + critic if critic else ''}_{policy}"
             rows[name] = {"images_per_second": timing.images_per_second(FLAGS.steps * batch,
                                                                         seconds),
                           "step_ms": round(1000 * seconds / FLAGS.steps, 1)}
             print(f"training {name}: {rows[name]}", flush=True)
-        disc = rows[f"discriminative_{precision}"]["step_ms"]
+        disc = rows[f"discriminative_{policy}"]["step_ms"]
         for critic in ("concat", "dot"):
-            rows[f"sdim_{critic}_{precision}"]["step_time_over_discriminative"] = round(
-                rows[f"sdim_{critic}_{precision}"]["step_ms"] / disc, 3)
+            rows[f"sdim_{critic}_{policy}"]["step_time_over_discriminative"] = round(
+                rows[f"sdim_{critic}_{policy}"]["step_ms"] / disc, 3)
     return {"batch_size": batch, "steps": FLAGS.steps, "warmup": FLAGS.warmup, "rows": rows}
+
+
+def probe_cost(tmp: pathlib.Path) -> dict:
+    """What --mixed_precision=auto adds to a new run of the default Fashion-MNIST model at
+    --batch_size: the speed probe's wall (and CPU) time on an empty cache, then on a filled
+    one."""
+    examples = _ingested(tmp)
+    config = PipelineConfig.from_flat(dataset="fashion_mnist",
+                                      batch_size=FLAGS.batch_size).resolve()
+    trained, _ = selection.split_examples(config.train, examples.num_examples("train"),
+                                          lambda: examples.labels("train"))
+    batch = config.train.batch(selection.size(trained))
+    measure = train.speed_probe(config.model, config.train, examples,
+                                tf.distribute.get_strategy(), trained, batch,
+                                selection.size(trained) // batch, precision.Hardware.detect(),
+                                precision_probe.ProbeCache(tmp / "cache"))
+    load = [os.getloadavg()[0]]
+    with timing.cpu_and_wall() as probed:
+        probe = measure()
+    with timing.cpu_and_wall() as cached:
+        measure()
+    load.append(os.getloadavg()[0])
+    return {"batch_size": batch, "warmup_steps": precision_probe.WARMUP_STEPS,
+            "timed_steps": precision_probe.TIMED_STEPS,
+            "probe_seconds": round(probed["wall"], 1),
+            "probe_cpu_seconds": round(probed["cpu"], 1),  # all threads': less moved by load
+            "cached_seconds": round(cached["wall"], 3), "choice": list(probe.choice()),
+            "probe": probe.to_json(), "load_average_1min": load}
 
 
 def _ingested(tmp: pathlib.Path) -> Examples:
@@ -297,7 +326,8 @@ def main(argv):
     if FLAGS.inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="sdim-bench-"))
-    runs = {"training": training_throughput, "input_pipeline": lambda: input_pipeline(tmp),
+    runs = {"training": training_throughput, "precision_probe": lambda: probe_cost(tmp),
+            "input_pipeline": lambda: input_pipeline(tmp),
             "serving": lambda: serving_speed(tmp),
             "serving_threads": lambda: serving_threads(tmp),
             "calibration": lambda: calibration_speed(tmp),

@@ -143,9 +143,11 @@ class TrainConfig(Section):
                              "MultiWorkerMirroredStrategy when TF_CONFIG names several workers, "
                              "else the default strategy.", DISTRIBUTE, key=False)
     mixed_precision: str = option(
-        "auto", "Training compute dtype: auto = bfloat16 where the hardware has it natively "
-        "(CPU avx512_bf16/amx_bf16, GPU compute capability >= 8.0), else float32 (losses stay "
-        "float32; exports always compute in float32).", precision.PRECISIONS)
+        "auto", "Training compute dtype: auto = where the hardware has bf16 natively (CPU "
+        "avx512_bf16/amx_bf16, GPU compute capability >= 8.0), the faster of float32 and "
+        "bfloat16 as timed on a few steps of this run's model (cached per machine in "
+        "$SDIM_CACHE_DIR, else $XDG_CACHE_HOME/sdim_tf or ~/.cache/sdim_tf), else float32 "
+        "(losses stay float32; exports always compute in float32).", precision.PRECISIONS)
     jit_compile: str = option("auto", "XLA for the training step: auto = on with GPUs, off on "
                               "CPUs.", precision.JIT_COMPILE, key=False)
     deterministic: bool = option(False, "Deterministic TF ops (slower).")

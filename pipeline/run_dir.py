@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import artifacts
-from sdim_tf import data, rejection, rules, scores, serving
+from sdim_tf import data, precision, rejection, rules, scores, serving
 
 # Of the artifacts below, recorded in every stage's manifest and in train's state.json; a
 # reader refuses another one.
@@ -131,12 +131,13 @@ class Examples(Artifact):
 
     def dataset(self, split: str, skip: int = 0, limit: int | None = None,
                 batch_size: int = 500, training: bool = False, seed: int = 0,
-                indices: list[int] | None = None) -> tf.data.Dataset:
+                indices: list[int] | None = None, repeat: bool = False) -> tf.data.Dataset:
         """Preprocessed (images, labels) batches in file order (training: shuffled and
-        augmented as ingest recorded): `limit` after `skip`, or those at `indices`."""
+        augmented as ingest recorded): `limit` after `skip`, or those at `indices`;
+        `repeat`: endlessly."""
         return data.make_dataset(self.shard_files(split), self.image_shape, batch_size,
                                  training=training, seed=seed, skip=skip, limit=limit,
-                                 indices=indices,
+                                 indices=indices, repeat=repeat,
                                  augmentation=self.metadata["augmentation"] if training
                                  else "none")
 
@@ -257,12 +258,8 @@ def as_float32(model: keras.Model) -> keras.Model:
     if all(layer.dtype_policy.name == "float32" for layer in model._flatten_layers()):
         return model
     config = {k: v for k, v in model.get_config().items() if k != "dtype"}
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
+    with precision.policy("float32"):
         rebuilt = type(model).from_config(config)  # the models build in __init__
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     rebuilt.set_weights(model.get_weights())
     return rebuilt
 

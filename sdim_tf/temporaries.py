@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 from collections.abc import Callable
+from typing import BinaryIO
 
 
 def running(pid: int) -> bool:
@@ -40,3 +41,18 @@ def remove_dead(folder: str | os.PathLike, writer: Callable[[str], int | None],
         if not recursive:
             break
     return removed
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object],
+                       suffix: str = "") -> None:
+    """`write` fills a temporary beside `path` (`.<name>.tmp-<pid><suffix>`), which one rename
+    then puts over `path`: a reader sees the old file or the complete new one; a failed write
+    removes its temporary."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

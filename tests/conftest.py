@@ -22,6 +22,15 @@ def real_data_dir() -> pathlib.Path:
     return folder.resolve()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def precision_probe_cache(tmp_path_factory) -> pathlib.Path:
+    """The --mixed_precision=auto probe's cache (sdim_tf.precision_probe.CACHE_ENV) for this
+    session and the processes it starts: tests neither read nor fill the user's."""
+    folder = tmp_path_factory.mktemp("cache")
+    os.environ["SDIM_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
     return real_data_dir()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from sdim_tf import (
     outlier_proxies,
     overfitting_guard,
     precision,
+    precision_probe,
     robust,
 )
 
@@ -46,6 +48,7 @@ MONITOR_FIT, MONITOR_HELD_OUT, MONITOR_OUTLIERS = 2000, 1000, 250
 # images each epoch (sdim_tf.overfitting_guard), about 2% of an MNIST epoch.
 GUARD_IMAGES, GUARD_COLUMNS = 256, ("robust/fgsm_accuracy", "robust/pgd_accuracy")
 PART_CLASSES = 4  # outlier_proxies.part_partners' classes per part outlier
+PROBE_BATCHES = 4  # the speed probe cycles through this many batches of the training images
 
 
 def make_strategy(kind: str) -> tf.distribute.Strategy:
@@ -119,6 +122,14 @@ def make_train_step(model: keras.Model, strategy: tf.distribute.Strategy,
         return {m.name: m.result() for m in model.metrics}
 
     return step
+
+
+def distribute_options() -> tf.data.Options:
+    """Each worker reads its share of every batch (the files may be fewer than workers)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = \
+        tf.data.experimental.AutoShardPolicy.DATA
+    return options
 
 
 def run_epoch(step, model, strategy, dataset, steps: int, progress: str | None = None,
@@ -247,20 +258,84 @@ def _check_guard(guard, settings: robust.RobustTraining, epoch: int,
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     """Trains to --epochs, resuming from `stage_dir` when a compatible run stopped. The dtype
     policy of training is set for training only: later stages compute in float32."""
-    previous = keras.mixed_precision.global_policy()
-    try:
+    with precision.policy():
         return _train(config.model, config.train, TrainedModel(stage_dir), upstream["ingest"])
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
-def _precision(training: TrainConfig, state: dict | None,
-               hardware: precision.Hardware) -> tuple[str, str]:
-    """(float32 or bfloat16, why): a resumed run keeps the precision it started with, on
-    whatever machine it resumes; a new one resolves --mixed_precision on this hardware."""
+def _precision(training: TrainConfig, state: dict | None, hardware: precision.Hardware,
+               measure: Callable[[], precision_probe.Probe], unmeasured: str | None = None
+               ) -> tuple[str, str, dict | None]:
+    """(float32 or bfloat16, why, the speed probe's figures or None): a resumed run keeps
+    what it started with, on whatever machine it resumes; a new one resolves
+    --mixed_precision here (auto: by `measure`, unless `unmeasured` says why not)."""
     if state is not None:
-        return state["precision"], state["precision_reason"] + " (when the run started)"
-    return precision.resolve(training.mixed_precision, hardware)
+        return (state["precision"], state["precision_reason"] + " (when the run started)",
+                state.get("precision_probe"))
+    chosen, why, probe = precision_probe.resolve(training.mixed_precision, hardware, measure,
+                                                 unmeasured, warn=_warn)
+    return chosen, why, probe.to_json() if probe else None
+
+
+def speed_probe(model_config: ModelConfig, training: TrainConfig, examples, strategy,
+                trained_images: dict, batch: int, steps: int, hardware: precision.Hardware,
+                cache: precision_probe.ProbeCache | None = None
+                ) -> Callable[[], precision_probe.Probe]:
+    """The measurement --mixed_precision=auto decides by: the run's model, compiled step,
+    strategy and batches (its first training images, augmented), timed in each precision,
+    or what `cache` (default: the user's, precision_probe.cache_dir) holds for this machine
+    and these settings."""
+    jit_compile = precision.jit_compile(training.jit_compile, hardware)
+    key = precision_probe.machine_key(hardware) | {
+        "model": model_config.flat(keyed_only=True), "batch_size": batch,
+        "image_shape": examples.image_shape, "num_classes": examples.num_classes,
+        "augmentation": examples.metadata["augmentation"], "jit_compile": jit_compile,
+        "deterministic": training.deterministic, "strategy": type(strategy).__name__,
+        "replicas": strategy.num_replicas_in_sync}
+    cache = cache or precision_probe.ProbeCache(precision_probe.cache_dir())
+
+    @functools.cache
+    def batches():
+        dataset = examples.dataset(
+            "train", **selection.first(trained_images, PROBE_BATCHES * batch), batch_size=batch,
+            training=True, seed=training.seed, repeat=True).with_options(distribute_options())
+        return iter(strategy.experimental_distribute_dataset(dataset))
+
+    def make_step(_):  # under the precision's global policy (precision_probe.measure)
+        with strategy.scope():
+            model = _new_model(model_config, training, examples, steps)
+        step = make_train_step(model, strategy, jit_compile=jit_compile)
+        return lambda: float(step(batches())["loss"])  # reading the loss waits for the step
+
+    def timed() -> precision_probe.Probe:
+        logging.info("train: timing the training step in %s (--mixed_precision=auto: %d "
+                     "steps each after %d untimed; kept in %s)",
+                     " and ".join(precision_probe.PROBED), precision_probe.TIMED_STEPS,
+                     precision_probe.WARMUP_STEPS, cache.path(key))
+        return precision_probe.measure(make_step, batch)
+
+    return lambda: precision_probe.cached(cache, key, timed, warn=_warn)
+
+
+def _warn(message: str) -> None:
+    logging.warning("train: %s", message)
+
+
+def _unmeasured(training: TrainConfig, strategy: tf.distribute.Strategy) -> str | None:
+    """Why --mixed_precision=auto does not time this run's steps, or None."""
+    if training.epochs == 0:
+        return "--epochs=0 trains nothing"
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return ("under MultiWorkerMirroredStrategy each worker would time its own steps "
+                "and could choose differently")
+    return None
+
+
+def _new_model(model_config: ModelConfig, training: TrainConfig, examples, steps: int
+               ) -> keras.Model:
+    """The run's model as --seed initialises it, whatever the speed probe's models drew."""
+    keras.utils.set_random_seed(training.seed)
+    return build_model(model_config, training, examples.num_classes, examples.image_shape[-1],
+                       steps)
 
 
 def _resume_hash(model: ModelConfig, training: TrainConfig, examples) -> Callable[..., str]:
@@ -314,9 +389,7 @@ class _Loop:
         self.predict = class_predictor(self.model)
         self.guard = _guard(self.robust, self.training.seed, self.model, watched,
                             self.state["history"])
-        self.options = tf.data.Options()
-        self.options.experimental_distribute.auto_shard_policy = \
-            tf.data.experimental.AutoShardPolicy.DATA
+        self.options = distribute_options()
         self.step = make_train_step(self.model, self.strategy, jit_compile=precision.jit_compile(
             self.training.jit_compile, self.hardware))
         self.writer = tf.summary.create_file_writer(str(self.trained.folder / "logs" / "train")) \
@@ -415,7 +488,9 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
     resume_hash = _resume_hash(model_config, training, examples)
     state = _resume(training, trained, resume_hash, chief)
     hardware = precision.Hardware.detect()
-    chosen, why = _precision(training, state, hardware)
+    chosen, why, probe = _precision(training, state, hardware, speed_probe(
+        model_config, training, examples, strategy, trained_images, batch, steps, hardware),
+        _unmeasured(training, strategy))
     keras.mixed_precision.set_global_policy(precision.POLICIES[chosen])
     logging.info("train: computing in %s (%s)", chosen, why)
     with strategy.scope():
@@ -423,11 +498,10 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
             model = checkpoints.load_last(trained, state)
             logging.info("train: resuming after epoch %d of %d", state["epoch"], training.epochs)
         else:
-            model = build_model(model_config, training, examples.num_classes,
-                                examples.image_shape[-1], steps)
+            model = _new_model(model_config, training, examples, steps)
             state = {"resume_hash": resume_hash(), "epoch": 0, "best_loss": None,
                      "best_epoch": None, "history": [], "precision": chosen,
-                     "precision_reason": why}
+                     "precision_reason": why, "precision_probe": probe}
     state["examples"] = {"trained": TrainedModel.state_examples(trained_images),
                          "held_out": TrainedModel.state_examples(held_out)}
     state["epochs"] = training.epochs  # planned: names the length a scheduled run needs

@@ -4,13 +4,11 @@ density.npz."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 
-from sdim_tf import density
+from sdim_tf import density, temporaries
 from sdim_tf.scores.registry import register
 
 
@@ -70,15 +68,8 @@ class FeatureDensityScore:
 
     def save(self, scorer, folder) -> list[str]:
         """density.npz (no pickle), written under another name and renamed into place."""
-        path = pathlib.Path(folder) / self.FILE
-        handle, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
-        try:
-            with os.fdopen(handle, "wb") as f:
-                np.savez(f, **scorer.parameters())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        temporaries.replace_atomically(pathlib.Path(folder) / self.FILE,
+                                       lambda f: np.savez(f, **scorer.parameters()), ".npz")
         return [self.FILE]
 
     def load(self, model, folder) -> density.FeatureDensity:

@@ -90,7 +90,7 @@ def test_the_closing_lines_and_the_run_readme_lead_with_the_figures(tiny_run):
     assert readme[5 + len(figures)] == (
         f"Command: `python -m pipeline.run --dataset=fashion_mnist "
         f"--data_dir={config.data.data_dir} --epochs=2 --lr_schedule=constant "
-        f"--train_limit=1024 --shift_images=200 --run_dir={run_dir}`")
+        f"--train_limit=1024 --max_error=0 --shift_images=200 --run_dir={run_dir}`")
 
 
 def test_best_checkpoint_gives_the_logged_test_accuracy(tiny_run, data_dir):

@@ -385,21 +385,12 @@ class PipelineConfig(Section):
                 run_dir, "saved_models")))
         for name in ("model", "train", "calibrate", "evaluate", "export", "attack"):
             getattr(c, name).validate()
-        t, budget, confidence = c.train, cal.reject_budget, cal.reject_confidence
+        t, budget = c.train, cal.reject_budget
         if not (t.holds_out or cal.max_error_required):  # nothing held out for the preset's
             cal = dataclasses.replace(cal, max_error=0)
             c = dataclasses.replace(c, calibrate=cal)
-        promised = {k: v for k, v in (("reject_budget", budget), ("max_error", cal.max_error))
-                    if v}
-        needed = max(conformal.minimum_samples(budget, confidence or None) if budget else 0,
-                     2 * rules.ambiguous.minimum_samples(cal.max_error, cal.max_error_confidence)
-                     if cal.max_error else 0)  # each rule on its half with both
-        check([(not promised or t.holds_out, " and ".join(
-                    f"--{k}={v:g}" for k, v in promised.items())
-                + (" promises its rate" if len(promised) == 1 else " promise their rates")
-                + f" on held-out images: pass --validation_split=N (at least {needed} images), "
-                "--validation_fraction or " + " ".join(f"--{k}=0" for k in promised)
-                + (" (--export_percentile, no guarantee)" if budget else "")),
+        unheld = not t.holds_out and (budget or cal.max_error)
+        check([(not unheld, _unheld_promises(cal) if unheld else ""),
                (t.batch_size >= (2 if c.model.model == "sdim" else 1),  # negatives pair images
                  f"--batch_size must be >= 2 for SDIM, got {t.batch_size}"),
                 (not (refusal := selection.subset_refusal(
@@ -408,6 +399,21 @@ class PipelineConfig(Section):
                  f"--stages: unknown {sorted(set(c.stages or ()) - set(known_stages))}; "
                  f"known: {', '.join(known_stages)}")])
         return c
+
+
+def _unheld_promises(cal: CalibrateConfig) -> str:
+    """The error of promises asked for without held-out images, with how many they need (the
+    ambiguity rule's count is a search: computed only for this message)."""
+    budget, max_error = cal.reject_budget, cal.max_error
+    promised = {k: v for k, v in (("reject_budget", budget), ("max_error", max_error)) if v}
+    needed = max(conformal.minimum_samples(budget, cal.reject_confidence or None) if budget
+                 else 0, 2 * rules.ambiguous.minimum_samples(max_error, cal.max_error_confidence)
+                 if max_error else 0)  # each rule on its half with both
+    return (" and ".join(f"--{k}={v:g}" for k, v in promised.items())
+            + (" promises its rate" if len(promised) == 1 else " promise their rates")
+            + f" on held-out images: pass --validation_split=N (at least {needed} images), "
+            "--validation_fraction or " + " ".join(f"--{k}=0" for k in promised)
+            + (" (--export_percentile, no guarantee)" if budget else ""))
 
 
 def define_attack_flags(flag_values=flags.FLAGS) -> None:

@@ -94,7 +94,7 @@ def selective_threshold(kappa, wrong, max_error: float, delta: float) -> dict:
     order = np.argsort(kappa, kind="stable")
     kappa, wrong = kappa[order], np.asarray(wrong, bool)[order]
     m = len(kappa)
-    tests = max(1, math.ceil(math.log2(m + 1)))
+    tests = _tests(m)
     errors_from = np.concatenate([np.cumsum(wrong[::-1])[::-1], [0]])  # among kappa[z:]
     passed = {m: (0, 0, 0.0)}  # refusing everything: no answer, no error
     lo, hi = 0, m
@@ -113,12 +113,17 @@ def selective_threshold(kappa, wrong, max_error: float, delta: float) -> dict:
             "errors": errors, "bound": bound, "tests": tests}
 
 
+def _tests(m: int) -> int:
+    """How many thresholds SGR's binary search tests on m images: ceil(log2(m + 1))."""
+    return max(1, math.ceil(math.log2(m + 1)))
+
+
 def minimum_samples(max_error: float, confidence: float) -> int:
     """The fewest calibration images (passing the unfamiliar rule) on which SGR can keep
     `max_error` at all: with none misclassified, its first test, at the median gap, accepts
     m - m // 2 of m images, and every later test that could pass accepts more."""
     delta, m = 1 - confidence, 1
-    while upper_bound(0, m - m // 2, delta / max(1, math.ceil(math.log2(m + 1)))) > max_error:
+    while upper_bound(0, m - m // 2, delta / _tests(m)) > max_error:
         m += 1
     return m
 

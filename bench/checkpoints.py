@@ -50,8 +50,7 @@ def held_out_data() -> tuple[tuple, tuple, dict]:
     if len(held_out[1]) != held:
         sys.exit(f"error: fewer than {trained + held} Fashion-MNIST training images")
     sources = (held_out[0][:FLAGS.outlier_images], held_out[1][:FLAGS.outlier_images])
-    built = {**outlier_proxies.proxy_outliers(sources[0], FLAGS.seed),
-             **outlier_proxies.part_outliers(*sources, seed=FLAGS.seed)}
+    built = outlier_proxies.built_outliers(*sources, seed=FLAGS.seed)
     return fit, held_out, built
 
 

@@ -51,8 +51,7 @@ def outlier_sets(run: Run, count: int, seed: int, data_dir: str | None) -> dict:
         raise ValueError(f"--outlier_images must be in [1, {selection['limit']}], got {count}")
     images, labels = images_of(run.examples.dataset_name, "train",
                                np.arange(start, start + count), data_dir=data_dir)
-    return {**outlier_proxies.proxy_outliers(images, seed),
-            **outlier_proxies.part_outliers(images, labels, seed=seed)}
+    return outlier_proxies.built_outliers(images, labels, seed)
 
 
 def refused(run: Run, sets: dict) -> dict:

@@ -14,6 +14,7 @@ import numpy as np
 from sdim_tf.outliers import quadrant_mosaics
 
 PART_OUTLIERS = ("halves", "quadrants", "blend", "overlay")
+PART_CLASSES = 4  # pairwise different classes per part outlier (part_partners)
 
 
 def proxy_outliers(images: np.ndarray, seed: int = 0) -> dict:
@@ -30,7 +31,7 @@ def proxy_outliers(images: np.ndarray, seed: int = 0) -> dict:
             "tile_shuffled": shuffled.reshape(images.shape)}
 
 
-def part_partners(labels: np.ndarray, seed: int = 0, count: int = 4) -> np.ndarray:
+def part_partners(labels: np.ndarray, seed: int = 0, count: int = PART_CLASSES) -> np.ndarray:
     """[N, count] image indices: column 0 is the image itself, the others partners.
 
     Column k starts as a seeded permutation; entries whose label equals the label of an
@@ -78,3 +79,12 @@ def part_outliers(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict
     result = {"halves": halves, "quadrants": quadrant_mosaics(a, b, c, d).numpy(),
               "blend": 0.5 * a + 0.5 * b, "overlay": np.maximum(a, b)}
     return {name: np.clip(result[name], 0.0, 1.0).astype(np.float32) for name in PART_OUTLIERS}
+
+
+def built_outliers(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """The proxy outliers of `images` and, where they hold PART_CLASSES classes, their part
+    outliers."""
+    built = proxy_outliers(images, seed)
+    if len(np.unique(labels)) >= PART_CLASSES:
+        built.update(part_outliers(images, labels, seed=seed))
+    return built

@@ -260,6 +260,14 @@ def test_part_outliers_shapes_ranges_on_real_images(fashion):
     again = outlier_proxies.part_outliers(images, labels, seed=0)
     for name in result:
         np.testing.assert_array_equal(result[name], again[name])
+    # every set of both kinds; the parts only where four classes are present
+    both = outlier_proxies.built_outliers(images, labels, seed=0)
+    proxies = outlier_proxies.proxy_outliers(images, 0)
+    assert list(both) == [*proxies, *outlier_proxies.PART_OUTLIERS]
+    for name, value in {**proxies, **result}.items():
+        np.testing.assert_array_equal(both[name], value)
+    three = np.isin(labels, np.unique(labels)[:3])
+    assert list(outlier_proxies.built_outliers(images[three], labels[three])) == list(proxies)
 
 
 def test_part_outliers_by_hand_on_tiny_images():

@@ -47,7 +47,6 @@ MONITOR_FIT, MONITOR_HELD_OUT, MONITOR_OUTLIERS = 2000, 1000, 250
 # With adversarial training: FGSM and PGD-10 accuracy on the first GUARD_IMAGES held-out
 # images each epoch (sdim_tf.overfitting_guard), about 2% of an MNIST epoch.
 GUARD_IMAGES, GUARD_COLUMNS = 256, ("robust/fgsm_accuracy", "robust/pgd_accuracy")
-PART_CLASSES = 4  # outlier_proxies.part_partners' classes per part outlier
 PROBE_BATCHES = 4  # the speed probe cycles through this many batches of the training images
 
 
@@ -188,9 +187,7 @@ def monitor_data(training: TrainConfig, examples, trained: dict, held_out: dict 
     fit = examples.arrays("train", **selection.first(trained, MONITOR_FIT))
     held_out = examples.arrays("train", **selection.first(held_out, MONITOR_HELD_OUT))
     sources = held_out[0][:MONITOR_OUTLIERS], held_out[1][:MONITOR_OUTLIERS]
-    built = outlier_proxies.proxy_outliers(sources[0], training.seed)
-    if len(np.unique(sources[1])) >= PART_CLASSES:  # parts of that many classes
-        built.update(outlier_proxies.part_outliers(*sources, seed=training.seed))
+    built = outlier_proxies.built_outliers(*sources, seed=training.seed)
     return {"fit": fit, "held_out": held_out, "outliers": built, "budget": watch.budget,
             "layers": (monitoring.layer_set(watch.layers, watch.split),),
             "rule": "conformal", "confidence": watch.confidence}

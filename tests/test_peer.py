@@ -35,7 +35,9 @@ def test_our_model_has_the_size_the_peer_driver_builds():
     model = untrained.model("sdim", "concat")
     command = peer_timing.driver_command("python", "their_dir", untrained.config().model)
     theirs = peer_driver.parse(command[3:])
-    assert command[:3] == ["python", "-I", str(ROOT / "bench" / "peer_driver.py")]
+    assert command[:2] == ["python", "-I"]
+    # Bazel runs the tests from a runfiles tree of symlinks to the same files.
+    assert pathlib.Path(command[2]).resolve() == (ROOT / "bench" / "peer_driver.py").resolve()
     encoder = model.encoder
     assert (theirs.n, theirs.rep_dim) == (encoder.n, encoder.rep_dim) == (1, 64)
     assert theirs.mi_units == model.critic.units == 256

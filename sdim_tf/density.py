@@ -270,17 +270,10 @@ class TiedGaussianScores(keras.layers.Layer):
     def layer_scores(self, features) -> dict:
         """{layer name: its [N, C] term of the sum `call` returns}."""
         terms = {}
-        for name, dim in self.dims.items():
-            # centred on the mean of the class means first, which keeps float32 accurate
-            centred = tf.cast(features[name], tf.float32) - self.centers[name]
-            first, *later = self.blocks[name]
-            folded = tf.concat([tf.matmul(centred, first)] + [
-                tf.matmul(centred[:, dim - block.shape[0]:], block) for block in later], 1)
-            span_dim = self.targets[name].shape[1]
-            span = tf.reduce_sum(tf.square(
-                folded[:, None, :span_dim] - self.targets[name][None]), -1)
-            rest = tf.reduce_sum(tf.square(folded[:, span_dim:]), -1, keepdims=True)
-            terms[name] = self.constants[name] - span - rest
+        for name in self.dims:
+            terms[name] = _folded_scores(
+                tf.cast(features[name], tf.float32) - self.centers[name], self.blocks[name],
+                self.targets[name], self.constants[name])
         return terms
 
 
@@ -294,7 +287,7 @@ class Folded(NamedTuple):
     """One layer's term of `TiedGaussianScores` as constant - ||z_span - targets_c||^2 -
     ||z_rest||^2 for z = (x - center) [G | T] (see `fold`)."""
 
-    center: np.ndarray  # [d]
+    center: np.ndarray  # [d], the mean of the class means
     # [d, k + BLOCK]: G and T's first BLOCK columns; then T's later column blocks, each from
     # the row of its first column down (above it T is 0)
     blocks: list[np.ndarray]
@@ -357,6 +350,29 @@ def _block_shapes(dim: int, span_dim: int, block: int = BLOCK) -> list[tuple[int
     """The shapes of `Folded.blocks` for a layer of `dim` features."""
     return [(dim, span_dim + min(block, dim))] + [
         (dim - start, min(block, dim - start)) for start in range(block, dim, block)]
+
+
+def standardized_scores(features, means, precision_factor, split: bool = False) -> tf.Tensor:
+    """[N, d] features -> [N, C]: a layer's term of `TiedGaussianScores` from its class means
+    and precision factor, in the dtype of the features (float64 where a caller needs it)."""
+    features = tf.convert_to_tensor(features)
+    folded = fold(means, precision_factor, split)
+    center, targets, *blocks = (tf.constant(v, features.dtype)
+                                for v in (folded.center, folded.targets, *folded.blocks))
+    return _folded_scores(features - center, blocks, targets, folded.constant)
+
+
+def _folded_scores(centred, blocks, targets, constant) -> tf.Tensor:
+    """[N, C] from features [N, d] centred on `Folded.center` (centring first keeps float32
+    accurate) and the other parts of a `Folded`."""
+    dim = centred.shape[-1]
+    first, *later = blocks
+    folded = tf.concat([tf.matmul(centred, first)] + [
+        tf.matmul(centred[:, dim - block.shape[0]:], block) for block in later], 1)
+    span_dim = targets.shape[1]
+    span = tf.reduce_sum(tf.square(folded[:, None, :span_dim] - targets[None]), -1)
+    rest = tf.reduce_sum(tf.square(folded[:, span_dim:]), -1, keepdims=True)
+    return constant - span - rest
 
 
 def span_basis(whitened_means: np.ndarray) -> np.ndarray:

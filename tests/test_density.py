@@ -6,6 +6,7 @@ import pytest
 import sdim_tf
 from sdim_tf import density, explain
 from tests.references import numpy_scores as _numpy_scores
+from tests.references import whitened_scores
 
 
 def test_streaming_fit_is_the_pooled_covariance():
@@ -286,23 +287,6 @@ def test_held_out_folds_choose_either_estimator(n, dim, spread, chosen):
                                    if chosen == "oas" else 0.0)
 
 
-def _whitened_scores(x, means, factor, split):
-    """One layer's term by the unfolded formula, float64: whiten the deviations from the mean
-    of the class means, then the squared distances to the whitened class means; `split`:
-    their projection onto the span of the centred whitened means and the rest."""
-    center = means.mean(0)
-    whitened, whitened_means = (x - center) @ factor, (means - center) @ factor
-    d, k = factor.shape[0], min(len(means) - 1, factor.shape[0])
-    distances = ((whitened[:, None] - whitened_means[None]) ** 2).sum(-1)
-    if not split:
-        return (d - distances) / np.sqrt(2 * d)
-    basis = np.linalg.svd(whitened_means - whitened_means.mean(0))[2][:k].T
-    within = whitened @ basis
-    between = ((within[:, None] - (whitened_means @ basis)[None]) ** 2).sum(-1)
-    rest = ((whitened - within @ basis.T) ** 2).sum(-1, keepdims=True)
-    return (k - between) / np.sqrt(2 * k) + (d - k - rest) / np.sqrt(2 * (d - k))
-
-
 def _gaussians(rng, num_classes, dim):
     """Class means and the Cholesky factor of an anisotropic precision, and features of the
     classes plus far outliers."""
@@ -334,11 +318,14 @@ def test_folded_form_is_the_whitened_formula(num_classes, dim, block, split):
     k = folded.targets.shape[1]
     got = (folded.constant - ((z[:, None, :k] - folded.targets[None]) ** 2).sum(-1)
            - (z[:, k:] ** 2).sum(-1, keepdims=True))
-    expected = _whitened_scores(x, means, factor, split)
+    expected = whitened_scores(x, means, factor, split)
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
     # the blocks hold a lower-triangular factor: each starts at its first column's row
     assert k == min(num_classes - 1, dim) and first.shape == (dim, k + min(block, dim))
     assert [len(b) for b in later] == list(range(dim - block, 0, -block))
+    # the graph that serves it, run in float64 (one block at these sizes)
+    np.testing.assert_allclose(density.standardized_scores(x, means, factor, split).numpy(),
+                               expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -354,7 +341,7 @@ def test_layer_scores_in_float32_match_the_float64_formula(split):
         means, factor, x = _gaussians(rng, 10, dim)
         layer.set_gaussians(name, means, factor)
         features[name] = x.astype(np.float32)
-        expected = expected + _whitened_scores(
+        expected = expected + whitened_scores(
             x.astype(np.float32).astype(np.float64), means.astype(np.float32).astype(np.float64),
             factor.astype(np.float32).astype(np.float64), split)
     assert len(layer.blocks["wide"]) == 3

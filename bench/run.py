@@ -24,13 +24,13 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from bench import concurrent_load, ratios, timing, untrained
+from bench import concurrent_load, ratios, serving_timing, timing, untrained
 from bench.machine import RESULTS, machine, results_path
 from pipeline import artifacts, selection
 from pipeline.config import PipelineConfig
 from pipeline.run_dir import Examples
 from pipeline.stages import ingest, train
-from sdim_tf import data, density, precision, precision_probe, publish, rejection, serving
+from sdim_tf import data, density, precision, precision_probe, publish, rejection
 
 BENCHMARKS = ("training", "precision_probe", "input_pipeline", "serving", "serving_threads",
               "calibration", "memory", "reliability", "concurrency")
@@ -150,12 +150,10 @@ def serving_speed(tmp: pathlib.Path) -> dict:
     encoder's layers, the deployed rule), loaded with tf.saved_model.load, against the bare
     forward pass of the same classifier, `model(x, training=False)` in a tf.function, on the
     same batches. Calls alternate between the two, so drift hits both alike."""
-    model = untrained.model("sdim")
+    module = serving_timing.default_module(FLAGS.density_layers, FLAGS.density_split)
+    scorer = module.model
+    model = scorer.classifier
     rng = np.random.default_rng(0)
-    scorer = density.FeatureDensity(model, 10, FLAGS.density_layers, FLAGS.density_split)
-    fit = rng.random((512, 32, 32, 1), np.float32)
-    scorer.fit_features([(fit, np.arange(512) % 10)])
-    module = serving.RejectingClassifier(scorer, np.zeros(10), 1, (28, 28))
     loaded = tf.saved_model.load(str(publish.export(module, tmp / "saved_models", "bench")))
     raw = rng.integers(0, 256, (256, 28, 28, 1), np.uint8)
 
@@ -178,32 +176,10 @@ def serving_speed(tmp: pathlib.Path) -> dict:
         calls[name] = (functools.partial(lambda sig, x: sig(images=x), signature), make)
         calls[f"{name}_positional"] = (signature, make)
         calls[f"{name}_function"] = (getattr(loaded, name), make)
-    batches = {name: (fn, make(256), make(1)) for name, (fn, make) in calls.items()}
-    for fn, big, one in batches.values():  # tracing, allocation
-        for _ in range(3):
-            fn(big), fn(one)
-    # Throughput and latency in separate phases: a batch of 256 just before a single image
-    # leaves the caches and thread pools as a stream of single requests would not.
-    seconds = dict.fromkeys(calls, 0.0)
-    latencies = {name: [] for name in calls}
-    for _ in range(FLAGS.serving_calls):
-        for name, (fn, big, _) in batches.items():
-            seconds[name] += timing.call_seconds(fn, big, 1)[0]
-    for _ in range(FLAGS.serving_calls):
-        for name, (fn, _, one) in batches.items():
-            latencies[name] += timing.call_seconds(fn, one, 4)
-    figures = {name: {
-        "images_per_second_batch_256": timing.images_per_second(FLAGS.serving_calls * 256,
-                                                                seconds[name]),
-        "latency_ms_batch_1": {"p50": timing.percentile_ms(latencies[name], 50),
-                               "p99": timing.percentile_ms(latencies[name], 99)}}
-        for name in calls}
-    bare = figures["bare_forward"]
-    for name in [n for n in calls if n != "bare_forward"]:
-        figures[name]["throughput_over_bare_forward"] = round(
-            figures[name]["images_per_second_batch_256"] / bare["images_per_second_batch_256"], 3)
-        figures[name]["p50_latency_over_bare_forward"] = round(
-            figures[name]["latency_ms_batch_1"]["p50"] / bare["latency_ms_batch_1"]["p50"], 3)
+    figures = serving_timing.time_calls(
+        {name: (fn, make(256), make(1)) for name, (fn, make) in calls.items()},
+        FLAGS.serving_calls)
+    serving_timing.over(figures, "bare_forward")
     return {"calls": FLAGS.serving_calls, "score": "feature_density " + ",".join(
         FLAGS.density_layers) + (" (split terms)" if FLAGS.density_split else ""), "threads": {
             "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),

@@ -43,9 +43,11 @@ def training_steps(model, dataset: tf.data.Dataset, warmup: int) -> Callable[[in
 
 
 def block(outputs) -> None:
-    """Waits for every output (the call returns before async kernels finish)."""
+    """Waits for every output (the call returns before async kernels finish; numpy outputs,
+    as a TF1 session returns, are done already)."""
     for value in tf.nest.flatten(outputs):
-        value.numpy()
+        if hasattr(value, "numpy"):
+            value.numpy()
 
 
 def call_seconds(fn: Callable, inputs, calls: int) -> list[float]:

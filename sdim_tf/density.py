@@ -23,6 +23,7 @@ that predicts held-out training images better (`choose_covariance`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -214,7 +215,7 @@ class TiedGaussianScores(keras.layers.Layer):
     deviation 1 over training samples of their own class when the fit is Gaussian. With
     `split`, m_l = b_l + r_l, its parts within the span of the k = C-1 centred whitened class
     means and outside it, and layer l's term is (k - b_l) / sqrt(2k) + (d_l - k - r_l) /
-    sqrt(2 (d_l - k)).
+    sqrt(2 (d_l - k)). A call computes each term in the form of `fold`.
     """
 
     def __init__(self, num_classes: int, dims: dict, split: bool = False, **kwargs):
@@ -226,10 +227,8 @@ class TiedGaussianScores(keras.layers.Layer):
             raise ValueError(f"split terms need layers of more than {self.span_dim} "
                              f"dimensions (C-1), got {self.dims}")
         self.means, self.precision_factors = {}, {}
-        # Derived from the two above by `set_gaussians`, so that a call does not redo the
-        # [C, d] x [d, d] product (at batch 1 it cost more than the encoder).
-        self.centers, self.whitened_means = {}, {}
-        self.span_bases, self.span_means = {}, {}  # split only: [d, k] and [C, k]
+        # Derived from the two above by `set_gaussians` (`fold`): all a call reads.
+        self.centers, self.blocks, self.targets, self.constants = {}, {}, {}, {}
         for name, dim in self.dims.items():
             self.means[name] = self.add_weight(
                 name=f"{name}_means", shape=(num_classes, dim), trainable=False,
@@ -237,35 +236,30 @@ class TiedGaussianScores(keras.layers.Layer):
             self.precision_factors[name] = self.add_weight(
                 name=f"{name}_precision_factor", shape=(dim, dim), trainable=False,
                 initializer="identity")
+            span_dim = min(self.span_dim, dim)
             self.centers[name] = self.add_weight(
                 name=f"{name}_center", shape=(dim,), trainable=False, initializer="zeros")
-            self.whitened_means[name] = self.add_weight(
-                name=f"{name}_whitened_means", shape=(num_classes, dim), trainable=False,
+            self.blocks[name] = [self.add_weight(
+                name=f"{name}_block{j}", shape=shape, trainable=False, initializer="zeros")
+                for j, shape in enumerate(_block_shapes(dim, span_dim))]
+            self.targets[name] = self.add_weight(
+                name=f"{name}_targets", shape=(num_classes, span_dim), trainable=False,
                 initializer="zeros")
-            if self.split:
-                self.span_bases[name] = self.add_weight(
-                    name=f"{name}_span_basis", shape=(dim, self.span_dim), trainable=False,
-                    initializer="zeros")
-                self.span_means[name] = self.add_weight(
-                    name=f"{name}_span_means", shape=(num_classes, self.span_dim),
-                    trainable=False, initializer="zeros")
+            self.constants[name] = _constant(dim, span_dim, self.split)
         self.built = True
 
     def set_gaussians(self, name: str, means, precision_factor) -> None:
         """Layer `name`'s class means [C, d] and precision Cholesky factor [d, d]."""
         # From the float32 values kept, so that `load_parameters(parameters())` is exact.
-        means = np.asarray(means, np.float32).astype(np.float64)
-        factor = np.asarray(precision_factor, np.float32).astype(np.float64)
-        center = means.mean(axis=0)
-        self.means[name].assign(means.astype(np.float32))
-        self.precision_factors[name].assign(factor.astype(np.float32))
-        self.centers[name].assign(center.astype(np.float32))
-        whitened_means = (means - center) @ factor
-        self.whitened_means[name].assign(whitened_means.astype(np.float32))
-        if self.split:
-            basis = span_basis(whitened_means)
-            self.span_bases[name].assign(basis.astype(np.float32))
-            self.span_means[name].assign((whitened_means @ basis).astype(np.float32))
+        means = np.asarray(means, np.float32)
+        factor = np.asarray(precision_factor, np.float32)
+        self.means[name].assign(means)
+        self.precision_factors[name].assign(factor)
+        folded = fold(means, factor, self.split)
+        self.centers[name].assign(folded.center.astype(np.float32))
+        for weight, block in zip(self.blocks[name], folded.blocks, strict=True):
+            weight.assign(block.astype(np.float32))
+        self.targets[name].assign(folded.targets.astype(np.float32))
 
     def call(self, features):
         total = 0.0
@@ -277,51 +271,115 @@ class TiedGaussianScores(keras.layers.Layer):
         """{layer name: its [N, C] term of the sum `call` returns}."""
         terms = {}
         for name in self.dims:
-            args = (tf.cast(features[name], tf.float32), tf.convert_to_tensor(self.centers[name]),
-                    tf.convert_to_tensor(self.whitened_means[name]), self.precision_factors[name])
-            terms[name] = _split_scores(*args, self.span_bases[name], self.span_means[name]) \
-                if self.split else _scores(*args)
+            terms[name] = _folded_scores(
+                tf.cast(features[name], tf.float32) - self.centers[name], self.blocks[name],
+                self.targets[name], self.constants[name])
         return terms
 
 
+# Columns of the triangular factor per product in `fold`: wider blocks read more of its
+# zeros, narrower ones cost an op each. 256 served the default layers fastest at batch 1 of
+# 128, 256, 512 and 1024 (Xeon with AMX, 2 cores).
+BLOCK = 256
+
+
+class Folded(NamedTuple):
+    """One layer's term of `TiedGaussianScores` as constant - ||z_span - targets_c||^2 -
+    ||z_rest||^2 for z = (x - center) [G | T] (see `fold`)."""
+
+    center: np.ndarray  # [d], the mean of the class means
+    # [d, k + BLOCK]: G and T's first BLOCK columns; then T's later column blocks, each from
+    # the row of its first column down (above it T is 0)
+    blocks: list[np.ndarray]
+    targets: np.ndarray  # [C, k]
+    constant: float
+
+
+def fold(means, precision_factor, split: bool, block: int = BLOCK) -> Folded:
+    """A layer's term from its class means [C, d] and precision factor L [d, d] (float64).
+
+    With whitened deviations w = (x - center) L from the mean of the class means and the
+    orthonormal basis B [d, k] of `span_basis` (k = min(C-1, d)): the part within the span
+    is ||w B - m_c B||^2 = ||(x - center) G - targets_c||^2 with G = L B, and the rest,
+    the same for every class, ||w (I - B B^T)||^2 = ||(x - center) T||^2 with T [d, d] the
+    lower-triangular factor of L (I - B B^T) (I - B B^T)^T L^T. The whitened class means lie
+    within the span, so the joint distance is the sum of the two. Each term's 1 / sqrt(2 dof)
+    is folded into G, T and the targets as its square root.
+
+    Against whitening then projecting: one product of the features with [G | T] instead of
+    three, no [N, C, d] differences, and T, triangular, read in column blocks from the
+    diagonal down: about half the d x d weights. The rest comes from its own coordinates,
+    never as a difference of two squared lengths, which float32 would lose.
+    """
+    means = np.asarray(means, np.float64)
+    factor = np.asarray(precision_factor, np.float64)
+    dim = means.shape[1]
+    center = means.mean(axis=0)
+    whitened_means = (means - center) @ factor
+    basis = span_basis(whitened_means)  # [d, k]
+    span_dim = basis.shape[1]
+    span_scale, rest_scale = _scales(dim, span_dim, split)
+    span = factor @ basis
+    rest = factor - span @ basis.T
+    # lower triangular, T T^T = rest rest^T: from rest's QR, not a Cholesky of the singular
+    # product
+    triangular = np.linalg.qr(rest.T, mode="r").T * np.sqrt(rest_scale)
+    span *= np.sqrt(span_scale)
+    blocks = [np.concatenate([span, triangular[:, :block]], 1)] + [
+        triangular[start:, start:start + block] for start in range(block, dim, block)]
+    return Folded(center, blocks, whitened_means @ basis * np.sqrt(span_scale),
+                  _constant(dim, span_dim, split))
+
+
+def _scales(dim: int, span_dim: int, split: bool) -> tuple[float, float]:
+    """(1 / sqrt(2 dof) of the span's part, of the rest): their own dof with `split`, else
+    the layer's d for both."""
+    if not split:
+        return (1.0 / np.sqrt(2.0 * dim),) * 2
+    return tuple(1.0 / np.sqrt(2.0 * dof) if dof else 0.0
+                 for dof in (span_dim, dim - span_dim))
+
+
+def _constant(dim: int, span_dim: int, split: bool) -> float:
+    """The sum of each part's dof / sqrt(2 dof): the term's mean-zero offset."""
+    span_scale, rest_scale = _scales(dim, span_dim, split)
+    return float(span_dim * span_scale + (dim - span_dim) * rest_scale)
+
+
+def _block_shapes(dim: int, span_dim: int, block: int = BLOCK) -> list[tuple[int, int]]:
+    """The shapes of `Folded.blocks` for a layer of `dim` features."""
+    return [(dim, span_dim + min(block, dim))] + [
+        (dim - start, min(block, dim - start)) for start in range(block, dim, block)]
+
+
+def standardized_scores(features, means, precision_factor, split: bool = False) -> tf.Tensor:
+    """[N, d] features -> [N, C]: a layer's term of `TiedGaussianScores` from its class means
+    and precision factor, in the dtype of the features (float64 where a caller needs it)."""
+    features = tf.convert_to_tensor(features)
+    folded = fold(means, precision_factor, split)
+    center, targets, *blocks = (tf.constant(v, features.dtype)
+                                for v in (folded.center, folded.targets, *folded.blocks))
+    return _folded_scores(features - center, blocks, targets, folded.constant)
+
+
+def _folded_scores(centred, blocks, targets, constant) -> tf.Tensor:
+    """[N, C] from features [N, d] centred on `Folded.center` (centring first keeps float32
+    accurate) and the other parts of a `Folded`."""
+    dim = centred.shape[-1]
+    first, *later = blocks
+    folded = tf.concat([tf.matmul(centred, first)] + [
+        tf.matmul(centred[:, dim - block.shape[0]:], block) for block in later], 1)
+    span_dim = targets.shape[1]
+    span = tf.reduce_sum(tf.square(folded[:, None, :span_dim] - targets[None]), -1)
+    rest = tf.reduce_sum(tf.square(folded[:, span_dim:]), -1, keepdims=True)
+    return constant - span - rest
+
+
 def span_basis(whitened_means: np.ndarray) -> np.ndarray:
-    """[d, C-1]: orthonormal directions spanning the differences of the whitened class means
-    [C, d] (the span of the split terms)."""
+    """[d, min(C-1, d)]: orthonormal directions spanning the differences of the whitened
+    class means [C, d] (the span of the split terms)."""
     centred = whitened_means - whitened_means.mean(axis=0)
     return np.linalg.svd(centred, full_matrices=False)[2][:len(whitened_means) - 1].T
-
-
-def standardized_scores(features, means, precision_factor) -> tf.Tensor:
-    """[N, d] features -> [N, C]: (d - squared Mahalanobis distance to each class mean) /
-    sqrt(2d), in the dtype of the inputs (float64 where a caller needs it)."""
-    center = tf.reduce_mean(means, axis=0)
-    return _scores(features, center, tf.matmul(means - center, precision_factor),
-                   precision_factor)
-
-
-def _scores(features, center, whitened_means, precision_factor) -> tf.Tensor:
-    """`standardized_scores` with the class means already centred and whitened ([C, d])."""
-    dim = features.shape[-1]
-    # One [N, d] x [d, d] product for all classes (not one per class: d reaches 1792); the
-    # features are centred on the mean of the class means first, which keeps float32 accurate.
-    whitened = tf.matmul(features - center, precision_factor)  # [N, d]
-    distances = tf.reduce_sum(tf.square(whitened[:, None, :] - whitened_means[None]), axis=-1)
-    return (float(dim) - distances) / np.sqrt(2.0 * dim)
-
-
-def _split_scores(features, center, whitened_means, precision_factor, span_basis,
-                  span_means) -> tf.Tensor:
-    """[N, C]: the split terms of `TiedGaussianScores` (means centred and whitened)."""
-    dim, span_dim = features.shape[-1], span_basis.shape[-1]
-    whitened = tf.matmul(features - center, precision_factor)  # [N, d]
-    within = tf.matmul(whitened, span_basis)  # [N, k]
-    between = tf.reduce_sum(tf.square(within[:, None, :] - span_means[None]), axis=-1)
-    # [N, 1], the same for every class; from the residual itself, not as a difference of
-    # two large squared lengths (float32 loses it there)
-    rest = tf.reduce_sum(tf.square(whitened - tf.matmul(within, span_basis, transpose_b=True)),
-                         -1, keepdims=True)
-    return ((float(span_dim) - between) / np.sqrt(2.0 * span_dim)
-            + (float(dim - span_dim) - rest) / np.sqrt(2.0 * (dim - span_dim)))
 
 
 class FeatureDensity(keras.Model):

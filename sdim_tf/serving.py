@@ -155,20 +155,22 @@ class RejectingClassifier(tf.Module):
         the pixel checks."""
         finite = tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3])
         in_range = tf.reduce_all((images >= 0.0) & (images <= 1.0), axis=[1, 2, 3])
-        if refused is None:
-            refused = tf.fill(tf.shape(finite), "")
-        valid = finite & in_range & tf.equal(refused, "")
-        clean = tf.where(valid[:, None, None, None], images, tf.zeros_like(images))
+        valid = finite & in_range
+        if refused is not None:
+            valid &= tf.equal(refused, "")
+        # Scalars broadcast in the selects: an op per request fewer than a filled tensor.
+        clean = tf.where(valid[:, None, None, None], images, 0.0)
         # Only the deployed score is answered: the classifier's own logits (the SDIM head's
         # log-likelihoods) can name another class than the density's argmax.
         scores, _ = self.model.scores_and_logits(clean)
-        scores = tf.where(valid[:, None], tf.cast(scores, tf.float32),
-                          tf.fill(tf.shape(scores), -np.inf))
+        rows = valid[:, None]
+        scores = tf.where(rows, tf.cast(scores, tf.float32), -np.inf)
         decision = rejection.decide(scores, self.thresholds, valid, self.min_gap)
-        probabilities = tf.where(valid[:, None], tf.nn.softmax(scores), tf.zeros_like(scores))
-        reason = tf.where(tf.not_equal(refused, ""), refused,
-                          tf.where(~finite, "non_finite",
-                                   tf.where(~in_range, "out_of_range", decision.reasons())))
+        probabilities = tf.where(rows, tf.nn.softmax(scores), 0.0)
+        reason = tf.where(~finite, "non_finite",
+                          tf.where(~in_range, "out_of_range", decision.reasons()))
+        if refused is not None:
+            reason = tf.where(tf.not_equal(refused, ""), refused, reason)
         return {"class_scores": scores, "class_ids": decision.class_ids,
                 "class_name": tf.gather(self._names, decision.class_ids),
                 "score": decision.score, "threshold": decision.threshold,

@@ -38,6 +38,23 @@ def numpy_scores(features: dict, labels, queries: dict, num_classes: int, ridge:
     return total
 
 
+def whitened_scores(x, means, factor, split: bool = False):
+    """One layer's term by the unfolded formula, float64: whiten the deviations from the mean
+    of the class means, then the squared distances to the whitened class means; `split`:
+    their projection onto the span of the centred whitened means and the rest."""
+    center = means.mean(0)
+    whitened, whitened_means = (x - center) @ factor, (means - center) @ factor
+    d, k = factor.shape[0], min(len(means) - 1, factor.shape[0])
+    distances = ((whitened[:, None] - whitened_means[None]) ** 2).sum(-1)
+    if not split:
+        return (d - distances) / np.sqrt(2 * d)
+    basis = np.linalg.svd(whitened_means - whitened_means.mean(0))[2][:k].T
+    within = whitened @ basis
+    between = ((within[:, None] - (whitened_means @ basis)[None]) ** 2).sum(-1)
+    rest = ((whitened - within @ basis.T) ** 2).sum(-1, keepdims=True)
+    return (k - between) / np.sqrt(2 * k) + (d - k - rest) / np.sqrt(2 * (d - k))
+
+
 def saved_model_cli_answers(model_dir, images: np.ndarray, tmp_path: pathlib.Path) -> str:
     """`saved_model_cli run` of serving_default on float `images`: its printed answer, after
     asserting that it answered (exit code 0, `rejected` and `class_ids` printed)."""

@@ -6,6 +6,7 @@ import pytest
 import sdim_tf
 from sdim_tf import density, explain
 from tests.references import numpy_scores as _numpy_scores
+from tests.references import whitened_scores
 
 
 def test_streaming_fit_is_the_pooled_covariance():
@@ -284,3 +285,67 @@ def test_held_out_folds_choose_either_estimator(n, dim, spread, chosen):
     pooled = stats.covariance(0.0)[1]
     assert record["shrinkage"] == (round(density.oas_shrinkage(pooled, n), 6)
                                    if chosen == "oas" else 0.0)
+
+
+def _gaussians(rng, num_classes, dim):
+    """Class means and the Cholesky factor of an anisotropic precision, and features of the
+    classes plus far outliers."""
+    mixing = rng.normal(size=(dim, dim)) * np.geomspace(1.0, 1e-2, dim)
+    means = rng.normal(size=(num_classes, dim)) * 3.0 + 5.0
+    covariance = mixing @ mixing.T + 1e-3 * np.eye(dim)
+    factor = np.linalg.cholesky(np.linalg.inv(covariance))
+    labels = np.arange(40) % num_classes
+    x = rng.normal(size=(40, dim)) @ mixing.T + means[labels]
+    x[30:] = rng.uniform(0.0, 20.0, size=(10, dim))  # outliers
+    return means, factor, x
+
+
+# (C, d, block, split): several column blocks, one, a last narrower one, and a joint layer
+# of fewer dimensions than C-1 (its span is all of it)
+@pytest.mark.parametrize("num_classes, dim, block, split", [
+    (10, 40, 16, True), (10, 40, 16, False), (10, 33, 32, True), (3, 50, 7, True),
+    (3, 50, 7, False), (2, 20, 64, True), (10, 4, 16, False)])
+def test_folded_form_is_the_whitened_formula(num_classes, dim, block, split):
+    """`fold`'s form, constant - ||z_span - targets||^2 - ||z_rest||^2 with z = (x - center)
+    [G | T] and T read in triangular column blocks, evaluated in float64, against the
+    whitening-then-projecting formula."""
+    rng = np.random.default_rng(dim + block)
+    means, factor, x = _gaussians(rng, num_classes, dim)
+    folded = density.fold(means, factor, split, block=block)
+    centred = x - folded.center
+    first, *later = folded.blocks
+    z = np.concatenate([centred @ first] + [centred[:, dim - len(b):] @ b for b in later], 1)
+    k = folded.targets.shape[1]
+    got = (folded.constant - ((z[:, None, :k] - folded.targets[None]) ** 2).sum(-1)
+           - (z[:, k:] ** 2).sum(-1, keepdims=True))
+    expected = whitened_scores(x, means, factor, split)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+    # the blocks hold a lower-triangular factor: each starts at its first column's row
+    assert k == min(num_classes - 1, dim) and first.shape == (dim, k + min(block, dim))
+    assert [len(b) for b in later] == list(range(dim - block, 0, -block))
+    # the graph that serves it, run in float64 (one block at these sizes)
+    np.testing.assert_allclose(density.standardized_scores(x, means, factor, split).numpy(),
+                               expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_layer_scores_in_float32_match_the_float64_formula(split):
+    """The layer as a call computes it (float32, the default block of 256 columns: a layer of
+    600 features takes three) against the unfolded formula in float64, on the float32
+    parameters it keeps."""
+    rng = np.random.default_rng(7)
+    dims = {"wide": 600, "narrow": 24}
+    layer = density.TiedGaussianScores(10, dims, split=split)
+    expected, features = 0.0, {}
+    for name, dim in dims.items():
+        means, factor, x = _gaussians(rng, 10, dim)
+        layer.set_gaussians(name, means, factor)
+        features[name] = x.astype(np.float32)
+        expected = expected + whitened_scores(
+            x.astype(np.float32).astype(np.float64), means.astype(np.float32).astype(np.float64),
+            factor.astype(np.float32).astype(np.float64), split)
+    assert len(layer.blocks["wide"]) == 3
+    got = layer(features).numpy()
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-6 * scale)
+    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))

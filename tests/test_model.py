@@ -40,6 +40,26 @@ def test_encoder_shapes_and_local_stage():
     assert len(conv_layers) == 8 * 3 + 1  # 8n+1 conv layers, + the last dense = 8n+2
 
 
+@pytest.mark.parametrize("shape, stride", [((2, 8, 6, 3), 2), ((1, 9, 6, 2), 3),
+                                           ((2, 7, 8, 1), 2)])
+def test_shortcut_subsampling_is_the_strided_slice(shape, stride):
+    """Bit for bit, in a tf.function and in its gradient (sides that do not divide take the
+    strided slice itself)."""
+    from sdim_tf.encoder import subsample
+
+    x = tf.constant(np.random.default_rng(0).normal(size=shape), tf.float32)
+    weights = tf.constant(np.random.default_rng(1).normal(
+        size=np.array(x[:, ::stride, ::stride].shape)), tf.float32)
+    for fn in (subsample, tf.function(subsample, reduce_retracing=True)):
+        np.testing.assert_array_equal(fn(x, stride).numpy(), x[:, ::stride, ::stride].numpy())
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(subsample(x, stride) * weights)
+    expected = np.zeros(shape, np.float32)
+    expected[:, ::stride, ::stride] = weights.numpy()
+    np.testing.assert_array_equal(tape.gradient(loss, x).numpy(), expected)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown critic 'mlp'"):
         sdim_tf.SDIM(10, critic="mlp")

@@ -15,6 +15,7 @@ from pipeline.run_dir import (
     TrainedModel,
     load_checkpoint,
 )
+from tests.references import whitened_scores
 
 NAMES = ["a", "b", "c"]
 
@@ -118,7 +119,6 @@ def test_a_calibration_without_ambiguity_or_score_settings_still_loads(tmp_path)
 def test_the_scoring_model_follows_density_split(tmp_path, changes, split):
     """A calibration written before split terms existed (no key) keeps the joint score."""
     import sdim_tf
-    from sdim_tf import density
 
     calibration = _calibration(tmp_path / "calibrate", **changes)
     rng = np.random.default_rng(0)
@@ -131,13 +131,13 @@ def test_the_scoring_model_follows_density_split(tmp_path, changes, split):
     assert scorer.split is split
     images = rng.uniform(0, 1, (4, 32, 32, 1)).astype(np.float32)
     z = classifier.encoder.features(images, training=False)["z"].numpy()
-    expected = density.standardized_scores(z.astype(np.float64), means.astype(np.float64),
-                                           factor.astype(np.float32).astype(np.float64))
+    expected = whitened_scores(z.astype(np.float64), means.astype(np.float64),
+                               factor.astype(np.float32).astype(np.float64))
     got = scorer.predict(images, verbose=0)
     if split:
-        assert not np.allclose(got, expected.numpy(), rtol=1e-3)
+        assert not np.allclose(got, expected, rtol=1e-3)
     else:
-        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
 
 
 def test_a_checkpoint_carrying_code_is_refused(tmp_path):

@@ -1,0 +1,105 @@
+"""Timing serving calls, shared by bench/run.py's serving benchmark and bench/serving_speed.py:
+the default deployable, interleaved timing of calls, a SavedModel run as TF Serving runs it."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import tensorflow as tf
+
+from bench import timing, untrained
+from sdim_tf import density, serving
+
+BATCHES = (256, 1)
+
+
+def default_module(layers=density.DEFAULT_LAYERS, split=density.DEFAULT_SPLIT, seed=0
+                   ) -> serving.RejectingClassifier:
+    """What the default pipeline deploys, untrained: the default SDIM network, tied Gaussians on
+    `layers` fitted on 512 random images, thresholds 0 (its weights do not change the cost)."""
+    model = untrained.model("sdim")
+    scorer = density.FeatureDensity(model, 10, layers, split)
+    images = np.random.default_rng(seed).random((512, 32, 32, 1), np.float32)
+    scorer.fit_features([(images, np.arange(512) % 10)])
+    return serving.RejectingClassifier(scorer, np.zeros(10), 1, (28, 28))
+
+
+def time_calls(calls: dict, rounds: int, seed: int = 0) -> dict:
+    """{name: images/s at batch 256, latency percentiles at batch 1} for `calls`, {name: (fn,
+    batch of 256, batch of 1)}, each round calling them in a new random order (no call always
+    follows the same one). Throughput and latency in separate phases: a batch of 256 just
+    before a single image leaves the caches and thread pools as a stream of single requests
+    would not."""
+    for fn, big, one in calls.values():  # tracing, allocation
+        for _ in range(3):
+            timing.block(fn(big)), timing.block(fn(one))
+    rng = np.random.default_rng(seed)
+    seconds = dict.fromkeys(calls, 0.0)
+    latencies = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name in rng.permutation(list(calls)):
+            fn, big, _ = calls[name]
+            seconds[name] += timing.call_seconds(fn, big, 1)[0]
+    for _ in range(rounds):
+        for name in rng.permutation(list(calls)):
+            fn, _, one = calls[name]
+            latencies[name] += timing.call_seconds(fn, one, 4)
+    return {name: {
+        "images_per_second_batch_256": timing.images_per_second(rounds * 256, seconds[name]),
+        "latency_ms_batch_1": {f"p{p}": timing.percentile_ms(latencies[name], p)
+                               for p in (50, 95, 99)}} for name in calls}
+
+
+def over(figures: dict, baseline: str) -> None:
+    """Adds each row's throughput and p50 latency over row `baseline`'s."""
+    base = figures[baseline]
+    for name, row in figures.items():
+        if name != baseline:
+            row[f"throughput_over_{baseline}"] = round(
+                row["images_per_second_batch_256"] / base["images_per_second_batch_256"], 3)
+            row[f"p50_latency_over_{baseline}"] = round(
+                row["latency_ms_batch_1"]["p50"] / base["latency_ms_batch_1"]["p50"], 3)
+
+
+class Session:
+    """serving_default of a SavedModel in a TF1 session, as TF Serving runs it (C++ only)."""
+
+    def __init__(self, path, signature: str = "serving_default"):
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.session = tf.compat.v1.Session(graph=self.graph)
+            meta = tf.compat.v1.saved_model.loader.load(self.session, ["serve"], str(path))
+        spec = meta.signature_def[signature]
+        self.input = spec.inputs["images"].name
+        self.outputs = {k: v.name for k, v in spec.outputs.items()}
+
+    def __call__(self, images, **kwargs):
+        return self.session.run(self.outputs, {self.input: images}, **kwargs)
+
+
+def op_profiles(sessions: dict, images, calls: int, top: int) -> dict:
+    """{name: its ops over `calls` traced runs of `images`} for `sessions` ({name: Session}),
+    their runs interleaved: how many ops ran, the median over runs of their summed time and
+    of the density's (ops under `density_scores`; sums exceed the wall time, ops run in
+    parallel, and tracing slows small ops), and the `top` slowest ops by mean time."""
+    options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
+    micros = {name: collections.defaultdict(float) for name in sessions}
+    totals = {name: [] for name in sessions}
+    for _ in range(calls):
+        for name, session in sessions.items():
+            metadata = tf.compat.v1.RunMetadata()
+            session(images, options=options, run_metadata=metadata)
+            run = [(node.node_name, node.all_end_rel_micros)
+                   for device in metadata.step_stats.dev_stats for node in device.node_stats]
+            for node, value in run:
+                micros[name][node] += value / calls
+            totals[name].append((sum(v for _, v in run),
+                                 sum(v for k, v in run if "density_scores" in k)))
+    return {name: {
+        "ops": len(micros[name]),
+        "op_microseconds": round(float(np.median([t for t, _ in totals[name]]))),
+        "density_op_microseconds": round(float(np.median([d for _, d in totals[name]]))),
+        "slowest": {k.rpartition("StatefulPartitionedCall/")[2]: round(v, 1)
+                    for k, v in sorted(micros[name].items(), key=lambda kv: -kv[1])[:top]}}
+        for name in sessions}

@@ -23,7 +23,10 @@ NAMES = {"fgsm": "FGSM", "pgd": "PGD", "deepfool": "DeepFool", "boundary": "Boun
          "local_search": "LocalSearch", "cw_l2": "CW-L2",
          "pgd_accepted_linf": "adaptive PGD-L∞", "pgd_accepted_l2": "adaptive PGD-L2",
          "pgd_accepted_linf_doubled": "adaptive PGD-L∞, 2x steps and restarts",
+         "apgd_accepted_linf": "adaptive AutoPGD-L∞", "apgd_accepted_l2": "adaptive AutoPGD-L2",
+         "transfer_accepted": "transfer (adaptive PGD-L∞ on another model)",
          "square_accepted": "Square-L∞ (gradient-free)", "cw_accepted": "adaptive CW-L2"}
+GRIDS = {"linf": "L∞", "l2": "L2"}
 
 
 def _clean_line(report: dict, models=None) -> str:
@@ -38,10 +41,16 @@ def undetected_panels(report: dict) -> dict:
     """{panel title: {label: (epsilons, undetected successes)}} for plots.undetected_curves."""
     s, adaptive = report["settings"], report["adaptive"]
     linf, l2 = {}, {}
+    panels = {"linf": linf, "l2": l2}
+    for model, by_grid in report.get("worst_case", {}).items():
+        for grid, v in by_grid.items():
+            panels[grid][f"worst case, {model}"] = (v["epsilons"], v["undetected_success"])
     for model, v in adaptive.get("pgd_accepted_linf", {}).items():
         linf[f"adaptive PGD, {model}"] = (v["epsilons"], v["undetected_success"])
+    for model, v in adaptive.get("apgd_accepted_linf", {}).items():
+        linf[f"AutoPGD, {model}"] = (v["epsilons"], v["undetected_success"])
     for attack, label in (("pgd_accepted_linf_doubled", "adaptive PGD 2x"),
-                          ("square_accepted", "Square")):
+                          ("transfer_accepted", "transfer"), ("square_accepted", "Square")):
         for model, v in adaptive.get(attack, {}).items():
             linf[f"{label}, {model} ({v['attacked']} images)"] = (v["epsilons"],
                                                                  v["undetected_success"])
@@ -50,6 +59,8 @@ def undetected_panels(report: dict) -> dict:
             linf[f"ART {NAMES[attack]}, {model}"] = (s["epsilons"], v["undetected_success"])
     for model, v in adaptive.get("pgd_accepted_l2", {}).items():
         l2[f"adaptive PGD, {model}"] = (v["epsilons"], v["undetected_success"])
+    for model, v in adaptive.get("apgd_accepted_l2", {}).items():
+        l2[f"AutoPGD, {model}"] = (v["epsilons"], v["undetected_success"])
     return {k: v for k, v in (("L∞", linf), ("L2", l2)) if v}
 
 
@@ -69,6 +80,7 @@ def markdown(report: dict, names) -> str:
                 if report["deployed"].get("min_gap") is not None else "") + ". "
              + _clean_line(report), "",
              "Settings (every cap): " + ", ".join(f"{k}={v}" for k, v in s.items()), ""]
+    lines += _worst_case_lines(report)
     lines += _curve_lines(report)
     lines += _untargeted_lines(report)
     lines += _cw_lines(report, names)
@@ -77,6 +89,32 @@ def markdown(report: dict, names) -> str:
     lines += _replay_lines(report)
     lines += _first_image_lines(report, names)
     return "\n".join(lines) + "\n"
+
+
+def _worst_case_lines(report: dict) -> list[str]:
+    worst = report.get("worst_case", {})
+    if not any(worst.values()):
+        return []
+    lines = ["## Worst case per image: any attack", "",
+             "An attacked image counts at a budget ε when any attack that ran found it an "
+             "undetected success whose perturbation, as measured, lies within ε (the "
+             "attacks' own grids, the minimal attacks and CW by their example's size). "
+             "Undetected success (%) of the first attacked images; below it, per attack "
+             "(by its set in `sets/`) and of the images it attacked, how many it found, with "
+             "those no other attack found in brackets. " + _clean_line(report), ""]
+    for model, by_grid in worst.items():
+        for grid, v in by_grid.items():
+            epsilons = v["epsilons"]
+            lines += [f"| {GRIDS[grid]}, {model} | attacked | "
+                      + " | ".join(f"ε={e:g}" for e in epsilons) + " |",
+                      "|---|---|" + "---|" * len(epsilons),
+                      f"| **worst case** | {v['images']} | "
+                      + " | ".join(f"**{_cell(u)}**" for u in v["undetected_success"]) + " |"]
+            for name, a in v["attacks"].items():
+                lines.append(f"| {name} | {a['images']} | " + " | ".join(
+                    f"{f} ({o})" for f, o in zip(a["found"], a["only"], strict=True)) + " |")
+            lines.append("")
+    return lines
 
 
 def _curve_lines(report: dict) -> list[str]:
@@ -164,12 +202,17 @@ def _adaptive_lines(report: dict) -> list[str]:
     if not adaptive:
         return []
     lines = ["## Adaptive attacks: the attacker knows the rejection rule", "",
-             "PGD on a margin loss that is zero once a wrong class clears its threshold and "
-             "leads (`sdim_tf.adversarial.pgd_accepted`), per image the first undetected "
-             "success; Square is its gradient-free counterpart. Undetected success (%) by ε. "
+             "PGD and AutoPGD on a margin loss that is zero once a wrong class clears its "
+             "threshold and leads (`sdim_tf.adversarial.pgd_accepted`, `apgd_accepted`), per "
+             "image the first undetected success; Square is their gradient-free counterpart; "
+             "the transfer attack crafts on another model and asks ours only for its answer. "
+             "Undetected success (%) by ε. Along a grid a success counts at every larger ε "
+             "without being attacked again (carried over: how many of each ε's figure). "
              + _clean_line(report), ""]
     for grid, attacks in (("L∞", ("pgd_accepted_linf", "pgd_accepted_linf_doubled",
-                                   "square_accepted")), ("L2", ("pgd_accepted_l2",))):
+                                   "apgd_accepted_linf", "transfer_accepted",
+                                   "square_accepted")),
+                          ("L2", ("pgd_accepted_l2", "apgd_accepted_l2"))):
         rows = [(a, m, v) for a in attacks for m, v in adaptive.get(a, {}).items()]
         if not rows:
             continue
@@ -177,18 +220,21 @@ def _adaptive_lines(report: dict) -> list[str]:
         lines += [f"| {grid} attack | model | attacked | budget | "
                   + " | ".join(f"ε={e:g}" for e in epsilons)
                   + " | median ‖δ‖ at the first undetected success: all / successes (never)"
-                  " | seconds |",
-                  "|---|---|---|---|" + "---|" * len(epsilons) + "---|---|"]
+                  " | carried over, per ε | seconds |",
+                  "|---|---|---|---|" + "---|" * len(epsilons) + "---|---|---|"]
         for attack, model, v in rows:
+            schedule = v.get("schedule", "constant")
             budget = (f"{v['queries']} queries" if "queries" in v
                       else f"{v['steps']} steps x {v['restarts']}, "
-                      f"{v.get('schedule', 'constant')} steps")
+                      + ("AutoPGD's step sizes" if schedule == "auto" else f"{schedule} steps")
+                      + (f", crafted on the {v['source']}" if "source" in v else ""))
             smallest = "—" if "never" not in v else (
                 f"{_round(v.get('median_distance'))} / "
                 f"{_round(v.get('median_distance_of_successes'))} ({v['never']})")
             lines.append(f"| {NAMES[attack]} | {model} | {v['attacked']} | {budget} | "
                          + " | ".join(_cell(u) for u in v["undetected_success"])
-                         + f" | {smallest} | {v['seconds']} |")
+                         + f" | {smallest} | {'/'.join(map(str, v.get('carried_over', [])))}"
+                         f" | {v['seconds']} |")
         lines.append("")
     if "cw_accepted" in adaptive:
         lines += ["| adaptive CW-L2 (κ=0) | attacks | target reached and accepted | "

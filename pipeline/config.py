@@ -323,6 +323,10 @@ class AttackConfig(Section):
     attack_baseline: Optional[str] = option(
         None, "run_dir of a --model=discriminative run of the same dataset with its own "
         "calibrate stage: its curves (FGSM, PGD and the adaptive PGD) are drawn beside ours.")
+    attack_transfer_from: Optional[str] = option(
+        None, "A run_dir (finished ingest, train and calibrate stages) or an exported "
+        "SavedModel of the same classes: adaptive PGD-L-inf examples crafted on it are judged "
+        "by our deployed rule (the transfer attack).")
 
     def checks(self) -> list:
         s, unknown = self.settings, sorted(set(self.attacks) - set(adversarial.ATTACKS))

@@ -54,11 +54,17 @@ def _discriminative(config: PipelineConfig) -> dict:
     return run_dirs.Run(other).views(("evaluate",), "discriminative")
 
 
-def _attack_baseline(config: PipelineConfig) -> dict:
-    if not config.attack.attack_baseline:
-        return {}
-    return run_dirs.Run(config.attack.attack_baseline).views(attack.BASELINE_STAGES,
-                                                            attack.BASELINE)
+def _attack_inputs(config: PipelineConfig) -> dict:
+    """The attack stage's other runs: --attack_baseline's stages, and those of
+    --attack_transfer_from when it names a run directory rather than a SavedModel."""
+    settings, views = config.attack, {}
+    if settings.attack_baseline:
+        views |= run_dirs.Run(settings.attack_baseline).views(attack.BASELINE_STAGES,
+                                                              attack.BASELINE)
+    source = settings.attack_transfer_from
+    if source and attack.transfer_saved_model(source) is None:
+        views |= run_dirs.Run(source).views(attack.BASELINE_STAGES, attack.TRANSFER)
+    return views
 
 
 STAGES = (
@@ -70,7 +76,7 @@ STAGES = (
     Stage("explain", ("data",), ("ingest", "train", "calibrate"), explain.run),
     Stage("export", ("export",), ("ingest", "train", "calibrate", "evaluate"), export.run),
     Stage("attack", ("attack",), ("ingest", "train", "calibrate"), attack.run, default=False,
-          uses=("export",), external=_attack_baseline),
+          uses=("export",), external=_attack_inputs),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

@@ -6,6 +6,7 @@ import tensorflow as tf
 from scipy import optimize, special
 
 from sdim_tf import adversarial
+from sdim_tf.adversarial import apgd
 
 H = 8
 _RNG = np.random.default_rng(0)
@@ -250,6 +251,14 @@ def test_margin_loss_picks_the_wrong_class_closest_to_acceptance():
     # margin 2 adds 2 inside each hinge: row 2 relu(2 - 1.5) + relu(2 + 0.5) = 3; row 3 1 + 0
     loss = adversarial.margin_loss(scores, labels, targets, thresholds, margin=2.0)
     np.testing.assert_allclose(loss.numpy()[:4], [9.0, 11.0, 3.0, 1.0])
+    # margin inf drops the hinges: row 2 (2 - 3.5) + (4 - 3.5) = -1; row 3 (2 - 3) + (1 - 3)
+    scores = tf.constant(scores)
+    with tf.GradientTape() as tape:
+        tape.watch(scores)
+        loss = adversarial.margin_loss(scores, labels, targets, thresholds, margin=np.inf)
+    np.testing.assert_allclose(loss.numpy()[:4], [5.0, 7.0, -1.0, -3.0])
+    # d/ds of row 3 (towards class 1, rival class 2): -2 on class 1, +1 on class 2
+    np.testing.assert_allclose(tape.gradient(loss, scores).numpy()[3], [0.0, -2.0, 1.0])
 
 
 @tf.autograph.experimental.do_not_convert
@@ -271,19 +280,22 @@ def test_step_sizes_by_hand():
         adversarial.step_sizes(0.1, 4, "linear")
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize("attack, options", [
+    (adversarial.pgd_accepted, {"schedule": "constant", "margin": 1e6}),
+    (adversarial.pgd_accepted, {"schedule": "cosine", "margin": 1e6}),
+    (adversarial.apgd_accepted, {"margin": 1e6}),
+    (adversarial.apgd_accepted, {"margin": np.inf})])
 @pytest.mark.parametrize("norm", ["2", "inf"])
-def test_pgd_reaches_the_optimum_of_a_linear_loss(norm, schedule):
-    # Thresholds out of reach and a huge margin keep both hinges active: the loss is
-    # (t_1 - s_1 + m) + (s_0 - s_1 + m), whose descent direction is d = 2 w_1 - w_0.
+def test_pgd_and_apgd_reach_the_optimum_of_a_linear_loss(norm, attack, options):
+    # Thresholds out of reach and a huge margin keep both hinges active (margin inf: none),
+    # the loss is (t_1 - s_1 + m) + (s_0 - s_1 + m), whose descent direction is d = 2 w_1 - w_0.
     clean = (0.5 + np.random.default_rng(5).uniform(-0.1, 0.1, (1, H, H, 1))).astype(np.float32)
     d = 2 * WEIGHTS[:, 1].astype(np.float64) - WEIGHTS[:, 0]
     epsilon = 0.1 if norm == "2" else 0.05
     optimum = epsilon * (d / np.linalg.norm(d) if norm == "2" else np.sign(d))
     assert np.all(np.abs(optimum) < 0.3)  # clipping to [0, 1] never binds
-    result = adversarial.pgd_accepted(_two_class_model, clean, [0], [1e6, 1e6], norm=norm,
-                                      epsilon=epsilon, steps=20, margin=1e6, targets=[1],
-                                      schedule=schedule)
+    result = attack(_two_class_model, clean, [0], [1e6, 1e6], norm=norm, epsilon=epsilon,
+                    steps=20, targets=[1], **options)
     np.testing.assert_allclose((result.adversarial - clean).reshape(-1), optimum, atol=1e-5)
     assert not result.success.any()
 
@@ -464,3 +476,191 @@ def test_an_undetected_success_also_passes_the_gap():
                                .numpy(), [0.0, 0.5, 0.0])
     np.testing.assert_allclose(adversarial.margin_loss(scores, labels, targets,
                                                        rule.thresholds).numpy(), [0, 0, 0])
+
+
+# AutoPGD, curves carried over a grid of budgets, transfer, the worst case over attacks.
+
+def test_apgd_checkpoints_and_step_halving_by_hand():
+    # Croce & Hein: p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 (steps 22, -3 down
+    # to 6)
+    assert adversarial.checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert adversarial.checkpoints(10) == [2, 3, 4, 5, 6, 7, 8, 9, 10]  # every period >= 1
+    assert adversarial.checkpoints(1) == [1]
+    # 8 steps since the last checkpoint: condition 1 holds when the loss fell on <= 6 of them;
+    # condition 2 when the step was not halved then and the best loss has not fallen since
+    falls = np.array([6, 7, 7, 7, 8])
+    halved_before = np.array([False, False, True, False, False])
+    best_before = np.array([1.0, 1.0, 1.0, 1.0, 1.0])
+    best = np.array([0.5, 0.5, 1.0, 1.0, 0.9])
+    assert apgd.halve(falls, 8, halved_before, best_before, best).tolist() == [
+        True, False, False, True, False]
+
+
+def test_apgd_accepted_succeeds_exactly_where_feasible(feasibility_case):
+    images, labels, thresholds, epsilon, feasible = feasibility_case
+    result = adversarial.apgd_accepted(linear_model, images, labels, thresholds, norm="inf",
+                                       epsilon=epsilon, steps=50, restarts=2, batch_size=3)
+    assert result.name == "apgd_accepted_linf"
+    np.testing.assert_array_equal(result.success, feasible)
+    _in_linf_ball(result, images, epsilon)
+    np.testing.assert_array_equal(
+        result.success, _undetected_numpy(numpy_logits(result.adversarial), labels, thresholds))
+
+
+@pytest.mark.parametrize("curve", [adversarial.pgd_accepted_curve,
+                                   adversarial.apgd_accepted_curve])
+def test_curves_carry_successes_over_the_grid_as_the_linear_programme_says(feasibility_case,
+                                                                           curve):
+    """Each epsilon's figure is the feasible images at that epsilon (the linear programme);
+    those feasible at the epsilon before are carried over, their images unchanged."""
+    images, labels, thresholds, _, _ = feasibility_case
+    grid = (0.04, 0.08, 0.1, 0.15)
+    z = np.array([[_feasibility(x, y, thresholds, e) for x, y in zip(images, labels,
+                                                                     strict=True)]
+                  for e in grid])
+    assert np.all(np.abs(z) > 0.05)  # no image on the edge of feasibility
+    expected = z > 0
+    assert expected.sum(1).tolist() == [0, 2, 3, 4]
+    result = curve(linear_model, images, labels, thresholds, epsilons=grid, norm="inf",
+                   steps=50, restarts=2, batch_size=2)
+    np.testing.assert_array_equal(result.success, expected)
+    np.testing.assert_array_equal(result.carried, np.r_[[[False] * 5], expected[:-1]])
+    for e in range(1, len(grid)):
+        kept = result.carried[e]
+        np.testing.assert_array_equal(result.adversarial[e][kept], result.adversarial[e - 1][kept])
+
+
+def _flagged(images):
+    """Class 1 leads exactly when pixel (1, 1) is over 0.5: the fake attacks' way to win."""
+    return tf.stack([tf.zeros_like(images[:, 0, 0, 0]), 10 * images[:, 1, 1, 0] - 5], 1)
+
+
+def test_over_epsilons_attacks_only_the_images_without_a_success():
+    """A fake attack that wins image i from epsilon needs[i] on, at its restart tries[i]:
+    each epsilon takes over the last one's wins unattacked and each restart attacks only the
+    images without a win; a smaller epsilon starts afresh."""
+    needs = np.array([0.1, 0.1, 0.2, 0.3, 0.9])
+    tries = np.array([0, 1, 0, 2, 0])
+    images = np.zeros((5, H, H, 1), np.float32)
+    images[:, 0, 0, 0] = np.arange(5) / 10  # the image's number, for the fake attack
+    attacked, restart = {}, {"grid point": 0}
+
+    def starts(r, rng, images, epsilon, first):
+        restart["now"] = r
+        restart["grid point"] += r == 0
+        return first
+
+    def attack(clean, start, labels, targets, thresholds, epsilon, rng):
+        ids = np.rint(clean[:, 0, 0, 0] * 10).astype(int)
+        attacked.setdefault((restart["grid point"], restart["now"]), []).extend(ids.tolist())
+        hit = (epsilon >= needs[ids]) & (restart["now"] >= tries[ids])
+        x = start.copy()
+        x[hit, 1, 1, 0] = 1.0
+        return x, np.where(hit, 0.0, 1.0).astype(np.float32), hit
+
+    grid = (0.1, 0.2, 0.3, 0.2)
+    results = list(adversarial.over_epsilons(
+        "fake", attack, starts, _flagged, images, np.zeros(5, int), [-1e9, -1e9], grid,
+        restarts=3, batch_size=2))
+    success = np.array([r.success for r in results])
+    # 0.2 after 0.3 starts afresh: image 1 needs its second restart again
+    np.testing.assert_array_equal(success, [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0],
+                                            [1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(adversarial.carried_over(grid, success), [
+        [0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    assert attacked == {(1, 0): [0, 1, 2, 3, 4], (1, 1): [1, 2, 3, 4], (1, 2): [2, 3, 4],
+                        (2, 0): [2, 3, 4], (2, 1): [3, 4], (2, 2): [3, 4],
+                        (3, 0): [3, 4], (3, 1): [3, 4], (3, 2): [3, 4],
+                        (4, 0): [0, 1, 2, 3, 4], (4, 1): [1, 3, 4], (4, 2): [3, 4]}
+    # the carried images come back as they were found
+    np.testing.assert_array_equal(results[2].adversarial[:3], results[1].adversarial[:3])
+
+
+def test_square_curve_carries_its_successes_over(feasibility_case):
+    images, labels, thresholds, _, _ = feasibility_case
+    pick = [0, 2]  # feasible from 0.06 on; from 0.15 on (held back by the threshold)
+    curve = adversarial.square_accepted_curve(linear_model, images[pick], labels[pick],
+                                              thresholds, epsilons=(0.1, 0.15), queries=500,
+                                              seed=1)
+    assert curve.success[0].tolist() == [True, False]
+    assert curve.carried.tolist() == [[False, False], [True, False]]
+    np.testing.assert_array_equal(curve.adversarial[1][0], curve.adversarial[0][0])
+    for e, adv, success in zip(curve.epsilons, curve.adversarial, curve.success, strict=True):
+        assert np.abs(adv - images[pick]).max() <= e + 1e-6
+        np.testing.assert_array_equal(
+            success, _undetected_numpy(numpy_logits(adv), labels[pick], thresholds))
+
+
+TARGET_WEIGHTS = (WEIGHTS[:, :2] + np.random.default_rng(3).normal(0, 0.5, (H * H, 2))
+                  ).astype(np.float32)
+
+
+@tf.autograph.experimental.do_not_convert
+def _target_model(images):
+    return tf.reshape(images, [-1, H * H]) @ TARGET_WEIGHTS
+
+
+def test_transfer_crafts_on_the_source_and_asks_the_target():
+    """On the two-class linear source the crafted example is the corner of the ball along
+    sign(2 w_1 - w_0) (the unhinged loss falls along it without end); the target judges it
+    by its own weights and thresholds, and an image it accepts wrongly is carried over."""
+    images = np.stack([_blend(a, 0, 2) for a in (1.0, 0.9, 0.8)])
+    labels = np.zeros(3, int)
+    source_rule, target_rule = np.array([0.0, 0.0]), np.array([-1e9, 19.1])
+    grid = (0.05, 0.1, 0.2)
+    d = np.sign(2 * WEIGHTS[:, 1].astype(np.float64) - WEIGHTS[:, 0]).reshape(H, H, 1)
+    crafted = np.stack([np.clip(images + np.float32(e) * d, 0, 1) for e in grid])
+
+    def wrong_and_accepted(weights, x, thresholds):
+        scores = x.reshape(-1, H * H).astype(np.float64) @ weights
+        return (scores[:, 1] > scores[:, 0]) & (scores[:, 1] >= thresholds[1]), scores
+
+    hits = np.array([wrong_and_accepted(TARGET_WEIGHTS, c, target_rule)[0] for c in crafted])
+    # by hand: at 0.1 the 0.8 blend is wrong on the target but below 19.1 (19.02), rejected
+    assert hits.tolist() == [[False] * 3, [False, True, False], [True, True, True]]
+    _, scores = wrong_and_accepted(TARGET_WEIGHTS, crafted[1], target_rule)
+    assert np.all(np.abs(scores[:, 1] - target_rule[1]) > 0.05)
+    curve, on_source = adversarial.transfer_accepted_curve(
+        _two_class_model, source_rule, _target_model, target_rule, images, labels,
+        epsilons=grid, steps=10, batch_size=2)
+    expected = np.logical_or.accumulate(hits, axis=0)
+    np.testing.assert_array_equal(curve.success, expected)
+    np.testing.assert_array_equal(curve.carried, [[0, 0, 0], [0, 0, 0], [0, 1, 0]])
+    # the carried image keeps its example from 0.1; the others are the corners of their ball
+    np.testing.assert_allclose(curve.adversarial[2][1], crafted[1][1], atol=1e-6)
+    for e in range(3):
+        fresh = ~curve.carried[e]
+        np.testing.assert_allclose(curve.adversarial[e][fresh], crafted[e][fresh], atol=1e-6)
+    np.testing.assert_allclose(curve.scores, curve.adversarial.reshape(3, 3, -1)
+                               @ TARGET_WEIGHTS, rtol=1e-5, atol=1e-4)
+    on_source_numpy = np.array([wrong_and_accepted(WEIGHTS[:, :2], x, source_rule)[0]
+                                for x in curve.adversarial])
+    np.testing.assert_array_equal(on_source, on_source_numpy)
+    assert on_source[1, 2] and not curve.success[1, 2]  # the source falls, the target holds
+
+
+def test_worst_case_is_the_union_of_the_attacks_successes():
+    """By hand: three images, two budgets; each attack's examples by image, size and
+    success."""
+    epsilons = (0.1, 0.3)
+    # a curve: one example per image and budget (sizes within their budget)
+    curve = adversarial.success_within([0, 1, 2, 0, 1, 2], [0.1, 0.05, 0.1, 0.3, 0.3, 0.2],
+                                       [False, True, False, True, True, False], epsilons, 3)
+    assert curve.tolist() == [[False, True, False], [True, True, False]]
+    # a minimal attack: image 0 at 0.25, image 2 at 0.1000004 (rounding: within 0.1),
+    # image 1 at 0.1 but not accepted; image 5 lies outside the 3 images counted
+    minimal = adversarial.success_within([0, 1, 2, 5], [0.25, 0.1, 0.1000004, 0.01],
+                                         [True, False, True, True], epsilons, 3)
+    assert minimal.tolist() == [[False, False, True], [True, False, True]]
+    # a targeted attack, two examples per image: image 1's second succeeds at 0.2
+    targeted = adversarial.success_within([0, 0, 1, 1, 2, 2], [0.5, 0.5, 0.4, 0.2, 0.4, 0.4],
+                                          [True, True, False, True, False, False], epsilons, 3)
+    assert targeted.tolist() == [[False, False, False], [False, True, False]]
+    worst = adversarial.worst_case({"curve": curve, "minimal": minimal, "cw": targeted})
+    assert worst["undetected"].tolist() == [[False, True, True], [True, True, True]]
+    assert worst["found"] == {"curve": [1, 2], "minimal": [1, 2], "cw": [0, 1]}
+    # only one attack found it: at 0.1 image 1 (curve) and image 2 (minimal); at 0.3 image 2
+    assert worst["only"] == {"curve": [1, 0], "minimal": [1, 1], "cw": [0, 0]}
+    sizes = adversarial.perturbation_sizes(np.ones((2, 2, 2, 1)) * [[[[0.3]]], [[[0.0]]]],
+                                           np.zeros((2, 2, 2, 1)), "2")
+    np.testing.assert_allclose(sizes, [0.6, 0.0])

@@ -6,6 +6,7 @@ import types
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from pipeline import artifacts, faults, run
@@ -144,7 +145,7 @@ def test_undetected_success_is_recomputed_from_the_saved_sets(attacked, deployed
     sets = _sets(run_dir)
     assert {"fgsm_sdim", "pgd_sdim", "deepfool", "boundary", "local_search", "cw_accepted",
             "pgd_accepted_linf_sdim", "pgd_accepted_l2_sdim", "pgd_accepted_linf_doubled",
-            "square_accepted"} <= set(sets)
+            "apgd_accepted_linf_sdim", "apgd_accepted_l2_sdim", "square_accepted"} <= set(sets)
     for name, arrays in sets.items():
         adv, original = arrays["adversarial"], arrays["original"]
         undetected = _undetected(deployable, thresholds, adv, arrays["label"])
@@ -190,6 +191,118 @@ def test_sanity_numbers_are_recomputed_from_the_saved_sets(attacked, deployed):
     assert d["passed"] == (None if pgd[0.3] >= art[0.3] else False)
     md = (run_dir / "attack" / attack.REPORT_MD).read_text()
     assert all(name in md for name in sanity)
+
+
+def test_curves_report_what_they_carried_over(attacked, deployed):
+    """A curve's image with an undetected success at one budget comes back unchanged at the
+    next (not attacked again), and the report counts those images."""
+    _, run_dir = attacked
+    report, sets = deployed[2], _sets(run_dir)
+    curves = [(f"{a}_sdim" if f"{a}_sdim" in sets else a, v["sdim"])
+              for a, v in report["adaptive"].items() if "epsilons" in v.get("sdim", {})]
+    assert len(curves) == 6  # PGD, AutoPGD (L-inf, L2), the doubled curve, Square
+    for name, summary in curves:
+        arrays = sets[name]
+        undetected, adv = arrays["undetected"], arrays["adversarial"]
+        assert undetected.shape[0] == 2 and arrays["epsilon"][1] > arrays["epsilon"][0]
+        kept = undetected[0]
+        assert summary["carried_over"] == [0, int(kept.sum())], name
+        np.testing.assert_array_equal(adv[1][kept], adv[0][kept], err_msg=name)
+        assert np.all(undetected[1][kept]), name
+    assert any(summary["carried_over"][1] for _, summary in curves)  # not trivial
+
+
+def _broken_within(sets, images, epsilons, norm, classes=10):
+    """bool [E, images]: some set's undetected success of the image measures within ε."""
+    broken = np.zeros((len(epsilons), images), bool)
+    for arrays in sets.values():
+        original, per = arrays["original"], (classes - 1 if "target" in arrays else 1)
+        grid = arrays["adversarial"] if "epsilon" in arrays else arrays["adversarial"][None]
+        undetected = arrays["undetected"] if "epsilon" in arrays else arrays["undetected"][None]
+        for adv, hit in zip(grid, undetected, strict=True):
+            for row in np.flatnonzero(hit):
+                if row // per >= images:
+                    continue
+                size = np.linalg.norm((adv[row].astype(np.float64) - original[row]).ravel(),
+                                      ord=norm)
+                for k, e in enumerate(epsilons):
+                    broken[k, row // per] |= size <= e * (1 + 1e-5) + 1e-6
+    return broken
+
+
+def test_worst_case_is_recomputed_from_the_saved_sets(attacked, deployed):
+    _, run_dir = attacked
+    report, sets = deployed[2], _sets(run_dir)
+    for grid, norm, curves in (("linf", np.inf, ("pgd_accepted_linf", "apgd_accepted_linf",
+                                                 "pgd_accepted_linf_doubled")),
+                               ("l2", 2, ("pgd_accepted_l2", "apgd_accepted_l2"))):
+        worst = report["worst_case"]["sdim"][grid]
+        assert worst["images"] == 4 and set(worst["attacks"]) == set(sets)
+        broken = _broken_within(sets, 4, worst["epsilons"], norm)
+        assert worst["undetected_success"] == pytest.approx(broken.mean(1).tolist())
+        for attack_name in curves:  # never below an attack on all of the same images
+            reported = report["adaptive"][attack_name]["sdim"]["undetected_success"]
+            assert all(w >= r - 1e-9 for w, r in zip(worst["undetected_success"], reported,
+                                                      strict=True))
+    md = (run_dir / "attack" / attack.REPORT_MD).read_text()
+    assert md.index("## Worst case per image") < md.index("## Figures 4 and 5")
+
+
+def test_transfer_attack_from_a_run_and_from_a_saved_model(attacked, deployed, tmp_path):
+    """--attack_transfer_from: examples crafted on another model (here the run itself, as a
+    run directory and as its exported SavedModel) judged by our deployed rule, recomputed
+    from the saved set; the source's own figures through the SavedModel as users load it."""
+    config, run_dir = attacked
+    deployable, thresholds, before, *_ = deployed
+    ours = tmp_path / "ours"
+    shutil.copytree(run_dir, ours)
+    parts = ours / "attack" / attack.PARTS
+    kept = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.json")}
+    saved_model = Run(run_dir).export.record()["path"]
+    for source in (str(run_dir), saved_model):
+        run.run(config.replace(run_dir=str(ours), attack_transfer_from=source, force=True))
+        report = artifacts.read_json(ours / "attack" / attack.REPORT_JSON)
+        summary = report["adaptive"]["transfer_accepted"]["sdim"]
+        arrays = _sets(ours)["transfer_accepted"]
+        np.testing.assert_array_equal(arrays["original"],
+                                      _sets(run_dir)["pgd_accepted_linf_sdim"]["original"])
+        undetected = _undetected(deployable, thresholds, arrays["adversarial"], arrays["label"])
+        assert summary["undetected_success"] == pytest.approx(undetected.mean(1).tolist())
+        assert summary["carried_over"] == [0, int(undetected[0].sum())]
+        moved = np.abs(arrays["adversarial"] - arrays["original"]).reshape(2, 4, -1).max(2)
+        assert np.all(moved <= arrays["epsilon"][:, None] + 1e-6)
+        sanity = report["sanity"]["e_transfer"]
+        assert sanity["transfer"] == pytest.approx(undetected.mean(1).tolist())
+        assert "transfer_accepted" in report["worst_case"]["sdim"]["linf"]["attacks"]
+        inputs = artifacts.read_json(ours / "attack" / artifacts.MANIFEST)["inputs"]
+        assert ("transfer/calibrate" in inputs) == (source == str(run_dir))
+    assert summary["source"] == f"SavedModel {saved_model}"
+    loaded = tf.saved_model.load(saved_model)
+    out = loaded.signatures["serving_default"](
+        images=tf.constant(arrays["adversarial"].reshape(-1, *arrays["original"].shape[1:])))
+    on_source = ((out["class_ids"].numpy() != np.tile(arrays["label"], 2))
+                 & ~out["rejected"].numpy()).reshape(2, 4)
+    assert summary["source_undetected_success"] == pytest.approx(on_source.mean(1).tolist())
+    # only the transfer attack ran again
+    assert {p.name: p.stat().st_mtime_ns for p in parts.glob("*.json")
+            if p.name in kept} == kept
+    assert (parts / f"{attack.TRANSFER_PART}.json").exists()
+    md = (ours / "attack" / attack.REPORT_MD).read_text()
+    assert "transfer (adaptive PGD-L∞ on another model)" in md and "e_transfer" in md
+    assert before["sanity"]["e_transfer"] == {"criterion": sanity["criterion"],
+                                              "passed": None, "note": "not run"}
+
+
+def test_transfer_source_must_be_a_finished_run_or_a_saved_model(attacked, tmp_path):
+    config, run_dir = attacked
+    with pytest.raises(ConfigError, match="no such folder"):
+        run.run(config.replace(attack_transfer_from=str(tmp_path / "nothing"), force=True))
+    trained_only = tmp_path / "trained"
+    (trained_only / "train").mkdir(parents=True)
+    shutil.copy(run_dir / "train" / artifacts.MANIFEST, trained_only / "train")
+    with pytest.raises(ConfigError, match="no finished calibrate stage .* or name an exported "
+                                          "SavedModel"):
+        run.run(config.replace(attack_transfer_from=str(trained_only), force=True))
 
 
 def test_saved_model_replay_agrees_with_the_in_memory_model(attacked, deployed):

@@ -6,9 +6,11 @@ thresholds and equation 9, `rejecting_classifier`) classifies correctly and acce
 PGD accuracy curves (Figures 4 and 5, beside a calibrated discriminative run when
 --attack_baseline names one), untargeted DeepFool, Boundary and LocalSearch (Table 5),
 targeted CW-L2 with confidences (Tables 6 and 7), and the adaptive attacks of
-`sdim_tf.adversarial` (PGD-Linf and PGD-L2 curves, Square, CW on the margin loss) with
-Carlini et al.'s sanity checks. Every attack reports its undetected success: the share of its
-attacked set whose adversarial example is wrong and accepted by the deployed rule.
+`sdim_tf.adversarial` (PGD and AutoPGD curves in L-inf and L2, Square, CW on the margin
+loss, and with --attack_transfer_from examples crafted on another model) with Carlini et
+al.'s sanity checks. Every attack reports its undetected success: the share of its attacked
+set whose adversarial example is wrong and accepted by the deployed rule; the worst case per
+image over all of them comes first in the report.
 
 Each finished attack is kept in parts/ (a killed stage resumes where it stopped) and
 published in sets/ (originals, labels, targets, adversarial images) for replay against later
@@ -29,7 +31,7 @@ from absl import logging
 
 from pipeline import artifacts, attack_report, deployed, faults
 from pipeline.config import ConfigError
-from pipeline.run_dir import rejecting_classifier
+from pipeline.run_dir import Calibration, rejecting_classifier
 from sdim_tf import adversarial, plots, rejection
 
 REPORT_JSON, REPORT_MD = attack_report.REPORT_JSON, attack_report.REPORT_MD
@@ -40,6 +42,9 @@ UPSTREAM = ("ingest", "train", "calibrate")  # what the attacked model is made o
 # --attack_baseline's stages, inputs of this stage as "baseline/<stage>" (checked in order)
 BASELINE = "baseline"
 BASELINE_STAGES = ("train", "calibrate", "ingest")
+# --attack_transfer_from's stages when it names a run directory, as "transfer/<stage>"
+TRANSFER = "transfer"
+TRANSFER_PART = "transfer_accepted"
 # In every part's key: parts made before the attacked set was "correct and accepted" are
 # not reused.
 ATTACKED_SET = "correct_and_accepted"
@@ -111,23 +116,93 @@ def _target(name: str, made_of: dict, images, labels, batch_size: int, key: dict
     return Target(name, deployable, classifier, rule, percentiles, clean, attacked, key)
 
 
+def _finished(views: dict, flag: str, hint: str = "") -> None:
+    """Refuses another run whose stages have not all finished."""
+    for stage, view in views.items():
+        manifest = view.folder / artifacts.MANIFEST
+        if not manifest.exists():
+            raise ConfigError(f"{flag}: no finished {stage} stage in it ({manifest} missing); "
+                              f"run it with --stages={stage}{hint}")
+
+
 def _baseline(config, upstream: dict) -> tuple[dict, dict] | None:
     """({stage: view}, their hashes) of --attack_baseline, a calibrated discriminative run of
     our dataset, or None without one."""
     if not config.attack_baseline:
         return None
     views = {stage: upstream[f"{BASELINE}/{stage}"] for stage in BASELINE_STAGES}
-    for stage, view in views.items():
-        manifest = view.folder / artifacts.MANIFEST
-        if not manifest.exists():
-            raise ConfigError(f"--attack_baseline={config.attack_baseline}: no finished {stage} "
-                              f"stage in it ({manifest} missing); run it with --stages={stage}")
+    _finished(views, f"--attack_baseline={config.attack_baseline}")
     kind, dataset = views["train"].kind, views["ingest"].dataset_name
     ours = upstream["ingest"].dataset_name
     if kind != "discriminative" or dataset != ours:
         raise ConfigError(f"--attack_baseline={config.attack_baseline} holds a {kind} model of "
                           f"{dataset}; expected discriminative on {ours}")
     return views, artifacts.input_hashes({s: v.folder for s, v in views.items()})
+
+
+def transfer_saved_model(source: str) -> pathlib.Path | None:
+    """The SavedModel version --attack_transfer_from names (the newest of a folder of
+    versions), or None for a run directory, whose stages are then inputs of this stage as
+    "transfer/<stage>". A SavedModel is read at its version, which the transfer attack's
+    part is keyed on (versions are never overwritten)."""
+    if not pathlib.Path(source).is_dir():
+        raise ConfigError(f"--attack_transfer_from={source}: no such folder; name a run "
+                          "directory or an exported SavedModel")
+    try:
+        return deployed.version_dir(source)
+    except deployed.DeployedModelError:
+        return None
+
+
+@dataclasses.dataclass
+class Source:
+    """The model a transfer attack crafts its examples on."""
+
+    name: str  # what it is, for the report
+    scorer: Callable  # images -> class scores, differentiable
+    rule: adversarial.Acceptance  # its own deployed rule
+    key: dict  # identifies it in the part's key
+
+
+def _signature_scores(loaded) -> Callable:
+    """The class scores of a loaded SavedModel's serving_default (differentiable)."""
+    signature = loaded.signatures["serving_default"]
+
+    def scores(images):
+        return signature(images=images)["class_scores"]
+
+    scores.saved_model = loaded  # held: its signatures need its variables
+    return scores
+
+
+def _transfer_source(config, upstream: dict, class_names) -> Source | None:
+    """--attack_transfer_from: a run directory with finished ingest, train and calibrate
+    stages, or an exported SavedModel, of the same classes; None without it."""
+    source = config.attack_transfer_from
+    if not source:
+        return None
+    flag, version = f"--attack_transfer_from={source}", transfer_saved_model(source)
+    if version is None:
+        views = {stage: upstream[f"{TRANSFER}/{stage}"] for stage in BASELINE_STAGES}
+        _finished(views, flag, ", or name an exported SavedModel")
+        theirs = views["ingest"].class_names
+        calibration = views["calibrate"]
+        scorer = rejecting_classifier(views["ingest"], views["train"], calibration).model
+        name = f"{views['train'].kind} run {source}"
+        key = artifacts.input_hashes({s: v.folder for s, v in views.items()})
+    else:
+        try:
+            theirs = deployed.asset(version, "model_card.json")["class_names"]
+        except deployed.DeployedModelError as e:
+            raise ConfigError(f"{flag}: {e}") from None
+        calibration = Calibration(version / "assets")
+        scorer = _signature_scores(tf.saved_model.load(str(version)))
+        name, key = f"SavedModel {version}", {"saved_model": str(version)}
+    if list(theirs) != list(class_names):
+        raise ConfigError(f"{flag} classifies {list(theirs)}; the attacked model classifies "
+                          f"{list(class_names)}")
+    return Source(name, scorer, adversarial.Acceptance(calibration.deployed()[1],
+                                                       calibration.min_gap()), key)
 
 
 def _clean(target: Target, labels) -> dict:
@@ -301,19 +376,29 @@ def _cw_confidences(ctx: Context, target: Target, calibration, examples) -> tupl
         "multiples": list(STD_MULTIPLES), "std": summary["std"], "images": summary["images"]}
 
 
-def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = False
-                    ) -> tuple[dict, dict]:
-    """Adaptive PGD (`pgd_accepted_curve`) on the attacked set over the norm's grid."""
+CURVES = {"pgd": adversarial.pgd_accepted_curve, "apgd": adversarial.apgd_accepted_curve}
+
+
+def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = False,
+                    method: str = "pgd") -> tuple[dict, dict]:
+    """Adaptive PGD (`pgd_accepted_curve`) or AutoPGD (`apgd_accepted_curve`) on the
+    attacked set over the norm's grid, carried over it."""
     s = ctx.settings
     epsilons = s.accepted_epsilons if norm == "inf" else s.accepted_l2_epsilons
     steps, restarts = s.accepted_steps * (1 + doubled), s.accepted_restarts * (1 + doubled)
     chosen = ctx.chosen(target, s.images)
-    name = f"pgd_accepted_l{norm}" + ("_doubled" if doubled else f"_{target.name}")
+    attack = f"{method}_accepted_l{norm}"
+    name = attack + ("_doubled" if doubled else f"_{target.name}")
     # warm_start: parts made before each epsilon started from the previous one's result
     key = {**target.key, "images": s.images, "epsilons": epsilons, "steps": steps,
            "restarts": restarts, "warm_start": True}
-    if s.accepted_schedule != "constant":  # parts made before schedules existed: constant
-        key["schedule"] = s.accepted_schedule
+    options = {}
+    if method != "pgd":
+        key["method"], schedule = method, "auto"
+    else:
+        options["schedule"] = schedule = s.accepted_schedule
+        if schedule != "constant":  # parts made before schedules existed: constant
+            key["schedule"] = schedule
 
     def compute():
         # each epsilon is kept as it finishes (<name>.eps<i>), so a killed stage goes on
@@ -325,8 +410,8 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
             if kept is None:
                 break
             done.append(adversarial.AttackResult(
-                f"pgd_accepted_l{norm}", kept[1]["adversarial"], kept[1]["logits"],
-                kept[1]["success"], kept[0]["seconds"]))
+                attack, kept[1]["adversarial"], kept[1]["logits"], kept[1]["success"],
+                kept[0]["seconds"]))
         logging.info("attack: %s on %d attacked images of %s%s", name, len(chosen["label"]),
                      target.name, f", resumed after ε={epsilons[len(done) - 1]:g}"
                      if done else "")
@@ -340,20 +425,27 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
                          result.seconds)
             faults.point(EPSILON_DONE, name)
 
-        curve = adversarial.pgd_accepted_curve(
+        curve = CURVES[method](
             target.scorer, chosen["original"], chosen["label"], target.rule,
             epsilons=epsilons, norm=norm, steps=steps, restarts=restarts,
-            schedule=s.accepted_schedule, batch_size=s.batch_size, seed=s.seed, done=done,
-            on_result=keep_epsilon)
+            batch_size=s.batch_size, seed=s.seed, done=done, on_result=keep_epsilon,
+            **options)
         return {"epsilons": list(epsilons), "steps": steps, "restarts": restarts,
-                "schedule": s.accepted_schedule, "seconds": round(curve.seconds, 1)}, \
+                "schedule": schedule, "seconds": round(curve.seconds, 1)}, \
             _arrays(chosen, target.rule, curve.adversarial, curve.scores, curve.success,
                     epsilons)
 
     summary, arrays = _by_epsilon(*ctx.keep(name, key, compute))
     for i in range(len(epsilons)):  # the whole curve is kept: its epsilons are not needed
         ctx.parts.drop(f"{name}.eps{i}")
-    return {**summary, **_distance_at_success(arrays, norm)}, arrays
+    return {**summary, **_carried(arrays), **_distance_at_success(arrays, norm)}, arrays
+
+
+def _carried(arrays: dict) -> dict:
+    """How many images of each epsilon's figure were carried over from the epsilon before
+    (an undetected success there, inside this budget, not attacked again)."""
+    return {"carried_over": adversarial.carried_over(arrays["epsilon"], arrays["undetected"])
+            .sum(1).tolist()}
 
 
 def _distance_at_success(arrays: dict, norm: str) -> dict:
@@ -374,25 +466,26 @@ def _distance_at_success(arrays: dict, norm: str) -> dict:
 
 
 def _square(ctx: Context, target: Target) -> tuple[dict, dict]:
-    """Gradient-free square_accepted at the PGD-Linf budgets, on the first attacked images."""
+    """Gradient-free square_accepted at the PGD-Linf budgets, on the first attacked images,
+    carried over the grid."""
     s = ctx.settings
     chosen = ctx.chosen(target, s.square_images)
     key = {"images": s.square_images, "epsilons": s.accepted_epsilons,
-           "queries": s.square_queries}
+           "queries": s.square_queries, "carried_over": True}
 
     def compute():
         logging.info("attack: square_accepted on %d attacked images", len(chosen["label"]))
-        results = [adversarial.square_accepted(
+        curve = adversarial.square_accepted_curve(
             target.scorer, chosen["original"], chosen["label"], target.rule,
-            epsilon=e, queries=s.square_queries, seed=s.seed, batch_size=s.batch_size)
-            for e in s.accepted_epsilons]
+            epsilons=s.accepted_epsilons, queries=s.square_queries, seed=s.seed,
+            batch_size=s.batch_size)
         return {"epsilons": list(s.accepted_epsilons), "queries": s.square_queries,
-                "seconds": round(sum(r.seconds for r in results), 1)}, _arrays(
-            chosen, target.rule, np.stack([r.adversarial for r in results]),
-            np.stack([r.logits for r in results]), np.stack([r.success for r in results]),
+                "seconds": round(curve.seconds, 1)}, _arrays(
+            chosen, target.rule, curve.adversarial, curve.scores, curve.success,
             s.accepted_epsilons)
 
-    return _by_epsilon(*ctx.keep("square_accepted", key, compute))
+    summary, arrays = _by_epsilon(*ctx.keep("square_accepted", key, compute))
+    return {**summary, **_carried(arrays)}, arrays
 
 
 def _cw_accepted(ctx: Context, target: Target, part: str) -> tuple[dict, dict]:
@@ -414,6 +507,79 @@ def _cw_accepted(ctx: Context, target: Target, part: str) -> tuple[dict, dict]:
     return ctx.keep(part, key, compute)
 
 
+def _transfer(ctx: Context, target: Target, source: Source) -> tuple[dict, dict]:
+    """Adaptive PGD-L-inf examples crafted on `source`, judged by the target's deployed
+    rule (`transfer_accepted_curve`), at the L-inf budgets, carried over them."""
+    s = ctx.settings
+    chosen = ctx.chosen(target, s.images)
+    key = {**target.key, "source": source.key, "images": s.images,
+           "epsilons": s.accepted_epsilons, "steps": s.accepted_steps,
+           "restarts": s.accepted_restarts, "schedule": s.accepted_schedule}
+
+    def compute():
+        logging.info("attack: transfer from the %s to %d attacked images", source.name,
+                     len(chosen["label"]))
+        curve, on_source = adversarial.transfer_accepted_curve(
+            source.scorer, source.rule, target.scorer, target.rule, chosen["original"],
+            chosen["label"], epsilons=s.accepted_epsilons, steps=s.accepted_steps,
+            restarts=s.accepted_restarts, schedule=s.accepted_schedule,
+            batch_size=s.batch_size, seed=s.seed)
+        return {"epsilons": list(s.accepted_epsilons), "steps": s.accepted_steps,
+                "restarts": s.accepted_restarts, "schedule": s.accepted_schedule,
+                "source": source.name,
+                "source_undetected_success": [_share(u) for u in on_source],
+                "seconds": round(curve.seconds, 1)}, _arrays(
+            chosen, target.rule, curve.adversarial, curve.scores, curve.success,
+            s.accepted_epsilons)
+
+    summary, arrays = _by_epsilon(*ctx.keep(TRANSFER_PART, key, compute))
+    return {**summary, **_carried(arrays), **_distance_at_success(arrays, "inf")}, arrays
+
+
+# the worst case's grids: the adaptive curves' (report key, norm, AttackSettings field)
+WORST_GRIDS = (("linf", "inf", "accepted_epsilons"), ("l2", "2", "accepted_l2_epsilons"))
+
+
+def _examples(arrays: dict, classes: int, norm: str) -> tuple[np.ndarray, ...]:
+    """One row per adversarial example of a set: (its image's position in the attacked set,
+    the perturbation's norm, whether it is an undetected success)."""
+    original, adv = arrays["original"], arrays["adversarial"]
+    rows = np.arange(len(original))
+    positions = rows // (classes - 1) if "target" in arrays else rows  # one per other class
+    if adv.ndim > original.ndim:  # a curve: [E, N, ...]
+        grid = len(adv)
+        return (np.tile(positions, grid), adversarial.perturbation_sizes(
+            adv.reshape(-1, *original.shape[1:]), np.tile(original, (grid, 1, 1, 1)), norm),
+            np.asarray(arrays["undetected"]).reshape(-1))
+    return positions, adversarial.perturbation_sizes(adv, original, norm), \
+        np.asarray(arrays["undetected"])
+
+
+def _worst_case(ctx: Context, target: Target, named_sets: dict) -> dict:
+    """Per image of the first --attack_images attacked ones, at each budget of the adaptive
+    L-inf and L2 grids: whether any attack's example of it, within that budget as measured,
+    is an undetected success; per attack how many it found and how many no other did."""
+    s = ctx.settings
+    count = min(s.images, len(target.attacked))
+    classes = target.deployable.num_classes
+    out = {}
+    for grid, norm, field in WORST_GRIDS:
+        epsilons, masks, covered = getattr(s, field), {}, {}
+        for name, arrays in named_sets.items():
+            positions, sizes, undetected = _examples(arrays, classes, norm)
+            masks[name] = adversarial.success_within(positions, sizes, undetected, epsilons,
+                                                     count)
+            covered[name] = int(len(np.unique(positions[positions < count])))
+        if not masks:
+            continue
+        worst = adversarial.worst_case(masks)
+        out[grid] = {"epsilons": list(epsilons), "images": count,
+                     "undetected_success": [_share(u) for u in worst["undetected"]],
+                     "attacks": {name: {"images": covered[name], "found": worst["found"][name],
+                                        "only": worst["only"][name]} for name in masks}}
+    return out
+
+
 def _matching(epsilons, grid) -> list[int | None]:
     """For each epsilon its index in `grid` (None where absent)."""
     grid = np.asarray(grid, float)
@@ -421,10 +587,11 @@ def _matching(epsilons, grid) -> list[int | None]:
 
 
 def sanity(linf: dict, doubled: dict | None = None, square: dict | None = None,
-           non_adaptive: dict | None = None) -> dict:
+           non_adaptive: dict | None = None, transfer: dict | None = None) -> dict:
     """Carlini et al.'s checks on the adaptive PGD-Linf curve, from per-image undetected
     successes: each argument {"epsilon": [E], "undetected": bool [E, N]} (square: on the
-    first images of the same set; non_adaptive: ART's PGD-Linf on the same images)."""
+    first images of the same set; non_adaptive: ART's PGD-Linf, transfer: the transfer
+    attack, on the same images)."""
     at = _matching([LARGE_EPSILON], linf["epsilon"])[0]
     share = None if at is None else float(linf["undetected"][at].mean())
     same_images = linf
@@ -448,7 +615,11 @@ def sanity(linf: dict, doubled: dict | None = None, square: dict | None = None,
         "d_adaptive_vs_non_adaptive": _compare(
             "adaptive PGD-L∞ ≥ ART's PGD-L∞ (non-adaptive) at every common ε", linf,
             non_adaptive, lambda adaptive, art: adaptive >= art - 1e-9,
-            ("adaptive", "non_adaptive"))}
+            ("adaptive", "non_adaptive")),
+        "e_transfer": _compare(
+            "examples transferred from another model never beat white-box PGD by more than "
+            "2 points (same images and ε)", linf, transfer,
+            lambda pgd, moved: moved - pgd <= POINTS + 1e-9, ("pgd", "transfer"))}
 
 
 def _compare(criterion: str, base: dict, other: dict | None, holds, names) -> dict:
@@ -551,6 +722,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     baseline = _baseline(config, upstream)
     examples, calibration = upstream["ingest"], upstream["calibrate"]
     names = examples.class_names
+    source = _transfer_source(config, upstream, names)
     count = max(s.images, s.boundary_images, s.local_search_images, s.cw_images,
                 s.square_images)
     # enough test images to find `count` correctly classified and accepted ones
@@ -575,8 +747,13 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     # the adaptive attacks before the slow gradient-free ones: a stage cut short still has
     # the figures that matter most (its parts resume the rest)
     _curves(ctx, targets, attacks, report, sets)
-    _adaptive(ctx, targets, main, attacks, report, sets)
+    _adaptive(ctx, targets, main, attacks, report, sets, source)
     _minimal(ctx, main, attacks, report, sets, shown)
+    report["worst_case"] = {name: _worst_case(ctx, target, sets[name])
+                            for name, target in targets.items()}
+    logging.info("attack: worst case over every attack %s", {
+        name: {grid: v["undetected_success"] for grid, v in by_grid.items()}
+        for name, by_grid in report["worst_case"].items()})
     if "pgd_accepted_linf" in report["adaptive"]:
         _first_image(sets[main.name][f"pgd_accepted_linf_{main.name}"], "pgd_accepted_linf",
                      shown)
@@ -600,8 +777,8 @@ def _report_head(dataset: str, ctx: Context, targets: dict, main: Target, calibr
             "deployed": {"percentile": str(calibration.deployed()[0]),
                          "thresholds": [float(x) for x in main.rule.thresholds],
                          "min_gap": main.rule.min_gap},
-            "curves": {}, "curves_undetected": {}, "untargeted": {}, "cw_l2": {},
-            "adaptive": {}, "sanity": {},
+            "worst_case": {}, "curves": {}, "curves_undetected": {}, "untargeted": {},
+            "cw_l2": {}, "adaptive": {}, "sanity": {},
             "first_image": {"index": first, "label": names[ctx.labels[first]]}}
 
 
@@ -646,23 +823,32 @@ def _minimal(ctx: Context, main: Target, attacks: set, report: dict, sets: dict,
 
 
 def _adaptive(ctx: Context, targets: dict, main: Target, attacks: set, report: dict,
-              sets: dict) -> None:
-    """The adaptive attacks (PGD curves and CW-accepted on every target; the doubled curve
-    and Square on the main model) and the sanity checks."""
+              sets: dict, source: Source | None = None) -> None:
+    """The adaptive attacks (PGD and AutoPGD curves and CW-accepted on every target; the
+    doubled curve, Square and the transfer from `source` on the main model) and the sanity
+    checks."""
     adaptive = report["adaptive"]
-    for norm in ("inf", "2"):
-        attack = f"pgd_accepted_l{norm}"
-        if attack not in attacks:
-            continue
-        for name, target in targets.items():
-            summary, sets[name][f"{attack}_{name}"] = _accepted_curve(ctx, target, norm)
-            adaptive.setdefault(attack, {})[name] = summary
-            logging.info("attack: %s of %s: undetected %s", attack, name,
-                         summary["undetected_success"])
+    for method in ("pgd", "apgd"):
+        for norm in ("inf", "2"):
+            attack = f"{method}_accepted_l{norm}"
+            if attack not in attacks:
+                continue
+            for name, target in targets.items():
+                summary, sets[name][f"{attack}_{name}"] = _accepted_curve(ctx, target, norm,
+                                                                          method=method)
+                adaptive.setdefault(attack, {})[name] = summary
+                logging.info("attack: %s of %s: undetected %s", attack, name,
+                             summary["undetected_success"])
     if "pgd_accepted_linf_doubled" in attacks:
         summary, sets[main.name]["pgd_accepted_linf_doubled"] = _accepted_curve(
             ctx, main, "inf", doubled=True)
         adaptive["pgd_accepted_linf_doubled"] = {main.name: summary}
+    if source is not None:
+        summary, sets[main.name][TRANSFER_PART] = _transfer(ctx, main, source)
+        adaptive[TRANSFER_PART] = {main.name: summary}
+        logging.info("attack: transfer from the %s: undetected %s (on the source %s)",
+                     source.name, summary["undetected_success"],
+                     summary["source_undetected_success"])
     if "square_accepted" in attacks:
         summary, sets[main.name]["square_accepted"] = _square(ctx, main)
         adaptive["square_accepted"] = {main.name: summary}
@@ -676,7 +862,8 @@ def _adaptive(ctx: Context, targets: dict, main: Target, attacks: set, report: d
     if "pgd_accepted_linf" in attacks:
         report["sanity"] = sanity(
             ours[f"pgd_accepted_linf_{main.name}"], ours.get("pgd_accepted_linf_doubled"),
-            ours.get("square_accepted"), ours.get(f"pgd_{main.name}"))
+            ours.get("square_accepted"), ours.get(f"pgd_{main.name}"),
+            ours.get(TRANSFER_PART))
         logging.info("attack: sanity checks %s",
                      {k: v["passed"] for k, v in report["sanity"].items()})
 

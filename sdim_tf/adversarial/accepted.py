@@ -31,7 +31,7 @@ class Acceptance(NamedTuple):
         return np.asarray([*np.asarray(self.thresholds, np.float64), *extra], np.float32)
 
 
-def _packed(rule) -> np.ndarray:
+def packed_rule(rule) -> np.ndarray:
     """An `Acceptance` or thresholds [C] as the vector the compiled pieces take."""
     return rule.packed() if isinstance(rule, Acceptance) else np.asarray(rule, np.float32)
 
@@ -62,14 +62,16 @@ def undetected_success(scores, labels, thresholds) -> np.ndarray:
     """Misclassified and accepted by the deployed rule (`rejection.decide`; `thresholds`: an
     `Acceptance` or thresholds [C]), bool [N]."""
     labels = np.asarray(labels)
-    return reached(scores, labels, np.full(len(labels), -1), _packed(thresholds)).numpy()
+    return reached(scores, labels, np.full(len(labels), -1), packed_rule(thresholds)).numpy()
 
 
 def margin_loss(scores, labels, targets, thresholds, margin=0.0):
     """Per image relu(t_k - s_k + margin) + relu(max_{j != k} s_j + g - s_k + margin) with
     g = max(min_gap, 0): zero once class k clears its threshold and leads every other class
     by the ambiguity threshold and `margin`. k is the target, or where targets < 0 the wrong
-    class closest to an undetected success. `thresholds`: [C], or packed with min_gap."""
+    class closest to an undetected success. `thresholds`: [C], or packed with min_gap.
+    `margin` inf drops the hinges: the loss, (t_k - s_k) + (max_{j != k} s_j + g - s_k),
+    keeps falling as class k clears them by more (a transfer attack's aim on its source)."""
     scores = tf.cast(scores, tf.float32)
     thresholds, min_gap = _unpack(thresholds, tf.shape(scores)[1])
     top = tf.math.top_k(scores, 2).values
@@ -79,8 +81,9 @@ def margin_loss(scores, labels, targets, thresholds, margin=0.0):
     closeness = tf.where(tf.one_hot(labels, tf.shape(scores)[1]) > 0, -np.inf,
                          tf.minimum(over_threshold, ahead))
     k = tf.where(targets >= 0, targets, tf.argmax(closeness, 1, output_type=tf.int32))
-    short = -tf.stack([over_threshold, ahead], 2) + margin  # [N, C, 2]
-    return tf.reduce_sum(tf.nn.relu(tf.gather(short, k, axis=1, batch_dims=1)), 1)
+    short = tf.gather(-tf.stack([over_threshold, ahead], 2), k, axis=1, batch_dims=1)
+    margin = tf.cast(margin, tf.float32)
+    return tf.reduce_sum(tf.where(tf.math.is_inf(margin), short, tf.nn.relu(short + margin)), 1)
 
 
 def specs(image_shape):
@@ -112,7 +115,7 @@ def attack_inputs(images, labels, targets, thresholds):
     labels = np.asarray(labels, np.int32)
     targets = np.full(len(images), -1, np.int32) if targets is None \
         else np.asarray(targets, np.int32)
-    return images, labels, targets, tf.constant(_packed(thresholds), tf.float32)
+    return images, labels, targets, tf.constant(packed_rule(thresholds), tf.float32)
 
 
 def accepted_result(name, evaluate, adversarial, labels, targets, thresholds, batch_size,

@@ -22,7 +22,7 @@ from sdim_tf.adversarial.results import AttackResult
 def _carlini_program(scorer, image_shape):
     images, ints, floats, scalar = specs(image_shape)
 
-    # compiled step, loop in Python (see pgd._pgd_program)
+    # compiled step, loop in Python (see pgd.pgd_program)
     @tf.function(input_signature=[images, images, images, images, ints, floats, floats, scalar,
                                   scalar, scalar], reduce_retracing=True)
     def step(clean, w, m, v, targets, thresholds, const, t, learning_rate, confidence):

@@ -79,6 +79,7 @@ def markdown(report: dict, names) -> str:
              + (f", min_gap {report['deployed']['min_gap']:.4g}"
                 if report["deployed"].get("min_gap") is not None else "") + ". "
              + _clean_line(report), "",
+             *_threat_model_lines(report),
              "Settings (every cap): " + ", ".join(f"{k}={v}" for k, v in s.items()), ""]
     lines += _worst_case_lines(report)
     lines += _curve_lines(report)
@@ -89,6 +90,13 @@ def markdown(report: dict, names) -> str:
     lines += _replay_lines(report)
     lines += _first_image_lines(report, names)
     return "\n".join(lines) + "\n"
+
+
+def _threat_model_lines(report: dict) -> list[str]:
+    """What the attacked network was trained against (`sdim_tf.robust`), beside what the
+    attacks here test."""
+    threat = report.get("threat_model")
+    return [f"Threat model of the training: {threat['statement']}", ""] if threat else []
 
 
 def _worst_case_lines(report: dict) -> list[str]:

@@ -111,6 +111,42 @@ class RobustTraining:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_settings(cls, settings: dict) -> RobustTraining:
+        """From a run's flat training settings (`robust_epsilon`, ...); a run from before
+        these settings existed was not trained against attacks."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in
+                      ((k.removeprefix("robust_"), v) for k, v in settings.items()
+                       if k.startswith("robust_")) if key in names})
+
+    def threat_model(self) -> dict:
+        """What the network was trained to withstand, in numbers and in words (the model
+        card, the attack report). Training is no guarantee: the attack stage measures it."""
+        measured = ("What an attacker who knows the rule achieves is measured by the attack "
+                    "stage (--stages=attack), not promised.")
+        if not self.enabled:
+            return {"trained_against": None, "statement": (
+                "Not trained against adversarial examples: an attacker who knows the rule "
+                "and has the model's gradients can find small changes that it accepts in a "
+                "wrong class. " + measured)}
+        how = (f"PGD, {self.steps} steps of {self.step:g} from a random start"
+               if self.attack == "pgd" else f"FGSM, one step of {self.step:g} from a random "
+               "start")
+        use = {"classify": "trained to classify them", "reject": "trained to score them "
+               "below the clean images so that the threshold refuses them",
+               "both": "trained to classify them and to score them below the clean images"
+               }[self.mode]
+        return {"trained_against": {
+            "norm": "linf", "epsilon": self.epsilon, "attack": self.attack,
+            "steps": self.iterations, "step_size": self.step, "mode": self.mode,
+            "objective": "the best wrong class's log p(x|c) over the true class's"},
+            "statement": (
+                f"Trained against L-inf perturbations of at most {self.epsilon:g} in [0, 1] "
+                f"pixels ({how}) that raise the best wrong class over the true one, and "
+                f"{use}. Larger perturbations, other norms and attacks on the preprocessing "
+                "are outside it. " + measured)}
+
+    @classmethod
     def from_config(cls, config: dict | RobustTraining | None) -> RobustTraining:
         if isinstance(config, RobustTraining):
             return config

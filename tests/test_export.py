@@ -152,6 +152,9 @@ def test_warmup_requests_are_answered(exported):
     np.testing.assert_allclose(outputs["threshold"].numpy(),
                                thresholds[outputs["class_ids"].numpy()], rtol=1e-6)
     assert saved["percentiles"]["2"]
+    # the tiny run was not trained against attackers, and its card says so
+    assert card["threat_model"]["trained_against"] is None
+    assert card["training"]["robust_epsilon"] == 0
 
 
 @pytest.mark.parametrize("shape,signature,dtype", [

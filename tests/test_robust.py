@@ -116,6 +116,35 @@ def test_settings_validate_and_name_their_terms():
             robust.RobustTraining(**bad)
 
 
+def test_threat_model_from_a_runs_settings():
+    """The model card's threat model, read back from the train stage's flat settings as a
+    run directory keeps them."""
+    from pipeline import run
+    from pipeline.config import PipelineConfig
+    stage = next(s for s in run.STAGES if s.name == "train")
+    settings = run.stage_settings(stage, PipelineConfig.from_flat(
+        dataset="mnist", robust_epsilon=0.1, robust_attack="fgsm", robust_clean=False))
+    threat = robust.RobustTraining.from_settings(settings).threat_model()
+    # FGSM's step is 1.25 epsilon, one step
+    assert threat["trained_against"] == {
+        "norm": "linf", "epsilon": 0.1, "attack": "fgsm", "steps": 1,
+        "step_size": pytest.approx(0.125), "mode": "classify",
+        "objective": "the best wrong class's log p(x|c) over the true class's"}
+    assert threat["statement"].startswith(
+        "Trained against L-inf perturbations of at most 0.1 in [0, 1] pixels (FGSM, one step "
+        "of 0.125 from a random start)")
+    pgd = robust.RobustTraining.from_settings(run.stage_settings(stage, PipelineConfig.from_flat(
+        dataset="mnist", robust_epsilon=0.3, robust_steps=6, robust_mode="both")))
+    assert pgd.threat_model()["trained_against"]["step_size"] == pytest.approx(2.5 * 0.3 / 6)
+    assert "PGD, 6 steps of 0.125" in pgd.threat_model()["statement"]
+    # a standard run, and settings from before the robust flags: not trained against attacks
+    for standard in (run.stage_settings(stage, PipelineConfig.from_flat(dataset="mnist")),
+                     {"epochs": 3, "model": "sdim"}):
+        threat = robust.RobustTraining.from_settings(standard).threat_model()
+        assert threat["trained_against"] is None
+        assert threat["statement"].startswith("Not trained against adversarial examples")
+
+
 def test_training_inputs_beside_or_in_place_of_the_batch():
     """Off: the batch alone. On: the batch and its adversarial examples (the PGD corner of a
     linear model), or with clean=False these in place of the batch."""

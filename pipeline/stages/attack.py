@@ -32,7 +32,7 @@ from absl import logging
 from pipeline import artifacts, attack_report, deployed, faults
 from pipeline.config import ConfigError
 from pipeline.run_dir import Calibration, rejecting_classifier
-from sdim_tf import adversarial, plots, rejection
+from sdim_tf import adversarial, plots, rejection, robust
 
 REPORT_JSON, REPORT_MD = attack_report.REPORT_JSON, attack_report.REPORT_MD
 CURVES_PNG, UNDETECTED_PNG = attack_report.CURVES_PNG, attack_report.UNDETECTED_PNG
@@ -741,6 +741,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
     ctx.settings = dataclasses.replace(s, cw_confidences=kappas)
     report = _report_head(examples.dataset_name, ctx, targets, main, calibration, names)
     report["cw_confidences"] = kappa_rule
+    report["threat_model"] = robust.RobustTraining.from_settings(trained.settings).threat_model()
     shown = {"images": {"original": images[main.attacked[:1]]},
              "scores": {"original": main.clean[main.attacked[0]].tolist()}}
     sets = {n: {} for n in targets}

@@ -27,7 +27,7 @@ from scipy import stats
 from pipeline import artifacts, faults, selection
 from pipeline.config import ConfigError
 from pipeline.run_dir import ExportRecord, rejecting_classifier
-from sdim_tf import data, publish, rejection, serving
+from sdim_tf import data, publish, rejection, robust, serving
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 # The gate's one-sided binomial tests on the test images: refused when the accuracy is not
@@ -156,6 +156,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         "limits": {**dataclasses.asdict(module.limits), "meaning": serving.Limits.__doc__},
         "reasons": serving.REASONS,
         "training": trained.settings,
+        "threat_model": robust.RobustTraining.from_settings(trained.settings).threat_model(),
         "best_epoch": trained.state()["best_epoch"],
         "metrics": {k: report[k] for k in ("accuracy", "selective", "ood")},
         "versions": artifacts.package_versions(),

@@ -306,3 +306,34 @@ def test_a_preset_error_promise_is_left_out_where_held_out_images_cannot_support
     with pytest.raises(ConfigError, match=r"^calibrate: ambiguous: no gap threshold keeps the "
                        r"error rate at most 2% .* \(--validation_split=2000 held-out images\)$"):
         calibrate._calibrate(required, class_scores, labels, unfamiliar, ambiguity, names)
+
+
+def test_deployed_outliers_are_built_from_held_out_rows_and_decided_by_the_rule(tiny_run,
+                                                                               data_dir):
+    """bench.deployed_outliers: the sets come from the run's first held-out images, and each
+    is refused where the top class score is below its threshold (the tiny run has no
+    min_gap), by numpy."""
+    from bench import deployed_outliers
+    from pipeline.run_dir import Run
+    from sdim_tf import data
+
+    _, run_dir = tiny_run
+    run = Run(run_dir)
+    held = run.model.selection("held_out")
+    sets = deployed_outliers.outlier_sets(run, 40, 0, str(data_dir))
+    images, _ = data.load_split("fashion_mnist", "train", str(data_dir))
+    assert sets["inverted"].shape == (40, 32, 32, 1)
+    np.testing.assert_allclose(1.0 - sets["inverted"], data.preprocess(
+        images[held["skip"]:held["skip"] + 40]).numpy(), atol=1e-6)
+    chosen = {k: sets[k] for k in ("inverted", "blend")}
+    outcomes = deployed_outliers.refused(run, chosen)
+    deployable = run.deployable()
+    assert run.calibration.min_gap() is None
+    for name, images_ in chosen.items():
+        scores = deployable.class_scores(data.image_batches(images_))[0]
+        top, predicted = scores.max(1), scores.argmax(1)
+        below = top < deployable.thresholds.numpy()[predicted]
+        assert outcomes[name]["rejected"] == pytest.approx(below.mean())
+        assert outcomes[name]["ambiguous"] == 0
+    with pytest.raises(ValueError, match=r"--outlier_images must be in \[1, 5000\], got 0"):
+        deployed_outliers.outlier_sets(run, 0, 0, str(data_dir))

@@ -27,9 +27,7 @@ from absl import app, flags
 from bench import concurrent_load, ratios, serving_timing, timing, untrained
 from bench.machine import RESULTS, machine, results_path
 from pipeline import artifacts, selection
-from pipeline.config import PipelineConfig
-from pipeline.run_dir import Examples
-from pipeline.stages import ingest, train
+from pipeline.stages import train
 from sdim_tf import data, density, precision, precision_probe, publish, rejection
 
 BENCHMARKS = ("training", "precision_probe", "input_pipeline", "serving", "serving_threads",
@@ -100,12 +98,8 @@ def probe_cost(tmp: pathlib.Path) -> dict:
     """What --mixed_precision=auto adds to a new run of the default Fashion-MNIST model at
     --batch_size: the speed probe's wall (and CPU) time on an empty cache, then on a filled
     one."""
-    examples = _ingested(tmp)
-    config = PipelineConfig.from_flat(dataset="fashion_mnist",
-                                      batch_size=FLAGS.batch_size).resolve()
-    trained, _ = selection.split_examples(config.train, examples.num_examples("train"),
-                                          lambda: examples.labels("train"))
-    batch = config.train.batch(selection.size(trained))
+    examples = timing.ingested(tmp)
+    config, trained, batch = timing.default_training(examples, FLAGS.batch_size)
     measure = train.speed_probe(config.model, config.train, examples,
                                 tf.distribute.get_strategy(), trained, batch,
                                 selection.size(trained) // batch, precision.Hardware.detect(),
@@ -124,24 +118,16 @@ def probe_cost(tmp: pathlib.Path) -> dict:
             "probe": probe.to_json(), "load_average_1min": load}
 
 
-def _ingested(tmp: pathlib.Path) -> Examples:
-    examples = Examples(tmp / "fashion_mnist")
-    if not (examples.folder / Examples.METADATA).exists():
-        ingest.ingest("fashion_mnist", examples.folder)
-    return examples
-
-
 def input_pipeline(tmp: pathlib.Path) -> dict:
     """One training epoch of tf.data alone: TFRecords -> decode -> resize -> crop/flip."""
-    dataset = _ingested(tmp).dataset("train", batch_size=FLAGS.batch_size, training=True)
+    dataset = timing.ingested(tmp).dataset("train", batch_size=FLAGS.batch_size, training=True)
     figures = {}
     for epoch in (1, 2):
-        start, count = time.perf_counter(), 0
-        for images, _ in dataset:
-            count += int(images.shape[0])
-        seconds = time.perf_counter() - start
-        figures[f"epoch_{epoch}"] = {"seconds": round(seconds, 2), "images": count,
-                                     "images_per_second": round(count / seconds, 1)}
+        read = timing.read_through(dataset)
+        figures[f"epoch_{epoch}"] = {"seconds": round(read["seconds"], 2),
+                                     "images": read["images"],
+                                     "images_per_second": timing.images_per_second(
+                                         read["images"], read["seconds"])}
     return figures
 
 
@@ -260,7 +246,7 @@ def concurrency(tmp: pathlib.Path) -> dict:
 
 def calibration_speed(tmp: pathlib.Path) -> dict:
     """The calibrate stage's pass (log-likelihoods + thresholds) against a plain predict."""
-    examples = _ingested(tmp)
+    examples = timing.ingested(tmp)
     model = untrained.model("sdim")
     limit = FLAGS.calibration_images
     # warm both paths (tracing) on one batch first

@@ -1,17 +1,21 @@
 """What the timing benchmarks share: random training batches, a warmed-up training step timed
-over N steps, waiting for asynchronous outputs, and the figures made of the times (the same
-arithmetic for every side of a comparison)."""
+over N steps, the default run's real input, waiting for asynchronous outputs, and the figures
+made of the times (the same arithmetic for every side of a comparison)."""
 
 from __future__ import annotations
 
 import contextlib
+import pathlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from pipeline.stages import train
+from pipeline import selection
+from pipeline.config import PipelineConfig
+from pipeline.run_dir import Examples
+from pipeline.stages import ingest, train
 
 
 def random_batches(batch_size: int, seed: int = 0) -> tf.data.Dataset:
@@ -40,6 +44,36 @@ def training_steps(model, dataset: tf.data.Dataset, warmup: int) -> Callable[[in
         return time.perf_counter() - started
 
     return seconds
+
+
+def ingested(folder: pathlib.Path) -> Examples:
+    """Fashion-MNIST ingested from $SDIM_DATA_DIR into folder/fashion_mnist (once)."""
+    examples = Examples(folder / "fashion_mnist")
+    if not (examples.folder / Examples.METADATA).exists():
+        ingest.ingest("fashion_mnist", examples.folder)
+    return examples
+
+
+def default_training(examples: Examples, batch_size: int) -> tuple[PipelineConfig, dict, int]:
+    """The default Fashion-MNIST run at `batch_size`: its resolved config, the training images
+    it selects (the held-out ones left out) and its global batch."""
+    config = PipelineConfig.from_flat(dataset="fashion_mnist", batch_size=batch_size).resolve()
+    trained, _ = selection.split_examples(config.train, examples.num_examples("train"),
+                                          lambda: examples.labels("train"))
+    return config, trained, config.train.batch(selection.size(trained))
+
+
+def read_through(dataset: tf.data.Dataset) -> dict:
+    """One pass over `dataset`'s (images, labels) batches with nothing else done: the images,
+    the seconds, and the first batch's seconds and images (a shuffle buffer fills before it)."""
+    started = time.perf_counter()
+    count, first = 0, None
+    for images, _ in dataset:
+        count += int(images.shape[0])
+        if first is None:
+            first = {"first_batch_seconds": time.perf_counter() - started,
+                     "first_batch_images": count}
+    return {"images": count, "seconds": time.perf_counter() - started, **(first or {})}
 
 
 def block(outputs) -> None:

@@ -131,6 +131,15 @@ def distribute_options() -> tf.data.Options:
     return options
 
 
+def epoch_dataset(examples, training: TrainConfig, trained_images: dict, batch: int,
+                  epoch: int) -> tf.data.Dataset:
+    """Epoch `epoch`'s training batches: the selected images in a new shuffled order, augmented
+    with the epoch's seed, each worker reading its share."""
+    return examples.dataset(
+        "train", **trained_images, batch_size=batch, training=True,
+        seed=training.seed * 100_003 + epoch).with_options(distribute_options())
+
+
 def run_epoch(step, model, strategy, dataset, steps: int, progress: str | None = None,
               step_seconds: list | None = None) -> dict:
     """`steps` global batches through `step` (from make_train_step); the epoch's metrics.
@@ -386,7 +395,6 @@ class _Loop:
         self.predict = class_predictor(self.model)
         self.guard = _guard(self.robust, self.training.seed, self.model, watched,
                             self.state["history"])
-        self.options = distribute_options()
         self.step = make_train_step(self.model, self.strategy, jit_compile=precision.jit_compile(
             self.training.jit_compile, self.hardware))
         self.writer = tf.summary.create_file_writer(str(self.trained.folder / "logs" / "train")) \
@@ -403,9 +411,8 @@ class _Loop:
     def fit(self, epoch: int) -> tuple[dict, dict]:
         """(the epoch's training metrics, its history row so far)."""
         start = time.time()
-        train_ds = self.examples.dataset(
-            "train", **self.trained_images, batch_size=self.batch, training=True,
-            seed=self.training.seed * 100_003 + epoch).with_options(self.options)
+        train_ds = epoch_dataset(self.examples, self.training, self.trained_images,
+                                 self.batch, epoch)
         step_seconds = []
         logs = run_epoch(self.step, self.model, self.strategy, train_ds, self.steps,
                          progress=f"train: epoch {epoch}/{self.training.epochs}",

@@ -37,6 +37,8 @@ flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer("inference_calls", 4, "Timed inference calls (batch 256) per side and "
                      "round; 0: training only.")
 flags.DEFINE_list("precisions", ["float32", "bfloat16"], "Among float32, bfloat16.")
+flags.DEFINE_string("out", None, "Where the JSON goes (default bench/results; a folder per "
+                    "machine kind under it).")
 
 
 def _inference_calls(model, images):
@@ -99,7 +101,7 @@ def main(argv):
               "command": " ".join(["python -m bench.fused_batch_norm", *sys.argv[1:]]),
               "machine": machine(), "cpu_flags": sorted(precision.cpu_flags()),
               "versions": artifacts.package_versions(), "figures": figures}
-    path = results_path("fused_batch_norm")
+    path = results_path("fused_batch_norm", FLAGS.out)
     artifacts.write_json(path, record)
     print(json.dumps(figures["ratios"], indent=1))
     print(f"written to {path}")

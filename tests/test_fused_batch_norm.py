@@ -228,3 +228,17 @@ def test_mirrored_strategy_one_replica():
     for variable, statistic, before in zip((fused.moving_mean, fused.moving_variance),
                                            (mean, variance), moving, strict=True):
         _assert_close(variable, before * MOMENTUM + statistic * (1 - MOMENTUM), FLOAT32)
+
+
+def test_one_xla_cluster_computes_the_same():
+    """--jit_compile (XLA, the default with a GPU) compiles the fused kernel too."""
+    _, fused = _pair()
+    (x, upstream), = _batches(1)
+    gamma, beta = np.asarray(fused.gamma, np.float64), np.asarray(fused.beta, np.float64)
+    moving = np.asarray(fused.moving_variance, np.float64)
+    compiled = tf.function(lambda: _forward_backward(fused, x, upstream, True), jit_compile=True)
+    y, _, variance, *gradients = references.batch_norm_training(x, upstream, gamma, beta,
+                                                                EPSILON)
+    for got, expected in zip(compiled(), [y, *gradients], strict=True):
+        _assert_close(got, expected, FLOAT32)
+    _assert_close(fused.moving_variance, moving * MOMENTUM + variance * (1 - MOMENTUM), FLOAT32)

@@ -59,10 +59,8 @@ def measure() -> dict:
     dataset = timing.random_batches(FLAGS.batch_size)
     try:
         steps = {name: _step(VARIANTS[name], dataset) for name in FLAGS.variants}
-        seconds = {name: [] for name in steps}
-        for _ in range(FLAGS.rounds):
-            for name, step in steps.items():
-                seconds[name].append(step(FLAGS.steps) / FLAGS.steps)
+        seconds = {name: times["step_seconds"] for name, times in timing.interleaved_rounds(
+            steps, FLAGS.rounds, FLAGS.steps).items()}
     finally:
         keras.mixed_precision.set_global_policy("float32")
     rows = {}
@@ -70,7 +68,7 @@ def measure() -> dict:
         row = {"step_ms_median": round(1000 * float(np.median(times)), 1),
                "flags": VARIANTS[name]}
         if "standard" in seconds:
-            ratio = float(np.median(np.array(times) / np.array(seconds["standard"])))
+            ratio = timing.median_ratio(times, seconds["standard"])
             row["over_standard"] = round(ratio, 3)
             target = TARGETS.get(VARIANTS[name].get("robust_attack", "pgd")) \
                 if VARIANTS[name] else None

@@ -76,6 +76,30 @@ def read_through(dataset: tf.data.Dataset) -> dict:
     return {"images": count, "seconds": time.perf_counter() - started, **(first or {})}
 
 
+def interleaved_rounds(timers: dict[str, Callable[[int], float]], rounds: int,
+                       steps: int) -> dict[str, dict[str, list[float]]]:
+    """Each round runs every timer (from `training_steps`) for `steps` steps in turn, so that
+    load from other processes falls on all of them alike; every other round in reverse order,
+    so that no timer always follows the same one. Per name, each round's seconds per
+    step (`step_seconds`), the process's CPU seconds per step (`step_cpu_seconds`) and the
+    cores it used (`cores_used`, cpu_and_wall)."""
+    times = {name: {"step_seconds": [], "step_cpu_seconds": [], "cores_used": []}
+             for name in timers}
+    for round_ in range(rounds):
+        order = list(timers.items())
+        for name, seconds in order[::-1] if round_ % 2 else order:
+            with cpu_and_wall() as spent:
+                times[name]["step_seconds"].append(seconds(steps) / steps)
+            times[name]["step_cpu_seconds"].append(spent["cpu"] / steps)
+            times[name]["cores_used"].append(cores_used(spent["cpu"], spent["wall"]))
+    return times
+
+
+def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """The median over rounds of each round's ratio (interleaved_rounds' pairs)."""
+    return float(np.median(np.asarray(numerators) / np.asarray(denominators)))
+
+
 def block(outputs) -> None:
     """Waits for every output (the call returns before async kernels finish; numpy outputs,
     as a TF1 session returns, are done already)."""

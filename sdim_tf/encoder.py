@@ -7,14 +7,34 @@ a head of global average pooling -> Dense(256) -> batch norm -> ReLU -> Dense(re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import keras
 import tensorflow as tf
 from keras import layers, ops
 
-# PyTorch's BatchNorm2d defaults (momentum 0.1, eps 1e-5), as in the authors' code.
-_BN = dict(momentum=0.9, epsilon=1e-5)
+from sdim_tf.fused_batch_norm import FusedBatchNormalization
+
+# The class of the encoder's batch norms: Keras' on TensorFlow's fused kernel (same weights,
+# so files saved with keras.layers.BatchNormalization load; bench/fused_batch_norm.py).
+_batch_norm_class: type[layers.BatchNormalization] = FusedBatchNormalization
+
+
+@contextlib.contextmanager
+def batch_norm_class(cls: type[layers.BatchNormalization]) -> Iterator[None]:
+    """Encoders built in the block use `cls` for their batch norms (kernel comparisons)."""
+    global _batch_norm_class
+    previous, _batch_norm_class = _batch_norm_class, cls
+    try:
+        yield
+    finally:
+        _batch_norm_class = previous
+
+
+def _batch_norm(name: str) -> layers.BatchNormalization:
+    # PyTorch's BatchNorm2d defaults (momentum 0.1, eps 1e-5), as in the authors' code.
+    return _batch_norm_class(name=name, momentum=0.9, epsilon=1e-5)
 
 
 def quadrant_pool(x):
@@ -49,9 +69,9 @@ class BasicBlock(layers.Layer):
         super().__init__(**kwargs)
         self.filters, self.strides = filters, strides
         self.conv1 = _conv3x3(filters, strides, name="conv1")
-        self.bn1 = layers.BatchNormalization(name="bn1", **_BN)
+        self.bn1 = _batch_norm("bn1")
         self.conv2 = _conv3x3(filters, name="conv2")
-        self.bn2 = layers.BatchNormalization(name="bn2", **_BN)
+        self.bn2 = _batch_norm("bn2")
 
     def build(self, input_shape):
         self.conv1.build(input_shape)
@@ -96,14 +116,14 @@ class ResNetEncoder(layers.Layer):
         self.n, self.rep_dim, self.filters = n, rep_dim, tuple(int(f) for f in filters)
         self.local_stage, self.head_units = local_stage, head_units
         self.stem = _conv3x3(self.filters[0], name="stem_conv")
-        self.stem_bn = layers.BatchNormalization(name="stem_bn", **_BN)
+        self.stem_bn = _batch_norm("stem_bn")
         self.stages = [
             [BasicBlock(f, strides=2 if (s > 0 and b == 0) else 1,
                         name=f"stage{s + 1}_block{b + 1}") for b in range(n)]
             for s, f in enumerate(self.filters)]
         self.pool = layers.GlobalAveragePooling2D(name="pool")
         self.fc = layers.Dense(head_units, name="fc")
-        self.fc_bn = layers.BatchNormalization(name="fc_bn", **_BN)
+        self.fc_bn = _batch_norm("fc_bn")
         self.out = layers.Dense(rep_dim, name="representation")
 
     def build(self, input_shape):

@@ -67,3 +67,27 @@ def saved_model_cli_answers(model_dir, images: np.ndarray, tmp_path: pathlib.Pat
     assert answered.returncode == 0, answered.stderr[-2000:]
     assert "rejected" in answered.stdout and "class_ids" in answered.stdout
     return answered.stdout
+
+
+def batch_norm_inference(x, dy, gamma, beta, mean, variance, epsilon):
+    """Inference-mode batch norm, float64, channels last: (y, dx, dgamma, dbeta) of
+    y = gamma (x - mean) / sqrt(variance + epsilon) + beta for the upstream gradient `dy`."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    axes = tuple(range(x.ndim - 1))
+    normalized = (x - mean) / np.sqrt(variance + epsilon)
+    return (gamma * normalized + beta, dy * gamma / np.sqrt(variance + epsilon),
+            (dy * normalized).sum(axes), dy.sum(axes))
+
+
+def batch_norm_training(x, dy, gamma, beta, epsilon):
+    """Training-mode batch norm by the textbook (Ioffe and Szegedy, 2015), float64, over all
+    axes but the last: (y, batch mean, biased batch variance, dx, dgamma, dbeta) for the
+    upstream gradient `dy`."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    axes = tuple(range(x.ndim - 1))
+    mean, variance = x.mean(axes), x.var(axes)
+    normalized = (x - mean) / np.sqrt(variance + epsilon)
+    dx = gamma / np.sqrt(variance + epsilon) * (
+        dy - dy.mean(axes) - normalized * (dy * normalized).mean(axes))
+    return (gamma * normalized + beta, mean, variance, dx, (dy * normalized).sum(axes),
+            dy.sum(axes))

@@ -7,14 +7,32 @@ a head of global average pooling -> Dense(256) -> batch norm -> ReLU -> Dense(re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import keras
 import tensorflow as tf
 from keras import layers, ops
 
-# PyTorch's BatchNorm2d defaults (momentum 0.1, eps 1e-5), as in the authors' code.
-_BN = dict(momentum=0.9, epsilon=1e-5)
+# The class of the encoder's batch norms (`batch_norm_class`).
+_batch_norm_class: type[layers.Layer] = layers.BatchNormalization
+
+
+@contextlib.contextmanager
+def batch_norm_class(cls: type[layers.Layer]) -> Iterator[None]:
+    """Encoders built in the block use `cls` for their batch norms (`sdim_tf.folding` builds
+    its inference-only encoder so)."""
+    global _batch_norm_class
+    previous, _batch_norm_class = _batch_norm_class, cls
+    try:
+        yield
+    finally:
+        _batch_norm_class = previous
+
+
+def _batch_norm(name: str) -> layers.Layer:
+    # PyTorch's BatchNorm2d defaults (momentum 0.1, eps 1e-5), as in the authors' code.
+    return _batch_norm_class(name=name, momentum=0.9, epsilon=1e-5)
 
 
 def quadrant_pool(x):
@@ -49,9 +67,9 @@ class BasicBlock(layers.Layer):
         super().__init__(**kwargs)
         self.filters, self.strides = filters, strides
         self.conv1 = _conv3x3(filters, strides, name="conv1")
-        self.bn1 = layers.BatchNormalization(name="bn1", **_BN)
+        self.bn1 = _batch_norm("bn1")
         self.conv2 = _conv3x3(filters, name="conv2")
-        self.bn2 = layers.BatchNormalization(name="bn2", **_BN)
+        self.bn2 = _batch_norm("bn2")
 
     def build(self, input_shape):
         self.conv1.build(input_shape)
@@ -96,14 +114,14 @@ class ResNetEncoder(layers.Layer):
         self.n, self.rep_dim, self.filters = n, rep_dim, tuple(int(f) for f in filters)
         self.local_stage, self.head_units = local_stage, head_units
         self.stem = _conv3x3(self.filters[0], name="stem_conv")
-        self.stem_bn = layers.BatchNormalization(name="stem_bn", **_BN)
+        self.stem_bn = _batch_norm("stem_bn")
         self.stages = [
             [BasicBlock(f, strides=2 if (s > 0 and b == 0) else 1,
                         name=f"stage{s + 1}_block{b + 1}") for b in range(n)]
             for s, f in enumerate(self.filters)]
         self.pool = layers.GlobalAveragePooling2D(name="pool")
         self.fc = layers.Dense(head_units, name="fc")
-        self.fc_bn = layers.BatchNormalization(name="fc_bn", **_BN)
+        self.fc_bn = _batch_norm("fc_bn")
         self.out = layers.Dense(rep_dim, name="representation")
 
     def build(self, input_shape):
@@ -152,6 +170,15 @@ class ResNetEncoder(layers.Layer):
         features["head"] = ops.relu(self.fc_bn(self.fc(features["stage4"]), training=training))
         features["z"] = self.out(features["head"])
         return features
+
+    def normalized_layers(self) -> list[tuple[layers.Layer, layers.Layer]]:
+        """(layer, the batch norm of its output) pairs: every convolution but the shortcut's
+        (none) and the head's first dense layer."""
+        pairs = [(self.stem, self.stem_bn)]
+        for stage in self.stages:
+            for block in stage:
+                pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+        return [*pairs, (self.fc, self.fc_bn)]
 
     def get_config(self):
         return {**super().get_config(), "n": self.n, "rep_dim": self.rep_dim,

@@ -45,15 +45,16 @@ def export(module: RejectingClassifier, export_dir: str | os.PathLike, model_nam
            extra_assets: dict[str, bytes] | None = None,
            assets_extra: dict[str, bytes] | None = None,
            before_rename: Callable[[pathlib.Path], None] | None = None,
-           fold_batch_norm: bool = False) -> pathlib.Path:
+           fold_batch_norm: bool = True) -> pathlib.Path:
     """Saves `module` as `<export_dir>/<model_name>/<next version>/` (TF Serving layout).
 
     Written into a temporary folder and renamed into place, so a polling server never sees
     a partial version; an existing version is never overwritten. Temporary folders of
     killed exports are removed first. `before_rename(folder)` is called with the temporary
     folder once the SavedModel in it is complete, before the rename (a fault point for tests
-    that kill an export there). `fold_batch_norm`: the SavedModel computes on the encoder
-    with its batch norms folded (`RejectingClassifier.folded`).
+    that kill an export there). The SavedModel computes on the encoder with its batch norms
+    folded into the layers before them (`RejectingClassifier.folded`) unless
+    `fold_batch_norm` is False.
     """
     model_dir = pathlib.Path(export_dir) / model_name
     model_dir.mkdir(parents=True, exist_ok=True)

@@ -272,9 +272,9 @@ class RejectingClassifier(tf.Module):
             self.source_size, self.class_names, self.limits,
             None if self.min_gap is None else self.min_gap.numpy(), name=self.name)
 
-    def archive(self, fold_batch_norm: bool = False):
-        """A keras.export.ExportArchive of the three signatures (computed by `folded()`
-        with `fold_batch_norm`).
+    def archive(self, fold_batch_norm: bool = True):
+        """A keras.export.ExportArchive of the three signatures, computed by `folded()`
+        unless `fold_batch_norm` is False.
 
         Keras' archive tracks the Keras 3 variables the way TF1-style loaders
         (`saved_model_cli run`, TF Serving) can restore; a plain tf.Module holding the model

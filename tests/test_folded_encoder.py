@@ -114,6 +114,20 @@ def test_a_bfloat16_model_folds_into_float32(fashion):
     assert bf16.dtype == tf.bfloat16  # the unfolded model itself computes in bf16
 
 
+@pytest.mark.parametrize("kind", ["sdim", "discriminative"])
+def test_a_folded_classifier_scores_as_the_classifier(kind, classifier, fashion):
+    """--score=model deploys the classifier itself: its folded class scores and logits (SDIM's
+    log p(x|c), the baseline's logits) are its own within float32 rounding."""
+    model = classifier if kind == "sdim" else _with_batch_norm_statistics(
+        untrained.model(kind), fashion[0], seed=2)
+    images = fashion[2][:64]
+    expected = model.scores_and_logits(images)
+    got = folding.FoldedScorer(model).scores_and_logits(images)
+    for name, value, reference in zip(("scores", "logits"), got, expected, strict=True):
+        _assert_close(value, reference, name=name)
+    _assert_close(folding.FoldedScorer(model)(images), expected[0])
+
+
 def _answers(function, images) -> dict:
     """`function`'s outputs on `images` in requests of 150 (within max_batch), as numpy."""
     parts = [function(images=tf.constant(images[i:i + 150]))
@@ -133,7 +147,7 @@ def test_folded_export_answers_as_the_unfolded_module(classifier, fashion, tmp_p
     first = _answers(lambda images: module.serving_default(images), images)
     module.thresholds.assign(np.full(10, np.median(first["score"]), np.float32))
     module.min_gap.assign(np.quantile(first["gap"], 0.2))
-    path = publish.export(module, tmp_path, "m", fold_batch_norm=True)
+    path = publish.export(module, tmp_path, "m")  # folds by default
     assert b"moving_variance" not in (path / "saved_model.pb").read_bytes()  # folded
     expected = _answers(lambda images: module.serving_default(images), images)
     got = _answers(tf.saved_model.load(str(path)).signatures["serving_default"], images)

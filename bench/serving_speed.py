@@ -1,16 +1,19 @@
-"""Where the serving signature's time goes: the bare forward pass, the scoring and the density
-alone, and serving_default of each SavedModel, called as clients call it (the signature by
-keyword) and as TF Serving runs it (a TF1 session on the signature's graph, no Python
-wrapper). Calls interleave, so drift on a shared machine hits every row alike.
+"""Where the serving signature's time goes: the bare forward pass, the scoring (on the
+encoder as trained and with its batch norms folded, `sdim_tf.folding`) and the density alone,
+and serving_default of each SavedModel, called as clients call it (the signature by keyword)
+and as TF Serving runs it (a TF1 session on the signature's graph, no Python wrapper). Calls
+interleave, so drift on a shared machine hits every row alike.
 
     python -m bench.serving_speed [--run_dir=RUN] [--baseline=NAME=SAVED_MODEL,...]
 
 The model: a trained run's deployable (--run_dir), else the untrained default network with
-the default density fitted on random images; exported by this checkout. --baseline: other
-exports of the same model to time beside it (the same run exported by another checkout, e.g.
-`python -m pipeline.run --stages=export --export_dir=...` run from main). Each SavedModel's
-ops are also traced in the session (--profile_calls): where a call's op time goes, the
-density's ops apart. Writes bench/results/<machine kind>/serving_speed.json.
+the default density fitted on random images; exported by this checkout twice, with the
+batch norms folded (`folded`) and left in (`unfolded`), and "fold" in the results gives
+the first over the second. --baseline: other exports of the same model to time beside them
+(the same run exported by another checkout, e.g. `python -m pipeline.run --stages=export
+--export_dir=...` run from main). Each SavedModel's ops are also traced in the session
+(--profile_calls): where a call's op time goes, the density's ops apart. Writes
+bench/results/<machine kind>/<--results_name>.json.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from bench import machine, serving_timing
+from bench import machine, serving_timing, timing
 from bench.serving_timing import BATCHES
-from sdim_tf import data, publish, serving
+from sdim_tf import data, folding, publish, serving
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "A trained run whose deployable is exported and timed "
@@ -40,8 +43,10 @@ flags.DEFINE_integer("rounds", 50, "Timed rounds: one batch of 256 per call and 
 flags.DEFINE_integer("profile_calls", 20, "Traced session calls per SavedModel and batch "
                      "size (0: no op profile).")
 flags.DEFINE_integer("top_ops", 12, "Slowest ops listed per profile.")
+flags.DEFINE_string("results_name", "serving_speed", "The results file's name: "
+                    "bench/results/<machine kind>/<results_name>.json.")
 flags.DEFINE_string("out", None, "JSON results (default: "
-                    "bench/results/<machine kind>/serving_speed.json).")
+                    "bench/results/<machine kind>/<results_name>.json).")
 
 
 def _module() -> serving.RejectingClassifier:
@@ -64,14 +69,17 @@ def main(argv):
     raw = rng.integers(0, 256, (256, *module.source_size, module.channels), np.uint8)
     images = data.preprocess(raw).numpy()
     with tempfile.TemporaryDirectory() as tmp:
-        models = {"this_checkout": publish.export(module, tmp, "bench")}
-        models.update(dict(item.split("=", 1) for item in FLAGS.baseline))
+        exports = {way: publish.export(module, tmp, way, fold_batch_norm=way == "folded")
+                   for way in ("folded", "unfolded")}
+        models = {**exports, **dict(item.split("=", 1) for item in FLAGS.baseline)}
         features = tf.function(lambda x: {k: v for k, v in classifier.encoder.features(
             x, training=False).items() if k in scorer.layer_names})
         tensors = {n: tf.constant(images[:n]) for n in BATCHES}
         calls = {
             "bare_forward": (tf.function(lambda x: classifier(x, training=False)), tensors),
             "scoring": (tf.function(scorer.scores_and_logits), tensors),
+            "folded_scoring": (tf.function(folding.FoldedScorer(scorer).scores_and_logits),
+                               tensors),
             "density": (tf.function(scorer.density_scores), {
                 n: features(tensors[n]) for n in BATCHES})}
         sessions = {}
@@ -81,9 +89,21 @@ def main(argv):
                 functools.partial(lambda sig, x: sig(images=x), signature), tensors)
             sessions[name] = serving_timing.Session(path)
             calls[f"{name}/session"] = (sessions[name], {n: images[:n] for n in BATCHES})
-        figures = serving_timing.time_calls({k: (fn, x[256], x[1]) for k, (fn, x) in calls.items()},
-                             FLAGS.rounds)
+        with timing.cpu_and_wall() as spent:
+            figures = serving_timing.time_calls(
+                {k: (fn, x[256], x[1]) for k, (fn, x) in calls.items()}, FLAGS.rounds)
         serving_timing.over(figures, "bare_forward")
+        fold = {way: {f"{key}_folded_over_unfolded": value for key, value in
+                      serving_timing.ratios(figures[f"folded/{way}"],
+                                            figures[f"unfolded/{way}"]).items()}
+                for way in ("serving_default", "session")}
+        answers = {way: calls[f"{way}/serving_default"][0](tensors[256]) for way in exports}
+        fold["answers_batch_256"] = {
+            "class_ids_equal": bool(np.array_equal(*(answers[w]["class_ids"] for w in exports))),
+            "rejected_equal": bool(np.array_equal(*(answers[w]["rejected"] for w in exports))),
+            "class_scores_max_difference": float(np.abs(np.subtract(
+                *(answers[w]["class_scores"] for w in exports))).max()),
+            "class_scores_max_magnitude": float(np.abs(answers["unfolded"]["class_scores"]).max())}
         profiles = {f"batch_{n}": serving_timing.op_profiles(
             sessions, images[:n], FLAGS.profile_calls, FLAGS.top_ops)
             for n in BATCHES} if FLAGS.profile_calls else {}
@@ -91,9 +111,10 @@ def main(argv):
               "machine": machine.machine(), "model": FLAGS.run_dir or "untrained default",
               "score": "feature_density " + ",".join(scorer.layer_names)
               + (" (split terms)" if scorer.split else ""),
-              "saved_models": {k: str(v) for k, v in models.items() if k != "this_checkout"},
-              "rounds": FLAGS.rounds, "rows": figures, "profiles": profiles}
-    out = pathlib.Path(FLAGS.out) if FLAGS.out else machine.results_path("serving_speed")
+              "saved_models": {k: str(v) for k, v in models.items() if k not in exports},
+              "rounds": FLAGS.rounds, "cores_used": timing.cores_used(spent["cpu"], spent["wall"]),
+              "fold": fold, "rows": figures, "profiles": profiles}
+    out = pathlib.Path(FLAGS.out) if FLAGS.out else machine.results_path(FLAGS.results_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     for name, row in figures.items():

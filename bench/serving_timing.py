@@ -12,6 +12,7 @@ from bench import timing, untrained
 from sdim_tf import density, serving
 
 BATCHES = (256, 1)
+CALLS_PER_ROUND = {"batch_256": 1, "batch_1": 4}  # `time_calls`' calls per row and round
 
 
 def default_module(layers=density.DEFAULT_LAYERS, split=density.DEFAULT_SPLIT, seed=0
@@ -30,36 +31,63 @@ def time_calls(calls: dict, rounds: int, seed: int = 0) -> dict:
     batch of 256, batch of 1)}, each round calling them in a new random order (no call always
     follows the same one). Throughput and latency in separate phases: a batch of 256 just
     before a single image leaves the caches and thread pools as a stream of single requests
-    would not."""
+    would not. Per row and phase, `cores_used`: the process's CPU seconds over wall seconds
+    during its calls (how much of the shared cores it had), and `cpu_ms_per_call`: its CPU
+    time per call (the work a call costs, which waiting for shared cores moves less than
+    the wall time; spin-waiting threads count too)."""
     for fn, big, one in calls.values():  # tracing, allocation
         for _ in range(3):
             timing.block(fn(big)), timing.block(fn(one))
     rng = np.random.default_rng(seed)
     seconds = dict.fromkeys(calls, 0.0)
     latencies = {name: [] for name in calls}
+    spent = {phase: {name: [0.0, 0.0] for name in calls} for phase in CALLS_PER_ROUND}
+
+    def timed(phase, name, fn, inputs, count):
+        with timing.cpu_and_wall() as times:
+            call_seconds = timing.call_seconds(fn, inputs, count)
+        spent[phase][name][0] += times["cpu"]
+        spent[phase][name][1] += times["wall"]
+        return call_seconds
+
     for _ in range(rounds):
         for name in rng.permutation(list(calls)):
             fn, big, _ = calls[name]
-            seconds[name] += timing.call_seconds(fn, big, 1)[0]
+            seconds[name] += sum(timed("batch_256", name, fn, big,
+                                       CALLS_PER_ROUND["batch_256"]))
     for _ in range(rounds):
         for name in rng.permutation(list(calls)):
             fn, _, one = calls[name]
-            latencies[name] += timing.call_seconds(fn, one, 4)
+            latencies[name] += timed("batch_1", name, fn, one, CALLS_PER_ROUND["batch_1"])
     return {name: {
-        "images_per_second_batch_256": timing.images_per_second(rounds * 256, seconds[name]),
+        "images_per_second_batch_256": timing.images_per_second(
+            rounds * CALLS_PER_ROUND["batch_256"] * 256, seconds[name]),
         "latency_ms_batch_1": {f"p{p}": timing.percentile_ms(latencies[name], p)
-                               for p in (50, 95, 99)}} for name in calls}
+                               for p in (50, 95, 99)},
+        "cores_used": {phase: timing.cores_used(*spent[phase][name]) for phase in spent},
+        "cpu_ms_per_call": {phase: round(1000 * spent[phase][name][0] / (rounds * calls_per),
+                                         3) for phase, calls_per in CALLS_PER_ROUND.items()}}
+        for name in calls}
+
+
+def ratios(row: dict, base: dict) -> dict:
+    """Figures of row `row` over row `base`'s (rows of `time_calls`): images/s at batch 256,
+    p50 latency at batch 1, and CPU time per call at each."""
+    return {"throughput": round(row["images_per_second_batch_256"]
+                                / base["images_per_second_batch_256"], 3),
+            "p50_latency": round(row["latency_ms_batch_1"]["p50"]
+                                 / base["latency_ms_batch_1"]["p50"], 3),
+            **{f"cpu_{phase}": round(row["cpu_ms_per_call"][phase]
+                                     / base["cpu_ms_per_call"][phase], 3)
+               for phase in CALLS_PER_ROUND}}
 
 
 def over(figures: dict, baseline: str) -> None:
     """Adds each row's throughput and p50 latency over row `baseline`'s."""
-    base = figures[baseline]
     for name, row in figures.items():
         if name != baseline:
-            row[f"throughput_over_{baseline}"] = round(
-                row["images_per_second_batch_256"] / base["images_per_second_batch_256"], 3)
-            row[f"p50_latency_over_{baseline}"] = round(
-                row["latency_ms_batch_1"]["p50"] / base["latency_ms_batch_1"]["p50"], 3)
+            row.update({f"{key}_over_{baseline}": value
+                        for key, value in ratios(row, figures[baseline]).items()})
 
 
 class Session:

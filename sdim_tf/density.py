@@ -412,7 +412,11 @@ class FeatureDensity(keras.Model):
     def scores_and_logits(self, images):
         """(class scores [N, C], the classifier's own logits [N, C]) from one encoder pass;
         for SDIM the logits are log p(x|c)."""
-        features = self.classifier.encoder.features(images, training=False)
+        return self.scores_and_logits_from_features(
+            self.classifier.encoder.features(images, training=False))
+
+    def scores_and_logits_from_features(self, features: dict):
+        """`scores_and_logits` from the encoder's features (`ResNetEncoder.features`)."""
         return self.density_scores(features), self.classifier.logits_from_features(features)
 
     def fit_features(self, batches: Iterable, ridge: float = 1e-6, progress=None,

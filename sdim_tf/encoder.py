@@ -18,12 +18,13 @@ from sdim_tf.fused_batch_norm import FusedBatchNormalization
 
 # The class of the encoder's batch norms: Keras' on TensorFlow's fused kernel (same weights,
 # so files saved with keras.layers.BatchNormalization load; bench/fused_batch_norm.py).
-_batch_norm_class: type[layers.BatchNormalization] = FusedBatchNormalization
+_batch_norm_class: type[layers.Layer] = FusedBatchNormalization
 
 
 @contextlib.contextmanager
-def batch_norm_class(cls: type[layers.BatchNormalization]) -> Iterator[None]:
-    """Encoders built in the block use `cls` for their batch norms (kernel comparisons)."""
+def batch_norm_class(cls: type[layers.Layer]) -> Iterator[None]:
+    """Encoders built in the block use `cls` for their batch norms (kernel comparisons;
+    `sdim_tf.folding` builds its inference-only encoder so)."""
     global _batch_norm_class
     previous, _batch_norm_class = _batch_norm_class, cls
     try:
@@ -32,7 +33,7 @@ def batch_norm_class(cls: type[layers.BatchNormalization]) -> Iterator[None]:
         _batch_norm_class = previous
 
 
-def _batch_norm(name: str) -> layers.BatchNormalization:
+def _batch_norm(name: str) -> layers.Layer:
     # PyTorch's BatchNorm2d defaults (momentum 0.1, eps 1e-5), as in the authors' code.
     return _batch_norm_class(name=name, momentum=0.9, epsilon=1e-5)
 
@@ -172,6 +173,15 @@ class ResNetEncoder(layers.Layer):
         features["head"] = ops.relu(self.fc_bn(self.fc(features["stage4"]), training=training))
         features["z"] = self.out(features["head"])
         return features
+
+    def normalized_layers(self) -> list[tuple[layers.Layer, layers.Layer]]:
+        """(layer, the batch norm of its output) pairs: every convolution but the shortcut's
+        (none) and the head's first dense layer."""
+        pairs = [(self.stem, self.stem_bn)]
+        for stage in self.stages:
+            for block in stage:
+                pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+        return [*pairs, (self.fc, self.fc_bn)]
 
     def get_config(self):
         return {**super().get_config(), "n": self.n, "rep_dim": self.rep_dim,

@@ -81,6 +81,11 @@ class _Classifier(keras.Model):
         logits = self(images, training=False)
         return logits, logits
 
+    def scores_and_logits_from_features(self, features: dict):
+        """`scores_and_logits` from the encoder's features (`ResNetEncoder.features`)."""
+        logits = self.logits_from_features(features)
+        return logits, logits
+
     def trainable_parameter_count(self) -> int:
         """Trainable parameters (batch-norm moving statistics left out, as in the paper)."""
         return int(sum(int(tf.size(v)) for v in self.trainable_weights))

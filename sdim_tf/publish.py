@@ -44,21 +44,24 @@ def _writer(name: str) -> int | None:
 def export(module: RejectingClassifier, export_dir: str | os.PathLike, model_name: str,
            extra_assets: dict[str, bytes] | None = None,
            assets_extra: dict[str, bytes] | None = None,
-           before_rename: Callable[[pathlib.Path], None] | None = None) -> pathlib.Path:
+           before_rename: Callable[[pathlib.Path], None] | None = None,
+           fold_batch_norm: bool = True) -> pathlib.Path:
     """Saves `module` as `<export_dir>/<model_name>/<next version>/` (TF Serving layout).
 
     Written into a temporary folder and renamed into place, so a polling server never sees
     a partial version; an existing version is never overwritten. Temporary folders of
     killed exports are removed first. `before_rename(folder)` is called with the temporary
     folder once the SavedModel in it is complete, before the rename (a fault point for tests
-    that kill an export there).
+    that kill an export there). The SavedModel computes on the encoder with its batch norms
+    folded into the layers before them (`RejectingClassifier.folded`) unless
+    `fold_batch_norm` is False.
     """
     model_dir = pathlib.Path(export_dir) / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
     temporaries.remove_dead(model_dir, _writer, recursive=False)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=model_dir))
     try:
-        module.archive().write_out(str(tmp), verbose=False)
+        module.archive(fold_batch_norm).write_out(str(tmp), verbose=False)
         for folder, files in (("assets", extra_assets), ("assets.extra", assets_extra)):
             (tmp / folder).mkdir(exist_ok=True)
             for name, content in (files or {}).items():

@@ -109,9 +109,11 @@ def test_bfloat16_training_exports_a_float32_model(tmp_path, data_dir):
     assert _bfloat16_nodes(exported) == []
     as_saved = load_checkpoint(Run(run_dir).model.best_path)
     assert as_saved.dtype_policy.name == "mixed_bfloat16"
-    control = publish.export(serving.RejectingClassifier(as_saved, np.zeros(10), 1, (28, 28)),
-                             tmp_path / "control", "bf16")
+    module = serving.RejectingClassifier(as_saved, np.zeros(10), 1, (28, 28))
+    # the encoder as saved: folding its batch norms (sdim_tf.folding) rebuilds it in float32
+    control = publish.export(module, tmp_path / "control", "bf16", fold_batch_norm=False)
     assert _bfloat16_nodes(control)  # the scan finds them where they are
+    assert _bfloat16_nodes(publish.export(module, tmp_path / "control", "folded")) == []
 
 
 # --mixed_precision=auto by measurement (sdim_tf.precision_probe), with planted step times.

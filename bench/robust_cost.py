@@ -28,12 +28,12 @@ from sdim_tf import precision
 # name -> --robust_* flags (epsilon 0.1, MNIST's screening budget)
 VARIANTS = {
     "standard": {},
-    "fgsm": dict(robust_epsilon=0.1, robust_attack="fgsm"),
-    "fgsm_in_place": dict(robust_epsilon=0.1, robust_attack="fgsm", robust_clean=False),
+    "fgsm_beside": dict(robust_epsilon=0.1, robust_attack="fgsm", robust_clean=True),
+    "fgsm_in_place": dict(robust_epsilon=0.1, robust_attack="fgsm"),
     "fgsm_both": dict(robust_epsilon=0.1, robust_attack="fgsm", robust_mode="both"),
-    "pgd3": dict(robust_epsilon=0.1, robust_steps=3),
-    "pgd3_in_place": dict(robust_epsilon=0.1, robust_steps=3, robust_clean=False),
-    "pgd3_both": dict(robust_epsilon=0.1, robust_steps=3, robust_mode="both"),
+    "pgd3_beside": dict(robust_epsilon=0.1, robust_clean=True),
+    "pgd3_in_place": dict(robust_epsilon=0.1),  # the preset: --robust_epsilon alone
+    "pgd3_both": dict(robust_epsilon=0.1, robust_mode="both"),
 }
 TARGETS = {"fgsm": 2.2, "pgd": 4.0}
 

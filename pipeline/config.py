@@ -94,6 +94,18 @@ class ModelConfig(Section):
                                    "below the true class of the mosaic's first image.")
     robust: robust.RobustTraining = library(robust.RobustTraining, prefix="robust_")
 
+    # A run without adversarial training is keyed by these fixed values of the flags it
+    # ignores, so its cache key and resume hash stay whatever their defaults are.
+    ROBUST_OFF_KEY = {"robust_attack": "pgd", "robust_steps": 5, "robust_step_size": None,
+                      "robust_mode": "classify", "robust_weight": 1.0, "robust_margin": 10.0,
+                      "robust_clean": True}
+
+    def flat(self, keyed_only: bool = False) -> dict:
+        values = super().flat(keyed_only)
+        if keyed_only and not self.robust.enabled:
+            values.update(self.ROBUST_OFF_KEY)
+        return values
+
     def checks(self) -> list:
         return [(self.n >= 1, f"--n must be >= 1, got {self.n}"),
                 (self.rep_dim >= 1, f"--rep_dim must be >= 1, got {self.rep_dim}"),

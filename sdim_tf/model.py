@@ -102,7 +102,7 @@ class SDIM(_Classifier):
     (`outliers.batch_mosaics`), encoded in the same pass as the batch (its batch-norm
     statistics include them). With `robust` (`sdim_tf.robust.RobustTraining` or its config;
     off by default) each training step adds terms on adversarial examples of the batch,
-    encoded in the same pass, or (`clean=False`) trains on them in place of the batch.
+    encoded in the same pass, or trains on them in place of the batch (`beside_clean` False).
     """
 
     loss_names = ("loss", "mi_loss", "nll_loss", "lm_loss")

@@ -13,8 +13,9 @@ They are used in one or both of two ways (`RobustTraining.mode`):
   confidence): their best class score at least `margin` per dimension below the clean
   image's true-class score (`losses.outlier_margin_loss`), so the threshold refuses them.
 J_MI stays on the clean images only: it is unsupervised and the adversarial images would
-only double its cost. With `clean=False` (classify only) the adversarial examples replace the
-batch, as in Madry et al. and Wong et al.: every loss term on them, about one pass cheaper.
+only double its cost. Under classify the adversarial examples replace the batch by default,
+as in Madry et al. and Wong et al.: every loss term on them, about one pass cheaper
+(`clean=True` keeps the batch beside them; reject and both always do).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class RobustTraining:
         "against the model's class scores (not in the paper; 0: off).")
     attack: str = setting("pgd", "pgd: PGD from a random start; fgsm: one step of 1.25 epsilon "
                           "from a random start (fast).", ATTACKS)
-    steps: int = setting(5, "PGD steps of --robust_attack=pgd.")
+    steps: int = setting(3, "PGD steps of --robust_attack=pgd.")
     step_size: float | None = setting(None, "Step of the training attack; default 2.5 epsilon "
                                       "/ steps (pgd), 1.25 epsilon (fgsm).")
     mode: str = setting(
@@ -50,9 +51,11 @@ class RobustTraining:
         "the threshold refuses them; both.", MODES)
     weight: float = setting(1.0, "Weight of the adversarial terms.")
     margin: float = setting(10.0, "Margin K per dimension of the reject term.")
-    clean: bool = setting(True, "Keep the clean batch in the loss beside its adversarial "
-                          "examples; --norobust_clean: these alone in its place (Madry et al.; "
-                          "about one pass cheaper; --robust_mode=classify only).")
+    clean: bool | None = setting(
+        None, "--robust_clean: keep the clean batch in the loss beside its adversarial "
+        "examples; --norobust_clean: these alone in its place (Madry et al.; about one pass "
+        "cheaper; --robust_mode=classify only). Default: in place under classify, beside "
+        "under reject and both.")
 
     def __post_init__(self):
         checks = [
@@ -65,7 +68,7 @@ class RobustTraining:
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
             (self.weight > 0, f"weight must be > 0, got {self.weight}"),
             (self.margin >= 0, f"margin must be >= 0, got {self.margin}"),
-            (self.clean or self.mode == "classify",
+            (self.clean is not False or self.mode == "classify",
              f"clean=False (the adversarial examples in place of the batch) needs mode "
              f"classify, got {self.mode!r}: the {self.mode} term compares them with the clean "
              f"images"),
@@ -91,6 +94,11 @@ class RobustTraining:
         return PGD_PATH * self.epsilon / self.steps
 
     @property
+    def beside_clean(self) -> bool:
+        """Whether the clean batch stays in the loss beside its adversarial examples."""
+        return self.mode != "classify" if self.clean is None else self.clean
+
+    @property
     def classifies(self) -> bool:
         return self.mode in ("classify", "both")
 
@@ -102,7 +110,7 @@ class RobustTraining:
     def loss_names(self) -> tuple[str, ...]:
         """The terms `loss_terms` adds (and the accuracy on the adversarial examples); none
         in place of the batch, where the model's own terms are theirs."""
-        if not self.clean:
+        if not self.beside_clean:
             return ()
         return (("adv_nll_loss", "adv_lm_loss") * self.classifies
                 + ("adv_reject_loss",) * self.rejects + ("adv_accuracy",))
@@ -191,11 +199,11 @@ def adversarial_examples(settings: RobustTraining, model, images, labels) -> tf.
 def training_inputs(settings: RobustTraining, model, images, labels) -> tuple[tf.Tensor, dict]:
     """(the images the training losses see, the extra arguments of the model's loss terms):
     the batch as it is when off; else the batch and its adversarial examples, or these
-    alone with `clean=False`."""
+    alone in its place (`beside_clean` False)."""
     if not settings.enabled:
         return images, {}
     adversarial = adversarial_examples(settings, model, images, labels)
-    if settings.clean:
+    if settings.beside_clean:
         return images, {"adversarial": adversarial}
     return tf.cast(adversarial, images.dtype), {}
 

@@ -155,14 +155,31 @@ def test_training_inputs_beside_or_in_place_of_the_batch():
     assert x is images and extra == {}
     corner = images + 0.1 * (np.where(labels[:, None] == 0, 1.0, -1.0)
                              * np.sign(weights[:, 1])).reshape(-1, 4, 4, 1)
-    beside = robust.RobustTraining(epsilon=0.1, steps=4)
+    beside = robust.RobustTraining(epsilon=0.1, steps=4, clean=True)
     x, extra = robust.training_inputs(beside, model, images, labels)
     assert x is images and set(extra) == {"adversarial"}
     np.testing.assert_allclose(extra["adversarial"], corner, atol=1e-6)
-    instead = robust.RobustTraining(epsilon=0.1, steps=4, clean=False)
-    x, extra = robust.training_inputs(instead, model, images, labels)
-    assert extra == {} and instead.loss_names == ()
-    np.testing.assert_allclose(x, corner, atol=1e-6)
+    for instead in (robust.RobustTraining(epsilon=0.1, steps=4, clean=False),
+                    robust.RobustTraining(epsilon=0.1, steps=4)):  # classify's default
+        x, extra = robust.training_inputs(instead, model, images, labels)
+        assert extra == {} and instead.loss_names == ()
+        np.testing.assert_allclose(x, corner, atol=1e-6)
+
+
+def test_the_preset_is_epsilon_alone():
+    """`--robust_epsilon=E` alone: PGD, 3 steps of 2.5E/3 from a random start, the examples in
+    place of the batch (Madry et al.); reject and both keep the clean batch, which they
+    compare with."""
+    from pipeline.config import PipelineConfig
+    preset = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1).resolve().model.robust
+    assert (preset.attack, preset.iterations, preset.mode) == ("pgd", 3, "classify")
+    assert preset.step == pytest.approx(2.5 * 0.1 / 3)
+    assert not preset.beside_clean and preset.loss_names == ()
+    for mode in ("reject", "both"):
+        assert robust.RobustTraining(epsilon=0.1, mode=mode).beside_clean
+    assert robust.RobustTraining(epsilon=0.1, clean=True).beside_clean
+    threat = preset.threat_model()["trained_against"]
+    assert (threat["attack"], threat["steps"], threat["epsilon"]) == ("pgd", 3, 0.1)
 
 
 def test_loss_terms_against_numpy():
@@ -308,6 +325,25 @@ def test_flags_validate_and_key_the_train_stage():
                           "--robust_epsilon=0.1 needs --model=sdim")]:
         with pytest.raises(ConfigError, match=message):
             PipelineConfig.from_flat(dataset="mnist", **bad).resolve()
+
+
+def test_a_run_without_adversarial_training_ignores_the_robust_flags_in_its_key():
+    """With --robust_epsilon=0 the other robust flags change nothing the train stage keys
+    its cache and resume hash on; with adversarial training each of them does."""
+    from pipeline import run
+    from pipeline.config import PipelineConfig
+    stage = next(s for s in run.STAGES if s.name == "train")
+
+    def key(**flags):
+        return run.stage_settings(stage, PipelineConfig.from_flat(dataset="mnist", **flags))
+
+    others = [dict(robust_steps=7), dict(robust_clean=True), dict(robust_clean=False),
+              dict(robust_attack="fgsm"), dict(robust_mode="both"), dict(robust_weight=2.0),
+              dict(robust_margin=3.0), dict(robust_step_size=0.01)]
+    for flags in others:
+        assert key(**flags) == key(), flags
+        assert key(robust_epsilon=0.1, **flags) != key(robust_epsilon=0.1), flags
+    assert key(robust_epsilon=0.1) != key()
 
 
 def test_train_stage_guard_resumes_its_history():

@@ -57,9 +57,12 @@ def test_saved_model_answers_as_in_memory(deployed, data_dir):
         assert set(got) == set(expected)
         for key in ("class_ids", "rejected", "reason"):
             np.testing.assert_array_equal(got[key].numpy(), expected[key].numpy(), key)
+        # the export computes on the folded encoder: float32 rounding of sums as large as
+        # the biggest score, so the tolerance scales with it
         for key in ("class_scores", "score", "gap"):
-            np.testing.assert_allclose(got[key].numpy(), expected[key].numpy(), rtol=1e-5,
-                                       atol=1e-5)
+            reference = expected[key].numpy()
+            np.testing.assert_allclose(got[key].numpy(), reference, rtol=0,
+                                       atol=1e-5 * np.abs(reference).max())
         np.testing.assert_array_equal(got["threshold"].numpy(),
                                       unfamiliar.thresholds.astype(np.float32)[
                                           got["class_ids"].numpy()])

@@ -11,8 +11,9 @@ the default density fitted on random images; exported by this checkout twice, wi
 batch norms folded (`folded`) and left in (`unfolded`), and "fold" in the results gives
 the first over the second. --baseline: other exports of the same model to time beside them
 (the same run exported by another checkout, e.g. `python -m pipeline.run --stages=export
---export_dir=...` run from main). Each SavedModel's ops are also traced in the session
-(--profile_calls): where a call's op time goes, the density's ops apart. Writes
+--export_dir=...` run from main); "over_baselines" gives this checkout's folded export over
+each. Each SavedModel's ops are also traced in the session (--profile_calls): where a call's
+op time goes, by part (`serving_timing.PARTS`). Writes
 bench/results/<machine kind>/<--results_name>.json.
 """
 
@@ -97,6 +98,9 @@ def main(argv):
                       serving_timing.ratios(figures[f"folded/{way}"],
                                             figures[f"unfolded/{way}"]).items()}
                 for way in ("serving_default", "session")}
+        baselines = {name: {f"{way}_folded_over_{name}": serving_timing.ratios(
+            figures[f"folded/{way}"], figures[f"{name}/{way}"])
+            for way in ("serving_default", "session")} for name in models if name not in exports}
         answers = {way: calls[f"{way}/serving_default"][0](tensors[256]) for way in exports}
         fold["answers_batch_256"] = {
             "class_ids_equal": bool(np.array_equal(*(answers[w]["class_ids"] for w in exports))),
@@ -113,7 +117,8 @@ def main(argv):
               + (" (split terms)" if scorer.split else ""),
               "saved_models": {k: str(v) for k, v in models.items() if k not in exports},
               "rounds": FLAGS.rounds, "cores_used": timing.cores_used(spent["cpu"], spent["wall"]),
-              "fold": fold, "rows": figures, "profiles": profiles}
+              "fold": fold, "over_baselines": baselines, "rows": figures,
+              "profile_parts": serving_timing.PARTS, "profiles": profiles}
     out = pathlib.Path(FLAGS.out) if FLAGS.out else machine.results_path(FLAGS.results_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -106,28 +106,67 @@ class Session:
         return self.session.run(self.outputs, {self.input: images}, **kwargs)
 
 
+# The parts of a serving call in `op_profiles`, by op type and name scope.
+PARTS = {
+    "convolutions": "the encoder's convolutions (fused with their bias and ReLU)",
+    "encoder_other": "the rest of the encoder: shortcuts (subsample, pad, add), ReLUs, "
+                     "pooling, the head's dense layers",
+    "density": "the density's ops (under `density_scores`)",
+    "checks_and_outputs": "the rest: the request checks, the empty-batch guard, the "
+                          "decision rule, the outputs (softmax, strings)",
+}
+_ENCODER_SCOPES = ("stem", "stage", "pool", "fc", "representation", "Relu", "AvgPool")
+
+
+def op_part(node: str, op_type: str) -> str:
+    """The part of PARTS a traced op belongs to."""
+    if "Conv2D" in op_type:
+        return "convolutions"
+    scope = node.rpartition("StatefulPartitionedCall/")[2]
+    if "density_scores" in scope:
+        return "density"
+    if scope.startswith(_ENCODER_SCOPES) or "quadrant_pool" in scope:
+        return "encoder_other"
+    return "checks_and_outputs"
+
+
 def op_profiles(sessions: dict, images, calls: int, top: int) -> dict:
     """{name: its ops over `calls` traced runs of `images`} for `sessions` ({name: Session}),
     their runs interleaved: how many ops ran, the median over runs of their summed time and
     of the density's (ops under `density_scores`; sums exceed the wall time, ops run in
-    parallel, and tracing slows small ops), and the `top` slowest ops by mean time."""
+    parallel, and tracing slows small ops), ops and mean summed time per part (PARTS), and
+    the `top` slowest ops by mean time."""
     options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
     micros = {name: collections.defaultdict(float) for name in sessions}
+    types = {}
     totals = {name: [] for name in sessions}
     for _ in range(calls):
         for name, session in sessions.items():
             metadata = tf.compat.v1.RunMetadata()
             session(images, options=options, run_metadata=metadata)
-            run = [(node.node_name, node.all_end_rel_micros)
-                   for device in metadata.step_stats.dev_stats for node in device.node_stats]
-            for node, value in run:
-                micros[name][node] += value / calls
-            totals[name].append((sum(v for _, v in run),
-                                 sum(v for k, v in run if "density_scores" in k)))
-    return {name: {
-        "ops": len(micros[name]),
-        "op_microseconds": round(float(np.median([t for t, _ in totals[name]]))),
-        "density_op_microseconds": round(float(np.median([d for _, d in totals[name]]))),
-        "slowest": {k.rpartition("StatefulPartitionedCall/")[2]: round(v, 1)
-                    for k, v in sorted(micros[name].items(), key=lambda kv: -kv[1])[:top]}}
-        for name in sessions}
+            nodes = [node for device in metadata.step_stats.dev_stats
+                     for node in device.node_stats]
+            for node in nodes:
+                micros[name][node.node_name] += node.all_end_rel_micros / calls
+                # "name = OpType(inputs)"
+                types[node.node_name] = node.timeline_label.partition(" = ")[2].partition(
+                    "(")[0]
+            totals[name].append((sum(n.all_end_rel_micros for n in nodes),
+                                 sum(n.all_end_rel_micros for n in nodes
+                                     if "density_scores" in n.node_name)))
+    result = {}
+    for name in sessions:
+        parts = {part: [0, 0.0] for part in PARTS}
+        for node, value in micros[name].items():
+            part = parts[op_part(node, types[node])]
+            part[0] += 1
+            part[1] += value
+        result[name] = {
+            "ops": len(micros[name]),
+            "op_microseconds": round(float(np.median([t for t, _ in totals[name]]))),
+            "density_op_microseconds": round(float(np.median([d for _, d in totals[name]]))),
+            "parts": {part: {"ops": count, "op_microseconds": round(value)}
+                      for part, (count, value) in parts.items()},
+            "slowest": {k.rpartition("StatefulPartitionedCall/")[2]: round(v, 1)
+                        for k, v in sorted(micros[name].items(), key=lambda kv: -kv[1])[:top]}}
+    return result

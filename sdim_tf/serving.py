@@ -97,6 +97,12 @@ class RejectingClassifier(tf.Module):
                                       name="thresholds")
         self.min_gap = None if min_gap is None else tf.Variable(
             np.float32(min_gap), trainable=False, name="min_gap")
+        # One function scores for every signature: an export then holds the model's graph
+        # (and a folded model's constant weights, `folding.FoldedScorer`) once.
+        self._scores = tf.function(lambda images: self.model.scores_and_logits(images)[0],
+                                   input_signature=[tf.TensorSpec(
+                                       [None, data.IMAGE_SIZE, data.IMAGE_SIZE, self.channels],
+                                       tf.float32)])
         # Unknown rank in the signatures, so that every shape mistake reaches our checks
         # and gets a message naming the expected shape.
         self.serving_default = tf.function(self._serving_default, input_signature=[
@@ -162,7 +168,7 @@ class RejectingClassifier(tf.Module):
         clean = tf.where(valid[:, None, None, None], images, 0.0)
         # Only the deployed score is answered: the classifier's own logits (the SDIM head's
         # log-likelihoods) can name another class than the density's argmax.
-        scores, _ = self.model.scores_and_logits(clean)
+        scores = self._scores(clean)
         rows = valid[:, None]
         scores = tf.where(rows, tf.cast(scores, tf.float32), -np.inf)
         decision = rejection.decide(scores, self.thresholds, valid, self.min_gap)

@@ -330,11 +330,12 @@ def test_folded_form_is_the_whitened_formula(num_classes, dim, block, split):
 
 @pytest.mark.parametrize("split", [True, False])
 def test_layer_scores_in_float32_match_the_float64_formula(split):
-    """The layer as a call computes it (float32, the default block of 256 columns: a layer of
-    600 features takes three) against the unfolded formula in float64, on the float32
-    parameters it keeps."""
+    """The layer as a call and `summed` compute it (float32, the default block of 256
+    columns: a layer of 600 features takes three) against the unfolded formula in float64,
+    on the float32 parameters it keeps."""
     rng = np.random.default_rng(7)
-    dims = {"wide": 600, "narrow": 24}
+    # joint terms take a layer of fewer dimensions than C-1 (its span: all of it)
+    dims = {"wide": 600, "narrow": 24, **({} if split else {"tiny": 4})}
     layer = density.TiedGaussianScores(10, dims, split=split)
     expected, features = 0.0, {}
     for name, dim in dims.items():
@@ -345,7 +346,8 @@ def test_layer_scores_in_float32_match_the_float64_formula(split):
             x.astype(np.float32).astype(np.float64), means.astype(np.float32).astype(np.float64),
             factor.astype(np.float32).astype(np.float64), split)
     assert len(layer.blocks["wide"]) == 3
-    got = layer(features).numpy()
     scale = np.abs(expected).max()
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-6 * scale)
-    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+    # `summed` (what a folded export serves) is the same sum in fewer ops
+    for got in (layer(features).numpy(), layer.summed(features).numpy()):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-6 * scale)
+        np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))

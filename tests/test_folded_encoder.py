@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from bench import untrained
 from pipeline.run_dir import as_float32
-from sdim_tf import data, density, folding, precision, publish, serving
+from sdim_tf import data, density, encoder, folding, precision, publish, serving
 
 FEATURES = ("local1", "local2", "local3", "local4", *density.LAYERS)
 
@@ -96,6 +96,20 @@ def test_folded_features_equal_the_inference_mode_ones(classifier, fashion):
     assert len(folded.weights) < len(encoder.weights)
 
 
+@pytest.mark.parametrize("side", [4, 8, 16])
+def test_quadrant_sums_are_numpys_quadrant_means(side):
+    """`quadrant_sums_pool`: each quadrant's mean per channel, laid out as
+    `encoder.quadrant_pool` lays them (quadrant-major: top left, top right, bottom left,
+    bottom right)."""
+    x = np.random.default_rng(side).normal(size=(3, side, side, 5)).astype(np.float32)
+    half = side // 2
+    expected = np.stack([x[:, r:r + half, c:c + half].astype(np.float64).mean((1, 2))
+                         for r in (0, half) for c in (0, half)], 1).reshape(3, 20)
+    got = folding.quadrant_sums_pool(tf.constant(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, encoder.quadrant_pool(x), rtol=1e-6, atol=1e-6)
+
+
 def test_a_bfloat16_model_folds_into_float32(fashion):
     """A model built under mixed_bfloat16 (as --mixed_precision=bfloat16 trains it) folds into
     a float32 encoder whose features are its float32 rebuild's (`as_float32`, what exports
@@ -135,6 +149,18 @@ def _answers(function, images) -> dict:
     return {k: np.concatenate([p[k].numpy() for p in parts]) for k in parts[0]}
 
 
+def _convolution_filters(function) -> list[str]:
+    """The op types feeding the filters of the convolutions `function` (a loaded signature)
+    runs, in every function it calls."""
+    library = function.graph.as_graph_def().library.function
+    types = []
+    for body in library:
+        ops = {node.name: node.op for node in body.node_def}
+        types += [ops[node.input[1].split(":")[0]] for node in body.node_def
+                  if node.op == "Conv2D"]
+    return types
+
+
 def test_folded_export_answers_as_the_unfolded_module(classifier, fashion, tmp_path):
     """serving_default of the exported (folded) SavedModel against the unfolded module in
     memory, on 300 real test images with thresholds at the median score and min_gap at the
@@ -150,7 +176,9 @@ def test_folded_export_answers_as_the_unfolded_module(classifier, fashion, tmp_p
     path = publish.export(module, tmp_path, "m")  # folds by default
     assert b"moving_variance" not in (path / "saved_model.pb").read_bytes()  # folded
     expected = _answers(lambda images: module.serving_default(images), images)
-    got = _answers(tf.saved_model.load(str(path)).signatures["serving_default"], images)
+    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    got = _answers(signature, images)
+    assert _convolution_filters(signature) == ["Const"] * 9  # stem + 4 blocks of 2
     assert 0.3 < expected["rejected"].mean() < 0.7
     assert (expected["reason"] == b"ambiguous").sum() > 10
     for key in ("class_ids", "class_name", "rejected", "reason", "threshold", "min_gap"):

@@ -28,12 +28,13 @@ from sdim_tf import precision
 # name -> --robust_* flags (epsilon 0.1, MNIST's screening budget)
 VARIANTS = {
     "standard": {},
-    "fgsm_beside": dict(robust_epsilon=0.1, robust_attack="fgsm", robust_clean=True),
-    "fgsm_in_place": dict(robust_epsilon=0.1, robust_attack="fgsm"),
-    "fgsm_both": dict(robust_epsilon=0.1, robust_attack="fgsm", robust_mode="both"),
-    "pgd3_beside": dict(robust_epsilon=0.1, robust_clean=True),
-    "pgd3_in_place": dict(robust_epsilon=0.1),  # the preset: --robust_epsilon alone
-    "pgd3_both": dict(robust_epsilon=0.1, robust_mode="both"),
+    "fgsm_beside": dict(robust_epsilon=0.1, robust_attack="fgsm", robust_mode="classify",
+                        robust_clean=True),
+    "fgsm_in_place": dict(robust_epsilon=0.1, robust_attack="fgsm", robust_mode="classify"),
+    "fgsm_both": dict(robust_epsilon=0.1, robust_attack="fgsm"),
+    "pgd3_beside": dict(robust_epsilon=0.1, robust_mode="classify", robust_clean=True),
+    "pgd3_in_place": dict(robust_epsilon=0.1, robust_mode="classify"),
+    "pgd3_both": dict(robust_epsilon=0.1),  # the preset: --robust_epsilon alone
 }
 TARGETS = {"fgsm": 2.2, "pgd": 4.0}
 

@@ -46,7 +46,7 @@ class RobustTraining:
     step_size: float | None = setting(None, "Step of the training attack; default 2.5 epsilon "
                                       "/ steps (pgd), 1.25 epsilon (fgsm).")
     mode: str = setting(
-        "classify", "classify: the supervised losses on the adversarial examples; reject: "
+        "both", "classify: the supervised losses on the adversarial examples; reject: "
         "their best class score --robust_margin per dimension below the clean true class, so "
         "the threshold refuses them; both.", MODES)
     weight: float = setting(1.0, "Weight of the adversarial terms.")

@@ -123,7 +123,8 @@ def test_threat_model_from_a_runs_settings():
     from pipeline.config import PipelineConfig
     stage = next(s for s in run.STAGES if s.name == "train")
     settings = run.stage_settings(stage, PipelineConfig.from_flat(
-        dataset="mnist", robust_epsilon=0.1, robust_attack="fgsm", robust_clean=False))
+        dataset="mnist", robust_epsilon=0.1, robust_attack="fgsm", robust_mode="classify",
+        robust_clean=False))
     threat = robust.RobustTraining.from_settings(settings).threat_model()
     # FGSM's step is 1.25 epsilon, one step
     assert threat["trained_against"] == {
@@ -155,31 +156,33 @@ def test_training_inputs_beside_or_in_place_of_the_batch():
     assert x is images and extra == {}
     corner = images + 0.1 * (np.where(labels[:, None] == 0, 1.0, -1.0)
                              * np.sign(weights[:, 1])).reshape(-1, 4, 4, 1)
-    beside = robust.RobustTraining(epsilon=0.1, steps=4, clean=True)
+    beside = robust.RobustTraining(epsilon=0.1, steps=4, mode="classify", clean=True)
     x, extra = robust.training_inputs(beside, model, images, labels)
     assert x is images and set(extra) == {"adversarial"}
     np.testing.assert_allclose(extra["adversarial"], corner, atol=1e-6)
-    for instead in (robust.RobustTraining(epsilon=0.1, steps=4, clean=False),
-                    robust.RobustTraining(epsilon=0.1, steps=4)):  # classify's default
+    for instead in (robust.RobustTraining(epsilon=0.1, steps=4, mode="classify", clean=False),
+                    robust.RobustTraining(epsilon=0.1, steps=4, mode="classify")):
         x, extra = robust.training_inputs(instead, model, images, labels)
         assert extra == {} and instead.loss_names == ()
         np.testing.assert_allclose(x, corner, atol=1e-6)
 
 
 def test_the_preset_is_epsilon_alone():
-    """`--robust_epsilon=E` alone: PGD, 3 steps of 2.5E/3 from a random start, the examples in
-    place of the batch (Madry et al.); reject and both keep the clean batch, which they
-    compare with."""
+    """`--robust_epsilon=E` alone: PGD, 3 steps of 2.5E/3 from a random start, the examples
+    classified and scored below the clean images (mode both), beside the clean batch;
+    classify trains on them in place of the batch by default (Madry et al.)."""
     from pipeline.config import PipelineConfig
     preset = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1).resolve().model.robust
-    assert (preset.attack, preset.iterations, preset.mode) == ("pgd", 3, "classify")
+    assert (preset.attack, preset.iterations, preset.mode) == ("pgd", 3, "both")
     assert preset.step == pytest.approx(2.5 * 0.1 / 3)
-    assert not preset.beside_clean and preset.loss_names == ()
-    for mode in ("reject", "both"):
-        assert robust.RobustTraining(epsilon=0.1, mode=mode).beside_clean
-    assert robust.RobustTraining(epsilon=0.1, clean=True).beside_clean
+    assert preset.beside_clean and preset.loss_names == (
+        "adv_nll_loss", "adv_lm_loss", "adv_reject_loss", "adv_accuracy")
+    assert robust.RobustTraining(epsilon=0.1, mode="reject").beside_clean
+    in_place = robust.RobustTraining(epsilon=0.1, mode="classify")
+    assert not in_place.beside_clean and in_place.loss_names == ()
+    assert robust.RobustTraining(epsilon=0.1, mode="classify", clean=True).beside_clean
     threat = preset.threat_model()["trained_against"]
-    assert (threat["attack"], threat["steps"], threat["epsilon"]) == ("pgd", 3, 0.1)
+    assert (threat["attack"], threat["steps"], threat["mode"]) == ("pgd", 3, "both")
 
 
 def test_loss_terms_against_numpy():
@@ -316,7 +319,8 @@ def test_flags_validate_and_key_the_train_stage():
     on = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1,
                                   robust_mode="both").resolve()
     assert on.model.flat(keyed_only=True)["robust_mode"] == "both"
-    in_place = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1, robust_clean=False)
+    in_place = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1,
+                                        robust_mode="classify", robust_clean=False)
     assert in_place.resolve().model.flat(keyed_only=True)["robust_clean"] is False
     assert on.model.robust == robust.RobustTraining(epsilon=0.1, mode="both")
     for bad, message in [(dict(robust_epsilon=-1.0), "--robust_epsilon must be >= 0"),
@@ -337,8 +341,9 @@ def test_a_run_without_adversarial_training_ignores_the_robust_flags_in_its_key(
     def key(**flags):
         return run.stage_settings(stage, PipelineConfig.from_flat(dataset="mnist", **flags))
 
-    others = [dict(robust_steps=7), dict(robust_clean=True), dict(robust_clean=False),
-              dict(robust_attack="fgsm"), dict(robust_mode="both"), dict(robust_weight=2.0),
+    others = [dict(robust_steps=7), dict(robust_clean=True),
+              dict(robust_mode="classify", robust_clean=False), dict(robust_attack="fgsm"),
+              dict(robust_mode="reject"), dict(robust_weight=2.0),
               dict(robust_margin=3.0), dict(robust_step_size=0.01)]
     for flags in others:
         assert key(**flags) == key(), flags

@@ -69,9 +69,9 @@ class RobustTraining:
             (self.weight > 0, f"weight must be > 0, got {self.weight}"),
             (self.margin >= 0, f"margin must be >= 0, got {self.margin}"),
             (self.clean is not False or self.mode == "classify",
-             f"clean=False (the adversarial examples in place of the batch) needs mode "
-             f"classify, got {self.mode!r}: the {self.mode} term compares them with the clean "
-             f"images"),
+             f"clean=False (the adversarial examples in place of the batch) needs "
+             f"mode=classify, got mode={self.mode!r}, whose reject term compares them with "
+             f"the clean images"),
         ]
         for ok, message in checks:
             if not ok:

@@ -111,7 +111,8 @@ def test_settings_validate_and_name_their_terms():
                          (dict(mode="x"), "mode must be one of classify, reject, both"),
                          (dict(steps=0), "steps must be >= 1"),
                          (dict(weight=0), "weight must be > 0"),
-                         (dict(clean=False, mode="both"), "clean=False .* needs mode classify")]:
+                         (dict(clean=False, mode="both"),
+                          "clean=False .* needs mode=classify, got mode='both'")]:
         with pytest.raises(ValueError, match=message):
             robust.RobustTraining(**bad)
 

@@ -174,8 +174,17 @@ def test_sanity_numbers_are_recomputed_from_the_saved_sets(attacked, deployed):
     square, art = shares("square_accepted"), shares("pgd_sdim")
     pgd_first = shares("pgd_accepted_linf_sdim", images=len(sets["square_accepted"]["label"]))
     sanity = report["sanity"]
-    assert sanity["a_large_budget"]["undetected_success"] == pytest.approx(pgd[0.5])
-    assert sanity["a_large_budget"]["passed"] == (pgd[0.5] >= 0.95)
+    # (a): an image counts when adaptive PGD or AutoPGD finds it at 0.5
+    either = {}
+    for name in ("pgd_accepted_linf_sdim", "apgd_accepted_linf_sdim"):
+        arrays = sets[name]
+        at = list(arrays["epsilon"]).index(0.5)
+        undetected = _undetected(deployable, thresholds, arrays["adversarial"], arrays["label"])
+        either[name] = undetected[at]
+    large = float((either["pgd_accepted_linf_sdim"] | either["apgd_accepted_linf_sdim"]).mean())
+    assert large >= pgd[0.5]
+    assert sanity["a_large_budget"]["undetected_success"] == pytest.approx(large)
+    assert sanity["a_large_budget"]["passed"] == (large >= 0.95)
     b = sanity["b_more_steps_and_restarts"]
     assert b["base"] == pytest.approx([pgd[e] for e in (0.3, 0.5)])
     assert b["doubled"] == pytest.approx([doubled[e] for e in (0.3, 0.5)])
@@ -452,8 +461,14 @@ def test_the_doubled_curve_is_an_attack_of_its_own(attacked, tmp_path):
     sanity = report["sanity"]
     assert sanity["b_more_steps_and_restarts"]["passed"] is None
     assert sanity["b_more_steps_and_restarts"]["note"] == "not run"
-    for check in ("a_large_budget", "d_adaptive_vs_non_adaptive"):
-        assert sanity[check] == before["sanity"][check]
+    assert sanity["d_adaptive_vs_non_adaptive"] == before["sanity"]["d_adaptive_vs_non_adaptive"]
+    # without AutoPGD, check (a) is PGD's own share at the large budget
+    pgd = before["adaptive"]["pgd_accepted_linf"]["sdim"]
+    at = before["settings"]["accepted_epsilons"].index(attack.LARGE_EPSILON)
+    assert sanity["a_large_budget"]["undetected_success"] == pytest.approx(
+        pgd["undetected_success"][at])
+    assert "AutoPGD" not in sanity["a_large_budget"]["criterion"]
+    assert "AutoPGD" in before["sanity"]["a_large_budget"]["criterion"]
 
 
 def test_the_baseline_run_is_an_input_of_the_attack_stage(tmp_path):

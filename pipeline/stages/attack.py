@@ -587,13 +587,19 @@ def _matching(epsilons, grid) -> list[int | None]:
 
 
 def sanity(linf: dict, doubled: dict | None = None, square: dict | None = None,
-           non_adaptive: dict | None = None, transfer: dict | None = None) -> dict:
+           non_adaptive: dict | None = None, transfer: dict | None = None,
+           autopgd: dict | None = None) -> dict:
     """Carlini et al.'s checks on the adaptive PGD-Linf curve, from per-image undetected
     successes: each argument {"epsilon": [E], "undetected": bool [E, N]} (square: on the
     first images of the same set; non_adaptive: ART's PGD-Linf, transfer: the transfer
-    attack, on the same images)."""
+    attack, autopgd: AutoPGD-Linf, on the same images). Check (a) asks whether the gradient
+    attacks reach the large budget: an image counts when PGD or AutoPGD finds it, since a
+    defence can mask one step rule and not the other."""
+    both = (autopgd is not None and np.shape(autopgd["undetected"]) == np.shape(
+        linf["undetected"]) and np.allclose(autopgd["epsilon"], linf["epsilon"]))
+    strongest = linf["undetected"] | autopgd["undetected"] if both else linf["undetected"]
     at = _matching([LARGE_EPSILON], linf["epsilon"])[0]
-    share = None if at is None else float(linf["undetected"][at].mean())
+    share = None if at is None else float(strongest[at].mean())
     same_images = linf
     if square is not None:  # on the images both attacked
         count = min(linf["undetected"].shape[1], square["undetected"].shape[1])
@@ -601,7 +607,8 @@ def sanity(linf: dict, doubled: dict | None = None, square: dict | None = None,
                                for v in (linf, square))
     return {
         "a_large_budget": {
-            "criterion": f"adaptive PGD-L∞ undetected success ≥ 95% at ε = {LARGE_EPSILON:g}",
+            "criterion": f"adaptive PGD-L∞{' or AutoPGD-L∞ (per image, either)' * both} "
+                         f"undetected success ≥ 95% at ε = {LARGE_EPSILON:g}",
             "passed": None if at is None else share >= 0.95, "undetected_success": share,
             "images": int(linf["undetected"].shape[1]),
             **({"note": f"ε = {LARGE_EPSILON:g} not in the grid"} if at is None else {})},
@@ -864,7 +871,7 @@ def _adaptive(ctx: Context, targets: dict, main: Target, attacks: set, report: d
         report["sanity"] = sanity(
             ours[f"pgd_accepted_linf_{main.name}"], ours.get("pgd_accepted_linf_doubled"),
             ours.get("square_accepted"), ours.get(f"pgd_{main.name}"),
-            ours.get(TRANSFER_PART))
+            ours.get(TRANSFER_PART), ours.get(f"apgd_accepted_linf_{main.name}"))
         logging.info("attack: sanity checks %s",
                      {k: v["passed"] for k, v in report["sanity"].items()})
 

@@ -268,21 +268,12 @@ class TiedGaussianScores(keras.layers.Layer):
         return total
 
     def summed(self, features):
-        """`call`'s [N, C] sum in fewer ops, for serving: the layers' products as in `call`,
-        then one reduction for all their span parts and one for all their rests (equal to
-        `call` up to float rounding)."""
-        spans, rests, targets = [], [], []
+        """`call`'s [N, C] sum in fewer ops, for serving: one reduction for all the layers'
+        span parts and one for all their rests (equal to `call` up to float rounding)."""
         with tf.name_scope(self.name):  # as a call's ops, for profiles
-            for name in self.dims:
-                first, *later = _products(self._centred(features, name), self.blocks[name])
-                span_dim = self.targets[name].shape[1]
-                spans.append(first[:, :span_dim])
-                rests += [first[:, span_dim:], *later]
-                targets.append(self.targets[name])
-            span = tf.reduce_sum(tf.square(
-                tf.concat(spans, 1)[:, None] - tf.concat(targets, 1)[None]), -1)
-            rest = tf.reduce_sum(tf.square(tf.concat(rests, 1)), -1, keepdims=True)
-            return sum(self.constants.values()) - span - rest
+            return _folded_sum(
+                [(self._centred(features, name), self.blocks[name], self.targets[name])
+                 for name in self.dims], sum(self.constants.values()))
 
     def layer_scores(self, features) -> dict:
         """{layer name: its [N, C] term of the sum `call` returns}."""
@@ -383,10 +374,23 @@ def standardized_scores(features, means, precision_factor, split: bool = False) 
 def _folded_scores(centred, blocks, targets, constant) -> tf.Tensor:
     """[N, C] from features [N, d] centred on `Folded.center` (centring first keeps float32
     accurate) and the other parts of a `Folded`."""
-    folded = tf.concat(_products(centred, blocks), 1)
-    span_dim = targets.shape[1]
-    span = tf.reduce_sum(tf.square(folded[:, None, :span_dim] - targets[None]), -1)
-    rest = tf.reduce_sum(tf.square(folded[:, span_dim:]), -1, keepdims=True)
+    return _folded_sum([(centred, blocks, targets)], constant)
+
+
+def _folded_sum(parts, constant) -> tf.Tensor:
+    """[N, C]: `constant` minus the squared distances of `parts` ([(centred features, blocks,
+    targets)] of `Folded`s): the span parts' to their targets and the rests' to zero, each
+    summed over all parts in one reduction."""
+    spans, rests, targets = [], [], []
+    for centred, blocks, part_targets in parts:
+        first, *later = _products(centred, blocks)
+        span_dim = part_targets.shape[1]
+        spans.append(first[:, :span_dim])
+        rests += [first[:, span_dim:], *later]
+        targets.append(part_targets)
+    span = tf.reduce_sum(tf.square(
+        tf.concat(spans, 1)[:, None] - tf.concat(targets, 1)[None]), -1)
+    rest = tf.reduce_sum(tf.square(tf.concat(rests, 1)), -1, keepdims=True)
     return constant - span - rest
 
 

@@ -366,3 +366,55 @@ def test_train_stage_guard_resumes_its_history():
     assert guard.images.shape[0] == train.GUARD_IMAGES and guard.epsilon == 0.1
     assert train._guard(settings, 0, model, None, rows) is None
     assert train._guard(robust.RobustTraining(), 0, model, watched, rows) is None
+
+
+def test_the_presets_export_and_attack_report_state_its_threat_model(tmp_path, data_dir):
+    """One epoch of the preset on 512 real images through export and a small attack stage:
+    the history holds the adversarial terms and the guard's figures, and the SavedModel's
+    model card and the attack report state the threat model the flags asked for."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from pipeline import artifacts, run
+    from pipeline.config import PipelineConfig
+    from pipeline.run_dir import Run
+    from pipeline.stages import attack
+
+    config = PipelineConfig.from_flat(
+        dataset="mnist", data_dir=str(data_dir), run_dir=str(tmp_path / "run"),
+        epochs=1, train_limit=512, batch_size=128,
+        shift_images=100, lr_schedule="constant", max_error=0, robust_epsilon=0.1,
+        mixed_precision="float32",
+        force_export=True, stages=("ingest", "train", "calibrate", "evaluate", "export",
+                                   "attack"),
+        attacks=("pgd_accepted_linf",), attack_images=4, attack_accepted_epsilons=(0.1,),
+        attack_accepted_steps=3, attack_replay_images=4)
+    run_dir = run.run(config)
+    with open(run_dir / "train" / "history.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    for name in ("adv_nll_loss", "adv_lm_loss", "adv_reject_loss", "adv_accuracy",
+                 "robust/fgsm_accuracy", "robust/pgd_accuracy"):
+        assert np.isfinite(float(row[name])), name
+    assert 0.0 <= float(row["robust/pgd_accuracy"]) <= float(row["robust/fgsm_accuracy"]) + 0.1
+    expected = {"norm": "linf", "epsilon": 0.1, "attack": "pgd", "steps": 3,
+                "step_size": pytest.approx(2.5 * 0.1 / 3), "mode": "both",
+                "objective": "the best wrong class's log p(x|c) over the true class's"}
+    path = Path(Run(run_dir).export.record()["path"])
+    card = json.loads((path / "assets.extra" / "model_card.json").read_text())
+    assert card["threat_model"]["trained_against"] == expected
+    assert card["threat_model"]["statement"].startswith(
+        "Trained against L-inf perturbations of at most 0.1 in [0, 1] pixels (PGD, 3 steps "
+        f"of {2.5 * 0.1 / 3:g} from a random start)")
+    assert card["training"]["robust_epsilon"] == 0.1
+    report = artifacts.read_json(run_dir / "attack" / attack.REPORT_JSON)
+    assert report["threat_model"] == card["threat_model"]
+    markdown = (run_dir / "attack" / "attack_report.md").read_text()
+    assert f"Threat model of the training: {card['threat_model']['statement']}" in markdown
+    # the SavedModel answers as the in-memory network it was exported from
+    loaded = tf.saved_model.load(str(path))
+    images, _ = Run(run_dir).examples.arrays("test", limit=16)
+    served = loaded.signatures["serving_default"](images=tf.constant(images))
+    deployable = Run(run_dir).deployable()
+    np.testing.assert_array_equal(served["class_ids"].numpy(),
+                                  deployable.model.predict(images, verbose=0).argmax(-1))

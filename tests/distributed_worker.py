@@ -1,6 +1,7 @@
 """Subprocess helper for test_distribute.py: one training step under a real strategy.
 
     python tests/distributed_worker.py mirrored OUT.npz
+    python tests/distributed_worker.py mirrored_robust OUT.npz
     TF_CONFIG=... python tests/distributed_worker.py multi_worker OUT.npz
 """
 
@@ -9,7 +10,7 @@ import sys
 import tensorflow as tf
 
 MODE, OUT = sys.argv[1], sys.argv[2]
-if MODE == "mirrored":  # two logical CPU devices, before TF initialises them
+if MODE.startswith("mirrored"):  # two logical CPU devices, before TF initialises them
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
@@ -20,9 +21,9 @@ import sdim_tf  # noqa: E402
 from pipeline.stages import train  # noqa: E402
 
 
-def make_model():
+def make_model(**kwargs):
     keras.utils.set_random_seed(0)
-    model = sdim_tf.SDIM(4, (32, 32, 1), rep_dim=8, critic="dot", critic_units=16)
+    model = sdim_tf.SDIM(4, (32, 32, 1), rep_dim=8, critic="dot", critic_units=16, **kwargs)
     model.compile(optimizer=keras.optimizers.SGD(1.0))
     return model
 
@@ -53,6 +54,18 @@ if MODE == "mirrored":
              replicas=strategy.num_replicas_in_sync,
              **{f"delta{i}": d for i, d in enumerate(delta)},
              **{f"grad{i}": g for i, g in enumerate(mean_grads)})
+elif MODE == "mirrored_robust":  # the preset's adversarial terms across two replicas
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = make_model(robust=dict(epsilon=0.3, steps=3, mode="both"))
+    before = [v.numpy() for v in model.trainable_variables]
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    logs = train.make_train_step(model, strategy)(
+        iter(strategy.experimental_distribute_dataset(ds)))
+    np.savez(OUT, replicas=strategy.num_replicas_in_sync,
+             changed=[float(np.abs(b - v.numpy()).max())
+                      for b, v in zip(before, model.trainable_variables, strict=True)],
+             **{k: float(v) for k, v in logs.items()})
 else:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():

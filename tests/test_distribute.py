@@ -37,6 +37,22 @@ def test_mirrored_matches_per_replica_halves(tmp_path):
         np.testing.assert_allclose(result[key], grad, rtol=1e-3, atol=1e-5 * scale)
 
 
+def test_mirrored_adversarial_training(tmp_path):
+    """The preset's PGD examples and their terms inside a step on two replicas: every term
+    reported and finite, the loss their sum, the examples costlier than the clean images."""
+    out = tmp_path / "robust.npz"
+    subprocess.run([sys.executable, str(HELPER), "mirrored_robust", str(out)], env=_env(),
+                   check=True, timeout=300, capture_output=True)
+    r = np.load(out)
+    assert int(r["replicas"]) == 2
+    terms = ("mi_loss", "nll_loss", "lm_loss", "adv_nll_loss", "adv_lm_loss",
+             "adv_reject_loss")
+    assert all(np.isfinite(r[k]) for k in (*terms, "loss", "adv_accuracy"))
+    np.testing.assert_allclose(r["loss"], sum(float(r[k]) for k in terms), rtol=1e-4)
+    assert r["adv_nll_loss"] > r["nll_loss"] and r["adv_accuracy"] <= r["accuracy"]
+    assert np.isfinite(r["changed"]).all() and (r["changed"] > 0).mean() > 0.5
+
+
 def _free_ports(n):
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:

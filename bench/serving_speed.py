@@ -102,12 +102,8 @@ def main(argv):
             figures[f"folded/{way}"], figures[f"{name}/{way}"])
             for way in ("serving_default", "session")} for name in models if name not in exports}
         answers = {way: calls[f"{way}/serving_default"][0](tensors[256]) for way in exports}
-        fold["answers_batch_256"] = {
-            "class_ids_equal": bool(np.array_equal(*(answers[w]["class_ids"] for w in exports))),
-            "rejected_equal": bool(np.array_equal(*(answers[w]["rejected"] for w in exports))),
-            "class_scores_max_difference": float(np.abs(np.subtract(
-                *(answers[w]["class_scores"] for w in exports))).max()),
-            "class_scores_max_magnitude": float(np.abs(answers["unfolded"]["class_scores"]).max())}
+        fold["answers_batch_256"] = serving_timing.compare(
+            *({k: v.numpy() for k, v in answers[w].items()} for w in ("unfolded", "folded")))
         profiles = {f"batch_{n}": serving_timing.op_profiles(
             sessions, images[:n], FLAGS.profile_calls, FLAGS.top_ops)
             for n in BATCHES} if FLAGS.profile_calls else {}

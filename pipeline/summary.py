@@ -1,18 +1,19 @@
 """A run's figures as people read them: the headline (the closing lines of `pipeline.run`,
 the top of the run's README) and one line per trained epoch.
 
-Read from the run directory (evaluate/report.json, export/export.json), so a run whose
-stages were all skipped as unchanged reports the same figures.
+Read from the run directory (evaluate/report.json, export/export.json, the train settings,
+attack/attack_report.json), so a run whose stages were all skipped as unchanged reports the
+same figures.
 """
 
 from __future__ import annotations
 
 import pathlib
 
-from pipeline import console
+from pipeline import artifacts, attack_report, console
 from pipeline import run_dir as run_dirs
 from pipeline.markdown import percent
-from sdim_tf import monitoring, ood_data, rejection, shifts
+from sdim_tf import monitoring, ood_data, rejection, robust, shifts
 
 # The separation kinds (sdim_tf.metrics) that rank by the top class score, as the rule does.
 TOP_SCORES = ("max_log_likelihood", "max_logit")
@@ -25,10 +26,35 @@ def headline(run_dir: str | pathlib.Path) -> list[tuple[str, str]]:
     evaluation = run.artifact("evaluate")
     if evaluation.exists():
         rows += _evaluation(evaluation.report())
+    if run.model.exists():
+        training = robust.RobustTraining.from_settings(run.model.settings)
+        if training.enabled:
+            attack = ("FGSM" if training.attack == "fgsm"
+                      else f"PGD-{training.iterations}")
+            rows.append(("trained against", f"L\u221e \u03b5 = {training.epsilon:g} ({attack}, "
+                         f"--robust_mode={training.mode}; docs/robust.md)"))
+    attack = run.artifact("attack")
+    if attack.exists():
+        rows += _attacked(artifacts.read_json(attack.folder / attack_report.REPORT_JSON))
     export = run.artifact("export")
     if export.exists():
         record = export.record()
         rows.append(("SavedModel", f"{record['path']} (version {record['version']})"))
+    return rows
+
+
+def _attacked(report: dict) -> list[tuple[str, str]]:
+    """The worst case over the attacks that know the rule, per L\u221e budget (attack stage)."""
+    rows = []
+    for model, grids in report.get("worst_case", {}).items():
+        worst = grids.get("linf")
+        if not worst:
+            continue
+        cells = ", ".join(f"{percent(u)} at {e:g}" for e, u in
+                          zip(worst["epsilons"], worst["undetected_success"], strict=True))
+        rows.append((f"attacker who knows the rule ({model})",
+                     f"accepted and wrong: {cells} (L\u221e \u03b5, worst case over "
+                     f"{len(worst['attacks'])} attack(s), {worst['images']} test images)"))
     return rows
 
 

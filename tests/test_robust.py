@@ -376,7 +376,7 @@ def test_the_presets_export_and_attack_report_state_its_threat_model(tmp_path, d
     import json
     from pathlib import Path
 
-    from pipeline import artifacts, run
+    from pipeline import artifacts, run, summary
     from pipeline.config import PipelineConfig
     from pipeline.run_dir import Run
     from pipeline.stages import attack
@@ -411,6 +411,15 @@ def test_the_presets_export_and_attack_report_state_its_threat_model(tmp_path, d
     assert report["threat_model"] == card["threat_model"]
     markdown = (run_dir / "attack" / "attack_report.md").read_text()
     assert f"Threat model of the training: {card['threat_model']['statement']}" in markdown
+    # the run's headline (console, README) says what it was trained and attacked with
+    figures = dict(summary.headline(run_dir))
+    assert figures["trained against"] == (
+        "L\u221e \u03b5 = 0.1 (PGD-3, --robust_mode=both; docs/robust.md)")
+    (rate,) = report["worst_case"]["sdim"]["linf"]["undetected_success"]
+    assert figures["attacker who knows the rule (sdim)"] == (
+        f"accepted and wrong: {100 * rate:.2f}% at 0.1 (L\u221e \u03b5, worst case over 1 "
+        "attack(s), 4 test images)")
+    assert "attacker who knows the rule (sdim)" in (run_dir / "README.md").read_text()
     # the SavedModel answers as the in-memory network it was exported from
     loaded = tf.saved_model.load(str(path))
     images, _ = Run(run_dir).examples.arrays("test", limit=16)

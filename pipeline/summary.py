@@ -29,9 +29,8 @@ def headline(run_dir: str | pathlib.Path) -> list[tuple[str, str]]:
     if run.model.exists():
         training = robust.RobustTraining.from_settings(run.model.settings)
         if training.enabled:
-            attack = ("FGSM" if training.attack == "fgsm"
-                      else f"PGD-{training.iterations}")
-            rows.append(("trained against", f"L\u221e \u03b5 = {training.epsilon:g} ({attack}, "
+            how = "FGSM" if training.attack == "fgsm" else f"PGD-{training.iterations}"
+            rows.append(("trained against", f"L\u221e \u03b5 = {training.epsilon:g} ({how}, "
                          f"--robust_mode={training.mode}; docs/robust.md)"))
     attack = run.artifact("attack")
     if attack.exists():

@@ -18,7 +18,7 @@ from sdim_tf import adversarial, rejection, scores
 SMALL = dict(attack_images=4, attack_epsilons=(0.0, 0.3), attack_pgd_steps=2,
              attack_deepfool_steps=5, attack_boundary_images=3, attack_boundary_steps=5,
              attack_local_search_images=3, attack_local_search_rounds=3, attack_cw_images=1,
-             attack_cw_steps=3, attack_cw_search_steps=2, attack_accepted_epsilons=(0.3, 0.5),
+             attack_cw_steps=3, attack_cw_search_steps=2, attack_accepted_epsilons=(0.3, 1.0),
              attack_accepted_l2_epsilons=(1.0, 4.0), attack_accepted_steps=5,
              attack_square_images=2, attack_square_queries=20, attack_replay_images=5)
 
@@ -174,29 +174,29 @@ def test_sanity_numbers_are_recomputed_from_the_saved_sets(attacked, deployed):
     square, art = shares("square_accepted"), shares("pgd_sdim")
     pgd_first = shares("pgd_accepted_linf_sdim", images=len(sets["square_accepted"]["label"]))
     sanity = report["sanity"]
-    # (a): an image counts when adaptive PGD or AutoPGD finds it at 0.5
+    # (a): an image counts when adaptive PGD or AutoPGD finds it at epsilon 1 (the whole cube)
     either = {}
     for name in ("pgd_accepted_linf_sdim", "apgd_accepted_linf_sdim"):
         arrays = sets[name]
-        at = list(arrays["epsilon"]).index(0.5)
+        at = list(arrays["epsilon"]).index(1.0)
         undetected = _undetected(deployable, thresholds, arrays["adversarial"], arrays["label"])
         either[name] = undetected[at]
     large = float((either["pgd_accepted_linf_sdim"] | either["apgd_accepted_linf_sdim"]).mean())
-    assert large >= pgd[0.5]
+    assert large >= pgd[1.0] and attack.LARGE_EPSILON == 1.0
     assert sanity["a_large_budget"]["undetected_success"] == pytest.approx(large)
     assert sanity["a_large_budget"]["passed"] == (large >= 0.95)
     b = sanity["b_more_steps_and_restarts"]
-    assert b["base"] == pytest.approx([pgd[e] for e in (0.3, 0.5)])
-    assert b["doubled"] == pytest.approx([doubled[e] for e in (0.3, 0.5)])
-    assert b["passed"] == all(abs(doubled[e] - pgd[e]) <= 0.02 + 1e-9 for e in (0.3, 0.5))
+    assert b["base"] == pytest.approx([pgd[e] for e in (0.3, 1.0)])
+    assert b["doubled"] == pytest.approx([doubled[e] for e in (0.3, 1.0)])
+    assert b["passed"] == all(abs(doubled[e] - pgd[e]) <= 0.02 + 1e-9 for e in (0.3, 1.0))
     c = sanity["c_gradient_free"]
-    assert c["square"] == pytest.approx([square[e] for e in (0.3, 0.5)])
-    assert c["pgd"] == pytest.approx([pgd_first[e] for e in (0.3, 0.5)])
-    assert c["passed"] == all(square[e] - pgd_first[e] <= 0.02 + 1e-9 for e in (0.3, 0.5))
+    assert c["square"] == pytest.approx([square[e] for e in (0.3, 1.0)])
+    assert c["pgd"] == pytest.approx([pgd_first[e] for e in (0.3, 1.0)])
+    assert c["passed"] == all(square[e] - pgd_first[e] <= 0.02 + 1e-9 for e in (0.3, 1.0))
     d = sanity["d_adaptive_vs_non_adaptive"]  # 0.3: the only budget of both grids
     assert d["epsilons"] == [0.3] and d["non_adaptive"] == pytest.approx([art[0.3]])
-    # "at every epsilon": 0.5 was not compared, so a pass is not claimed
-    assert d["not_compared_at"] == [0.5]
+    # "at every epsilon": 1 was not compared, so a pass is not claimed
+    assert d["not_compared_at"] == [1.0]
     assert d["passed"] == (None if pgd[0.3] >= art[0.3] else False)
     md = (run_dir / "attack" / attack.REPORT_MD).read_text()
     assert all(name in md for name in sanity)

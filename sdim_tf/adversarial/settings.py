@@ -54,8 +54,9 @@ class AttackSettings:
                                    "constant c.")
     # adaptive attacks (they know the rejection rule)
     accepted_epsilons: tuple[float, ...] = setting(
-        (0.05, 0.1, 0.2, 0.3, 0.5), "L-inf budgets of the adaptive curves (pgd_accepted_linf, "
-        "apgd_accepted_linf), square_accepted and the transfer attack.")
+        (0.05, 0.1, 0.2, 0.3, 0.5, 1.0), "L-inf budgets of the adaptive curves "
+        "(pgd_accepted_linf, apgd_accepted_linf), square_accepted and the transfer attack; 1 "
+        "(the whole image cube) is sanity check (a)'s budget.")
     accepted_l2_epsilons: tuple[float, ...] = setting(
         (0.5, 1.0, 2.0, 3.0, 4.0, 6.0), "L2 budgets of the adaptive curves pgd_accepted_l2 and "
         "apgd_accepted_l2.")

@@ -294,22 +294,26 @@ class _Planted:
         return overfitting_guard.Measurement(0.9, 0.1), self.why
 
 
-def test_train_stage_stops_on_a_collapse(tmp_path):
+def test_train_stage_ends_on_the_epoch_before_a_collapse():
     from pipeline.config import PipelineConfig
-    from pipeline.run_dir import TrainedModel
 
-    trained = TrainedModel(tmp_path)
-    settings = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1,
-                                        robust_attack="fgsm").model.robust
-    with pytest.raises(train.TrainingError, match="catastrophic overfitting in epoch 3 "
-                       r"\(FGSM wins, epsilon 0.1\); .*--robust_attack=pgd"):
-        train._check_guard(_Planted("FGSM wins"), settings, 3, trained)
-    assert train._check_guard(_Planted(None), settings, 3, trained) == {
-        "robust/fgsm_accuracy": 0.9, "robust/pgd_accuracy": 0.1}
+    fgsm = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1,
+                                    robust_attack="fgsm").model.robust
+    pgd = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1).model.robust
+    columns = {"robust/fgsm_accuracy": 0.9, "robust/pgd_accuracy": 0.1}
+    # after a good epoch the collapse is returned, for the loop to end on the epoch before
+    assert train._check_guard(_Planted("FGSM wins"), fgsm, 3) == (columns, "FGSM wins")
+    assert train._check_guard(_Planted(None), fgsm, 3) == (columns, None)
+    # in the first epoch there is no good checkpoint: one line naming the remedy per attack
+    with pytest.raises(train.TrainingError, match=r"catastrophic overfitting in epoch 1 "
+                       r"\(FGSM wins, epsilon 0.1\), before any good checkpoint; .*"
+                       r"--robust_attack=pgd"):
+        train._check_guard(_Planted("FGSM wins"), fgsm, 1)
+    with pytest.raises(train.TrainingError, match="more --robust_steps"):
+        train._check_guard(_Planted("PGD fell"), pgd, 1)
     rejecting = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1,
                                          robust_mode="reject").model.robust
-    assert train._check_guard(_Planted("FGSM wins"), rejecting, 3, trained)[
-        "robust/pgd_accuracy"] == 0.1
+    assert train._check_guard(_Planted("FGSM wins"), rejecting, 1) == (columns, None)
 
 
 def test_flags_validate_and_key_the_train_stage():

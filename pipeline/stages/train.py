@@ -241,24 +241,28 @@ def _guard(settings: robust.RobustTraining, seed: int, model, watched: dict | No
     return guard
 
 
-def _check_guard(guard, settings: robust.RobustTraining, epoch: int,
-                 trained: TrainedModel) -> dict:
-    """This epoch's guard columns; raises TrainingError on a collapse where the adversarial
-    examples are to be classified (--robust_mode=reject only logs it: there they need not
-    be)."""
+def _check_guard(guard, settings: robust.RobustTraining, epoch: int) -> tuple[dict, str | None]:
+    """This epoch's guard columns and why it collapsed (None if it did not, or if only the
+    log is told: under --robust_mode=reject the examples need not be classified). A collapse
+    in the first epoch leaves no good checkpoint to end on: TrainingError."""
     if guard is None:
-        return {}
+        return {}, None
     measured, why = guard.check()
-    if why and settings.classifies:
-        raise TrainingError(
-            f"catastrophic overfitting in epoch {epoch} ({why}, epsilon "
-            f"{settings.epsilon:g}); the last good checkpoint (epoch {epoch - 1}) is kept "
-            f"in {trained.last_path}; train afresh (--force) with --robust_attack=pgd, or "
-            "a smaller --robust_step_size")
-    if why:
+    columns = dict(zip(GUARD_COLUMNS, (round(measured.fgsm_accuracy, 6),
+                                       round(measured.pgd_accuracy, 6)), strict=True))
+    if why and not settings.classifies:
         logging.warning("train: epoch %d: %s", epoch, why)
-    return dict(zip(GUARD_COLUMNS, (round(measured.fgsm_accuracy, 6),
-                                    round(measured.pgd_accuracy, 6)), strict=True))
+        return columns, None
+    if why and epoch == 1:
+        raise TrainingError(
+            f"catastrophic overfitting in epoch 1 ({why}, epsilon {settings.epsilon:g}), "
+            f"before any good checkpoint; train afresh (--force) with {_remedy(settings)}")
+    return columns, why
+
+
+def _remedy(settings: robust.RobustTraining) -> str:
+    return ("--robust_attack=pgd, or a smaller --robust_step_size" if settings.attack == "fgsm"
+            else "more --robust_steps, or a smaller --robust_step_size")
 
 
 def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
@@ -386,6 +390,7 @@ class _Loop:
     hardware: precision.Hardware
     robust: robust.RobustTraining
     held_out: dict | None = None
+    collapsed: str | None = None  # why robust accuracy collapsed in the last epoch fitted
 
     def __post_init__(self):
         self.test_ds = self.examples.dataset("test", limit=TEST_SUBSET)
@@ -427,7 +432,10 @@ class _Loop:
                 "resumes from it and may diverge again, a lower --learning_rate (or "
                 "--outlier_weight) starts afresh")
         row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()}}
-        row.update(_check_guard(self.guard, self.robust, epoch, self.trained))
+        guarded, self.collapsed = _check_guard(self.guard, self.robust, epoch)
+        row.update(guarded)
+        if self.collapsed:
+            return logs, row
         if self.training.lr_schedule != "constant":  # the rate the next step would take
             row["learning_rate"] = float(self.model.optimizer.learning_rate)
         self.measure(epoch, row)
@@ -437,6 +445,21 @@ class _Loop:
         row["step_ms_median"] = round(1000 * float(np.median(step_seconds)), 2) \
             if step_seconds else 0.0
         return logs, row
+
+    def stop_early(self, epoch: int, row: dict) -> None:
+        """Robust accuracy collapsed in `epoch`: training ends on the epoch before, whose
+        checkpoint stays the last (early stopping on held-out robust accuracy, as Rice et
+        al. 2020 advise); state.json says so."""
+        good = epoch - 1
+        logging.warning(
+            "train: catastrophic overfitting in epoch %d (%s, epsilon %g): training ends on "
+            "epoch %d, the last good checkpoint, which the later stages use; to train all %d "
+            "epochs, train afresh (--force) with %s", epoch, self.collapsed,
+            self.robust.epsilon, good, self.training.epochs, _remedy(self.robust))
+        self.state["stopped_early"] = {
+            "epoch": good, "collapsed_in": epoch, "why": self.collapsed,
+            **{k: row[k] for k in GUARD_COLUMNS}}
+        checkpoints.commit(self.trained, self.state)
 
     def measure(self, epoch: int, row: dict) -> None:
         """Test accuracy (on all test images after the last epoch) and rejection quality."""
@@ -518,9 +541,16 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
                  batch, steps, hardware, model_config.robust, held_out)
     if training.epochs == 0 and chief and state["epoch"] == 0:
         loop.untrained()
-    for epoch in range(state["epoch"] + 1, training.epochs + 1):
+    if stopped := state.get("stopped_early"):  # a resumed run that had ended
+        logging.info("train: ended on epoch %d after a collapse in epoch %d", stopped["epoch"],
+                     stopped["collapsed_in"])
+    for epoch in range(state["epoch"] + 1, training.epochs + 1 if not stopped else 0):
         start = time.time()
         logs, row = loop.fit(epoch)
+        if loop.collapsed:
+            if chief:
+                loop.stop_early(epoch, row)
+            break
         if chief:
             loop.commit(epoch, logs, row, start)
     return list(TrainedModel.OUTPUTS)

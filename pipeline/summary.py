@@ -30,8 +30,11 @@ def headline(run_dir: str | pathlib.Path) -> list[tuple[str, str]]:
         training = robust.RobustTraining.from_settings(run.model.settings)
         if training.enabled:
             how = "FGSM" if training.attack == "fgsm" else f"PGD-{training.iterations}"
+            stopped = run.model.state().get("stopped_early")
+            ended = (f"; ended on epoch {stopped['epoch']}, robust accuracy collapsed in epoch "
+                     f"{stopped['collapsed_in']}" if stopped else "")
             rows.append(("trained against", f"L\u221e \u03b5 = {training.epsilon:g} ({how}, "
-                         f"--robust_mode={training.mode}; docs/robust.md)"))
+                         f"--robust_mode={training.mode}{ended}; docs/robust.md)"))
     attack = run.artifact("attack")
     if attack.exists():
         rows += _attacked(artifacts.read_json(attack.folder / attack_report.REPORT_JSON))

@@ -1,6 +1,8 @@
 """Adversarial training (sdim_tf.robust) and its overfitting guard, against closed forms on
 linear models and numpy references."""
 
+import types
+
 import keras
 import numpy as np
 import pytest
@@ -314,6 +316,39 @@ def test_train_stage_ends_on_the_epoch_before_a_collapse():
     rejecting = PipelineConfig.from_flat(dataset="mnist", robust_epsilon=0.1,
                                          robust_mode="reject").model.robust
     assert train._check_guard(_Planted("FGSM wins"), rejecting, 1) == (columns, None)
+
+
+def test_a_collapse_ends_training_on_the_last_good_epoch(tmp_path, data_dir, monkeypatch):
+    """A planted collapse in epoch 2 of 3: the stage finishes with epoch 1's checkpoint as
+    the last, state.json says why, and a rerun of the stage trains no further."""
+    import hashlib
+
+    from pipeline import artifacts, run, summary
+    from pipeline.config import PipelineConfig
+    from pipeline.run_dir import TrainedModel
+
+    verdicts = iter([(overfitting_guard.Measurement(0.6, 0.5), None),
+                     (overfitting_guard.Measurement(0.9, 0.1), "planted")])
+    planted = types.SimpleNamespace(check=lambda: next(verdicts))
+    monkeypatch.setattr(train, "_guard", lambda *args: planted)
+    config = PipelineConfig.from_flat(
+        dataset="mnist", data_dir=str(data_dir), run_dir=str(tmp_path / "run"), epochs=3,
+        train_limit=256, batch_size=128, lr_schedule="constant", robust_epsilon=0.1,
+        robust_steps=1, mixed_precision="float32", stages=("ingest", "train"))
+    run_dir = run.run(config)
+    trained = TrainedModel(run_dir / "train")
+    state = trained.state()
+    assert state["epoch"] == 1 and [row["epoch"] for row in state["history"]] == [1]
+    assert state["stopped_early"] == {"epoch": 1, "collapsed_in": 2, "why": "planted",
+                                      "robust/fgsm_accuracy": 0.9, "robust/pgd_accuracy": 0.1}
+    last = trained.last_path.read_bytes()
+    assert hashlib.sha256(last).hexdigest() == state["checkpoints"]["checkpoints/last.keras"]
+    assert dict(summary.headline(run_dir))["trained against"] == (
+        "L\u221e \u03b5 = 0.1 (PGD-1, --robust_mode=both; ended on epoch 1, robust accuracy "
+        "collapsed in epoch 2; docs/robust.md)")
+    (run_dir / "train" / artifacts.MANIFEST).unlink()  # the stage runs again and resumes
+    run.run(config)
+    assert trained.state()["epoch"] == 1 and trained.last_path.read_bytes() == last
 
 
 def test_flags_validate_and_key_the_train_stage():

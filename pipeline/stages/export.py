@@ -158,6 +158,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         "training": trained.settings,
         "threat_model": robust.RobustTraining.from_settings(trained.settings).threat_model(),
         "best_epoch": trained.state()["best_epoch"],
+        "stopped_early": trained.state().get("stopped_early"),
         "metrics": {k: report[k] for k in ("accuracy", "selective", "ood")},
         "versions": artifacts.package_versions(),
     }

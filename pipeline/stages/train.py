@@ -541,10 +541,12 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
                  batch, steps, hardware, model_config.robust, held_out)
     if training.epochs == 0 and chief and state["epoch"] == 0:
         loop.untrained()
+    last = training.epochs
     if stopped := state.get("stopped_early"):  # a resumed run that had ended
         logging.info("train: ended on epoch %d after a collapse in epoch %d", stopped["epoch"],
                      stopped["collapsed_in"])
-    for epoch in range(state["epoch"] + 1, training.epochs + 1 if not stopped else 0):
+        last = state["epoch"]
+    for epoch in range(state["epoch"] + 1, last + 1):
         start = time.time()
         logs, row = loop.fit(epoch)
         if loop.collapsed:

@@ -195,11 +195,30 @@ def test_sanity_numbers_are_recomputed_from_the_saved_sets(attacked, deployed):
     assert c["passed"] == all(square[e] - pgd_first[e] <= 0.02 + 1e-9 for e in (0.3, 1.0))
     d = sanity["d_adaptive_vs_non_adaptive"]  # 0.3: the only budget of both grids
     assert d["epsilons"] == [0.3] and d["non_adaptive"] == pytest.approx([art[0.3]])
-    # "at every epsilon": 1 was not compared, so a pass is not claimed
-    assert d["not_compared_at"] == [1.0]
-    assert d["passed"] == (None if pgd[0.3] >= art[0.3] else False)
+    # check (a)'s budget, 1, is left out: 0.3 is every budget compared
+    assert "not_compared_at" not in d
+    assert d["passed"] == (pgd[0.3] >= art[0.3])
     md = (run_dir / "attack" / attack.REPORT_MD).read_text()
     assert all(name in md for name in sanity)
+
+
+def test_sanity_claims_no_pass_where_a_budget_was_not_compared():
+    grid = [0.1, 0.2, 1.0]
+    linf = {"epsilon": grid, "undetected": np.array(
+        [[0, 0, 1, 0], [1, 0, 1, 0], [1, 1, 0, 1]], bool)}
+    autopgd = {"epsilon": grid, "undetected": np.array(
+        [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]], bool)}
+    art = {"epsilon": [0.0, 0.1], "undetected": np.zeros((2, 4), bool)}
+    out = attack.sanity(linf, non_adaptive=art, autopgd=autopgd)
+    # (a): per image either attack at epsilon 1: 4 of 4
+    assert out["a_large_budget"]["undetected_success"] == 1.0
+    assert out["a_large_budget"]["passed"] is True
+    d = out["d_adaptive_vs_non_adaptive"]  # 0.2 missing from ART's grid, 1 left out
+    assert d["epsilons"] == [0.1] and d["not_compared_at"] == [0.2] and d["passed"] is None
+    beaten = {"epsilon": [0.1], "undetected": np.ones((1, 4), bool)}
+    assert attack.sanity(linf, non_adaptive=beaten)["d_adaptive_vs_non_adaptive"][
+        "passed"] is False
+    assert attack.sanity(linf)["a_large_budget"]["undetected_success"] == 0.75
 
 
 def test_curves_report_what_they_carried_over(attacked, deployed):

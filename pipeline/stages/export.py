@@ -144,6 +144,7 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
                         "; ".join(blessing["failures"]))
     module = rejecting_classifier(examples, trained, calibration, settings.limits)
     name = settings.model_name or model_name(examples, trained.kind)
+    state = trained.state()
     card = {
         "model_name": name, "dataset": examples.dataset_name,
         "class_names": examples.class_names,
@@ -157,8 +158,8 @@ def run(config, stage_dir: pathlib.Path, upstream: dict) -> list[str]:
         "reasons": serving.REASONS,
         "training": trained.settings,
         "threat_model": robust.RobustTraining.from_settings(trained.settings).threat_model(),
-        "best_epoch": trained.state()["best_epoch"],
-        "stopped_early": trained.state().get("stopped_early"),
+        "best_epoch": state["best_epoch"],
+        "stopped_early": state.get("stopped_early"),
         "metrics": {k: report[k] for k in ("accuracy", "selective", "ood")},
         "versions": artifacts.package_versions(),
     }

@@ -390,7 +390,6 @@ class _Loop:
     hardware: precision.Hardware
     robust: robust.RobustTraining
     held_out: dict | None = None
-    collapsed: str | None = None  # why robust accuracy collapsed in the last epoch fitted
 
     def __post_init__(self):
         self.test_ds = self.examples.dataset("test", limit=TEST_SUBSET)
@@ -413,8 +412,9 @@ class _Loop:
         self.state["checkpoints"] = checkpoints.stage(self.model, self.trained.folder, True, {})
         checkpoints.commit(self.trained, self.state)
 
-    def fit(self, epoch: int) -> tuple[dict, dict]:
-        """(the epoch's training metrics, its history row so far)."""
+    def fit(self, epoch: int) -> tuple[dict, dict, str | None]:
+        """(the epoch's training metrics, its history row so far, why robust accuracy
+        collapsed in it or None)."""
         start = time.time()
         train_ds = epoch_dataset(self.examples, self.training, self.trained_images,
                                  self.batch, epoch)
@@ -432,10 +432,10 @@ class _Loop:
                 "resumes from it and may diverge again, a lower --learning_rate (or "
                 "--outlier_weight) starts afresh")
         row = {"epoch": epoch, **{k: round(v, 6) for k, v in logs.items()}}
-        guarded, self.collapsed = _check_guard(self.guard, self.robust, epoch)
+        guarded, collapsed = _check_guard(self.guard, self.robust, epoch)
         row.update(guarded)
-        if self.collapsed:
-            return logs, row
+        if collapsed:
+            return logs, row, collapsed
         if self.training.lr_schedule != "constant":  # the rate the next step would take
             row["learning_rate"] = float(self.model.optimizer.learning_rate)
         self.measure(epoch, row)
@@ -444,20 +444,20 @@ class _Loop:
         row["train_seconds"] = round(train_seconds, 2)
         row["step_ms_median"] = round(1000 * float(np.median(step_seconds)), 2) \
             if step_seconds else 0.0
-        return logs, row
+        return logs, row, None
 
-    def stop_early(self, epoch: int, row: dict) -> None:
-        """Robust accuracy collapsed in `epoch`: training ends on the epoch before, whose
+    def stop_early(self, epoch: int, row: dict, why: str) -> None:
+        """Robust accuracy collapsed in `epoch` (`why`): training ends on the epoch before, whose
         checkpoint stays the last (early stopping on held-out robust accuracy, as Rice et
         al. 2020 advise); state.json says so."""
         good = epoch - 1
         logging.warning(
             "train: catastrophic overfitting in epoch %d (%s, epsilon %g): training ends on "
             "epoch %d, the last good checkpoint, which the later stages use; to train all %d "
-            "epochs, train afresh (--force) with %s", epoch, self.collapsed,
+            "epochs, train afresh (--force) with %s", epoch, why,
             self.robust.epsilon, good, self.training.epochs, _remedy(self.robust))
         self.state["stopped_early"] = {
-            "epoch": good, "collapsed_in": epoch, "why": self.collapsed,
+            "epoch": good, "collapsed_in": epoch, "why": why,
             **{k: row[k] for k in GUARD_COLUMNS}}
         checkpoints.commit(self.trained, self.state)
 
@@ -548,10 +548,10 @@ def _train(model_config: ModelConfig, training: TrainConfig, trained: TrainedMod
         last = state["epoch"]
     for epoch in range(state["epoch"] + 1, last + 1):
         start = time.time()
-        logs, row = loop.fit(epoch)
-        if loop.collapsed:
+        logs, row, collapsed = loop.fit(epoch)
+        if collapsed:
             if chief:
-                loop.stop_early(epoch, row)
+                loop.stop_early(epoch, row, collapsed)
             break
         if chief:
             loop.commit(epoch, logs, row, start)

@@ -24,6 +24,7 @@ NAMES = {"fgsm": "FGSM", "pgd": "PGD", "deepfool": "DeepFool", "boundary": "Boun
          "pgd_accepted_linf": "adaptive PGD-L∞", "pgd_accepted_l2": "adaptive PGD-L2",
          "pgd_accepted_linf_doubled": "adaptive PGD-L∞, 2x steps and restarts",
          "apgd_accepted_linf": "adaptive AutoPGD-L∞", "apgd_accepted_l2": "adaptive AutoPGD-L2",
+         "pgd_accepted_linf_from_others": "adaptive PGD-L∞ from other classes' images",
          "transfer_accepted": "transfer (adaptive PGD-L∞ on another model)",
          "square_accepted": "Square-L∞ (gradient-free)", "cw_accepted": "adaptive CW-L2"}
 GRIDS = {"linf": "L∞", "l2": "L2"}
@@ -49,6 +50,8 @@ def undetected_panels(report: dict) -> dict:
         linf[f"adaptive PGD, {model}"] = (v["epsilons"], v["undetected_success"])
     for model, v in adaptive.get("apgd_accepted_linf", {}).items():
         linf[f"AutoPGD, {model}"] = (v["epsilons"], v["undetected_success"])
+    for model, v in adaptive.get("pgd_accepted_linf_from_others", {}).items():
+        linf[f"PGD from other classes, {model}"] = (v["epsilons"], v["undetected_success"])
     for attack, label in (("pgd_accepted_linf_doubled", "adaptive PGD 2x"),
                           ("transfer_accepted", "transfer"), ("square_accepted", "Square")):
         for model, v in adaptive.get(attack, {}).items():
@@ -212,14 +215,16 @@ def _adaptive_lines(report: dict) -> list[str]:
     lines = ["## Adaptive attacks: the attacker knows the rejection rule", "",
              "PGD and AutoPGD on a margin loss that is zero once a wrong class clears its "
              "threshold and leads (`sdim_tf.adversarial.pgd_accepted`, `apgd_accepted`), per "
-             "image the first undetected success; Square is their gradient-free counterpart; "
+             "image the first undetected success; PGD from other classes' images starts "
+             "each image at its nearest attacked image of another class, projected into the "
+             "ball; Square is their gradient-free counterpart; "
              "the transfer attack crafts on another model and asks ours only for its answer. "
              "Undetected success (%) by ε. Along a grid a success counts at every larger ε "
              "without being attacked again (carried over: how many of each ε's figure). "
              + _clean_line(report), ""]
     for grid, attacks in (("L∞", ("pgd_accepted_linf", "pgd_accepted_linf_doubled",
-                                   "apgd_accepted_linf", "transfer_accepted",
-                                   "square_accepted")),
+                                   "apgd_accepted_linf", "pgd_accepted_linf_from_others",
+                                   "transfer_accepted", "square_accepted")),
                           ("L2", ("pgd_accepted_l2", "apgd_accepted_l2"))):
         rows = [(a, m, v) for a in attacks for m, v in adaptive.get(a, {}).items()]
         if not rows:

@@ -1,12 +1,14 @@
 """Attacks against hand-made models whose gradients and answers are known in closed form."""
 
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
 from scipy import optimize, special
 
 from sdim_tf import adversarial
-from sdim_tf.adversarial import apgd
+from sdim_tf.adversarial import apgd, pgd
 
 H = 8
 _RNG = np.random.default_rng(0)
@@ -507,8 +509,9 @@ def test_apgd_accepted_succeeds_exactly_where_feasible(feasibility_case):
         result.success, _undetected_numpy(numpy_logits(result.adversarial), labels, thresholds))
 
 
-@pytest.mark.parametrize("curve", [adversarial.pgd_accepted_curve,
-                                   adversarial.apgd_accepted_curve])
+@pytest.mark.parametrize("curve", [
+    adversarial.pgd_accepted_curve, adversarial.apgd_accepted_curve,
+    functools.partial(adversarial.pgd_accepted_curve, start="other_classes")])
 def test_curves_carry_successes_over_the_grid_as_the_linear_programme_says(feasibility_case,
                                                                            curve):
     """Each epsilon's figure is the feasible images at that epsilon (the linear programme);
@@ -528,6 +531,48 @@ def test_curves_carry_successes_over_the_grid_as_the_linear_programme_says(feasi
     for e in range(1, len(grid)):
         kept = result.carried[e]
         np.testing.assert_array_equal(result.adversarial[e][kept], result.adversarial[e - 1][kept])
+
+
+def test_other_class_starts_are_the_nearest_images_of_other_classes_in_the_ball():
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0, 1, (9, H, H, 1)).astype(np.float32)
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    flat = images.reshape(9, -1).astype(np.float64)
+    order = pgd.nearest_of_other_classes(images, labels)
+    assert order.shape == (9, 5)  # the images of label 2 have the fewest others: 5
+    for i in range(9):
+        others = [j for j in range(9) if labels[j] != labels[i]]
+        by_distance = sorted(others, key=lambda j: np.linalg.norm(flat[i] - flat[j]))
+        assert order[i].tolist() == by_distance[:5]
+    starts = pgd.from_other_classes(images, labels, "inf")
+    for restart in (0, 6):  # restart 6 comes round to the second nearest
+        other = images[order[:, restart % 5]]
+        expected = np.clip(np.clip(other, images - 0.1, images + 0.1), 0, 1)
+        np.testing.assert_allclose(starts(restart, None, images, 0.1, None), expected,
+                                   atol=1e-6)
+    np.testing.assert_allclose(starts(0, None, images, 1.0, None), images[order[:, 0]],
+                               atol=1e-6)
+    np.testing.assert_array_equal(pgd.nearest_of_other_classes(images[:3], labels[:3]),
+                                  [[0], [1], [2]])  # one label: each image gets itself
+
+
+def test_pgd_from_other_classes_is_accepted_at_once_in_the_whole_cube():
+    """Prototypes of three classes, all accepted: at epsilon 1 each starts at the nearest
+    prototype of another class, an undetected success before any step."""
+    labels = numpy_logits(PROTOS).argmax(1)
+    assert labels.tolist() == [0, 1, 2]
+    thresholds = np.full(3, -1e3)
+    curve = adversarial.pgd_accepted_curve(linear_model, PROTOS, labels, thresholds,
+                                           epsilons=(1.0,), norm="inf", steps=5,
+                                           start="other_classes")
+    flat = PROTOS.reshape(3, -1)
+    nearest = [min((j for j in range(3) if j != i),
+                   key=lambda j: np.linalg.norm(flat[i] - flat[j])) for i in range(3)]
+    assert curve.success[0].all()
+    np.testing.assert_allclose(curve.adversarial[0], PROTOS[nearest], atol=1e-6)
+    with pytest.raises(ValueError, match="start must be one of"):
+        adversarial.pgd_accepted(linear_model, PROTOS, labels, thresholds, norm="inf",
+                                 epsilon=0.1, steps=2, start="target")
 
 
 def _flagged(images):

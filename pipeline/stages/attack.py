@@ -380,17 +380,23 @@ def _cw_confidences(ctx: Context, target: Target, calibration, examples) -> tupl
 
 
 CURVES = {"pgd": adversarial.pgd_accepted_curve, "apgd": adversarial.apgd_accepted_curve}
+# the adaptive curves, run on every target: attack -> (method, norm, where PGD starts)
+ADAPTIVE_CURVES = {"pgd_accepted_linf": ("pgd", "inf", "image"),
+                   "pgd_accepted_l2": ("pgd", "2", "image"),
+                   "apgd_accepted_linf": ("apgd", "inf", "image"),
+                   "apgd_accepted_l2": ("apgd", "2", "image"),
+                   "pgd_accepted_linf_from_others": ("pgd", "inf", "other_classes")}
 
 
-def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = False,
-                    method: str = "pgd") -> tuple[dict, dict]:
-    """Adaptive PGD (`pgd_accepted_curve`) or AutoPGD (`apgd_accepted_curve`) on the
-    attacked set over the norm's grid, carried over it."""
+def _accepted_curve(ctx: Context, target: Target, attack: str, doubled: bool = False
+                    ) -> tuple[dict, dict]:
+    """An adaptive curve (`ADAPTIVE_CURVES`: `pgd_accepted_curve` or `apgd_accepted_curve`)
+    on the attacked set over the norm's grid, carried over it."""
     s = ctx.settings
+    method, norm, start = ADAPTIVE_CURVES[attack]
     epsilons = s.accepted_epsilons if norm == "inf" else s.accepted_l2_epsilons
     steps, restarts = s.accepted_steps * (1 + doubled), s.accepted_restarts * (1 + doubled)
     chosen = ctx.chosen(target, s.images)
-    attack = f"{method}_accepted_l{norm}"
     name = attack + ("_doubled" if doubled else f"_{target.name}")
     # warm_start: parts made before each epsilon started from the previous one's result
     key = {**target.key, "images": s.images, "epsilons": epsilons, "steps": steps,
@@ -402,6 +408,8 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
         options["schedule"] = schedule = s.accepted_schedule
         if schedule != "constant":  # parts made before schedules existed: constant
             key["schedule"] = schedule
+        if start != "image":
+            key["start"] = options["start"] = start
 
     def compute():
         # each epsilon is kept as it finishes (<name>.eps<i>), so a killed stage goes on
@@ -413,8 +421,8 @@ def _accepted_curve(ctx: Context, target: Target, norm: str, doubled: bool = Fal
             if kept is None:
                 break
             done.append(adversarial.AttackResult(
-                attack, kept[1]["adversarial"], kept[1]["logits"], kept[1]["success"],
-                kept[0]["seconds"]))
+                f"{method}_accepted_l{norm}", kept[1]["adversarial"], kept[1]["logits"],
+                kept[1]["success"], kept[0]["seconds"]))
         logging.info("attack: %s on %d attacked images of %s%s", name, len(chosen["label"]),
                      target.name, f", resumed after ε={epsilons[len(done) - 1]:g}"
                      if done else "")
@@ -591,16 +599,19 @@ def _matching(epsilons, grid) -> list[int | None]:
 
 def sanity(linf: dict, doubled: dict | None = None, square: dict | None = None,
            non_adaptive: dict | None = None, transfer: dict | None = None,
-           autopgd: dict | None = None) -> dict:
+           autopgd: dict | None = None, from_others: dict | None = None) -> dict:
     """Carlini et al.'s checks on the adaptive PGD-Linf curve, from per-image undetected
     successes: each argument {"epsilon": [E], "undetected": bool [E, N]} (square: on the
     first images of the same set; non_adaptive: ART's PGD-Linf, transfer: the transfer
-    attack, autopgd: AutoPGD-Linf, on the same images). Check (a) asks whether the gradient
-    attacks reach the large budget: an image counts when PGD or AutoPGD finds it, since a
-    defence can mask one step rule and not the other."""
-    both = (autopgd is not None and np.shape(autopgd["undetected"]) == np.shape(
-        linf["undetected"]) and np.allclose(autopgd["epsilon"], linf["epsilon"]))
-    strongest = linf["undetected"] | autopgd["undetected"] if both else linf["undetected"]
+    attack, autopgd: AutoPGD-Linf, from_others: adaptive PGD-Linf from images of other
+    classes, on the same images). Check (a) asks whether the gradient attacks reach the
+    large budget: an image counts when any of PGD, AutoPGD and PGD from other classes finds
+    it, since a defence can mask one start or step rule and not another."""
+    joined = [(label, v) for label, v in (("AutoPGD-L∞", autopgd),
+                                          ("PGD-L∞ from other classes' images", from_others))
+              if v is not None and np.shape(v["undetected"]) == np.shape(linf["undetected"])
+              and np.allclose(v["epsilon"], linf["epsilon"])]
+    strongest = np.logical_or.reduce([linf["undetected"], *(v["undetected"] for _, v in joined)])
     at = _matching([LARGE_EPSILON], linf["epsilon"])[0]
     share = None if at is None else float(strongest[at].mean())
     same_images = linf
@@ -610,8 +621,10 @@ def sanity(linf: dict, doubled: dict | None = None, square: dict | None = None,
                                for v in (linf, square))
     return {
         "a_large_budget": {
-            "criterion": f"adaptive PGD-L∞{' or AutoPGD-L∞ (per image, either)' * both} "
-                         f"undetected success ≥ 95% at ε = {LARGE_EPSILON:g}",
+            "criterion": "adaptive PGD-L∞"
+                         + "".join(f" or {label}" for label, _ in joined)
+                         + " (per image, any)" * bool(joined)
+                         + f" undetected success ≥ 95% at ε = {LARGE_EPSILON:g}",
             "passed": None if at is None else share >= 0.95, "undetected_success": share,
             "images": int(linf["undetected"].shape[1]),
             **({"note": f"ε = {LARGE_EPSILON:g} not in the grid"} if at is None else {})},
@@ -851,20 +864,15 @@ def _adaptive(ctx: Context, targets: dict, main: Target, attacks: set, report: d
     doubled curve, Square and the transfer from `source` on the main model) and the sanity
     checks."""
     adaptive = report["adaptive"]
-    for method in ("pgd", "apgd"):
-        for norm in ("inf", "2"):
-            attack = f"{method}_accepted_l{norm}"
-            if attack not in attacks:
-                continue
-            for name, target in targets.items():
-                summary, sets[name][f"{attack}_{name}"] = _accepted_curve(ctx, target, norm,
-                                                                          method=method)
-                adaptive.setdefault(attack, {})[name] = summary
-                logging.info("attack: %s of %s: undetected %s", attack, name,
-                             summary["undetected_success"])
+    for attack in (a for a in ADAPTIVE_CURVES if a in attacks):
+        for name, target in targets.items():
+            summary, sets[name][f"{attack}_{name}"] = _accepted_curve(ctx, target, attack)
+            adaptive.setdefault(attack, {})[name] = summary
+            logging.info("attack: %s of %s: undetected %s", attack, name,
+                         summary["undetected_success"])
     if "pgd_accepted_linf_doubled" in attacks:
         summary, sets[main.name]["pgd_accepted_linf_doubled"] = _accepted_curve(
-            ctx, main, "inf", doubled=True)
+            ctx, main, "pgd_accepted_linf", doubled=True)
         adaptive["pgd_accepted_linf_doubled"] = {main.name: summary}
     if source is not None:
         summary, sets[main.name][TRANSFER_PART] = _transfer(ctx, main, source)
@@ -886,7 +894,8 @@ def _adaptive(ctx: Context, targets: dict, main: Target, attacks: set, report: d
         report["sanity"] = sanity(
             ours[f"pgd_accepted_linf_{main.name}"], ours.get("pgd_accepted_linf_doubled"),
             ours.get("square_accepted"), ours.get(f"pgd_{main.name}"),
-            ours.get(TRANSFER_PART), ours.get(f"apgd_accepted_linf_{main.name}"))
+            ours.get(TRANSFER_PART), ours.get(f"apgd_accepted_linf_{main.name}"),
+            ours.get(f"pgd_accepted_linf_from_others_{main.name}"))
         logging.info("attack: sanity checks %s",
                      {k: v["passed"] for k, v in report["sanity"].items()})
 

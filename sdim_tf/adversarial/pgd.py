@@ -8,11 +8,20 @@ import numpy as np
 import tensorflow as tf
 
 from sdim_tf.adversarial.accepted import float_scores, margin_loss, reached, specs
-from sdim_tf.adversarial.grid import AcceptedCurve, first_then_random, over_epsilons, resume
+from sdim_tf.adversarial.grid import (
+    AcceptedCurve,
+    Starts,
+    first_then_random,
+    over_epsilons,
+    resume,
+)
 from sdim_tf.adversarial.results import AttackResult
 from sdim_tf.adversarial.settings import SCHEDULES
 
 NORMS = ("inf", "2")
+# where the adaptive PGD starts: the image (then at random in the ball), or an image of
+# another class projected into the ball (`from_other_classes`)
+STARTS = ("image", "other_classes")
 
 
 def _per_image_l2(t):
@@ -101,19 +110,55 @@ def step_sizes(epsilon: float, steps: int, schedule: str = "cosine",
     return first * 0.5 * (1 + np.cos(np.pi * np.arange(steps + 1) / steps))
 
 
+def nearest_of_other_classes(images, labels) -> np.ndarray:
+    """int [N, M]: per image the images of other labels, nearest first (L2 in pixels), M
+    the fewest any image has; where every image has one label, each gets itself."""
+    images = np.asarray(images, np.float64)
+    flat = images.reshape(len(images), int(np.prod(images.shape[1:])))
+    labels = np.asarray(labels)
+    squared = (flat ** 2).sum(1)
+    distances = squared[:, None] + squared[None, :] - 2 * flat @ flat.T
+    distances[labels[:, None] == labels[None, :]] = np.inf
+    others = np.isfinite(distances).sum(1)
+    fewest = int(others.min()) if len(others) else 1
+    order = np.argsort(distances, axis=1, kind="stable")[:, :max(fewest, 1)]
+    order[others == 0] = np.flatnonzero(others == 0)[:, None]
+    return order
+
+
+def from_other_classes(images, labels, norm: str) -> Starts:
+    """Start r: per image its r-th nearest image of another class (of `images` itself,
+    cycling when r runs past them) projected into the epsilon ball. When `images` are
+    images the rule accepts, a budget that holds the whole move starts at an undetected
+    success (the L-inf ball of radius 1: Carlini et al.'s unbounded check); smaller ones
+    descend from inside another class's accepted region instead of from the image."""
+    pool, order = np.asarray(images, np.float32), nearest_of_other_classes(images, labels)
+
+    def starts(restart, rng, clean, epsilon, first):
+        if not len(clean):
+            return clean
+        other = pool[order[:, restart % order.shape[1]]]
+        return into_ball(clean, other, np.float32(epsilon), norm).numpy()
+    return starts
+
+
 def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size=None,
          schedule="cosine", restarts=1, margin=0.0, targets=None, batch_size=100, seed=0,
-         after=None):
+         after=None, start="image"):
     """pgd_accepted's result for each epsilon, carried over the grid (`over_epsilons`), the
-    compiled step traced once for all. The first start at each epsilon is the previous
-    epsilon's result (inside the larger ball)."""
+    compiled step traced once for all. Starting from the image, the first start at each
+    epsilon is the previous epsilon's result (inside the larger ball)."""
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     program = pgd_program(scorer, norm, np.shape(images)[1:])
 
-    def attack(clean, start, labels, targets, thresholds, epsilon, rng):
-        return program(clean, start, labels, targets, thresholds, epsilon,
+    def attack(clean, begin, labels, targets, thresholds, epsilon, rng):
+        return program(clean, begin, labels, targets, thresholds, epsilon,
                        step_sizes(epsilon, steps, schedule, step_size), margin)
 
-    return over_epsilons(f"pgd_accepted_l{norm}", attack, first_then_random(norm), scorer,
+    starts = first_then_random(norm) if start == "image" else \
+        from_other_classes(images, labels, norm)
+    return over_epsilons(f"pgd_accepted_l{norm}", attack, starts, scorer,
                          images, labels, thresholds, epsilons, restarts=restarts,
                          targets=targets, batch_size=batch_size, seed=seed, after=after)
 
@@ -121,15 +166,17 @@ def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size
 def pgd_accepted(scorer, images, labels, thresholds, *, norm: str, epsilon: float,
                  steps: int, step_size: float | None = None, schedule: str = "cosine",
                  restarts: int = 1, margin: float = 0.0, targets=None, batch_size: int = 100,
-                 seed: int = 0) -> AttackResult:
+                 seed: int = 0, start: str = "image") -> AttackResult:
     """PGD (L-inf or L2, `norm` "inf" or "2") on `margin_loss` inside the epsilon ball and
     [0, 1]: per image the first undetected success (of its target, given `targets`), else
-    the iterate of the lowest loss. Restarts after the first start at random in the ball,
-    each on the images still without a success. Step sizes: `step_sizes` of the
-    `schedule`."""
+    the iterate of the lowest loss. `start` "image": from the image, restarts at random in
+    the ball; "other_classes": each start from an image of another class of `images`
+    (`from_other_classes`). Each restart attacks the images still without a success. Step
+    sizes: `step_sizes` of the `schedule`."""
     return next(_pgd(scorer, images, labels, thresholds, (epsilon,), norm=norm, steps=steps,
                      step_size=step_size, schedule=schedule, restarts=restarts,
-                     margin=margin, targets=targets, batch_size=batch_size, seed=seed))
+                     margin=margin, targets=targets, batch_size=batch_size, seed=seed,
+                     start=start))
 
 
 def pgd_accepted_curve(scorer, images, labels, thresholds, *, epsilons, norm: str,

@@ -10,9 +10,12 @@ CURVE_ATTACKS = ("fgsm", "pgd")
 UNTARGETED_ATTACKS = ("deepfool", "boundary", "local_search")
 # attacks that know the rejection rule and aim at an accepted wrong class
 # (pgd_accepted_linf_doubled: its curve at twice the steps and restarts, Carlini et al.'s
-# convergence check; about 4x the curve's time; apgd_*: AutoPGD at the same grids and budget)
+# convergence check; about 4x the curve's time; apgd_*: AutoPGD at the same grids and budget;
+# pgd_accepted_linf_from_others: the PGD curve started from the nearest attacked image of
+# another class, projected into the ball)
 ADAPTIVE_ATTACKS = ("pgd_accepted_linf", "pgd_accepted_linf_doubled", "pgd_accepted_l2",
-                    "apgd_accepted_linf", "apgd_accepted_l2", "square_accepted", "cw_accepted")
+                    "apgd_accepted_linf", "apgd_accepted_l2", "pgd_accepted_linf_from_others",
+                    "square_accepted", "cw_accepted")
 ATTACKS = (*CURVE_ATTACKS, *UNTARGETED_ATTACKS, "cw_l2", *ADAPTIVE_ATTACKS)
 SCHEDULES = ("constant", "cosine")  # of the adaptive PGD's step sizes (pgd.step_sizes)
 
@@ -55,7 +58,8 @@ class AttackSettings:
     # adaptive attacks (they know the rejection rule)
     accepted_epsilons: tuple[float, ...] = setting(
         (0.05, 0.1, 0.2, 0.3, 0.5, 1.0), "L-inf budgets of the adaptive curves "
-        "(pgd_accepted_linf, apgd_accepted_linf), square_accepted and the transfer attack; 1 "
+        "(pgd_accepted_linf, apgd_accepted_linf, pgd_accepted_linf_from_others), "
+        "square_accepted and the transfer attack; 1 "
         "(the whole image cube) is sanity check (a)'s budget.")
     accepted_l2_epsilons: tuple[float, ...] = setting(
         (0.5, 1.0, 2.0, 3.0, 4.0, 6.0), "L2 budgets of the adaptive curves pgd_accepted_l2 and "
@@ -64,8 +68,9 @@ class AttackSettings:
                                   "restart; cw_accepted per binary-search step).")
     accepted_restarts: int = setting(
         1, "Starts of the adaptive PGD and AutoPGD (the first from the image, the others at "
-        "random in the ball, each on the images still without an undetected success); "
-        "pgd_accepted_linf_doubled runs twice the steps and restarts.")
+        "random in the ball, each on the images still without an undetected success; "
+        "pgd_accepted_linf_from_others: from the nearest, second nearest, ... attacked image "
+        "of another class); pgd_accepted_linf_doubled runs twice the steps and restarts.")
     # cosine: on a 10-epoch MNIST model, 400 steps found 82% at epsilon 0.1 where constant
     # steps found 70% (constant gains nothing from more steps: its path length is fixed)
     accepted_schedule: str = setting(

@@ -63,6 +63,9 @@ def test_every_test_module_has_a_py_test(targets):
     for name, t in targets.items():
         if t["kind"] == "py_test":
             assert t["args"] == [t["srcs"][0]] and t["main"] == "tests/bazel_pytest.py", name
+    # CI's Bazel run tests the smoke targets: fast ones, which exist
+    smoke = {name for name, t in targets.items() if "smoke" in t.get("tags", [])}
+    assert smoke and all("slow" not in targets[name]["tags"] for name in smoke)
 
 
 def test_dependencies_exist_and_point_one_way(targets):

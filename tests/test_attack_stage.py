@@ -190,6 +190,8 @@ def test_sanity_numbers_are_recomputed_from_the_saved_sets(attacked, deployed):
     # image whose attacked set has another class
     assert any_of[2].all() and len(set(sets["pgd_accepted_linf_sdim"]["label"])) > 1
     assert sanity["a_large_budget"]["undetected_success"] == pytest.approx(large)
+    assert sanity["a_large_budget"]["from_the_image"] == pytest.approx(
+        float((any_of[0] | any_of[1]).mean()))
     assert sanity["a_large_budget"]["passed"] == (large >= 0.95)
     b = sanity["b_more_steps_and_restarts"]
     assert b["base"] == pytest.approx([pgd[e] for e in (0.3, 1.0)])

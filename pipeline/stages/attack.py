@@ -607,11 +607,16 @@ def sanity(linf: dict, doubled: dict | None = None, square: dict | None = None,
     classes, on the same images). Check (a) asks whether the gradient attacks reach the
     large budget: an image counts when any of PGD, AutoPGD and PGD from other classes finds
     it, since a defence can mask one start or step rule and not another."""
-    joined = [(label, v) for label, v in (("AutoPGD-L∞", autopgd),
-                                          ("PGD-L∞ from other classes' images", from_others))
-              if v is not None and np.shape(v["undetected"]) == np.shape(linf["undetected"])
-              and np.allclose(v["epsilon"], linf["epsilon"])]
-    strongest = np.logical_or.reduce([linf["undetected"], *(v["undetected"] for _, v in joined)])
+    def same_grid(v):
+        return v if v is not None and np.shape(v["undetected"]) == np.shape(
+            linf["undetected"]) and np.allclose(v["epsilon"], linf["epsilon"]) else None
+
+    autopgd, from_others = same_grid(autopgd), same_grid(from_others)
+    joined = [label for label, v in (("AutoPGD-L∞", autopgd),
+                                     ("PGD-L∞ from other classes' images", from_others))
+              if v is not None]
+    from_image = linf["undetected"] | (False if autopgd is None else autopgd["undetected"])
+    strongest = from_image | (False if from_others is None else from_others["undetected"])
     at = _matching([LARGE_EPSILON], linf["epsilon"])[0]
     share = None if at is None else float(strongest[at].mean())
     same_images = linf
@@ -622,10 +627,13 @@ def sanity(linf: dict, doubled: dict | None = None, square: dict | None = None,
     return {
         "a_large_budget": {
             "criterion": "adaptive PGD-L∞"
-                         + "".join(f" or {label}" for label, _ in joined)
+                         + "".join(f" or {label}" for label in joined)
                          + " (per image, any)" * bool(joined)
                          + f" undetected success ≥ 95% at ε = {LARGE_EPSILON:g}",
             "passed": None if at is None else share >= 0.95, "undetected_success": share,
+            # what the attacks that start at the image reach on their own
+            **({"from_the_image": float(from_image[at].mean())}
+               if at is not None and from_others is not None else {}),
             "images": int(linf["undetected"].shape[1]),
             **({"note": f"ε = {LARGE_EPSILON:g} not in the grid"} if at is None else {})},
         "b_more_steps_and_restarts": _compare(

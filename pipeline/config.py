@@ -358,6 +358,8 @@ class AttackConfig(Section):
                 self.counts(),
                 (s.pgd_step_size > 0, f"--attack_pgd_step_size must be > 0, got "
                  f"{s.pgd_step_size}"),
+                (0 < s.accepted_first_step <= 1, "--attack_accepted_first_step must lie in "
+                 f"(0, 1], got {s.accepted_first_step}"),
                 (all(k >= 0 for k in s.cw_confidences or ()),
                  f"--attack_cw_confidences must be >= 0, got {list(s.cw_confidences or ())}")]
 

@@ -278,6 +278,11 @@ def test_step_sizes_by_hand():
                                [0.1, 0.1 * half, 0.05, 0.1 * (1 - half), 0.0], atol=1e-12)
     np.testing.assert_allclose(adversarial.step_sizes(0.1, 2, "cosine", step_size=0.3),
                                [0.3, 0.15, 0.0], atol=1e-12)
+    # a first step of a quarter of epsilon: 0.025 * (1 + cos(pi k / 2)) / 2; constant ignores it
+    np.testing.assert_allclose(adversarial.step_sizes(0.1, 2, "cosine", first_step=0.25),
+                               [0.025, 0.0125, 0.0], atol=1e-12)
+    np.testing.assert_allclose(adversarial.step_sizes(0.1, 4, "constant", first_step=0.25),
+                               [0.0625] * 5)
     with pytest.raises(ValueError, match="schedule must be one of"):
         adversarial.step_sizes(0.1, 4, "linear")
 

@@ -410,6 +410,8 @@ def _accepted_curve(ctx: Context, target: Target, attack: str, doubled: bool = F
             key["schedule"] = schedule
         if start != "image":
             key["start"] = options["start"] = start
+        if s.accepted_first_step != 1:  # parts made before the first step was a setting: 1
+            key["first_step"] = options["first_step"] = s.accepted_first_step
 
     def compute():
         # each epsilon is kept as it finishes (<name>.eps<i>), so a killed stage goes on
@@ -525,7 +527,8 @@ def _transfer(ctx: Context, target: Target, source: Source) -> tuple[dict, dict]
     chosen = ctx.chosen(target, s.images)
     key = {**target.key, "source": source.key, "images": s.images,
            "epsilons": s.accepted_epsilons, "steps": s.accepted_steps,
-           "restarts": s.accepted_restarts, "schedule": s.accepted_schedule}
+           "restarts": s.accepted_restarts, "schedule": s.accepted_schedule,
+           **({"first_step": s.accepted_first_step} if s.accepted_first_step != 1 else {})}
 
     def compute():
         logging.info("attack: transfer from the %s to %d attacked images", source.name,
@@ -534,7 +537,7 @@ def _transfer(ctx: Context, target: Target, source: Source) -> tuple[dict, dict]
             source.scorer, source.rule, target.scorer, target.rule, chosen["original"],
             chosen["label"], epsilons=s.accepted_epsilons, steps=s.accepted_steps,
             restarts=s.accepted_restarts, schedule=s.accepted_schedule,
-            batch_size=s.batch_size, seed=s.seed)
+            first_step=s.accepted_first_step, batch_size=s.batch_size, seed=s.seed)
         return {"epsilons": list(s.accepted_epsilons), "steps": s.accepted_steps,
                 "restarts": s.accepted_restarts, "schedule": s.accepted_schedule,
                 "source": source.name,

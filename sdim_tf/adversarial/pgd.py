@@ -97,16 +97,16 @@ def pgd_program(scorer, norm: str, image_shape):
 
 
 def step_sizes(epsilon: float, steps: int, schedule: str = "cosine",
-               step_size: float | None = None) -> np.ndarray:
+               step_size: float | None = None, first_step: float = 1.0) -> np.ndarray:
     """[steps + 1] PGD step sizes. constant: `step_size`, by default 2.5 * epsilon / steps
     (Madry et al.; the path length stays 2.5 epsilon whatever the steps). cosine: from
-    `step_size`, by default epsilon, down to 0 along half a cosine, so that more steps
-    search longer and end finer."""
+    `step_size`, by default `first_step` * epsilon, down to 0 along half a cosine, so that
+    more steps search longer and end finer."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if schedule == "constant":
         return np.full(steps + 1, 2.5 * epsilon / steps if step_size is None else step_size)
-    first = epsilon if step_size is None else step_size
+    first = first_step * epsilon if step_size is None else step_size
     return first * 0.5 * (1 + np.cos(np.pi * np.arange(steps + 1) / steps))
 
 
@@ -143,8 +143,8 @@ def from_other_classes(images, labels, norm: str) -> Starts:
 
 
 def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size=None,
-         schedule="cosine", restarts=1, margin=0.0, targets=None, batch_size=100, seed=0,
-         after=None, start="image"):
+         schedule="cosine", first_step=1.0, restarts=1, margin=0.0, targets=None,
+         batch_size=100, seed=0, after=None, start="image"):
     """pgd_accepted's result for each epsilon, carried over the grid (`over_epsilons`), the
     compiled step traced once for all. Starting from the image, the first start at each
     epsilon is the previous epsilon's result (inside the larger ball)."""
@@ -154,7 +154,7 @@ def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size
 
     def attack(clean, begin, labels, targets, thresholds, epsilon, rng):
         return program(clean, begin, labels, targets, thresholds, epsilon,
-                       step_sizes(epsilon, steps, schedule, step_size), margin)
+                       step_sizes(epsilon, steps, schedule, step_size, first_step), margin)
 
     starts = first_then_random(norm) if start == "image" else \
         from_other_classes(images, labels, norm)
@@ -165,16 +165,18 @@ def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size
 
 def pgd_accepted(scorer, images, labels, thresholds, *, norm: str, epsilon: float,
                  steps: int, step_size: float | None = None, schedule: str = "cosine",
-                 restarts: int = 1, margin: float = 0.0, targets=None, batch_size: int = 100,
-                 seed: int = 0, start: str = "image") -> AttackResult:
+                 first_step: float = 1.0, restarts: int = 1, margin: float = 0.0,
+                 targets=None, batch_size: int = 100, seed: int = 0,
+                 start: str = "image") -> AttackResult:
     """PGD (L-inf or L2, `norm` "inf" or "2") on `margin_loss` inside the epsilon ball and
     [0, 1]: per image the first undetected success (of its target, given `targets`), else
     the iterate of the lowest loss. `start` "image": from the image, restarts at random in
     the ball; "other_classes": each start from an image of another class of `images`
     (`from_other_classes`). Each restart attacks the images still without a success. Step
-    sizes: `step_sizes` of the `schedule`."""
+    sizes: `step_sizes` of the `schedule` (and `first_step`)."""
     return next(_pgd(scorer, images, labels, thresholds, (epsilon,), norm=norm, steps=steps,
-                     step_size=step_size, schedule=schedule, restarts=restarts,
+                     step_size=step_size, schedule=schedule, first_step=first_step,
+                     restarts=restarts,
                      margin=margin, targets=targets, batch_size=batch_size, seed=seed,
                      start=start))
 

@@ -21,8 +21,9 @@ from sdim_tf.adversarial.pgd import pgd_program, step_sizes
 
 def transfer_accepted_curve(source, source_rule, target, target_rule, images, labels, *,
                             epsilons, steps: int, norm: str = "inf", restarts: int = 1,
-                            schedule: str = "cosine", batch_size: int = 100, seed: int = 0,
-                            done=(), on_result=None) -> tuple[AcceptedCurve, np.ndarray]:
+                            schedule: str = "cosine", first_step: float = 1.0,
+                            batch_size: int = 100, seed: int = 0, done=(), on_result=None
+                            ) -> tuple[AcceptedCurve, np.ndarray]:
     """(the target's curve of undetected successes, bool [E, N] whether each returned image
     is also one on the source under `source_rule`). `source`, `target`: scorers (images ->
     class scores); rules: `Acceptance` or thresholds [C]. Carried over the grid on the
@@ -35,7 +36,8 @@ def transfer_accepted_curve(source, source_rule, target, target_rule, images, la
 
     def attack(clean, start, labels, targets, thresholds, epsilon, rng):
         x, _, _ = craft(clean, start, labels, targets, on_source, epsilon,
-                        step_sizes(epsilon, steps, schedule), np.inf, until_success=False)
+                        step_sizes(epsilon, steps, schedule, first_step=first_step), np.inf,
+                        until_success=False)
         _, loss, hit = evaluate(x, labels, targets, thresholds, batch_size)
         return x, loss, hit
 

@@ -410,7 +410,7 @@ def _accepted_curve(ctx: Context, target: Target, attack: str, doubled: bool = F
             key["schedule"] = schedule
         if start != "image":
             key["start"] = options["start"] = start
-        if s.accepted_first_step != 1:  # parts made before the first step was a setting: 1
+        if s.accepted_first_step != 1:  # keyed when not 1: a first step of 1 has no key
             key["first_step"] = options["first_step"] = s.accepted_first_step
 
     def compute():

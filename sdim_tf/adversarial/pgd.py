@@ -176,9 +176,8 @@ def pgd_accepted(scorer, images, labels, thresholds, *, norm: str, epsilon: floa
     sizes: `step_sizes` of the `schedule` (and `first_step`)."""
     return next(_pgd(scorer, images, labels, thresholds, (epsilon,), norm=norm, steps=steps,
                      step_size=step_size, schedule=schedule, first_step=first_step,
-                     restarts=restarts,
-                     margin=margin, targets=targets, batch_size=batch_size, seed=seed,
-                     start=start))
+                     restarts=restarts, margin=margin, targets=targets,
+                     batch_size=batch_size, seed=seed, start=start))
 
 
 def pgd_accepted_curve(scorer, images, labels, thresholds, *, epsilons, norm: str,

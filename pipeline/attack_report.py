@@ -46,12 +46,12 @@ def undetected_panels(report: dict) -> dict:
     for model, by_grid in report.get("worst_case", {}).items():
         for grid, v in by_grid.items():
             panels[grid][f"worst case, {model}"] = (v["epsilons"], v["undetected_success"])
-    for model, v in adaptive.get("pgd_accepted_linf", {}).items():
-        linf[f"adaptive PGD, {model}"] = (v["epsilons"], v["undetected_success"])
-    for model, v in adaptive.get("apgd_accepted_linf", {}).items():
-        linf[f"AutoPGD, {model}"] = (v["epsilons"], v["undetected_success"])
-    for model, v in adaptive.get("pgd_accepted_linf_from_others", {}).items():
-        linf[f"PGD from other classes, {model}"] = (v["epsilons"], v["undetected_success"])
+    for attack, panel, label in (
+            ("pgd_accepted_linf", linf, "adaptive PGD"), ("apgd_accepted_linf", linf, "AutoPGD"),
+            ("pgd_accepted_linf_from_others", linf, "PGD from other classes"),
+            ("pgd_accepted_l2", l2, "adaptive PGD"), ("apgd_accepted_l2", l2, "AutoPGD")):
+        for model, v in adaptive.get(attack, {}).items():
+            panel[f"{label}, {model}"] = (v["epsilons"], v["undetected_success"])
     for attack, label in (("pgd_accepted_linf_doubled", "adaptive PGD 2x"),
                           ("transfer_accepted", "transfer"), ("square_accepted", "Square")):
         for model, v in adaptive.get(attack, {}).items():
@@ -60,10 +60,6 @@ def undetected_panels(report: dict) -> dict:
     for attack, by_model in report["curves_undetected"].items():
         for model, v in by_model.items():
             linf[f"ART {NAMES[attack]}, {model}"] = (s["epsilons"], v["undetected_success"])
-    for model, v in adaptive.get("pgd_accepted_l2", {}).items():
-        l2[f"adaptive PGD, {model}"] = (v["epsilons"], v["undetected_success"])
-    for model, v in adaptive.get("apgd_accepted_l2", {}).items():
-        l2[f"AutoPGD, {model}"] = (v["epsilons"], v["undetected_success"])
     return {k: v for k, v in (("L∞", linf), ("L2", l2)) if v}
 
 

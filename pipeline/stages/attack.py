@@ -388,6 +388,11 @@ ADAPTIVE_CURVES = {"pgd_accepted_linf": ("pgd", "inf", "image"),
                    "pgd_accepted_linf_from_others": ("pgd", "inf", "other_classes")}
 
 
+def _first_step_key(s: adversarial.AttackSettings) -> dict:
+    """The PGD first step in a part's key; a first step of 1 has no key."""
+    return {} if s.accepted_first_step == 1 else {"first_step": s.accepted_first_step}
+
+
 def _accepted_curve(ctx: Context, target: Target, attack: str, doubled: bool = False
                     ) -> tuple[dict, dict]:
     """An adaptive curve (`ADAPTIVE_CURVES`: `pgd_accepted_curve` or `apgd_accepted_curve`)
@@ -410,8 +415,8 @@ def _accepted_curve(ctx: Context, target: Target, attack: str, doubled: bool = F
             key["schedule"] = schedule
         if start != "image":
             key["start"] = options["start"] = start
-        if s.accepted_first_step != 1:  # keyed when not 1: a first step of 1 has no key
-            key["first_step"] = options["first_step"] = s.accepted_first_step
+        key.update(_first_step_key(s))
+        options["first_step"] = s.accepted_first_step
 
     def compute():
         # each epsilon is kept as it finishes (<name>.eps<i>), so a killed stage goes on
@@ -528,7 +533,7 @@ def _transfer(ctx: Context, target: Target, source: Source) -> tuple[dict, dict]
     key = {**target.key, "source": source.key, "images": s.images,
            "epsilons": s.accepted_epsilons, "steps": s.accepted_steps,
            "restarts": s.accepted_restarts, "schedule": s.accepted_schedule,
-           **({"first_step": s.accepted_first_step} if s.accepted_first_step != 1 else {})}
+           **_first_step_key(s)}
 
     def compute():
         logging.info("attack: transfer from the %s to %d attacked images", source.name,

@@ -29,7 +29,8 @@ setup(
         "tqdm",  # pipeline.predict's progress bar
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "Pillow", "adversarial-robustness-toolbox>=1.18",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "Pillow",
+                 "adversarial-robustness-toolbox>=1.18",
                  "hypothesis>=6.100",  # bench/fuzz_signatures.py
                  "apache-beam[tfrecord]>=2.78", "google-crc32c"],  # test_ingest_beam, test_predict
         "attacks": ["adversarial-robustness-toolbox>=1.18"],

@@ -169,7 +169,8 @@ def test_readme_commands_are_what_ci_runs():
     for step in _steps(tests):
         assert step in ci[position:], f"README test step {shlex.join(step)!r} is not in .ci/run"
         position = ci.index(step, position) + 1
-    assert _steps(tests)[-1][-3:] == ["pytest", "-q", "tests"]
+    assert _steps(tests)[-1][1:4] == ["python", "-m", "pytest"]
+    assert _steps(tests)[-1][-1] == "tests"
     # The main command sets up the same environment, without the test extra, and runs the
     # pipeline on the same data folder.
     venv, activate, install, run = _steps(main)

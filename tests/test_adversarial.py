@@ -559,6 +559,10 @@ def test_other_class_starts_are_the_nearest_images_of_other_classes_in_the_ball(
                                atol=1e-6)
     np.testing.assert_array_equal(pgd.nearest_of_other_classes(images[:3], labels[:3]),
                                   [[0], [1], [2]])  # one label: each image gets itself
+    # a few rows at a time, or only the first two: the same order
+    np.testing.assert_array_equal(pgd.nearest_of_other_classes(images, labels, chunk=2), order)
+    np.testing.assert_array_equal(pgd.nearest_of_other_classes(images, labels, count=2),
+                                  order[:, :2])
 
 
 def test_pgd_from_other_classes_is_accepted_at_once_in_the_whole_cube():

@@ -110,29 +110,37 @@ def step_sizes(epsilon: float, steps: int, schedule: str = "cosine",
     return first * 0.5 * (1 + np.cos(np.pi * np.arange(steps + 1) / steps))
 
 
-def nearest_of_other_classes(images, labels) -> np.ndarray:
+def nearest_of_other_classes(images, labels, count: int | None = None,
+                             chunk: int = 1024) -> np.ndarray:
     """int [N, M]: per image the images of other labels, nearest first (L2 in pixels), M
-    the fewest any image has; where every image has one label, each gets itself."""
-    images = np.asarray(images, np.float64)
-    flat = images.reshape(len(images), int(np.prod(images.shape[1:])))
+    the fewest any image has (at most `count`); where every image has one label, each gets
+    itself. Distances are taken `chunk` rows at a time, so memory grows as N, not N^2."""
+    flat = np.asarray(images, np.float64).reshape(len(images), -1)
     labels = np.asarray(labels)
+    _, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    others = len(labels) - sizes[inverse]
+    width = max(int(others.min()) if len(others) else 1, 1)
+    width = width if count is None else max(min(width, count), 1)
     squared = (flat ** 2).sum(1)
-    distances = squared[:, None] + squared[None, :] - 2 * flat @ flat.T
-    distances[labels[:, None] == labels[None, :]] = np.inf
-    others = np.isfinite(distances).sum(1)
-    fewest = int(others.min()) if len(others) else 1
-    order = np.argsort(distances, axis=1, kind="stable")[:, :max(fewest, 1)]
+    order = np.empty((len(flat), width), np.int64)
+    for begin in range(0, len(flat), chunk):
+        rows = slice(begin, begin + chunk)
+        distances = squared[rows, None] + squared[None, :] - 2 * flat[rows] @ flat.T
+        distances[labels[rows, None] == labels[None, :]] = np.inf
+        order[rows] = np.argsort(distances, axis=1, kind="stable")[:, :width]
     order[others == 0] = np.flatnonzero(others == 0)[:, None]
     return order
 
 
-def from_other_classes(images, labels, norm: str) -> Starts:
+def from_other_classes(images, labels, norm: str, restarts: int | None = None) -> Starts:
     """Start r: per image its r-th nearest image of another class (of `images` itself,
-    cycling when r runs past them) projected into the epsilon ball. When `images` are
+    cycling when r runs past them; only the first `restarts` are sorted) projected into
+    the epsilon ball. When `images` are
     images the rule accepts, a budget that holds the whole move starts at an undetected
     success (the L-inf ball of radius 1: Carlini et al.'s unbounded check); smaller ones
     descend from inside another class's accepted region instead of from the image."""
-    pool, order = np.asarray(images, np.float32), nearest_of_other_classes(images, labels)
+    pool = np.asarray(images, np.float32)
+    order = nearest_of_other_classes(images, labels, count=restarts)
 
     def starts(restart, rng, clean, epsilon, first):
         if not len(clean):
@@ -157,7 +165,7 @@ def _pgd(scorer, images, labels, thresholds, epsilons, *, norm, steps, step_size
                        step_sizes(epsilon, steps, schedule, step_size, first_step), margin)
 
     starts = first_then_random(norm) if start == "image" else \
-        from_other_classes(images, labels, norm)
+        from_other_classes(images, labels, norm, restarts)
     return over_epsilons(f"pgd_accepted_l{norm}", attack, starts, scorer,
                          images, labels, thresholds, epsilons, restarts=restarts,
                          targets=targets, batch_size=batch_size, seed=seed, after=after)

@@ -34,7 +34,7 @@ flags.DEFINE_string("out", None, "Folder of the <machine kind>/ result folders "
                     "(default bench/results).")
 
 
-def held_out(run: Run, count: int) -> tuple[np.ndarray, np.ndarray, int]:
+def held_out(run: Run, deployable, count: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The first `count` held-out training images the run classifies correctly and accepts
     (of three times as many read), their labels, and how many were read."""
     selection = run.model.selection("held_out")
@@ -42,15 +42,15 @@ def held_out(run: Run, count: int) -> tuple[np.ndarray, np.ndarray, int]:
         raise ValueError(f"{run.root} holds out no contiguous block of training images")
     images, labels = run.examples.arrays("train", skip=selection["skip"],
                                          limit=min(selection["limit"], 3 * count))
-    deployable = run.deployable()
     scores = deployable.model.predict(images, verbose=0)
     kept = (scores.argmax(1) == labels) & ~deployable.decide(scores).rejected.numpy()
     return images[kept][:count], labels[kept][:count], len(labels)
 
 
 def measure(run: Run) -> dict:
-    images, labels, read = held_out(run, FLAGS.images)
-    model, calibration = run.deployable().model, run.calibration
+    deployable, calibration = run.deployable(), run.calibration
+    images, labels, read = held_out(run, deployable, FLAGS.images)
+    model = deployable.model
     rule = adversarial.Acceptance(calibration.deployed()[1], calibration.min_gap())
     rules = {f"cosine, first step {f} epsilon": dict(first_step=float(f))
              for f in FLAGS.first_steps}

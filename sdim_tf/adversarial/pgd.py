@@ -135,10 +135,10 @@ def nearest_of_other_classes(images, labels, count: int | None = None,
 def from_other_classes(images, labels, norm: str, restarts: int | None = None) -> Starts:
     """Start r: per image its r-th nearest image of another class (of `images` itself,
     cycling when r runs past them; only the first `restarts` are sorted) projected into
-    the epsilon ball. When `images` are
-    images the rule accepts, a budget that holds the whole move starts at an undetected
-    success (the L-inf ball of radius 1: Carlini et al.'s unbounded check); smaller ones
-    descend from inside another class's accepted region instead of from the image."""
+    the epsilon ball. When `images` are images the rule accepts, a budget that holds the
+    whole move starts at an undetected success (the L-inf ball of radius 1: Carlini et
+    al.'s unbounded check); smaller ones descend from inside another class's accepted
+    region instead of from the image."""
     pool = np.asarray(images, np.float32)
     order = nearest_of_other_classes(images, labels, count=restarts)
 

@@ -37,11 +37,10 @@ flags.DEFINE_string("out", None, "Folder of the <machine kind>/ result folders "
 def held_out(run: Run, deployable, count: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The first `count` held-out training images the run classifies correctly and accepts
     (of three times as many read), their labels, and how many were read."""
-    selection = run.model.selection("held_out")
-    if not selection or "indices" in selection:
-        raise ValueError(f"{run.root} holds out no contiguous block of training images")
-    images, labels = run.examples.arrays("train", skip=selection["skip"],
-                                         limit=min(selection["limit"], 3 * count))
+    block = run.model.examples("held_out")  # (skip, limit); per-class choices refused there
+    if block is None:
+        raise ValueError(f"{run.root} holds out no training images")
+    images, labels = run.examples.arrays("train", skip=block[0], limit=min(block[1], 3 * count))
     scores = deployable.model.predict(images, verbose=0)
     kept = (scores.argmax(1) == labels) & ~deployable.decide(scores).rejected.numpy()
     return images[kept][:count], labels[kept][:count], len(labels)

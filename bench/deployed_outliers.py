@@ -43,12 +43,12 @@ def _define_flags() -> None:  # at run time only: tests import this module besid
 
 def outlier_sets(run: Run, count: int, seed: int, data_dir: str | None) -> dict:
     """{name: float32 images} built from the run's first `count` held-out images."""
-    selection = run.model.selection("held_out")
-    if not selection or "indices" in selection:
-        raise ValueError(f"{run.root} holds out no contiguous block of training images")
-    start = selection["skip"]
-    if not 0 < count <= selection["limit"]:
-        raise ValueError(f"--outlier_images must be in [1, {selection['limit']}], got {count}")
+    block = run.model.examples("held_out")  # (skip, limit); per-class choices refused there
+    if block is None:
+        raise ValueError(f"{run.root} holds out no training images")
+    start, limit = block
+    if not 0 < count <= limit:
+        raise ValueError(f"--outlier_images must be in [1, {limit}], got {count}")
     images, labels = images_of(run.examples.dataset_name, "train",
                                np.arange(start, start + count), data_dir=data_dir)
     return outlier_proxies.built_outliers(images, labels, seed)

@@ -183,10 +183,16 @@ def _inputs(stage: Stage, store: run_dirs.Run, config: PipelineConfig) -> dict:
     upstream = {name: store.artifact(name) for name in stage.needs}
     upstream.update({name: view for name in stage.uses
                      if (view := store.artifact(name)).exists()})
+    missing = [name for name, view in upstream.items() if not view.exists()]
+    if len(missing) == 1:
+        raise ConfigError(f"stage {stage.name} needs the outputs of {missing[0]} in "
+                          f"{upstream[missing[0]].folder}; run it first "
+                          f"(--stages={missing[0]},{stage.name})")
+    if missing:
+        raise ConfigError(f"stage {stage.name} needs the outputs of {', '.join(missing)} in "
+                          f"{store.root}; run them first "
+                          f"(--stages={','.join(missing)},{stage.name})")
     for name, view in upstream.items():
-        if not view.exists():
-            raise ConfigError(f"stage {stage.name} needs the outputs of {name} in "
-                              f"{view.folder}; run it first (--stages={name},{stage.name})")
         view.check_schema()
         changed = artifacts.changed_outputs(view.folder)
         if changed:

@@ -398,6 +398,10 @@ def test_cli_user_errors_are_one_line(tmp_path, tiny_run, data_dir):
                            "not writable")
     _assert_one_line_error(_cli(["--stages=train", f"--run_dir={tmp_path / 'r'}"], tmp_path),
                            "needs the outputs of ingest")
+    _assert_one_line_error(_cli(["--stages=attack", f"--run_dir={tmp_path / 'r'}"], tmp_path),
+                           f"stage attack needs the outputs of ingest, train, calibrate in "
+                           f"{tmp_path / 'r'}; run them first "
+                           "(--stages=ingest,train,calibrate,attack)")
     # A corrupt checkpoint: its manifest's sha256 names it; without a manifest (a killed
     # run) the sha256 state.json recorded for it does.
     import shutil

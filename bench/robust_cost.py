@@ -25,7 +25,7 @@ from pipeline.config import PipelineConfig
 from pipeline.stages import train
 from sdim_tf import precision
 
-# name -> --robust_* flags (epsilon 0.1, MNIST's screening budget)
+# name -> --robust_* flags (epsilon 0.1, MNIST's screening budget, unless given)
 VARIANTS = {
     "standard": {},
     "fgsm_beside": dict(robust_epsilon=0.1, robust_attack="fgsm", robust_mode="classify",
@@ -35,6 +35,7 @@ VARIANTS = {
     "pgd3_beside": dict(robust_epsilon=0.1, robust_mode="classify", robust_clean=True),
     "pgd3_in_place": dict(robust_epsilon=0.1, robust_mode="classify"),
     "pgd3_both": dict(robust_epsilon=0.1),  # the preset: --robust_epsilon alone
+    "pgd5_both": dict(robust_epsilon=0.3, robust_steps=5),  # the epsilon = 0.3 trials
 }
 TARGETS = {"fgsm": 2.2, "pgd": 4.0}
 

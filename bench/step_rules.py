@@ -25,13 +25,16 @@ from pipeline.run_dir import Run
 from sdim_tf import adversarial
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run_dir", None, "A finished run (train and calibrate).", required=True)
-flags.DEFINE_integer("images", 200, "Held-out images attacked (correct and accepted).")
-flags.DEFINE_list("epsilons", ["0.1", "0.3"], "L-inf budgets.")
-flags.DEFINE_list("first_steps", ["1", "0.25"], "Cosine first steps, fractions of epsilon.")
-flags.DEFINE_integer("steps", 100, "Steps of every rule.")
-flags.DEFINE_string("out", None, "Folder of the <machine kind>/ result folders "
-                    "(default bench/results).")
+
+
+def _define_flags() -> None:  # at run time only: tests import this module beside pipeline.run
+    flags.DEFINE_string("run_dir", None, "A finished run (train and calibrate).", required=True)
+    flags.DEFINE_integer("images", 200, "Held-out images attacked (correct and accepted).")
+    flags.DEFINE_list("epsilons", ["0.1", "0.3"], "L-inf budgets.")
+    flags.DEFINE_list("first_steps", ["1", "0.25"], "Cosine first steps, fractions of epsilon.")
+    flags.DEFINE_integer("steps", 100, "Steps of every rule.")
+    flags.DEFINE_string("out", None, "Folder of the <machine kind>/ result folders "
+                        "(default bench/results).")
 
 
 def held_out(run: Run, deployable, count: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -87,4 +90,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -337,3 +337,26 @@ def test_deployed_outliers_are_built_from_held_out_rows_and_decided_by_the_rule(
         assert outcomes[name]["ambiguous"] == 0
     with pytest.raises(ValueError, match=r"--outlier_images must be in \[1, 5000\], got 0"):
         deployed_outliers.outlier_sets(run, 0, 0, str(data_dir))
+
+
+def test_step_rules_attack_held_out_images_the_deployed_rule_accepts_rightly(tiny_run,
+                                                                            data_dir):
+    """bench.step_rules: the first held-out training images (read from the IDX files) that
+    the run classifies correctly and whose top class score clears its threshold (numpy; the
+    tiny run has no min_gap), three times as many read as asked for."""
+    from bench import step_rules
+
+    _, run_dir = tiny_run
+    run = Run(run_dir)
+    deployable = run.deployable()
+    images, labels, read = step_rules.held_out(run, deployable, 20)
+    skip, _ = run.model.examples("held_out")
+    raw, raw_labels = data.load_split("fashion_mnist", "train", str(data_dir))
+    candidates = data.preprocess(raw[skip:skip + 60]).numpy()
+    scores = deployable.class_scores(data.image_batches(candidates))[0]
+    predicted = scores.argmax(1)
+    kept = (predicted == raw_labels[skip:skip + 60]) & (
+        scores.max(1) >= deployable.thresholds.numpy()[predicted])
+    assert read == 60 and 0 < len(labels) == min(20, kept.sum())
+    np.testing.assert_allclose(images, candidates[kept][:20], atol=1e-6)
+    np.testing.assert_array_equal(labels, raw_labels[skip:skip + 60][kept][:20])

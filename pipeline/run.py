@@ -184,14 +184,12 @@ def _inputs(stage: Stage, store: run_dirs.Run, config: PipelineConfig) -> dict:
     upstream.update({name: view for name in stage.uses
                      if (view := store.artifact(name)).exists()})
     missing = [name for name, view in upstream.items() if not view.exists()]
-    if len(missing) == 1:
-        raise ConfigError(f"stage {stage.name} needs the outputs of {missing[0]} in "
-                          f"{upstream[missing[0]].folder}; run it first "
-                          f"(--stages={missing[0]},{stage.name})")
     if missing:
+        one = len(missing) == 1
         raise ConfigError(f"stage {stage.name} needs the outputs of {', '.join(missing)} in "
-                          f"{store.root}; run them first "
-                          f"(--stages={','.join(missing)},{stage.name})")
+                          f"{upstream[missing[0]].folder if one else store.root}; run "
+                          f"{'it' if one else 'them'} first "
+                          f"(--stages={','.join([*missing, stage.name])})")
     for name, view in upstream.items():
         view.check_schema()
         changed = artifacts.changed_outputs(view.folder)
